@@ -1,0 +1,658 @@
+//! The item store: memcached's data model (key, flags, expiry, CAS, value) under a byte
+//! capacity that counts everything an item costs, with a live-switchable replacement policy.
+//!
+//! The store is sharded by key hash, one mutex per shard, so that threads rarely meet; the
+//! capacity is one global budget, so a single large item may use most of it (a node caches
+//! images of up to 16 MiB with the default 64 MiB capacity). An insert first evicts from its
+//! own shard, which keeps shards balanced because keys hash uniformly, and only when its shard
+//! is empty evicts from the others, never holding two locks at once.
+//!
+//! Every operation takes `now` (Unix seconds) from the caller, so the store has no clock and
+//! its behaviour is a plain function of its inputs.
+
+mod item;
+mod lists;
+mod shard;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+pub use item::Item;
+pub use shard::{SLOT_OVERHEAD, hash_key, item_cost};
+use shard::Shard;
+
+/// Replacement policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Least recently used: exact, per shard.
+    Lru,
+    /// A uniformly random item.
+    Random,
+    /// SIEVE: a FIFO whose eviction hand spares items read since it last passed.
+    Sieve,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::Lru, Policy::Random, Policy::Sieve];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Lru => "lru",
+            Policy::Random => "random",
+            Policy::Sieve => "sieve",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "lru" => Ok(Policy::Lru),
+            "random" => Ok(Policy::Random),
+            "sieve" => Ok(Policy::Sieve),
+            other => Err(format!("unknown policy {other:?}: expected lru, random or sieve")),
+        }
+    }
+}
+
+/// Counters kept per shard under its lock (no atomics on the hot path).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ShardStats {
+    pub get_hits: u64,
+    pub get_misses: u64,
+    pub get_expired: u64,
+    pub get_flushed: u64,
+    pub cmd_set: u64,
+    pub cmd_touch: u64,
+    pub touch_hits: u64,
+    pub touch_misses: u64,
+    pub delete_hits: u64,
+    pub delete_misses: u64,
+    pub incr_hits: u64,
+    pub incr_misses: u64,
+    pub decr_hits: u64,
+    pub decr_misses: u64,
+    pub cas_hits: u64,
+    pub cas_misses: u64,
+    pub cas_badval: u64,
+    pub evictions: u64,
+    pub expired_unfetched: u64,
+    pub total_items: u64,
+}
+
+impl ShardStats {
+    fn add(&mut self, o: &ShardStats) {
+        self.get_hits += o.get_hits;
+        self.get_misses += o.get_misses;
+        self.get_expired += o.get_expired;
+        self.get_flushed += o.get_flushed;
+        self.cmd_set += o.cmd_set;
+        self.cmd_touch += o.cmd_touch;
+        self.touch_hits += o.touch_hits;
+        self.touch_misses += o.touch_misses;
+        self.delete_hits += o.delete_hits;
+        self.delete_misses += o.delete_misses;
+        self.incr_hits += o.incr_hits;
+        self.incr_misses += o.incr_misses;
+        self.decr_hits += o.decr_hits;
+        self.decr_misses += o.decr_misses;
+        self.cas_hits += o.cas_hits;
+        self.cas_misses += o.cas_misses;
+        self.cas_badval += o.cas_badval;
+        self.evictions += o.evictions;
+        self.expired_unfetched += o.expired_unfetched;
+        self.total_items += o.total_items;
+    }
+}
+
+/// A consistent-enough snapshot of the whole store.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StoreStats {
+    #[serde(flatten)]
+    pub counters: ShardStats,
+    pub curr_items: u64,
+    pub bytes: u64,
+    pub limit_maxbytes: u64,
+    pub policy: Option<Policy>,
+}
+
+/// The storage commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreMode {
+    Set,
+    Add,
+    Replace,
+    Append,
+    Prepend,
+    /// Store only if the item's CAS value still equals this one.
+    Cas(u64),
+}
+
+/// Result of a storage command, named as the protocol answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOutcome {
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+    /// The item costs more than the whole capacity.
+    TooLarge,
+}
+
+/// Result of `incr`/`decr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArithOutcome {
+    Value(u64),
+    NotFound,
+    NonNumeric,
+}
+
+/// An item's metadata as seen by a reader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ItemMeta {
+    pub flags: u32,
+    pub cas: u64,
+    /// Absolute expiry, Unix seconds; 0 means never.
+    pub expiry: u32,
+}
+
+/// The sharded store.
+#[derive(Debug)]
+pub struct Store {
+    shards: Box<[Mutex<Shard>]>,
+    shard_bits: u32,
+    used: AtomicUsize,
+    limit: AtomicUsize,
+    policy: Mutex<Policy>,
+}
+
+/// Default shard count: enough that a few worker threads rarely contend, few enough that
+/// per-shard eviction stays close to the global policy.
+pub const DEFAULT_SHARD_BITS: u32 = 4;
+
+impl Store {
+    pub fn new(limit_bytes: usize, policy: Policy) -> Store {
+        Store::with_shards(limit_bytes, policy, DEFAULT_SHARD_BITS)
+    }
+
+    /// A store with `2^shard_bits` shards (at most 256).
+    pub fn with_shards(limit_bytes: usize, policy: Policy, shard_bits: u32) -> Store {
+        let shard_bits = shard_bits.min(8);
+        let n = 1usize << shard_bits;
+        let share = limit_bytes / n;
+        let shards = (0..n).map(|i| Mutex::new(Shard::new(i, shard_bits, policy, share))).collect();
+        Store {
+            shards,
+            shard_bits,
+            used: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit_bytes),
+            policy: Mutex::new(policy),
+        }
+    }
+
+    fn shard_index(&self, hash: u64) -> usize {
+        // The top bits: the index uses the low bits for its buckets.
+        if self.shard_bits == 0 { 0 } else { (hash >> (64 - self.shard_bits)) as usize }
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard lock cannot leave the shard half-updated in a way
+        // later operations trip over (each mutation completes before any call that can
+        // panic), so poisoning is ignored rather than propagated to every client.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn locked(&self, key: &[u8], now: u32) -> (u64, usize, MutexGuard<'_, Shard>) {
+        let hash = hash_key(key);
+        let i = self.shard_index(hash);
+        let mut shard = self.lock(i);
+        self.check_flush(&mut shard, now);
+        (hash, i, shard)
+    }
+
+    fn check_flush(&self, shard: &mut Shard, now: u32) {
+        let freed = shard.check_flush(now);
+        if freed > 0 {
+            self.used.fetch_sub(freed, Ordering::Relaxed);
+        }
+    }
+
+    /// Looks up a live item, removing it if expired. Returns its slot.
+    fn lookup(shard: &mut Shard, key: &[u8], hash: u64, now: u32, used: &AtomicUsize) -> Lookup {
+        match shard.find(key, hash) {
+            None => Lookup::Missing,
+            Some(id) if shard.item(id).is_expired(now) => {
+                let freed = shard.remove(id, hash);
+                used.fetch_sub(freed, Ordering::Relaxed);
+                Lookup::Expired
+            }
+            Some(id) => Lookup::Live(id),
+        }
+    }
+
+    /// `get`/`gets`, and `gat`/`gats` when `touch` carries the new expiry. Calls `read` with the
+    /// item's metadata and value while the shard is locked (so the value is copied once,
+    /// straight into the caller's output buffer).
+    pub fn get(
+        &self,
+        key: &[u8],
+        touch: Option<u32>,
+        now: u32,
+        read: impl FnOnce(ItemMeta, &[u8]),
+    ) -> bool {
+        let (hash, _, mut shard) = self.locked(key, now);
+        if touch.is_some() {
+            shard.stats.cmd_touch += 1;
+        }
+        match Self::lookup(&mut shard, key, hash, now, &self.used) {
+            Lookup::Live(id) => {
+                shard.stats.get_hits += 1;
+                if let Some(expiry) = touch {
+                    shard.stats.touch_hits += 1;
+                    shard.item_mut(id).set_expiry(expiry);
+                }
+                shard.on_hit(id);
+                let item = shard.item(id);
+                read(ItemMeta { flags: item.flags(), cas: item.cas(), expiry: item.expiry() }, item.value());
+                true
+            }
+            other => {
+                shard.stats.get_misses += 1;
+                if touch.is_some() {
+                    shard.stats.touch_misses += 1;
+                }
+                if matches!(other, Lookup::Expired) {
+                    shard.stats.get_expired += 1;
+                }
+                false
+            }
+        }
+    }
+
+    /// The storage commands. `value` is the whole data block (without its CRLF).
+    pub fn store(
+        &self,
+        mode: StoreMode,
+        key: &[u8],
+        value: &[u8],
+        flags: u32,
+        expiry: u32,
+        now: u32,
+    ) -> StoreOutcome {
+        match self.try_store(mode, key, value, flags, expiry, now) {
+            Attempt::Done(outcome) => outcome,
+            Attempt::NeedSpace(hash, item) => {
+                self.insert_after_evicting(hash, item, now);
+                StoreOutcome::Stored
+            }
+        }
+    }
+
+    /// The slow path of an insert whose own shard ran out of items to evict: free space in
+    /// other shards without holding our lock, then insert. If another client stored the key
+    /// meanwhile, ours is ordered before theirs and simply dropped: both writes were
+    /// acknowledged and theirs is the newest.
+    fn insert_after_evicting(&self, hash: u64, item: Item, now: u32) {
+        let cost = item_cost(item.key().len(), item.value().len());
+        loop {
+            self.evict_elsewhere(cost, now);
+            let i = self.shard_index(hash);
+            let mut shard = self.lock(i);
+            self.check_flush(&mut shard, now);
+            if let Lookup::Live(_) = Self::lookup(&mut shard, item.key(), hash, now, &self.used) {
+                return;
+            }
+            if self.make_room(&mut shard, cost) {
+                shard.insert(hash, item);
+                return;
+            }
+        }
+    }
+
+    fn try_store(
+        &self,
+        mode: StoreMode,
+        key: &[u8],
+        value: &[u8],
+        flags: u32,
+        expiry: u32,
+        now: u32,
+    ) -> Attempt {
+        let (hash, _, mut shard) = self.locked(key, now);
+        let existing = match Self::lookup(&mut shard, key, hash, now, &self.used) {
+            Lookup::Live(id) => Some(id),
+            _ => None,
+        };
+        // Decide, and build the new value for append/prepend.
+        let mut combined = None;
+        let (flags, expiry) = match (mode, existing) {
+            (StoreMode::Add, Some(id)) => {
+                // memcached bumps a refused add's item as if it had been read.
+                shard.on_hit(id);
+                return self.refuse(&mut shard, StoreOutcome::NotStored);
+            }
+            (StoreMode::Replace | StoreMode::Append | StoreMode::Prepend, None) => {
+                return self.refuse(&mut shard, StoreOutcome::NotStored);
+            }
+            (StoreMode::Cas(_), None) => {
+                shard.stats.cas_misses += 1;
+                return self.refuse(&mut shard, StoreOutcome::NotFound);
+            }
+            (StoreMode::Cas(expected), Some(id)) if shard.item(id).cas() != expected => {
+                shard.stats.cas_badval += 1;
+                return self.refuse(&mut shard, StoreOutcome::Exists);
+            }
+            (StoreMode::Append | StoreMode::Prepend, Some(id)) => {
+                let item = shard.item(id);
+                let old = item.value();
+                let mut v = Vec::with_capacity(old.len() + value.len());
+                if mode == StoreMode::Append {
+                    v.extend_from_slice(old);
+                    v.extend_from_slice(value);
+                } else {
+                    v.extend_from_slice(value);
+                    v.extend_from_slice(old);
+                }
+                combined = Some(v);
+                (item.flags(), item.expiry())
+            }
+            _ => (flags, expiry),
+        };
+        let value = combined.as_deref().unwrap_or(value);
+        let cost = item_cost(key.len(), value.len());
+        if cost > self.limit.load(Ordering::Relaxed) {
+            shard.stats.cmd_set += 1;
+            return Attempt::Done(StoreOutcome::TooLarge);
+        }
+        // From here the command succeeds: drop the old item, make room, insert.
+        if let Some(id) = existing {
+            let freed = shard.remove(id, hash);
+            self.used.fetch_sub(freed, Ordering::Relaxed);
+        }
+        shard.stats.cmd_set += 1;
+        if let StoreMode::Cas(_) = mode {
+            shard.stats.cas_hits += 1;
+        }
+        let cas = shard.next_cas();
+        let item = Item::new(key, value, flags, expiry, cas);
+        if !self.make_room(&mut shard, cost) {
+            return Attempt::NeedSpace(hash, item);
+        }
+        shard.insert(hash, item);
+        Attempt::Done(StoreOutcome::Stored)
+    }
+
+    fn refuse(&self, shard: &mut Shard, outcome: StoreOutcome) -> Attempt {
+        shard.stats.cmd_set += 1;
+        Attempt::Done(outcome)
+    }
+
+    /// Reserves `cost` bytes of the global budget, evicting from `shard`. Returns false if the
+    /// shard has nothing left to evict and the budget is still short.
+    fn make_room(&self, shard: &mut Shard, cost: usize) -> bool {
+        loop {
+            let used = self.used.load(Ordering::Relaxed);
+            if used + cost <= self.limit.load(Ordering::Relaxed) {
+                if self
+                    .used
+                    .compare_exchange_weak(used, used + cost, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return true;
+                }
+                continue;
+            }
+            match shard.evict_one() {
+                Some(freed) => {
+                    self.used.fetch_sub(freed, Ordering::Relaxed);
+                }
+                None => return false,
+            }
+        }
+    }
+
+    /// Evicts from other shards (one lock at a time) until `bytes` fit in the budget.
+    fn evict_elsewhere(&self, bytes: usize, now: u32) {
+        let n = self.shards.len();
+        let mut idle_rounds = 0;
+        let mut i = 0;
+        while self.used.load(Ordering::Relaxed) + bytes > self.limit.load(Ordering::Relaxed) {
+            let mut shard = self.lock(i % n);
+            self.check_flush(&mut shard, now);
+            match shard.evict_one() {
+                Some(freed) => {
+                    self.used.fetch_sub(freed, Ordering::Relaxed);
+                    idle_rounds = 0;
+                }
+                None => idle_rounds += 1,
+            }
+            drop(shard);
+            i += 1;
+            // Every shard empty: the item fits (checked against the limit by the caller), so
+            // another thread holds the space only transiently; let it finish.
+            if idle_rounds >= n {
+                std::thread::yield_now();
+                idle_rounds = 0;
+            }
+        }
+    }
+
+    pub fn delete(&self, key: &[u8], now: u32) -> bool {
+        let (hash, _, mut shard) = self.locked(key, now);
+        match Self::lookup(&mut shard, key, hash, now, &self.used) {
+            Lookup::Live(id) => {
+                let freed = shard.remove(id, hash);
+                self.used.fetch_sub(freed, Ordering::Relaxed);
+                shard.stats.delete_hits += 1;
+                true
+            }
+            _ => {
+                shard.stats.delete_misses += 1;
+                false
+            }
+        }
+    }
+
+    /// `incr`/`decr`: 64-bit unsigned; incr wraps, decr stops at zero (memcached's rules).
+    pub fn arith(&self, key: &[u8], incr: bool, delta: u64, now: u32) -> ArithOutcome {
+        let (hash, _, mut shard) = self.locked(key, now);
+        let id = match Self::lookup(&mut shard, key, hash, now, &self.used) {
+            Lookup::Live(id) => id,
+            _ => {
+                if incr {
+                    shard.stats.incr_misses += 1;
+                } else {
+                    shard.stats.decr_misses += 1;
+                }
+                return ArithOutcome::NotFound;
+            }
+        };
+        let Some(current) = parse_counter(shard.item(id).value()) else {
+            return ArithOutcome::NonNumeric;
+        };
+        let new = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
+        if incr {
+            shard.stats.incr_hits += 1;
+        } else {
+            shard.stats.decr_hits += 1;
+        }
+        let digits = new.to_string();
+        let (flags, expiry) = (shard.item(id).flags(), shard.item(id).expiry());
+        let freed = shard.remove(id, hash);
+        self.used.fetch_sub(freed, Ordering::Relaxed);
+        let cost = item_cost(key.len(), digits.len());
+        let cas = shard.next_cas();
+        let item = Item::new(key, digits.as_bytes(), flags, expiry, cas);
+        if self.make_room(&mut shard, cost) {
+            shard.insert(hash, item);
+        } else {
+            drop(shard);
+            self.insert_after_evicting(hash, item, now);
+        }
+        ArithOutcome::Value(new)
+    }
+
+    pub fn touch(&self, key: &[u8], expiry: u32, now: u32) -> bool {
+        let (hash, _, mut shard) = self.locked(key, now);
+        shard.stats.cmd_touch += 1;
+        match Self::lookup(&mut shard, key, hash, now, &self.used) {
+            Lookup::Live(id) => {
+                shard.stats.touch_hits += 1;
+                shard.item_mut(id).set_expiry(expiry);
+                shard.on_hit(id);
+                true
+            }
+            _ => {
+                shard.stats.touch_misses += 1;
+                false
+            }
+        }
+    }
+
+    /// `flush_all`: with `deadline` 0 or in the past, drops everything now; otherwise every
+    /// item stored before `deadline` becomes invalid at `deadline`. A later call replaces an
+    /// earlier pending one, as in memcached.
+    pub fn flush_all(&self, deadline: u32, now: u32) {
+        for i in 0..self.shards.len() {
+            let mut shard = self.lock(i);
+            if deadline == 0 || deadline <= now {
+                shard.flush_deadline = 0;
+                let freed = shard.clear();
+                self.used.fetch_sub(freed, Ordering::Relaxed);
+            } else {
+                shard.flush_deadline = deadline;
+            }
+        }
+    }
+
+    /// Changes the capacity live, evicting down to it.
+    pub fn set_limit(&self, limit_bytes: usize, now: u32) {
+        self.limit.store(limit_bytes, Ordering::Relaxed);
+        let share = limit_bytes / self.shards.len();
+        for i in 0..self.shards.len() {
+            self.lock(i).share = share;
+        }
+        self.evict_elsewhere(0, now);
+    }
+
+    /// Switches the replacement policy live, keeping every item.
+    pub fn set_policy(&self, policy: Policy) {
+        let mut current = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..self.shards.len() {
+            self.lock(i).set_policy(policy);
+        }
+        *current = policy;
+    }
+
+    pub fn policy(&self) -> Policy {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Removes expired items, a bounded batch per shard; call periodically. `cursors` holds
+    /// one scan position per shard between calls.
+    pub fn reap_expired(&self, cursors: &mut Vec<usize>, batch: usize, now: u32) -> usize {
+        cursors.resize(self.shards.len(), 0);
+        let mut total = 0;
+        for (i, cursor) in cursors.iter_mut().enumerate() {
+            let mut shard = self.lock(i);
+            self.check_flush(&mut shard, now);
+            let (next, freed) = shard.reap_expired(*cursor, batch, now);
+            self.used.fetch_sub(freed, Ordering::Relaxed);
+            *cursor = next;
+            total += freed;
+        }
+        total
+    }
+
+    /// Resets the counters (`stats reset`).
+    pub fn reset_stats(&self) {
+        for i in 0..self.shards.len() {
+            self.lock(i).stats = ShardStats::default();
+        }
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let mut out = StoreStats {
+            limit_maxbytes: self.limit() as u64,
+            policy: Some(self.policy()),
+            ..Default::default()
+        };
+        for i in 0..self.shards.len() {
+            let shard = self.lock(i);
+            out.counters.add(&shard.stats);
+            out.curr_items += shard.len() as u64;
+            out.bytes += shard.bytes as u64;
+        }
+        out
+    }
+
+    /// Visits every item, shard by shard (each shard locked while visited).
+    pub fn for_each(&self, mut f: impl FnMut(&Item)) {
+        for i in 0..self.shards.len() {
+            self.lock(i).for_each(&mut f);
+        }
+    }
+
+    /// Checks every shard's internal consistency and the global byte count.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut bytes = 0;
+        for i in 0..self.shards.len() {
+            let shard = self.lock(i);
+            shard.check_invariants().map_err(|e| format!("shard {i}: {e}"))?;
+            bytes += shard.bytes;
+        }
+        let used = self.used();
+        if bytes != used {
+            return Err(format!("shards hold {bytes} bytes, budget says {used}"));
+        }
+        if used > self.limit() {
+            return Err(format!("{used} bytes used over the {} limit", self.limit()));
+        }
+        Ok(())
+    }
+}
+
+enum Lookup {
+    Missing,
+    Expired,
+    Live(u32),
+}
+
+enum Attempt {
+    Done(StoreOutcome),
+    NeedSpace(u64, Item),
+}
+
+/// Parses a counter value as memcached does: decimal digits, optionally followed by spaces
+/// (memcached pads in place after a `decr`), at most a u64.
+fn parse_counter(value: &[u8]) -> Option<u64> {
+    let end = value.iter().rposition(|&b| b != b' ').map_or(0, |p| p + 1);
+    let digits = &value[..end];
+    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+//! One lock's worth of the store: an index from key to slot, the slots holding items, and the
+//! replacement policy's queues over those slots.
+//!
+//! Layout per item: an 8-byte thin pointer and 8 bytes of queue links in two dense vectors,
+//! a 4-byte slot id in the hash index (hashbrown's swiss table, one control byte more), and
+//! the item allocation itself (22-byte header, key, value). Slots are recycled through a free
+//! list so ids stay dense, which lets the random policy sample slots directly.
+
+use hashbrown::HashTable;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::item::Item;
+use super::lists::{self, Link, NIL, Queue};
+use super::{Policy, ShardStats};
+
+/// Memory the store spends per item outside its allocation: pointer, links, and an estimate
+/// of the index entry at a typical load (4-byte id + control byte at ~60% load).
+pub const SLOT_OVERHEAD: usize = 8 + 8 + 8;
+
+/// SIEVE's visited bit.
+const VISITED: u8 = 0b100;
+
+/// Hash used for the index and for shard selection (xxh3, the ring's hash too).
+pub fn hash_key(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+/// What an item costs against the capacity: its allocation rounded up to the allocator's
+/// 8-byte granularity plus the slot overhead.
+pub fn item_cost(key_len: usize, value_len: usize) -> usize {
+    (super::item::HEADER_LEN + key_len + value_len).next_multiple_of(8) + SLOT_OVERHEAD
+}
+
+fn cost_of(item: &Item) -> usize {
+    item.alloc_len().next_multiple_of(8) + SLOT_OVERHEAD
+}
+
+#[derive(Debug)]
+pub struct Shard {
+    index: HashTable<u32>,
+    items: Vec<Option<Item>>,
+    links: Vec<Link>,
+    free_head: u32,
+    queue: Queue,
+    /// SIEVE's hand: the next slot to examine for eviction (NIL: start at the tail).
+    hand: u32,
+    policy: Policy,
+    rng: SmallRng,
+    next_cas: u64,
+    shard_bits: u32,
+    shard_id: u64,
+    /// Unix second from which everything stored so far is invalid (`flush_all` with delay).
+    pub flush_deadline: u32,
+    pub stats: ShardStats,
+    /// Sum of item costs.
+    pub bytes: usize,
+    /// This shard's share of the capacity.
+    pub share: usize,
+}
+
+impl Shard {
+    pub fn new(shard_id: usize, shard_bits: u32, policy: Policy, share: usize) -> Shard {
+        Shard {
+            index: HashTable::new(),
+            items: Vec::new(),
+            links: Vec::new(),
+            free_head: NIL,
+            queue: Queue::default(),
+            hand: NIL,
+            policy,
+            rng: SmallRng::seed_from_u64(0x5eed ^ shard_id as u64),
+            next_cas: 1,
+            shard_bits,
+            shard_id: shard_id as u64,
+            flush_deadline: 0,
+            stats: ShardStats::default(),
+            bytes: 0,
+            share,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len
+    }
+
+    /// A fresh CAS value, unique across shards (shard id in the low bits).
+    pub fn next_cas(&mut self) -> u64 {
+        let cas = (self.next_cas << self.shard_bits) | self.shard_id;
+        self.next_cas += 1;
+        cas
+    }
+
+    pub fn find(&self, key: &[u8], hash: u64) -> Option<u32> {
+        let items = &self.items;
+        self.index
+            .find(hash, |&id| items[id as usize].as_ref().is_some_and(|it| it.key() == key))
+            .copied()
+    }
+
+    pub fn item(&self, id: u32) -> &Item {
+        match &self.items[id as usize] {
+            Some(item) => item,
+            None => unreachable!("slot {id} referenced by the index is empty"),
+        }
+    }
+
+    pub fn item_mut(&mut self, id: u32) -> &mut Item {
+        match &mut self.items[id as usize] {
+            Some(item) => item,
+            None => unreachable!("slot {id} referenced by the index is empty"),
+        }
+    }
+
+    /// Applies `flush_all` if its deadline has passed; returns the bytes freed.
+    #[must_use]
+    pub fn check_flush(&mut self, now: u32) -> usize {
+        if self.flush_deadline != 0 && now >= self.flush_deadline {
+            self.flush_deadline = 0;
+            self.clear()
+        } else {
+            0
+        }
+    }
+
+    /// Drops every item.
+    pub fn clear(&mut self) -> usize {
+        let freed = self.bytes;
+        self.index.clear();
+        self.items = Vec::new();
+        self.links = Vec::new();
+        self.free_head = NIL;
+        self.queue = Queue::default();
+        self.hand = NIL;
+        self.bytes = 0;
+        freed
+    }
+
+    /// Inserts a new item (the key must not be present) and returns its slot.
+    pub fn insert(&mut self, hash: u64, item: Item) -> u32 {
+        let cost = cost_of(&item);
+        let id = if self.free_head != NIL {
+            let id = self.free_head;
+            self.free_head = self.links[id as usize].next;
+            self.items[id as usize] = Some(item);
+            id
+        } else {
+            self.items.push(Some(item));
+            self.links.push(Link::default());
+            (self.items.len() - 1) as u32
+        };
+        let items = &self.items;
+        self.index.insert_unique(hash, id, |&other| {
+            hash_key(items[other as usize].as_ref().map_or(&[][..], |it| it.key()))
+        });
+        self.item_mut(id).set_bits(0);
+        lists::push_head(&mut self.links, &mut self.queue, id, cost);
+        self.bytes += cost;
+        self.stats.total_items += 1;
+        id
+    }
+
+    /// Removes the item in slot `id`; returns the bytes freed.
+    pub fn remove(&mut self, id: u32, hash: u64) -> usize {
+        let cost = cost_of(self.item(id));
+        if self.hand == id {
+            self.hand = self.links[id as usize].prev;
+        }
+        lists::unlink(&mut self.links, &mut self.queue, id, cost);
+        if let Ok(entry) = self.index.find_entry(hash, |&other| other == id) {
+            entry.remove();
+        }
+        self.items[id as usize] = None;
+        self.links[id as usize].next = self.free_head;
+        self.free_head = id;
+        self.bytes -= cost;
+        cost
+    }
+
+    /// Records a read hit for the policy.
+    pub fn on_hit(&mut self, id: u32) {
+        match self.policy {
+            Policy::Lru => {
+                let cost = cost_of(self.item(id));
+                lists::unlink(&mut self.links, &mut self.queue, id, cost);
+                lists::push_head(&mut self.links, &mut self.queue, id, cost);
+            }
+            Policy::Random => {}
+            Policy::Sieve => {
+                let item = self.item_mut(id);
+                item.set_bits(item.bits() | VISITED);
+            }
+        }
+    }
+
+    /// Evicts one item chosen by the policy; returns the bytes freed, or `None` if empty.
+    pub fn evict_one(&mut self) -> Option<usize> {
+        if self.len() == 0 {
+            return None;
+        }
+        let victim = match self.policy {
+            Policy::Lru => self.queue.tail,
+            Policy::Random => self.random_victim(),
+            Policy::Sieve => self.sieve_victim(),
+        };
+        let hash = hash_key(self.item(victim).key());
+        self.stats.evictions += 1;
+        Some(self.remove(victim, hash))
+    }
+
+    fn random_victim(&mut self) -> u32 {
+        // Slots are dense (free slots are reused first), so a few samples find an item;
+        // fall back to the queue tail to stay bounded.
+        for _ in 0..16 {
+            let id = self.rng.random_range(0..self.items.len()) as u32;
+            if self.items[id as usize].is_some() {
+                return id;
+            }
+        }
+        self.queue.tail
+    }
+
+    /// SIEVE (Zhang et al., NSDI'24): one FIFO, a visited bit set on reads, and a hand that
+    /// walks from the oldest item towards the newest, sparing (and clearing) visited items and
+    /// evicting the first unvisited one. Spared items stay in place, so a hit writes one bit
+    /// and no links; chosen over S3-FIFO and W-TinyLFU by measurement (docs/benchmarks.md).
+    fn sieve_victim(&mut self) -> u32 {
+        let mut at = if self.hand == NIL { self.queue.tail } else { self.hand };
+        loop {
+            let item = self.item_mut(at);
+            let bits = item.bits();
+            if bits & VISITED == 0 {
+                // `remove` moves the hand on to the victim's newer neighbour.
+                self.hand = at;
+                return at;
+            }
+            item.set_bits(bits & !VISITED);
+            at = self.links[at as usize].prev;
+            if at == NIL {
+                at = self.queue.tail;
+            }
+        }
+    }
+
+    /// Switches policy, keeping every item. Every policy orders the same queue (recency for
+    /// LRU, insertion for SIEVE and random), so a switch only clears the policy bits.
+    pub fn set_policy(&mut self, policy: Policy) {
+        if policy == self.policy {
+            return;
+        }
+        let mut at = self.queue.head;
+        while at != NIL {
+            self.item_mut(at).set_bits(0);
+            at = self.links[at as usize].next;
+        }
+        self.hand = NIL;
+        self.policy = policy;
+    }
+
+    /// Removes up to `budget` expired items, scanning slots from `cursor`; returns the next
+    /// cursor and the bytes freed. Lets a background crawler reclaim memory without holding
+    /// the lock for long.
+    pub fn reap_expired(&mut self, cursor: usize, budget: usize, now: u32) -> (usize, usize) {
+        let mut freed = 0;
+        let end = (cursor + budget).min(self.items.len());
+        for id in cursor..end {
+            let expired = self.items[id].as_ref().is_some_and(|it| it.is_expired(now));
+            if expired {
+                let hash = hash_key(self.item(id as u32).key());
+                freed += self.remove(id as u32, hash);
+                self.stats.expired_unfetched += 1;
+            }
+        }
+        (if end >= self.items.len() { 0 } else { end }, freed)
+    }
+
+    /// Visits every live item (for the hand-off and for tests).
+    pub fn for_each(&self, mut f: impl FnMut(&Item)) {
+        for item in self.items.iter().flatten() {
+            f(item);
+        }
+    }
+
+    /// Checks internal consistency; used by tests and the fuzz target.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut count = 0;
+        let mut bytes = 0;
+        {
+            let q = &self.queue;
+            let (mut at, mut prev, mut n, mut b) = (q.head, NIL, 0, 0);
+            while at != NIL {
+                let link = self.links[at as usize];
+                if link.prev != prev {
+                    return Err(format!("slot {at}: prev {} != {prev}", link.prev));
+                }
+                let item = self.items[at as usize].as_ref().ok_or("queued slot is empty")?;
+                if self.find(item.key(), hash_key(item.key())) != Some(at) {
+                    return Err(format!("slot {at} not reachable through the index"));
+                }
+                n += 1;
+                b += cost_of(item);
+                prev = at;
+                at = link.next;
+            }
+            if prev != q.tail || n != q.len || b != q.bytes {
+                return Err(format!("queue totals wrong: {n}/{} items {b}/{} bytes", q.len, q.bytes));
+            }
+            count += n;
+            bytes += b;
+        }
+        if count != self.index.len() || bytes != self.bytes {
+            return Err(format!(
+                "index holds {} items, queues {count}; bytes {} vs {bytes}",
+                self.index.len(),
+                self.bytes
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+use super::*;
+
+const NOW: u32 = 1_700_000_000;
+
+fn get(store: &Store, key: &[u8]) -> Option<Vec<u8>> {
+    let mut out = None;
+    store.get(key, None, NOW, |_, v| out = Some(v.to_vec()));
+    out
+}
+
+fn set(store: &Store, key: &[u8], value: &[u8]) -> StoreOutcome {
+    store.store(StoreMode::Set, key, value, 0, 0, NOW)
+}
+
+#[test]
+fn storage_commands_follow_memcached_semantics() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    assert_eq!(s.store(StoreMode::Replace, b"k", b"v", 0, 0, NOW), StoreOutcome::NotStored);
+    assert_eq!(s.store(StoreMode::Append, b"k", b"v", 0, 0, NOW), StoreOutcome::NotStored);
+    assert_eq!(s.store(StoreMode::Add, b"k", b"1", 7, 0, NOW), StoreOutcome::Stored);
+    assert_eq!(s.store(StoreMode::Add, b"k", b"2", 0, 0, NOW), StoreOutcome::NotStored);
+    assert_eq!(s.store(StoreMode::Append, b"k", b"3", 99, 0, NOW), StoreOutcome::Stored);
+    assert_eq!(s.store(StoreMode::Prepend, b"k", b"0", 99, 0, NOW), StoreOutcome::Stored);
+    let mut meta = None;
+    s.get(b"k", None, NOW, |m, v| meta = Some((m, v.to_vec())));
+    let (m, v) = meta.unwrap();
+    assert_eq!(v, b"013");
+    assert_eq!(m.flags, 7, "append/prepend keep the original flags");
+    assert_eq!(s.store(StoreMode::Cas(m.cas + 1), b"k", b"x", 0, 0, NOW), StoreOutcome::Exists);
+    assert_eq!(s.store(StoreMode::Cas(m.cas), b"k", b"x", 0, 0, NOW), StoreOutcome::Stored);
+    assert_eq!(s.store(StoreMode::Cas(m.cas), b"k", b"y", 0, 0, NOW), StoreOutcome::Exists);
+    assert_eq!(s.store(StoreMode::Cas(1), b"nope", b"y", 0, 0, NOW), StoreOutcome::NotFound);
+    assert!(s.delete(b"k", NOW));
+    assert!(!s.delete(b"k", NOW));
+    let st = s.stats();
+    assert_eq!((st.counters.cas_hits, st.counters.cas_badval, st.counters.cas_misses), (1, 2, 1));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn incr_wraps_and_decr_stops_at_zero() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    set(&s, b"n", b"18446744073709551615");
+    assert_eq!(s.arith(b"n", true, 2, NOW), ArithOutcome::Value(1));
+    assert_eq!(s.arith(b"n", false, 5, NOW), ArithOutcome::Value(0));
+    set(&s, b"n", b"10 ");
+    assert_eq!(s.arith(b"n", false, 1, NOW), ArithOutcome::Value(9));
+    assert_eq!(get(&s, b"n").unwrap(), b"9");
+    set(&s, b"t", b"ten");
+    assert_eq!(s.arith(b"t", true, 1, NOW), ArithOutcome::NonNumeric);
+    set(&s, b"big", b"184467440737095516150");
+    assert_eq!(s.arith(b"big", true, 1, NOW), ArithOutcome::NonNumeric);
+    assert_eq!(s.arith(b"none", true, 1, NOW), ArithOutcome::NotFound);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn expired_items_are_misses_and_are_reclaimed() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    s.store(StoreMode::Set, b"a", b"1", 0, NOW + 2, NOW);
+    s.store(StoreMode::Set, b"b", b"1", 0, NOW + 2, NOW);
+    assert!(s.get(b"a", None, NOW + 1, |_, _| {}));
+    assert!(!s.get(b"a", None, NOW + 2, |_, _| {}));
+    assert_eq!(s.stats().counters.get_expired, 1);
+    let mut cursors = Vec::new();
+    s.reap_expired(&mut cursors, 1000, NOW + 2);
+    assert_eq!(s.stats().curr_items, 0);
+    assert_eq!(s.used(), 0);
+    // touch extends, gat extends and reads
+    s.store(StoreMode::Set, b"c", b"1", 0, NOW + 1, NOW);
+    assert!(s.touch(b"c", NOW + 100, NOW));
+    assert!(s.get(b"c", Some(NOW + 200), NOW + 50, |m, _| assert_eq!(m.expiry, NOW + 200)));
+    assert!(s.get(b"c", None, NOW + 150, |_, _| {}));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn flush_all_with_delay_invalidates_items_stored_before_the_deadline() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    set(&s, b"a", b"1");
+    s.flush_all(NOW + 10, NOW);
+    assert!(get(&s, b"a").is_some());
+    s.store(StoreMode::Set, b"b", b"1", 0, 0, NOW + 5);
+    assert!(!s.get(b"a", None, NOW + 10, |_, _| {}));
+    assert!(!s.get(b"b", None, NOW + 10, |_, _| {}));
+    s.store(StoreMode::Set, b"c", b"1", 0, 0, NOW + 11);
+    assert!(s.get(b"c", None, NOW + 12, |_, _| {}));
+    s.flush_all(0, NOW + 12);
+    assert_eq!(s.stats().curr_items, 0);
+    assert_eq!(s.used(), 0);
+}
+
+#[test]
+fn capacity_counts_overhead_and_is_never_exceeded() {
+    for policy in Policy::ALL {
+        let limit = 64 * 1024;
+        let s = Store::new(limit, policy);
+        for i in 0..10_000u32 {
+            let key = format!("key:{i}");
+            assert_eq!(set(&s, key.as_bytes(), &[b'x'; 100]), StoreOutcome::Stored);
+            assert!(s.used() <= limit);
+        }
+        let st = s.stats();
+        assert!(st.bytes as usize <= limit && st.bytes > (limit as u64) * 8 / 10, "{policy}: {st:?}");
+        assert_eq!(st.curr_items * item_cost(9, 100) as u64 >= st.bytes / 2, true);
+        assert!(st.counters.evictions > 9000);
+        s.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn one_large_item_may_use_most_of_the_capacity() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    for i in 0..1000u32 {
+        set(&s, format!("small:{i}").as_bytes(), &[1; 500]);
+    }
+    let big = vec![7u8; 900 * 1024];
+    assert_eq!(set(&s, b"big", &big), StoreOutcome::Stored);
+    assert_eq!(get(&s, b"big").unwrap(), big);
+    assert_eq!(set(&s, b"huge", &vec![0; 1 << 20]), StoreOutcome::TooLarge);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn shrinking_capacity_evicts_down_and_policy_switch_keeps_items() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    for i in 0..2000u32 {
+        set(&s, format!("k{i}").as_bytes(), &[1; 100]);
+    }
+    let before = s.stats().curr_items;
+    for policy in [Policy::Sieve, Policy::Random, Policy::Lru, Policy::Sieve] {
+        s.set_policy(policy);
+        assert_eq!(s.stats().curr_items, before, "switch to {policy} keeps items");
+        s.check_invariants().unwrap();
+    }
+    s.set_limit(100 * 1024, NOW);
+    assert!(s.used() <= 100 * 1024);
+    assert!(s.stats().curr_items < before);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn lru_evicts_the_least_recently_read() {
+    let s = Store::with_shards(10 * item_cost(2, 10), Policy::Lru, 0);
+    for i in 0..10u8 {
+        set(&s, &[b'k', b'0' + i], &[0; 10]);
+    }
+    assert!(get(&s, b"k0").is_some());
+    set(&s, b"kx", &[0; 10]);
+    assert!(get(&s, b"k0").is_some(), "recently read survives");
+    assert!(get(&s, b"k1").is_none(), "least recent is evicted");
+}
+
+/// A hot set read at random, interleaved with a stream of one-hit items that together
+/// overflow the cache: LRU lets the stream push hot items out, SIEVE spares what was read.
+#[test]
+fn sieve_keeps_hot_items_that_a_one_hit_stream_pushes_out_of_lru() {
+    use rand::{Rng, SeedableRng};
+    let hot_hit_ratio = |policy| {
+        let s = Store::with_shards(100 * item_cost(6, 10), policy, 0);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let (mut hits, mut reads) = (0, 0);
+        for step in 0..20_000u32 {
+            let key = format!("h{:05}", rng.random_range(0..50u32));
+            let hit = get(&s, key.as_bytes()).is_some();
+            if !hit {
+                set(&s, key.as_bytes(), &[0; 10]);
+            }
+            if step >= 1000 {
+                reads += 1;
+                hits += usize::from(hit);
+            }
+            set(&s, format!("s{:05}", step * 2).as_bytes(), &[0; 10]);
+            set(&s, format!("s{:05}", step * 2 + 1).as_bytes(), &[0; 10]);
+        }
+        s.check_invariants().unwrap();
+        hits as f64 / reads as f64
+    };
+    let (sieve, lru) = (hot_hit_ratio(Policy::Sieve), hot_hit_ratio(Policy::Lru));
+    assert!(sieve > 0.95, "sieve {sieve}");
+    assert!(lru < sieve - 0.2, "lru {lru} sieve {sieve}");
+}
