@@ -1,0 +1,235 @@
+//! The node's admin HTTP API: health probes, Prometheus metrics, JSON stats, live
+//! configuration and flush. Everything but the probes needs the bearer token when one is
+//! configured; without a token, reads are open and changes are refused.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::metrics::{self, unix_now};
+use crate::server::{self, Shared};
+use crate::store::Policy;
+
+/// Largest capacity accepted by `PUT /config` (1 TiB).
+pub const MAX_CAPACITY_MIB: u64 = 1 << 20;
+/// Largest maximum item size accepted (1 GiB, memcached's ceiling).
+pub const MAX_ITEM_SIZE_KIB: u64 = 1 << 20;
+
+/// State of the admin API.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub token: Option<Arc<str>>,
+    /// False once shutdown began, so load balancers stop sending traffic.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    let guarded = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/stats", get(stats))
+        .route("/config", put(put_config).get(get_config))
+        .route("/flush", post(flush))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(state)
+}
+
+/// A JSON error as the HTTP contract defines it.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    error: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, error, message: message.into(), field: None }
+    }
+    fn field(mut self, field: &'static str) -> Self {
+        self.field = Some(field);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(&self)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let mutating = req.method() != axum::http::Method::GET;
+    let Some(token) = &state.token else {
+        if mutating {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this node has no admin token; start it with --admin-token to allow changes",
+            )
+            .into_response();
+        }
+        return next.run(req).await;
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if constant_time_eq(p.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing Authorization: Bearer <admin token>",
+        )
+        .into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> Response {
+    let registry = metrics::registry(state.shared.store.clone(), state.shared.stats.clone());
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics encoding failed")
+            .into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+async fn stats(State(state): State<AdminState>) -> Response {
+    let general: serde_json::Map<String, serde_json::Value> = server::general_stats(&state.shared)
+        .into_iter()
+        .map(|(k, v)| {
+            let value = v.parse::<u64>().map_or(serde_json::Value::String(v), serde_json::Value::from);
+            (k.to_string(), value)
+        })
+        .collect();
+    axum::Json(serde_json::Value::Object(general)).into_response()
+}
+
+/// The live configuration, as `GET /config` returns it and `PUT /config` accepts it (every
+/// field optional on PUT).
+#[derive(Debug, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigPatch {
+    #[serde(rename = "capacityMiB")]
+    pub capacity_mib: Option<u64>,
+    pub policy: Option<String>,
+    #[serde(rename = "maxItemSizeKiB")]
+    pub max_item_size_kib: Option<u64>,
+}
+
+fn current_config(shared: &Shared) -> serde_json::Value {
+    json!({
+        "capacityMiB": shared.store.limit() as u64 >> 20,
+        "capacityBytes": shared.store.limit(),
+        "policy": shared.store.policy(),
+        "maxItemSizeKiB": shared.max_item_size() as u64 >> 10,
+    })
+}
+
+async fn get_config(State(state): State<AdminState>) -> Response {
+    axum::Json(current_config(&state.shared)).into_response()
+}
+
+async fn put_config(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
+    let patch: ConfigPatch = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("body must be JSON like {{\"capacityMiB\": 64, \"policy\": \"lru\", \"maxItemSizeKiB\": 16384}}: {e}"),
+        )
+    })?;
+    // Validate everything before changing anything.
+    let policy = patch
+        .policy
+        .as_deref()
+        .map(str::parse::<Policy>)
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e).field("policy"))?;
+    if let Some(mib) = patch.capacity_mib
+        && !(1..=MAX_CAPACITY_MIB).contains(&mib)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("capacityMiB must be between 1 and {MAX_CAPACITY_MIB}, got {mib}"),
+        )
+        .field("capacityMiB"));
+    }
+    if let Some(kib) = patch.max_item_size_kib
+        && !(1..=MAX_ITEM_SIZE_KIB).contains(&kib)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("maxItemSizeKiB must be between 1 and {MAX_ITEM_SIZE_KIB}, got {kib}"),
+        )
+        .field("maxItemSizeKiB"));
+    }
+    let shared = &state.shared;
+    if let Some(kib) = patch.max_item_size_kib {
+        shared.set_max_item_size((kib as usize) << 10);
+    }
+    if let Some(policy) = policy {
+        shared.store.set_policy(policy);
+    }
+    if let Some(mib) = patch.capacity_mib {
+        let store = shared.store.clone();
+        // Shrinking evicts, which may take a while for a large store: keep it off the
+        // async workers.
+        tokio::task::spawn_blocking(move || store.set_limit((mib as usize) << 20, unix_now()))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    }
+    tracing::info!(?patch, "configuration changed");
+    Ok(axum::Json(current_config(shared)).into_response())
+}
+
+async fn flush(State(state): State<AdminState>) -> Response {
+    let before = state.shared.store.stats().curr_items;
+    state.shared.store.flush_all(0, unix_now());
+    state.shared.stats.cmd_flush.fetch_add(1, Ordering::Relaxed);
+    axum::Json(json!({ "flushedItems": before })).into_response()
+}

@@ -1,0 +1,342 @@
+//! The memcached text protocol, parsed without I/O: bytes in, a command and the number of
+//! bytes it used out.
+//!
+//! Framing is two-step, as in mini-redis: `parse` first checks that a whole command line (and
+//! for storage commands the whole data block) is buffered and returns `None` otherwise, so a
+//! partial command is never an error. Limits are enforced here, before any allocation: the
+//! line length, the key length and characters, and the data block length. A rejected storage
+//! command whose length parses has its data block skipped (`Frame::Swallow`), so value bytes
+//! are never run as commands; memcached only does that for oversized values.
+
+/// Longest key memcached accepts.
+pub const MAX_KEY_LEN: usize = 250;
+
+/// Limits the parser enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest data block of a storage command.
+    pub max_item_size: usize,
+    /// Longest command line other than retrievals (memcached: 2048).
+    pub max_line: usize,
+    /// Longest retrieval line (`get` with many keys).
+    pub max_get_line: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_item_size: 16 << 20, max_line: 2048, max_get_line: 256 << 10 }
+    }
+}
+
+/// The storage commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreCmd {
+    Set,
+    Add,
+    Replace,
+    Append,
+    Prepend,
+    Cas(u64),
+}
+
+/// `stats` and its arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsCmd {
+    General,
+    Settings,
+    Reset,
+}
+
+/// A complete, valid command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `get`/`gets` (`touch` None) and `gat`/`gats` (`touch` the new exptime).
+    Get { keys: Keys<'a>, cas: bool, touch: Option<i64> },
+    Store { cmd: StoreCmd, key: &'a [u8], flags: u32, exptime: i64, data: &'a [u8], noreply: bool },
+    Delete { key: &'a [u8], noreply: bool },
+    Arith { incr: bool, key: &'a [u8], delta: u64, noreply: bool },
+    Touch { key: &'a [u8], exptime: i64, noreply: bool },
+    FlushAll { delay: i64, noreply: bool },
+    Stats(StatsCmd),
+    Version,
+    Verbosity { noreply: bool },
+    /// `cache_memlimit <MiB>`: change the capacity live.
+    CacheMemlimit { mib: u64, noreply: bool },
+    Quit,
+}
+
+/// Validated keys of a retrieval, kept as the raw line tail to avoid allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keys<'a>(&'a [u8]);
+
+impl<'a> Keys<'a> {
+    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        tokens(self.0)
+    }
+}
+
+/// What the connection should do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Command(Command<'a>),
+    /// Answer with this line and go on with the next command.
+    Error(&'static str),
+    /// Answer with this line, then discard the next `bytes` bytes (a rejected data block).
+    Swallow { reply: &'static str, bytes: u64 },
+    /// Answer with this line and close the connection.
+    Close(&'static str),
+}
+
+pub const ERROR: &str = "ERROR";
+pub const BAD_FORMAT: &str = "CLIENT_ERROR bad command line format";
+pub const BAD_CHUNK: &str = "CLIENT_ERROR bad data chunk";
+pub const LINE_TOO_LONG: &str = "CLIENT_ERROR line too long";
+pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
+pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta argument";
+pub const BAD_EXPTIME: &str = "CLIENT_ERROR invalid exptime argument";
+pub const DELETE_USAGE: &str = "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
+
+fn tokens(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    line.split(|&b| b == b' ').filter(|t| !t.is_empty())
+}
+
+fn valid_key(key: &[u8]) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY_LEN && key.iter().all(|&b| b > 0x20 && b != 0x7f)
+}
+
+fn parse_u64(tok: &[u8]) -> Option<u64> {
+    if tok.is_empty() || tok.len() > 20 || !tok.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(tok).ok()?.parse().ok()
+}
+
+fn parse_u32(tok: &[u8]) -> Option<u32> {
+    parse_u64(tok).and_then(|v| u32::try_from(v).ok())
+}
+
+/// A signed 32-bit number, as memcached's `safe_strtol` accepts for exptimes.
+fn parse_i32(tok: &[u8]) -> Option<i64> {
+    let (neg, digits) = match tok.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, tok),
+    };
+    let v = i64::try_from(parse_u64(digits)?).ok()?;
+    let v = if neg { -v } else { v };
+    (i64::from(i32::MIN)..=i64::from(i32::MAX)).contains(&v).then_some(v)
+}
+
+fn is_retrieval(line: &[u8]) -> bool {
+    [&b"get "[..], b"gets ", b"gat ", b"gats "].iter().any(|p| line.starts_with(p))
+}
+
+/// Parses one command from the front of `buf`. `None` means more bytes are needed; otherwise
+/// the frame and the number of bytes it consumed (never zero).
+pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        let limit = if is_retrieval(buf) { limits.max_get_line } else { limits.max_line };
+        return (buf.len() > limit).then_some((Frame::Close(LINE_TOO_LONG), buf.len()));
+    };
+    let line_end = nl + 1;
+    let line = buf[..nl].strip_suffix(b"\r").unwrap_or(&buf[..nl]);
+    let limit = if is_retrieval(line) { limits.max_get_line } else { limits.max_line };
+    if line.len() > limit {
+        return Some((Frame::Close(LINE_TOO_LONG), line_end));
+    }
+    let mut toks = tokens(line);
+    let Some(name) = toks.next() else {
+        return Some((Frame::Error(ERROR), line_end));
+    };
+    let args: Vec<&[u8]> = toks.take(24).collect();
+    let noreply = args.last() == Some(&&b"noreply"[..]);
+    let frame = match name {
+        b"get" | b"gets" | b"gat" | b"gats" => retrieval(name, line, &args),
+        b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas" => {
+            return storage(name, &args, noreply, &buf[line_end..], line_end, limits);
+        }
+        b"delete" => delete(&args, noreply),
+        b"incr" | b"decr" => arith(name == b"incr", &args, noreply),
+        b"touch" => touch(&args, noreply),
+        b"flush_all" => flush_all(&args, noreply),
+        b"stats" => match args.as_slice() {
+            [] => Frame::Command(Command::Stats(StatsCmd::General)),
+            [b"settings"] => Frame::Command(Command::Stats(StatsCmd::Settings)),
+            [b"reset"] => Frame::Command(Command::Stats(StatsCmd::Reset)),
+            _ => Frame::Error(ERROR),
+        },
+        // memcached ignores arguments to `version`.
+        b"version" => Frame::Command(Command::Version),
+        b"verbosity" if !args.is_empty() && args.len() <= 2 => {
+            Frame::Command(Command::Verbosity { noreply })
+        }
+        b"cache_memlimit" if matches!(args.len(), 1 | 2) => match parse_u64(args[0]) {
+            Some(mib) if mib > 0 => Frame::Command(Command::CacheMemlimit { mib, noreply }),
+            _ => Frame::Error(BAD_FORMAT),
+        },
+        b"quit" => Frame::Command(Command::Quit),
+        _ => Frame::Error(ERROR),
+    };
+    Some((frame, line_end))
+}
+
+fn retrieval<'a>(name: &[u8], line: &'a [u8], args: &[&'a [u8]]) -> Frame<'a> {
+    let touch = name.starts_with(b"gat");
+    let cas = name.ends_with(b"s");
+    let min_args = if touch { 2 } else { 1 };
+    if args.len() < min_args {
+        return Frame::Error(ERROR);
+    }
+    // Keys are everything after the command (and the exptime for gat); `args` was capped, so
+    // re-tokenise the line tail rather than trusting it.
+    let mut rest = tokens(line).skip(1);
+    let exptime = if touch {
+        match rest.next().and_then(parse_i32) {
+            Some(t) => Some(t),
+            None => return Frame::Error(BAD_EXPTIME),
+        }
+    } else {
+        None
+    };
+    let first = rest.next();
+    let Some(first) = first else { return Frame::Error(ERROR) };
+    let offset = first.as_ptr() as usize - line.as_ptr() as usize;
+    let tail = &line[offset..];
+    if !tokens(tail).all(valid_key) {
+        return Frame::Error(BAD_FORMAT);
+    }
+    Frame::Command(Command::Get { keys: Keys(tail), cas, touch: exptime })
+}
+
+fn storage<'a>(
+    name: &[u8],
+    args: &[&'a [u8]],
+    noreply: bool,
+    after: &'a [u8],
+    line_end: usize,
+    limits: &Limits,
+) -> Option<(Frame<'a>, usize)> {
+    let is_cas = name == b"cas";
+    let required = if is_cas { 5 } else { 4 };
+    if args.len() != required && !(args.len() == required + 1 && noreply) {
+        return Some((Frame::Error(ERROR), line_end));
+    }
+    // The length decides how much follows; without a valid one nothing can be skipped.
+    let Some(len) = parse_u64(args[3]).filter(|&n| n <= i32::MAX as u64 - 2) else {
+        return Some((Frame::Error(BAD_FORMAT), line_end));
+    };
+    let swallow = |reply| Some((Frame::Swallow { reply, bytes: len + 2 }, line_end));
+    let key = args[0];
+    let (Some(flags), Some(exptime)) = (parse_u32(args[1]), parse_i32(args[2])) else {
+        return swallow(BAD_FORMAT);
+    };
+    let cas_unique = if is_cas {
+        match parse_u64(args[4]) {
+            Some(v) => v,
+            None => return swallow(BAD_FORMAT),
+        }
+    } else {
+        0
+    };
+    if !valid_key(key) {
+        return swallow(BAD_FORMAT);
+    }
+    if len as usize > limits.max_item_size {
+        return swallow(TOO_LARGE);
+    }
+    let len = len as usize;
+    if after.len() < len + 2 {
+        return None;
+    }
+    let consumed = line_end + len + 2;
+    if &after[len..len + 2] != b"\r\n" {
+        return Some((Frame::Error(BAD_CHUNK), consumed));
+    }
+    let cmd = match name {
+        b"set" => StoreCmd::Set,
+        b"add" => StoreCmd::Add,
+        b"replace" => StoreCmd::Replace,
+        b"append" => StoreCmd::Append,
+        b"prepend" => StoreCmd::Prepend,
+        _ => StoreCmd::Cas(cas_unique),
+    };
+    let data = &after[..len];
+    Some((Frame::Command(Command::Store { cmd, key, flags, exptime, data, noreply }), consumed))
+}
+
+fn delete<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
+    // memcached accepts a legacy hold time only if it is "0".
+    let valid = match args {
+        [_] => true,
+        [_, b"0"] => true,
+        [_, _] => noreply,
+        [_, b"0", _] => noreply,
+        _ => false,
+    };
+    if args.is_empty() {
+        return Frame::Error(ERROR);
+    }
+    if !valid {
+        return Frame::Error(DELETE_USAGE);
+    }
+    if !valid_key(args[0]) {
+        return Frame::Error(BAD_FORMAT);
+    }
+    Frame::Command(Command::Delete { key: args[0], noreply })
+}
+
+fn arith<'a>(incr: bool, args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
+    if args.len() != 2 && !(args.len() == 3 && noreply) {
+        return Frame::Error(ERROR);
+    }
+    if !valid_key(args[0]) {
+        return Frame::Error(BAD_FORMAT);
+    }
+    match parse_u64(args[1]) {
+        Some(delta) => Frame::Command(Command::Arith { incr, key: args[0], delta, noreply }),
+        None => Frame::Error(BAD_DELTA),
+    }
+}
+
+fn touch<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
+    if args.len() != 2 && !(args.len() == 3 && noreply) {
+        return Frame::Error(ERROR);
+    }
+    if !valid_key(args[0]) {
+        return Frame::Error(BAD_FORMAT);
+    }
+    match parse_i32(args[1]) {
+        Some(exptime) => Frame::Command(Command::Touch { key: args[0], exptime, noreply }),
+        None => Frame::Error(BAD_EXPTIME),
+    }
+}
+
+fn flush_all<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
+    let numbers = if noreply { &args[..args.len() - 1] } else { args };
+    match numbers {
+        [] => Frame::Command(Command::FlushAll { delay: 0, noreply }),
+        [delay] => match parse_i32(delay) {
+            Some(delay) => Frame::Command(Command::FlushAll { delay, noreply }),
+            None => Frame::Error(BAD_FORMAT),
+        },
+        _ => Frame::Error(ERROR),
+    }
+}
+
+/// Converts a protocol exptime to an absolute Unix expiry (0 = never), memcached's rules:
+/// 0 never expires, negative is already expired, up to 30 days is relative, beyond that an
+/// absolute Unix time.
+pub fn absolute_expiry(exptime: i64, now: u32) -> u32 {
+    const MONTH: i64 = 60 * 60 * 24 * 30;
+    match exptime {
+        0 => 0,
+        t if t < 0 => now.max(1),
+        t if t > MONTH => {
+            // An absolute time in the past is expired now.
+            u32::try_from(t).unwrap_or(u32::MAX).max(1)
+        }
+        t => now.saturating_add(t as u32),
+    }
+}
+
+#[cfg(test)]
+mod tests;

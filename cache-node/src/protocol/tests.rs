@@ -1,0 +1,139 @@
+use super::*;
+
+fn p(input: &[u8]) -> Option<(Frame<'_>, usize)> {
+    parse(input, &Limits::default())
+}
+
+fn cmd(input: &[u8]) -> Command<'_> {
+    match p(input) {
+        Some((Frame::Command(c), n)) => {
+            assert_eq!(n, input.len(), "whole input consumed");
+            c
+        }
+        other => panic!("{:?} parsed as {other:?}", String::from_utf8_lossy(input)),
+    }
+}
+
+fn err(input: &[u8]) -> &'static str {
+    match p(input) {
+        Some((Frame::Error(e), _)) => e,
+        other => panic!("{:?} parsed as {other:?}", String::from_utf8_lossy(input)),
+    }
+}
+
+#[test]
+fn partial_input_needs_more_bytes() {
+    for partial in [&b""[..], b"get", b"get foo\r", b"set k 0 0 5\r\n", b"set k 0 0 5\r\nabc", b"set k 0 0 5\r\nhello\r"] {
+        assert_eq!(p(partial), None, "{:?}", String::from_utf8_lossy(partial));
+    }
+}
+
+#[test]
+fn retrievals() {
+    match cmd(b"get a bb  ccc\r\n") {
+        Command::Get { keys, cas: false, touch: None } => {
+            assert_eq!(keys.iter().collect::<Vec<_>>(), vec![&b"a"[..], b"bb", b"ccc"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(cmd(b"gets a\n"), Command::Get { cas: true, touch: None, .. }));
+    assert!(matches!(cmd(b"gat 10 a b\r\n"), Command::Get { cas: false, touch: Some(10), .. }));
+    assert!(matches!(cmd(b"gats -1 a\r\n"), Command::Get { cas: true, touch: Some(-1), .. }));
+    assert_eq!(err(b"get\r\n"), ERROR);
+    assert_eq!(err(b"gat 10\r\n"), ERROR);
+    assert_eq!(err(b"gat x a\r\n"), BAD_EXPTIME);
+    let long = format!("get {}\r\n", "k".repeat(251));
+    assert_eq!(err(long.as_bytes()), BAD_FORMAT);
+    assert_eq!(err(b"get a\x01b\r\n"), BAD_FORMAT);
+    let many = format!("get {}\r\n", (0..1000).map(|i| format!("key{i}")).collect::<Vec<_>>().join(" "));
+    match cmd(many.as_bytes()) {
+        Command::Get { keys, .. } => assert_eq!(keys.iter().count(), 1000),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn storage_commands_carry_binary_data() {
+    let input = b"set k 5 100 7 noreply\r\na\r\nb\0c\r\r\n";
+    assert_eq!(
+        cmd(input),
+        Command::Store { cmd: StoreCmd::Set, key: b"k", flags: 5, exptime: 100, data: b"a\r\nb\0c\r", noreply: true }
+    );
+    assert!(matches!(cmd(b"cas k 0 0 1 99\r\nx\r\n"), Command::Store { cmd: StoreCmd::Cas(99), noreply: false, .. }));
+    assert!(matches!(cmd(b"prepend k 0 0 0\r\n\r\n"), Command::Store { cmd: StoreCmd::Prepend, data: b"", .. }));
+    assert!(matches!(cmd(b"set k 4294967295 -1 1\r\nx\r\n"), Command::Store { flags: u32::MAX, exptime: -1, .. }));
+}
+
+#[test]
+fn bad_storage_lines_are_rejected_and_data_swallowed() {
+    let swallow = |input: &[u8]| match p(input) {
+        Some((Frame::Swallow { reply, bytes }, n)) => (reply, bytes, n),
+        other => panic!("{:?} parsed as {other:?}", String::from_utf8_lossy(input)),
+    };
+    assert_eq!(swallow(b"set k 0 0 16777217\r\n"), (TOO_LARGE, 16_777_219, 20));
+    let long_key = format!("set {} 0 0 1\r\n", "k".repeat(251));
+    assert_eq!(swallow(long_key.as_bytes()).0, BAD_FORMAT);
+    assert_eq!(swallow(b"set k 4294967296 0 1\r\n").0, BAD_FORMAT);
+    assert_eq!(swallow(b"set k x 0 1\r\n").0, BAD_FORMAT);
+    assert_eq!(swallow(b"set k 0 99999999999 1\r\n").0, BAD_FORMAT);
+    assert_eq!(swallow(b"cas k 0 0 1 x\r\n").0, BAD_FORMAT);
+    // No usable length: nothing to swallow, as memcached.
+    assert_eq!(err(b"set k 0 0 -1\r\n"), BAD_FORMAT);
+    assert_eq!(err(b"set k 0 0 abc\r\n"), BAD_FORMAT);
+    assert_eq!(err(b"set k 0 0\r\n"), ERROR);
+    assert_eq!(err(b"set k 0 0 1 2 3\r\n"), ERROR);
+    // Data block of the wrong length: the declared bytes and two more are consumed.
+    match p(b"set k 0 0 3\r\nabcd\r\n") {
+        Some((Frame::Error(BAD_CHUNK), n)) => assert_eq!(n, 13 + 5),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn other_commands() {
+    assert_eq!(cmd(b"delete k\r\n"), Command::Delete { key: b"k", noreply: false });
+    assert_eq!(cmd(b"delete k 0 noreply\r\n"), Command::Delete { key: b"k", noreply: true });
+    assert_eq!(err(b"delete k 5\r\n"), DELETE_USAGE);
+    assert_eq!(cmd(b"incr n 18446744073709551615\r\n"), Command::Arith { incr: true, key: b"n", delta: u64::MAX, noreply: false });
+    assert_eq!(err(b"decr n -1\r\n"), BAD_DELTA);
+    assert_eq!(err(b"incr n 18446744073709551616\r\n"), BAD_DELTA);
+    assert_eq!(cmd(b"touch k 10 noreply\r\n"), Command::Touch { key: b"k", exptime: 10, noreply: true });
+    assert_eq!(err(b"touch k soon\r\n"), BAD_EXPTIME);
+    assert_eq!(cmd(b"flush_all\r\n"), Command::FlushAll { delay: 0, noreply: false });
+    assert_eq!(cmd(b"flush_all 5 noreply\r\n"), Command::FlushAll { delay: 5, noreply: true });
+    assert_eq!(cmd(b"flush_all noreply\r\n"), Command::FlushAll { delay: 0, noreply: true });
+    assert_eq!(err(b"flush_all soon\r\n"), BAD_FORMAT);
+    assert_eq!(cmd(b"stats\r\n"), Command::Stats(StatsCmd::General));
+    assert_eq!(cmd(b"stats settings\r\n"), Command::Stats(StatsCmd::Settings));
+    assert_eq!(cmd(b"stats reset\r\n"), Command::Stats(StatsCmd::Reset));
+    assert_eq!(err(b"stats nonsense\r\n"), ERROR);
+    assert_eq!(cmd(b"version\r\n"), Command::Version);
+    assert_eq!(cmd(b"verbosity 1\r\n"), Command::Verbosity { noreply: false });
+    assert_eq!(err(b"verbosity\r\n"), ERROR);
+    assert_eq!(cmd(b"quit\r\n"), Command::Quit);
+    assert_eq!(cmd(b"cache_memlimit 128\r\n"), Command::CacheMemlimit { mib: 128, noreply: false });
+    assert_eq!(err(b"GET k\r\n"), ERROR);
+    assert_eq!(err(b"\r\n"), ERROR);
+    assert_eq!(err(b"\xff\xfe\x00garbage\r\n"), ERROR);
+}
+
+#[test]
+fn over_long_lines_close_the_connection() {
+    let line = vec![b'x'; 2049];
+    assert_eq!(p(&line), Some((Frame::Close(LINE_TOO_LONG), 2049)));
+    assert_eq!(p(&line[..2048]), None);
+    let mut get = b"get ".to_vec();
+    get.extend(std::iter::repeat_n(b'k', 5000));
+    assert_eq!(p(&get), None, "retrieval lines may be long");
+}
+
+#[test]
+fn exptime_rules() {
+    let now = 1_700_000_000;
+    assert_eq!(absolute_expiry(0, now), 0);
+    assert_eq!(absolute_expiry(10, now), now + 10);
+    assert_eq!(absolute_expiry(-1, now), now);
+    assert_eq!(absolute_expiry(60 * 60 * 24 * 30, now), now + 2_592_000);
+    assert_eq!(absolute_expiry(1_800_000_000, now), 1_800_000_000);
+    assert_eq!(absolute_expiry(2_600_000, now), 2_600_000, "absolute time in the past");
+}

@@ -1,0 +1,432 @@
+//! The memcached data port: an accept loop with a connection cap, and one task per connection
+//! that parses every complete command in its buffer, executes it against the store, and
+//! writes all answers with one write (so pipelined requests cost one syscall per batch).
+
+use std::future::Future;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::metrics::{Cmd, NodeStats, unix_now};
+use crate::protocol::{self, Command, Frame, Limits, StatsCmd, StoreCmd};
+use crate::store::{ArithOutcome, Store, StoreMode, StoreOutcome};
+
+/// The version string `version` and `stats` report. memcached's major.minor first, so client
+/// libraries that gate features on the server version treat the node as a 1.6 server.
+pub const VERSION: &str = concat!("1.6.0-cachepool-", env!("CARGO_PKG_VERSION"));
+
+/// Settings of the data port.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub max_connections: usize,
+    /// Close connections idle this long (0: never, as memcached's default).
+    pub idle_timeout: Duration,
+    pub threads: usize,
+    pub listen: String,
+}
+
+/// State shared by every connection and the admin API.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub stats: Arc<NodeStats>,
+    pub settings: ServerSettings,
+    max_item_size: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(store: Arc<Store>, settings: ServerSettings, max_item_size: usize) -> Shared {
+        Shared {
+            store,
+            stats: Arc::new(NodeStats::default()),
+            settings,
+            max_item_size: AtomicUsize::new(max_item_size),
+        }
+    }
+
+    pub fn max_item_size(&self) -> usize {
+        self.max_item_size.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max_item_size(&self, bytes: usize) {
+        self.max_item_size.store(bytes, Ordering::Relaxed);
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { max_item_size: self.max_item_size(), ..Limits::default() }
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, then closes the listener and waits (up to
+/// `drain`) for open connections to finish their current batch.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    info!(addr = ?listener.local_addr().ok(), "memcached port listening");
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(ok) => ok,
+                    Err(err) => {
+                        // Out of file descriptors and similar: back off instead of spinning.
+                        warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let stats = &shared.stats;
+                if stats.curr_connections.load(Ordering::Relaxed) as usize >= shared.settings.max_connections {
+                    stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                    // memcached's answer at its connection limit.
+                    let _ = stream.try_write(b"ERROR Too many open connections\r\n");
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                stats.curr_connections.fetch_add(1, Ordering::Relaxed);
+                stats.total_connections.fetch_add(1, Ordering::Relaxed);
+                let shared = shared.clone();
+                let stop = stop_rx.clone();
+                conns.spawn(async move {
+                    if let Err(err) = Connection::new(stream, &shared).run(stop).await {
+                        debug!(%peer, %err, "connection ended with an error");
+                    }
+                    shared.stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    conns.abort_all();
+}
+
+struct Connection<'a> {
+    stream: TcpStream,
+    shared: &'a Shared,
+    input: BytesMut,
+    output: Vec<u8>,
+    /// Bytes of a rejected data block still to discard.
+    swallow: u64,
+}
+
+enum Next {
+    Continue,
+    Close,
+}
+
+impl<'a> Connection<'a> {
+    fn new(stream: TcpStream, shared: &'a Shared) -> Self {
+        Connection {
+            stream,
+            shared,
+            input: BytesMut::with_capacity(16 * 1024),
+            output: Vec::with_capacity(16 * 1024),
+            swallow: 0,
+        }
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+        let idle = self.shared.settings.idle_timeout;
+        loop {
+            let read = async {
+                if idle.is_zero() {
+                    self.stream.read_buf(&mut self.input).await.map(Some)
+                } else {
+                    match tokio::time::timeout(idle, self.stream.read_buf(&mut self.input)).await {
+                        Ok(r) => r.map(Some),
+                        Err(_) => Ok(None),
+                    }
+                }
+            };
+            let n = tokio::select! {
+                r = read => r?,
+                _ = stop.changed() => return Ok(()),
+            };
+            match n {
+                None | Some(0) => return Ok(()),
+                Some(n) => {
+                    self.shared.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            let next = self.process();
+            if !self.output.is_empty() {
+                self.stream.write_all(&self.output).await?;
+                self.shared.stats.bytes_written.fetch_add(self.output.len() as u64, Ordering::Relaxed);
+                self.output.clear();
+                // Do not keep a large answer's buffer for the connection's lifetime.
+                if self.output.capacity() > 1 << 20 {
+                    self.output = Vec::with_capacity(16 * 1024);
+                }
+            }
+            if let Next::Close = next {
+                return Ok(());
+            }
+            if self.input.is_empty() && self.input.capacity() > 1 << 20 {
+                self.input = BytesMut::with_capacity(16 * 1024);
+            }
+        }
+    }
+
+    /// Executes every complete command in the input buffer.
+    fn process(&mut self) -> Next {
+        let limits = self.shared.limits();
+        loop {
+            if self.swallow > 0 {
+                let n = (self.swallow as usize).min(self.input.len());
+                self.input.advance(n);
+                self.swallow -= n as u64;
+                if self.swallow > 0 {
+                    return Next::Continue;
+                }
+            }
+            let Some((frame, used)) = protocol::parse(&self.input, &limits) else {
+                return Next::Continue;
+            };
+            let next = match frame {
+                Frame::Command(cmd) => execute(self.shared, cmd, &mut self.output),
+                Frame::Error(reply) => {
+                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    line(&mut self.output, reply);
+                    Next::Continue
+                }
+                Frame::Swallow { reply, bytes } => {
+                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    line(&mut self.output, reply);
+                    self.swallow = bytes;
+                    Next::Continue
+                }
+                Frame::Close(reply) => {
+                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    line(&mut self.output, reply);
+                    Next::Close
+                }
+            };
+            self.input.advance(used);
+            if let Next::Close = next {
+                return next;
+            }
+        }
+    }
+}
+
+fn line(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn reply(out: &mut Vec<u8>, noreply: bool, text: &str) {
+    if !noreply {
+        line(out, text);
+    }
+}
+
+/// Runs one command, appending its answer to `out`.
+fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
+    let start = Instant::now();
+    let now = unix_now();
+    let store = &shared.store;
+    let kind = match cmd {
+        Command::Get { keys, cas, touch } => {
+            let touch = touch.map(|t| protocol::absolute_expiry(t, now));
+            for key in keys.iter() {
+                store.get(key, touch, now, |meta, value| {
+                    out.extend_from_slice(b"VALUE ");
+                    out.extend_from_slice(key);
+                    // Writing to a Vec cannot fail.
+                    let _ = if cas {
+                        write!(out, " {} {} {}\r\n", meta.flags, value.len(), meta.cas)
+                    } else {
+                        write!(out, " {} {}\r\n", meta.flags, value.len())
+                    };
+                    out.extend_from_slice(value);
+                    out.extend_from_slice(b"\r\n");
+                });
+            }
+            out.extend_from_slice(b"END\r\n");
+            if touch.is_some() { Cmd::Gat } else { Cmd::Get }
+        }
+        Command::Store { cmd, key, flags, exptime, data, noreply } => {
+            let (mode, kind) = match cmd {
+                StoreCmd::Set => (StoreMode::Set, Cmd::Set),
+                StoreCmd::Add => (StoreMode::Add, Cmd::Add),
+                StoreCmd::Replace => (StoreMode::Replace, Cmd::Replace),
+                StoreCmd::Append => (StoreMode::Append, Cmd::Append),
+                StoreCmd::Prepend => (StoreMode::Prepend, Cmd::Prepend),
+                StoreCmd::Cas(v) => (StoreMode::Cas(v), Cmd::Cas),
+            };
+            let expiry = protocol::absolute_expiry(exptime, now);
+            let outcome = store.store(mode, key, data, flags, expiry, now);
+            // Appending past the item size limit is refused like an oversized set.
+            match outcome {
+                StoreOutcome::Stored => reply(out, noreply, "STORED"),
+                StoreOutcome::NotStored => reply(out, noreply, "NOT_STORED"),
+                StoreOutcome::Exists => reply(out, noreply, "EXISTS"),
+                StoreOutcome::NotFound => reply(out, noreply, "NOT_FOUND"),
+                // memcached reports server errors even with noreply.
+                StoreOutcome::TooLarge => line(out, "SERVER_ERROR out of memory storing object"),
+            }
+            kind
+        }
+        Command::Delete { key, noreply } => {
+            let found = store.delete(key, now);
+            reply(out, noreply, if found { "DELETED" } else { "NOT_FOUND" });
+            Cmd::Delete
+        }
+        Command::Arith { incr, key, delta, noreply } => {
+            match store.arith(key, incr, delta, now) {
+                ArithOutcome::Value(v) => reply(out, noreply, &v.to_string()),
+                ArithOutcome::NotFound => reply(out, noreply, "NOT_FOUND"),
+                ArithOutcome::NonNumeric => {
+                    line(out, "CLIENT_ERROR cannot increment or decrement non-numeric value")
+                }
+            }
+            if incr { Cmd::Incr } else { Cmd::Decr }
+        }
+        Command::Touch { key, exptime, noreply } => {
+            let found = store.touch(key, protocol::absolute_expiry(exptime, now), now);
+            reply(out, noreply, if found { "TOUCHED" } else { "NOT_FOUND" });
+            Cmd::Touch
+        }
+        Command::FlushAll { delay, noreply } => {
+            let deadline = if delay <= 0 { 0 } else { protocol::absolute_expiry(delay, now) };
+            store.flush_all(deadline, now);
+            shared.stats.cmd_flush.fetch_add(1, Ordering::Relaxed);
+            reply(out, noreply, "OK");
+            Cmd::FlushAll
+        }
+        Command::Stats(which) => {
+            match which {
+                StatsCmd::General => write_stats(out, &general_stats(shared)),
+                StatsCmd::Settings => write_stats(out, &settings_stats(shared)),
+                StatsCmd::Reset => {
+                    store.reset_stats();
+                    shared.stats.reset();
+                    line(out, "RESET");
+                }
+            }
+            Cmd::Stats
+        }
+        Command::Version => {
+            line(out, &format!("VERSION {VERSION}"));
+            Cmd::Other
+        }
+        Command::Verbosity { noreply } => {
+            reply(out, noreply, "OK");
+            Cmd::Other
+        }
+        Command::CacheMemlimit { mib, noreply } => {
+            let bytes = usize::try_from(mib).unwrap_or(usize::MAX / 2).saturating_mul(1 << 20);
+            store.set_limit(bytes, now);
+            reply(out, noreply, "OK");
+            Cmd::Other
+        }
+        Command::Quit => return Next::Close,
+    };
+    shared.stats.record(kind, start.elapsed());
+    Next::Continue
+}
+
+fn write_stats(out: &mut Vec<u8>, stats: &[(&'static str, String)]) {
+    for (name, value) in stats {
+        let _ = write!(out, "STAT {name} {value}\r\n");
+    }
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// `stats`, with memcached's field names.
+pub fn general_stats(shared: &Shared) -> Vec<(&'static str, String)> {
+    let s = shared.store.stats();
+    let c = s.counters;
+    let n = &shared.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed).to_string();
+    let usage = rusage();
+    vec![
+        ("pid", std::process::id().to_string()),
+        ("uptime", n.uptime().as_secs().to_string()),
+        ("time", unix_now().to_string()),
+        ("version", VERSION.to_string()),
+        ("pointer_size", (usize::BITS).to_string()),
+        ("rusage_user", usage.0),
+        ("rusage_system", usage.1),
+        ("curr_connections", load(&n.curr_connections)),
+        ("total_connections", load(&n.total_connections)),
+        ("rejected_connections", load(&n.rejected_connections)),
+        ("cmd_get", (c.get_hits + c.get_misses).to_string()),
+        ("cmd_set", c.cmd_set.to_string()),
+        ("cmd_flush", load(&n.cmd_flush)),
+        ("cmd_touch", c.cmd_touch.to_string()),
+        ("get_hits", c.get_hits.to_string()),
+        ("get_misses", c.get_misses.to_string()),
+        ("get_expired", c.get_expired.to_string()),
+        ("get_flushed", c.get_flushed.to_string()),
+        ("delete_misses", c.delete_misses.to_string()),
+        ("delete_hits", c.delete_hits.to_string()),
+        ("incr_misses", c.incr_misses.to_string()),
+        ("incr_hits", c.incr_hits.to_string()),
+        ("decr_misses", c.decr_misses.to_string()),
+        ("decr_hits", c.decr_hits.to_string()),
+        ("cas_misses", c.cas_misses.to_string()),
+        ("cas_hits", c.cas_hits.to_string()),
+        ("cas_badval", c.cas_badval.to_string()),
+        ("touch_hits", c.touch_hits.to_string()),
+        ("touch_misses", c.touch_misses.to_string()),
+        ("bytes_read", load(&n.bytes_read)),
+        ("bytes_written", load(&n.bytes_written)),
+        ("limit_maxbytes", s.limit_maxbytes.to_string()),
+        ("threads", shared.settings.threads.to_string()),
+        ("bytes", s.bytes.to_string()),
+        ("curr_items", s.curr_items.to_string()),
+        ("total_items", c.total_items.to_string()),
+        ("expired_unfetched", c.expired_unfetched.to_string()),
+        ("evictions", c.evictions.to_string()),
+        ("policy", shared.store.policy().to_string()),
+    ]
+}
+
+/// `stats settings`.
+pub fn settings_stats(shared: &Shared) -> Vec<(&'static str, String)> {
+    let set = &shared.settings;
+    vec![
+        ("maxbytes", shared.store.limit().to_string()),
+        ("maxconns", set.max_connections.to_string()),
+        ("tcpport", set.listen.rsplit(':').next().unwrap_or("0").to_string()),
+        ("interface", set.listen.clone()),
+        ("evictions", "on".to_string()),
+        ("num_threads", set.threads.to_string()),
+        ("item_size_max", shared.max_item_size().to_string()),
+        ("idle_timeout", set.idle_timeout.as_secs().to_string()),
+        ("cas_enabled", "yes".to_string()),
+        ("binding_protocol", "ascii".to_string()),
+        ("policy", shared.store.policy().to_string()),
+    ]
+}
+
+/// User and system CPU seconds of this process, as memcached formats them.
+fn rusage() -> (String, String) {
+    // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let fmt = |t: libc::timeval| format!("{}.{:06}", t.tv_sec, t.tv_usec);
+    (fmt(usage.ru_utime), fmt(usage.ru_stime))
+}
