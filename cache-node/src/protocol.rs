@@ -96,6 +96,9 @@ pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta argument";
 pub const BAD_EXPTIME: &str = "CLIENT_ERROR invalid exptime argument";
 pub const DELETE_USAGE: &str = "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
 
+/// Most arguments looked at for any command (extra ones make the count check fail).
+const MAX_ARGS: usize = 8;
+
 fn tokens(line: &[u8]) -> impl Iterator<Item = &[u8]> {
     line.split(|&b| b == b' ').filter(|t| !t.is_empty())
 }
@@ -147,18 +150,26 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
     let Some(name) = toks.next() else {
         return Some((Frame::Error(ERROR), line_end));
     };
-    let args: Vec<&[u8]> = toks.take(24).collect();
+    // No command but the retrievals (which re-read their line) takes more than 7 arguments;
+    // a fixed array keeps parsing allocation-free.
+    let mut buf_args: [&[u8]; MAX_ARGS] = [&[]; MAX_ARGS];
+    let mut n = 0;
+    for tok in toks.take(MAX_ARGS) {
+        buf_args[n] = tok;
+        n += 1;
+    }
+    let args = &buf_args[..n];
     let noreply = args.last() == Some(&&b"noreply"[..]);
     let frame = match name {
-        b"get" | b"gets" | b"gat" | b"gats" => retrieval(name, line, &args),
+        b"get" | b"gets" | b"gat" | b"gats" => retrieval(name, line, args),
         b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas" => {
-            return storage(name, &args, noreply, &buf[line_end..], line_end, limits);
+            return storage(name, args, noreply, &buf[line_end..], line_end, limits);
         }
-        b"delete" => delete(&args, noreply),
-        b"incr" | b"decr" => arith(name == b"incr", &args, noreply),
-        b"touch" => touch(&args, noreply),
-        b"flush_all" => flush_all(&args, noreply),
-        b"stats" => match args.as_slice() {
+        b"delete" => delete(args, noreply),
+        b"incr" | b"decr" => arith(name == b"incr", args, noreply),
+        b"touch" => touch(args, noreply),
+        b"flush_all" => flush_all(args, noreply),
+        b"stats" => match args {
             [] => Frame::Command(Command::Stats(StatsCmd::General)),
             [b"settings"] => Frame::Command(Command::Stats(StatsCmd::Settings)),
             [b"reset"] => Frame::Command(Command::Stats(StatsCmd::Reset)),

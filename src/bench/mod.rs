@@ -1,8 +1,97 @@
-//! `cachepool bench`: placeholder replaced by the benchmark module.
+//! `cachepool bench`: measurements of the node against Debian's memcached, and of the store's
+//! replacement policies against each other (results and commands in docs/benchmarks.md).
+//!
+//! Layout: `keys` and `wire` are pure (key naming, key distributions, request encoding and
+//! reply parsing, all unit-tested); `servers` starts and stops the measured processes;
+//! `loadgen` is the closed-loop client; `node`, `memory` and `policies` each run one
+//! subcommand; `report` formats tables.
+//!
+//! Servers under test are child processes, the node included (this same binary's `node`
+//! subcommand), so that both servers are measured the same way: their own address space for
+//! RSS, their own threads, and a client that shares nothing with them but the loopback.
 
+mod keys;
+mod loadgen;
+mod memory;
+mod node;
+mod policies;
+mod report;
+mod servers;
+mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+
+/// `cachepool bench` flags.
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("no benchmark selected")
+#[derive(Debug, clap::Subcommand)]
+enum BenchCommand {
+    /// Throughput and latency of a node and memcached under the same closed-loop load.
+    Node(node::NodeArgs),
+    /// Resident memory per item of a node and memcached after loading N items.
+    Memory(memory::MemoryArgs),
+    /// Hit ratio of every replacement policy on Zipf traces, in-process (no network).
+    Policies(policies::PoliciesArgs),
+}
+
+/// Runs the selected benchmark.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Node(a) => with_client_runtime(a.client_threads, |rt| node::run(rt, a)),
+        BenchCommand::Memory(a) => with_client_runtime(a.client_threads, |rt| memory::run(rt, a)),
+        // CPU-bound and in-process: no runtime, no children, so the default Ctrl-C is right.
+        BenchCommand::Policies(a) => policies::run(&a),
+    }
+}
+
+/// Set once Ctrl-C or SIGTERM arrives; every loop of the network benchmarks checks it so
+/// they return an error promptly and the server guards kill their processes on the way out.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted() {
+        anyhow::bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Builds the load generator's own runtime (the servers run in other processes) and runs
+/// `f` with it, watching for Ctrl-C and SIGTERM meanwhile.
+fn with_client_runtime<T>(
+    threads: usize,
+    f: impl FnOnce(&tokio::runtime::Runtime) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .context("starting the load generator's runtime")?;
+    rt.spawn(async {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+        INTERRUPTED.store(true, Ordering::Relaxed);
+        eprintln!("interrupted: stopping the servers");
+    });
+    f(&rt)
 }
