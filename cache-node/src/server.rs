@@ -128,9 +128,16 @@ struct Connection<'a> {
 }
 
 enum Next {
+    /// Everything buffered is done; read more.
     Continue,
+    /// Answers are piling up: write them before executing more, so a pipeline of large
+    /// reads cannot grow the output without bound.
+    Flush,
     Close,
 }
+
+/// Output size at which answers are written before more commands run.
+const FLUSH_AT: usize = 1 << 20;
 
 impl<'a> Connection<'a> {
     fn new(stream: TcpStream, shared: &'a Shared) -> Self {
@@ -146,6 +153,11 @@ impl<'a> Connection<'a> {
     async fn run(mut self, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
         let idle = self.shared.settings.idle_timeout;
         loop {
+            // Grow by doubling so that a large value arrives in O(log n) reallocations.
+            let spare = self.input.capacity() - self.input.len();
+            if spare < 4096 {
+                self.input.reserve(self.input.len().max(16 * 1024));
+            }
             let read = async {
                 if idle.is_zero() {
                     self.stream.read_buf(&mut self.input).await.map(Some)
@@ -166,18 +178,22 @@ impl<'a> Connection<'a> {
                     self.shared.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
-            let next = self.process();
-            if !self.output.is_empty() {
-                self.stream.write_all(&self.output).await?;
-                self.shared.stats.bytes_written.fetch_add(self.output.len() as u64, Ordering::Relaxed);
-                self.output.clear();
-                // Do not keep a large answer's buffer for the connection's lifetime.
-                if self.output.capacity() > 1 << 20 {
-                    self.output = Vec::with_capacity(16 * 1024);
+            loop {
+                let next = self.process();
+                if !self.output.is_empty() {
+                    self.stream.write_all(&self.output).await?;
+                    self.shared.stats.bytes_written.fetch_add(self.output.len() as u64, Ordering::Relaxed);
+                    self.output.clear();
+                    // Do not keep a large answer's buffer for the connection's lifetime.
+                    if self.output.capacity() > 4 * FLUSH_AT {
+                        self.output = Vec::with_capacity(16 * 1024);
+                    }
                 }
-            }
-            if let Next::Close = next {
-                return Ok(());
+                match next {
+                    Next::Continue => break,
+                    Next::Flush => continue,
+                    Next::Close => return Ok(()),
+                }
             }
             if self.input.is_empty() && self.input.capacity() > 1 << 20 {
                 self.input = BytesMut::with_capacity(16 * 1024);
@@ -222,6 +238,9 @@ impl<'a> Connection<'a> {
             self.input.advance(used);
             if let Next::Close = next {
                 return next;
+            }
+            if self.output.len() >= FLUSH_AT {
+                return Next::Flush;
             }
         }
     }
