@@ -104,16 +104,18 @@ impl Histogram {
         self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Cumulative buckets as Prometheus wants them, with the count and the sum in seconds.
+    /// Per-bucket counts (prometheus-client accumulates them when encoding; the last bound,
+    /// `f64::MAX`, is printed as `+Inf`), with the total count and the sum in seconds.
     fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
-        let mut cumulative = 0;
+        let mut total = 0;
         let mut out = Vec::with_capacity(BUCKETS + 1);
         for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Ordering::Relaxed);
-            let bound = if i == BUCKETS { f64::INFINITY } else { (1u64 << i) as f64 * 1e-6 };
-            out.push((bound, cumulative));
+            let n = b.load(Ordering::Relaxed);
+            total += n;
+            let bound = if i == BUCKETS { f64::MAX } else { (1u64 << i) as f64 * 1e-6 };
+            out.push((bound, n));
         }
-        (out, cumulative, self.sum_nanos.load(Ordering::Relaxed) as f64 * 1e-9)
+        (out, total, self.sum_nanos.load(Ordering::Relaxed) as f64 * 1e-9)
     }
 }
 
@@ -266,7 +268,7 @@ mod tests {
     use crate::store::{Policy, StoreMode};
 
     #[test]
-    fn histogram_buckets_are_cumulative_and_bounded() {
+    fn histogram_buckets_count_each_range_once() {
         let h = Histogram::default();
         h.record(Duration::from_nanos(500));
         h.record(Duration::from_micros(3));
@@ -274,8 +276,9 @@ mod tests {
         let (buckets, count, sum) = h.snapshot();
         assert_eq!(count, 3);
         assert_eq!(buckets[0], (1e-6, 1));
-        assert_eq!(buckets[2].1, 2, "3 µs lands in the 4 µs bucket");
-        assert_eq!(buckets.last().map(|b| b.1), Some(3));
+        assert_eq!(buckets[2].1, 1, "3 µs lands in the 4 µs bucket");
+        assert_eq!(buckets.last().copied(), Some((f64::MAX, 1)));
+        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), 3);
         assert!((sum - 10.0000035).abs() < 1e-6);
     }
 

@@ -81,8 +81,13 @@ pub enum Frame<'a> {
     Command(Command<'a>),
     /// Answer with this line and go on with the next command.
     Error(&'static str),
-    /// Answer with this line, then discard the next `bytes` bytes (a rejected data block).
-    Swallow { reply: &'static str, bytes: u64 },
+    /// Answer with this line (unless the command said `noreply`), then discard the next
+    /// `bytes` bytes (a rejected data block). `unlink` names a key whose old value must go:
+    /// a `set` refused for size removes the previous value, as memcached does, so that a
+    /// reader never gets a value older than a write that was attempted.
+    Swallow { reply: Option<&'static str>, bytes: u64, unlink: Option<&'a [u8]> },
+    /// A rejected command that said `noreply`: nothing to answer (memcached stays silent).
+    Silent,
     /// Answer with this line and close the connection.
     Close(&'static str),
 }
@@ -187,6 +192,13 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
         b"quit" => Frame::Command(Command::Quit),
         _ => Frame::Error(ERROR),
     };
+    // A recognised command with `noreply` keeps quiet about its errors too, or the client
+    // would read the error as the answer to its next command. `ERROR` (unknown command or
+    // wrong argument count) is still sent, as memcached does.
+    let frame = match frame {
+        Frame::Error(e) if noreply && e != ERROR => Frame::Silent,
+        other => other,
+    };
     Some((frame, line_end))
 }
 
@@ -228,14 +240,16 @@ fn storage<'a>(
 ) -> Option<(Frame<'a>, usize)> {
     let is_cas = name == b"cas";
     let required = if is_cas { 5 } else { 4 };
-    if args.len() != required && !(args.len() == required + 1 && noreply) {
+    // One extra token is allowed and ignored unless it is `noreply`, as memcached does.
+    if args.len() != required && args.len() != required + 1 {
         return Some((Frame::Error(ERROR), line_end));
     }
     // The length decides how much follows; without a valid one nothing can be skipped.
     let Some(len) = parse_u64(args[3]).filter(|&n| n <= i32::MAX as u64 - 2) else {
         return Some((Frame::Error(BAD_FORMAT), line_end));
     };
-    let swallow = |reply| Some((Frame::Swallow { reply, bytes: len + 2 }, line_end));
+    let quiet = |reply| (!noreply).then_some(reply);
+    let swallow = |reply| Some((Frame::Swallow { reply: quiet(reply), bytes: len + 2, unlink: None }, line_end));
     let key = args[0];
     let (Some(flags), Some(exptime)) = (parse_u32(args[1]), parse_i32(args[2])) else {
         return swallow(BAD_FORMAT);
@@ -252,7 +266,8 @@ fn storage<'a>(
         return swallow(BAD_FORMAT);
     }
     if len as usize > limits.max_item_size {
-        return swallow(TOO_LARGE);
+        let unlink = (name == b"set").then_some(key);
+        return Some((Frame::Swallow { reply: quiet(TOO_LARGE), bytes: len + 2, unlink }, line_end));
     }
     let len = len as usize;
     if after.len() < len + 2 {
@@ -260,7 +275,8 @@ fn storage<'a>(
     }
     let consumed = line_end + len + 2;
     if &after[len..len + 2] != b"\r\n" {
-        return Some((Frame::Error(BAD_CHUNK), consumed));
+        let frame = if noreply { Frame::Silent } else { Frame::Error(BAD_CHUNK) };
+        return Some((frame, consumed));
     }
     let cmd = match name {
         b"set" => StoreCmd::Set,
@@ -296,7 +312,7 @@ fn delete<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
 }
 
 fn arith<'a>(incr: bool, args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
-    if args.len() != 2 && !(args.len() == 3 && noreply) {
+    if args.len() != 2 && args.len() != 3 {
         return Frame::Error(ERROR);
     }
     if !valid_key(args[0]) {
@@ -309,7 +325,7 @@ fn arith<'a>(incr: bool, args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
 }
 
 fn touch<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
-    if args.len() != 2 && !(args.len() == 3 && noreply) {
+    if args.len() != 2 && args.len() != 3 {
         return Frame::Error(ERROR);
     }
     if !valid_key(args[0]) {
@@ -327,7 +343,7 @@ fn flush_all<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
         [] => Frame::Command(Command::FlushAll { delay: 0, noreply }),
         [delay] => match parse_i32(delay) {
             Some(delay) => Frame::Command(Command::FlushAll { delay, noreply }),
-            None => Frame::Error(BAD_FORMAT),
+            None => Frame::Error(BAD_EXPTIME),
         },
         _ => Frame::Error(ERROR),
     }

@@ -223,10 +223,19 @@ impl<'a> Connection<'a> {
                     line(&mut self.output, reply);
                     Next::Continue
                 }
-                Frame::Swallow { reply, bytes } => {
+                Frame::Swallow { reply, bytes, unlink } => {
                     self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    line(&mut self.output, reply);
+                    if let Some(reply) = reply {
+                        line(&mut self.output, reply);
+                    }
+                    if let Some(key) = unlink {
+                        self.shared.store.delete(key, unix_now());
+                    }
                     self.swallow = bytes;
+                    Next::Continue
+                }
+                Frame::Silent => {
+                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     Next::Continue
                 }
                 Frame::Close(reply) => {
@@ -300,14 +309,12 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             };
             let expiry = protocol::absolute_expiry(exptime, now);
             let outcome = store.store(mode, key, data, flags, expiry, now);
-            // Appending past the item size limit is refused like an oversized set.
             match outcome {
                 StoreOutcome::Stored => reply(out, noreply, "STORED"),
                 StoreOutcome::NotStored => reply(out, noreply, "NOT_STORED"),
                 StoreOutcome::Exists => reply(out, noreply, "EXISTS"),
                 StoreOutcome::NotFound => reply(out, noreply, "NOT_FOUND"),
-                // memcached reports server errors even with noreply.
-                StoreOutcome::TooLarge => line(out, "SERVER_ERROR out of memory storing object"),
+                StoreOutcome::TooLarge => reply(out, noreply, "SERVER_ERROR out of memory storing object"),
             }
             kind
         }
@@ -321,7 +328,7 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
                 ArithOutcome::Value(v) => reply(out, noreply, &v.to_string()),
                 ArithOutcome::NotFound => reply(out, noreply, "NOT_FOUND"),
                 ArithOutcome::NonNumeric => {
-                    line(out, "CLIENT_ERROR cannot increment or decrement non-numeric value")
+                    reply(out, noreply, "CLIENT_ERROR cannot increment or decrement non-numeric value")
                 }
             }
             if incr { Cmd::Incr } else { Cmd::Decr }

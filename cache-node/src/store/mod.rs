@@ -258,10 +258,12 @@ impl Store {
         }
         match Self::lookup(&mut shard, key, hash, now, &self.used) {
             Lookup::Live(id) => {
-                shard.stats.get_hits += 1;
+                // memcached counts gat/gats as touches only.
                 if let Some(expiry) = touch {
                     shard.stats.touch_hits += 1;
                     shard.item_mut(id).set_expiry(expiry);
+                } else {
+                    shard.stats.get_hits += 1;
                 }
                 shard.on_hit(id);
                 let item = shard.item(id);
@@ -269,9 +271,10 @@ impl Store {
                 true
             }
             other => {
-                shard.stats.get_misses += 1;
                 if touch.is_some() {
                     shard.stats.touch_misses += 1;
+                } else {
+                    shard.stats.get_misses += 1;
                 }
                 if matches!(other, Lookup::Expired) {
                     shard.stats.get_expired += 1;

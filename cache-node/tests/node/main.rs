@@ -8,6 +8,7 @@
 //! so and points at `cache_node::protocol`'s module comment.
 
 mod admin;
+mod bad_input;
 mod conformance;
 mod limits;
 mod protocol;
