@@ -6,11 +6,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-// mimalloc's size classes fit the node's item allocations more tightly than glibc malloc,
-// whose per-chunk header and 16-byte rounding cost ~12 bytes more per item (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(name = "cachepool", version, about = "Elastic, memcached-compatible cache pool")]
 struct Cli {

@@ -86,8 +86,12 @@ impl Shard {
 
     /// A fresh CAS value, unique across shards (shard id in the low bits).
     pub fn next_cas(&mut self) -> u64 {
-        let cas = (self.next_cas << self.shard_bits) | self.shard_id;
-        self.next_cas += 1;
+        let cas = ((self.next_cas << self.shard_bits) | self.shard_id) & super::item::CAS_MASK;
+        // Skip 0 after a wrap: clients treat it as "no CAS value".
+        self.next_cas = (self.next_cas + 1) & (super::item::CAS_MASK >> self.shard_bits);
+        if self.next_cas == 0 {
+            self.next_cas = 1;
+        }
         cas
     }
 
