@@ -1,14 +1,19 @@
-//! One cached item in a single heap allocation: a fixed header, the key, then the value.
+//! One cached item in a single allocation from its shard's arena: a fixed header, the key,
+//! then the value.
 //!
 //! Why hand-rolled: the memory target is under 48 bytes of overhead per item, and a
 //! `Box<[u8]>` per item costs a 16-byte fat pointer in the slot table plus a separate key
 //! allocation in any ready-made map. Keeping header, key and value in one allocation behind
 //! an 8-byte thin pointer lets the slot table spend 16 bytes per item in total (pointer plus
-//! two list links). All unsafe code of the store lives in this module.
+//! two list links). Together with `arena`, this module holds all unsafe code of the store.
+//!
+//! An `Item` does not free itself: its memory belongs to the arena it came from, so it is
+//! given back explicitly with `free` (or wholesale when the shard is cleared).
 
-use std::alloc::{Layout, alloc, dealloc};
 use std::fmt;
 use std::ptr::NonNull;
+
+use super::arena::Arena;
 
 /// Header layout (little-endian, unaligned reads): cas u48 | expiry u32 | flags u32 |
 /// value length u32 | key length u8 | policy bits u8. Twenty bytes: with the 132-byte payload
@@ -24,10 +29,6 @@ const BITS: usize = 19;
 pub const HEADER_LEN: usize = 20;
 /// CAS values are 48-bit: 2^44 changes per shard (at 16 shards) before they wrap.
 pub const CAS_MASK: u64 = (1 << 48) - 1;
-/// Alignment requested from the allocator; the header is read with unaligned loads, so the
-/// smallest alignment is enough and lets the allocator pick its tightest size class.
-const ALIGN: usize = 8;
-
 /// Owning thin pointer to an item allocation.
 pub struct Item {
     ptr: NonNull<u8>,
@@ -39,19 +40,15 @@ unsafe impl Send for Item {}
 unsafe impl Sync for Item {}
 
 impl Item {
-    /// Allocates an item. `key` must be at most 255 bytes (the protocol limits keys to 250).
-    pub fn new(key: &[u8], value: &[u8], flags: u32, expiry: u32, cas: u64) -> Item {
+    /// Allocates an item in `arena`. `key` must be at most 255 bytes (the protocol limits keys
+    /// to 250).
+    pub fn new(arena: &mut Arena, key: &[u8], value: &[u8], flags: u32, expiry: u32, cas: u64) -> Item {
         debug_assert!(key.len() <= usize::from(u8::MAX));
         let key_len = key.len().min(usize::from(u8::MAX));
         let value_len = u32::try_from(value.len()).unwrap_or(u32::MAX) as usize;
         let total = HEADER_LEN + key_len + value_len;
-        let layout = Self::layout(total);
-        // SAFETY: layout has non-zero size (HEADER_LEN > 0).
-        let raw = unsafe { alloc(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
-        // SAFETY: `raw` points to `total` writable bytes; the copies stay inside that range and
+        let ptr = arena.alloc(total);
+        // SAFETY: `ptr` points to `total` writable bytes; the copies stay inside that range and
         // source and destination cannot overlap (fresh allocation).
         unsafe {
             let base = ptr.as_ptr();
@@ -71,10 +68,16 @@ impl Item {
         Item { ptr }
     }
 
-    fn layout(total: usize) -> Layout {
-        // The size is bounded by the maximum item size checked by the protocol layer, far
-        // below isize::MAX, so this cannot fail; fall back to a minimal layout to stay total.
-        Layout::from_size_align(total, ALIGN).unwrap_or(Layout::new::<u64>())
+    /// Gives the item's memory back to the arena it was allocated from.
+    pub fn free(self, arena: &mut Arena) {
+        let len = self.alloc_len();
+        // SAFETY: allocated by `new` from this arena with this length; `self` is consumed.
+        unsafe { arena.free(self.ptr, len) }
+    }
+
+    /// Whether the allocation lives in the arena's pages (freed wholesale by `reset`).
+    pub fn is_small(&self) -> bool {
+        self.alloc_len() <= super::arena::SMALL_MAX
     }
 
     fn header<const N: usize>(&self, at: usize) -> [u8; N] {
@@ -150,14 +153,6 @@ fn cas48(cas: u64) -> [u8; 6] {
     [b[0], b[1], b[2], b[3], b[4], b[5]]
 }
 
-impl Drop for Item {
-    fn drop(&mut self) {
-        let layout = Self::layout(self.alloc_len());
-        // SAFETY: allocated in `new` with this exact layout (same lengths read back).
-        unsafe { dealloc(self.ptr.as_ptr(), layout) }
-    }
-}
-
 impl fmt::Debug for Item {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Item")
@@ -176,7 +171,8 @@ mod tests {
 
     #[test]
     fn fields_round_trip() {
-        let mut item = Item::new(b"key", b"value\r\n\0bytes", 0xdead_beef, 1234, CAS_MASK - 1);
+        let mut arena = Arena::default();
+        let mut item = Item::new(&mut arena, b"key", b"value\r\n\0bytes", 0xdead_beef, 1234, CAS_MASK - 1);
         assert_eq!(item.key(), b"key");
         assert_eq!(item.value(), b"value\r\n\0bytes");
         assert_eq!(item.flags(), 0xdead_beef);
@@ -188,15 +184,22 @@ mod tests {
         assert_eq!((item.bits(), item.cas(), item.expiry()), (0b101, 7, 0));
         assert_eq!(item.alloc_len(), HEADER_LEN + 3 + 13);
         assert!(!item.is_expired(u32::MAX));
+        item.free(&mut arena);
     }
 
     #[test]
     fn empty_value_and_max_key() {
         let key = [b'k'; 250];
-        let item = Item::new(&key, b"", 0, 10, 1);
+        let mut arena = Arena::default();
+        let item = Item::new(&mut arena, &key, b"", 0, 10, 1);
         assert_eq!(item.key(), &key[..]);
         assert!(item.value().is_empty());
         assert!(item.is_expired(10));
         assert!(!item.is_expired(9));
+        let big = Item::new(&mut arena, b"big", &[7; 5000], 0, 0, 1);
+        assert!(!big.is_small() && item.is_small());
+        assert_eq!(big.value(), &[7; 5000][..]);
+        big.free(&mut arena);
+        item.free(&mut arena);
     }
 }

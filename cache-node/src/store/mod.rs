@@ -10,6 +10,7 @@
 //! Every operation takes `now` (Unix seconds) from the caller, so the store has no clock and
 //! its behaviour is a plain function of its inputs.
 
+mod arena;
 mod item;
 mod lists;
 mod shard;
@@ -294,32 +295,12 @@ impl Store {
         expiry: u32,
         now: u32,
     ) -> StoreOutcome {
-        match self.try_store(mode, key, value, flags, expiry, now) {
-            Attempt::Done(outcome) => outcome,
-            Attempt::NeedSpace(hash, item) => {
-                self.insert_after_evicting(hash, item, now);
-                StoreOutcome::Stored
-            }
-        }
-    }
-
-    /// The slow path of an insert whose own shard ran out of items to evict: free space in
-    /// other shards without holding our lock, then insert. If another client stored the key
-    /// meanwhile, ours is ordered before theirs and simply dropped: both writes were
-    /// acknowledged and theirs is the newest.
-    fn insert_after_evicting(&self, hash: u64, item: Item, now: u32) {
-        let cost = item_cost(item.key().len(), item.value().len());
         loop {
-            self.evict_elsewhere(cost, now);
-            let i = self.shard_index(hash);
-            let mut shard = self.lock(i);
-            self.check_flush(&mut shard, now);
-            if let Lookup::Live(_) = Self::lookup(&mut shard, item.key(), hash, now, &self.used) {
-                return;
-            }
-            if self.make_room(&mut shard, cost) {
-                shard.insert(hash, item);
-                return;
+            match self.try_store(mode, key, value, flags, expiry, now) {
+                Attempt::Done(outcome) => return outcome,
+                // Our shard had nothing left to evict: free space in the others without
+                // holding our lock, then decide again from scratch (nothing was changed).
+                Attempt::NeedSpace(bytes) => self.evict_elsewhere(bytes, now),
             }
         }
     }
@@ -379,8 +360,12 @@ impl Store {
             shard.stats.cmd_set += 1;
             return Attempt::Done(StoreOutcome::TooLarge);
         }
-        // From here the command succeeds: drop the old item, make room, insert.
-        if let Some(id) = existing {
+        // Room first, as memcached allocates before it unlinks: the old item may itself be
+        // evicted to make room, which is harmless since it is replaced anyway.
+        if !self.make_room(&mut shard, cost) {
+            return Attempt::NeedSpace(cost);
+        }
+        if let Some(id) = shard.find(key, hash) {
             let freed = shard.remove(id, hash);
             self.used.fetch_sub(freed, Ordering::Relaxed);
         }
@@ -388,12 +373,7 @@ impl Store {
         if let StoreMode::Cas(_) = mode {
             shard.stats.cas_hits += 1;
         }
-        let cas = shard.next_cas();
-        let item = Item::new(key, value, flags, expiry, cas);
-        if !self.make_room(&mut shard, cost) {
-            return Attempt::NeedSpace(hash, item);
-        }
-        shard.insert(hash, item);
+        shard.insert(hash, key, value, flags, expiry);
         Attempt::Done(StoreOutcome::Stored)
     }
 
@@ -470,6 +450,15 @@ impl Store {
 
     /// `incr`/`decr`: 64-bit unsigned; incr wraps, decr stops at zero (memcached's rules).
     pub fn arith(&self, key: &[u8], incr: bool, delta: u64, now: u32) -> ArithOutcome {
+        loop {
+            match self.try_arith(key, incr, delta, now) {
+                Ok(outcome) => return outcome,
+                Err(bytes) => self.evict_elsewhere(bytes, now),
+            }
+        }
+    }
+
+    fn try_arith(&self, key: &[u8], incr: bool, delta: u64, now: u32) -> Result<ArithOutcome, usize> {
         let (hash, _, mut shard) = self.locked(key, now);
         let id = match Self::lookup(&mut shard, key, hash, now, &self.used) {
             Lookup::Live(id) => id,
@@ -479,32 +468,31 @@ impl Store {
                 } else {
                     shard.stats.decr_misses += 1;
                 }
-                return ArithOutcome::NotFound;
+                return Ok(ArithOutcome::NotFound);
             }
         };
         let Some(current) = parse_counter(shard.item(id).value()) else {
-            return ArithOutcome::NonNumeric;
+            return Ok(ArithOutcome::NonNumeric);
         };
         let new = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(new).as_bytes();
+        let (flags, expiry) = (shard.item(id).flags(), shard.item(id).expiry());
+        let cost = item_cost(key.len(), digits.len());
+        if !self.make_room(&mut shard, cost) {
+            return Err(cost);
+        }
+        if let Some(id) = shard.find(key, hash) {
+            let freed = shard.remove(id, hash);
+            self.used.fetch_sub(freed, Ordering::Relaxed);
+        }
         if incr {
             shard.stats.incr_hits += 1;
         } else {
             shard.stats.decr_hits += 1;
         }
-        let digits = new.to_string();
-        let (flags, expiry) = (shard.item(id).flags(), shard.item(id).expiry());
-        let freed = shard.remove(id, hash);
-        self.used.fetch_sub(freed, Ordering::Relaxed);
-        let cost = item_cost(key.len(), digits.len());
-        let cas = shard.next_cas();
-        let item = Item::new(key, digits.as_bytes(), flags, expiry, cas);
-        if self.make_room(&mut shard, cost) {
-            shard.insert(hash, item);
-        } else {
-            drop(shard);
-            self.insert_after_evicting(hash, item, now);
-        }
-        ArithOutcome::Value(new)
+        shard.insert(hash, key, digits, flags, expiry);
+        Ok(ArithOutcome::Value(new))
     }
 
     pub fn touch(&self, key: &[u8], expiry: u32, now: u32) -> bool {
@@ -643,7 +631,7 @@ enum Lookup {
 
 enum Attempt {
     Done(StoreOutcome),
-    NeedSpace(u64, Item),
+    NeedSpace(usize),
 }
 
 /// Parses a counter value as memcached does: decimal digits, optionally followed by spaces

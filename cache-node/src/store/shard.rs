@@ -10,6 +10,7 @@ use hashbrown::HashTable;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use super::arena::{self, Arena};
 use super::item::Item;
 use super::lists::{self, Link, NIL, Queue};
 use super::{Policy, ShardStats};
@@ -26,18 +27,19 @@ pub fn hash_key(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key)
 }
 
-/// What an item costs against the capacity: its allocation rounded up to the allocator's
-/// 8-byte granularity plus the slot overhead.
+/// What an item costs against the capacity: the chunk its allocation really takes plus the
+/// slot overhead.
 pub fn item_cost(key_len: usize, value_len: usize) -> usize {
-    (super::item::HEADER_LEN + key_len + value_len).next_multiple_of(8) + SLOT_OVERHEAD
+    arena::chunk_size(super::item::HEADER_LEN + key_len + value_len) + SLOT_OVERHEAD
 }
 
 fn cost_of(item: &Item) -> usize {
-    item.alloc_len().next_multiple_of(8) + SLOT_OVERHEAD
+    arena::chunk_size(item.alloc_len()) + SLOT_OVERHEAD
 }
 
 #[derive(Debug)]
 pub struct Shard {
+    arena: Arena,
     index: HashTable<u32>,
     items: Vec<Option<Item>>,
     links: Vec<Link>,
@@ -59,9 +61,16 @@ pub struct Shard {
     pub share: usize,
 }
 
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 impl Shard {
     pub fn new(shard_id: usize, shard_bits: u32, policy: Policy, share: usize) -> Shard {
         Shard {
+            arena: Arena::default(),
             index: HashTable::new(),
             items: Vec::new(),
             links: Vec::new(),
@@ -130,8 +139,15 @@ impl Shard {
     /// Drops every item.
     pub fn clear(&mut self) -> usize {
         let freed = self.bytes;
+        for item in std::mem::take(&mut self.items).into_iter().flatten() {
+            // Small items go with their pages below.
+            if !item.is_small() {
+                item.free(&mut self.arena);
+            }
+        }
+        // SAFETY: no item of this shard remains: every slot was just taken.
+        unsafe { self.arena.reset() };
         self.index.clear();
-        self.items = Vec::new();
         self.links = Vec::new();
         self.free_head = NIL;
         self.queue = Queue::default();
@@ -140,8 +156,11 @@ impl Shard {
         freed
     }
 
-    /// Inserts a new item (the key must not be present) and returns its slot.
-    pub fn insert(&mut self, hash: u64, item: Item) -> u32 {
+    /// Stores a new item (the key must not be present; the caller made room for it) and
+    /// returns its slot.
+    pub fn insert(&mut self, hash: u64, key: &[u8], value: &[u8], flags: u32, expiry: u32) -> u32 {
+        let cas = self.next_cas();
+        let item = Item::new(&mut self.arena, key, value, flags, expiry, cas);
         let cost = cost_of(&item);
         let id = if self.free_head != NIL {
             let id = self.free_head;
@@ -174,7 +193,9 @@ impl Shard {
         if let Ok(entry) = self.index.find_entry(hash, |&other| other == id) {
             entry.remove();
         }
-        self.items[id as usize] = None;
+        if let Some(item) = self.items[id as usize].take() {
+            item.free(&mut self.arena);
+        }
         self.links[id as usize].next = self.free_head;
         self.free_head = id;
         self.bytes -= cost;
