@@ -63,6 +63,33 @@ pub enum Command<'a> {
     /// `cache_memlimit <MiB>`: change the capacity live.
     CacheMemlimit { mib: u64, noreply: bool },
     Quit,
+    /// Meta get (`mg`): the subset of flags the pool client needs.
+    MetaGet { key: &'a [u8], flags: MetaGetFlags<'a> },
+    /// Meta no-op (`mn`): answers `MN`, marking the end of a batch of quiet meta commands.
+    MetaNoop,
+}
+
+/// Flags of a meta get.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaGetFlags<'a> {
+    /// `v`: return the value.
+    pub value: bool,
+    /// `f`: return the client flags.
+    pub client_flags: bool,
+    /// `t`: return the remaining TTL in seconds (-1: never expires).
+    pub ttl: bool,
+    /// `c`: return the CAS value.
+    pub cas: bool,
+    /// `k`: return the key.
+    pub key: bool,
+    /// `s`: return the value size.
+    pub size: bool,
+    /// `q`: say nothing on a miss.
+    pub quiet: bool,
+    /// `O<token>`: echo an opaque token.
+    pub opaque: Option<&'a [u8]>,
+    /// `T<exptime>`: update the TTL as `touch` does.
+    pub touch: Option<i64>,
 }
 
 /// Validated keys of a retrieval, kept as the raw line tail to avoid allocating.
@@ -190,6 +217,8 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
             _ => Frame::Error(BAD_FORMAT),
         },
         b"quit" => Frame::Command(Command::Quit),
+        b"mg" => meta_get(line),
+        b"mn" => Frame::Command(Command::MetaNoop),
         _ => Frame::Error(ERROR),
     };
     // A recognised command with `noreply` keeps quiet about its errors too, or the client
@@ -288,6 +317,37 @@ fn storage<'a>(
     };
     let data = &after[..len];
     Some((Frame::Command(Command::Store { cmd, key, flags, exptime, data, noreply }), consumed))
+}
+
+fn meta_get(line: &[u8]) -> Frame<'_> {
+    let mut toks = tokens(line).skip(1);
+    let Some(key) = toks.next() else { return Frame::Error(BAD_FORMAT) };
+    if !valid_key(key) {
+        return Frame::Error(BAD_FORMAT);
+    }
+    let mut flags = MetaGetFlags::default();
+    for tok in toks {
+        let (&flag, token) = match tok.split_first() {
+            Some(split) => split,
+            None => continue,
+        };
+        match flag {
+            b'v' => flags.value = true,
+            b'f' => flags.client_flags = true,
+            b't' => flags.ttl = true,
+            b'c' => flags.cas = true,
+            b'k' => flags.key = true,
+            b's' => flags.size = true,
+            b'q' => flags.quiet = true,
+            b'O' if token.len() <= 32 => flags.opaque = Some(token),
+            b'T' => match parse_i32(token) {
+                Some(t) => flags.touch = Some(t),
+                None => return Frame::Error(BAD_FORMAT),
+            },
+            _ => return Frame::Error("CLIENT_ERROR invalid flag"),
+        }
+    }
+    Frame::Command(Command::MetaGet { key, flags })
 }
 
 fn delete<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {

@@ -372,9 +372,65 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             Cmd::Other
         }
         Command::Quit => return Next::Close,
+        Command::MetaGet { key, flags } => {
+            meta_get(store, key, &flags, now, out);
+            if flags.touch.is_some() { Cmd::Gat } else { Cmd::Get }
+        }
+        Command::MetaNoop => {
+            line(out, "MN");
+            Cmd::Other
+        }
     };
     shared.stats.record(kind, start.elapsed());
     Next::Continue
+}
+
+/// `mg`: `VA <size> <flags>` and the value when `v` is asked, `HD <flags>` otherwise, `EN`
+/// on a miss (nothing with `q`).
+fn meta_get(store: &Store, key: &[u8], f: &protocol::MetaGetFlags<'_>, now: u32, out: &mut Vec<u8>) {
+    let touch = f.touch.map(|t| protocol::absolute_expiry(t, now));
+    let hit = store.get(key, touch, now, |meta, value| {
+        let mut num = itoa::Buffer::new();
+        if f.value {
+            out.extend_from_slice(b"VA ");
+            out.extend_from_slice(num.format(value.len()).as_bytes());
+        } else {
+            out.extend_from_slice(b"HD");
+        }
+        if f.client_flags {
+            out.extend_from_slice(b" f");
+            out.extend_from_slice(num.format(meta.flags).as_bytes());
+        }
+        if f.ttl {
+            out.extend_from_slice(b" t");
+            let ttl = if meta.expiry == 0 { -1 } else { i64::from(meta.expiry.saturating_sub(now)) };
+            out.extend_from_slice(num.format(ttl).as_bytes());
+        }
+        if f.cas {
+            out.extend_from_slice(b" c");
+            out.extend_from_slice(num.format(meta.cas).as_bytes());
+        }
+        if f.size {
+            out.extend_from_slice(b" s");
+            out.extend_from_slice(num.format(value.len()).as_bytes());
+        }
+        if f.key {
+            out.extend_from_slice(b" k");
+            out.extend_from_slice(key);
+        }
+        if let Some(opaque) = f.opaque {
+            out.extend_from_slice(b" O");
+            out.extend_from_slice(opaque);
+        }
+        out.extend_from_slice(b"\r\n");
+        if f.value {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    });
+    if !hit && !f.quiet {
+        out.extend_from_slice(b"EN\r\n");
+    }
 }
 
 fn write_stats(out: &mut Vec<u8>, stats: &[(&'static str, String)]) {

@@ -146,3 +146,21 @@ fn exptime_rules() {
     assert_eq!(absolute_expiry(1_800_000_000, now), 1_800_000_000);
     assert_eq!(absolute_expiry(2_600_000, now), 2_600_000, "absolute time in the past");
 }
+
+#[test]
+fn meta_get_and_noop() {
+    match cmd(b"mg key v f t c k s q Oab12 T30\r\n") {
+        Command::MetaGet { key, flags } => {
+            assert_eq!(key, b"key");
+            assert!(flags.value && flags.client_flags && flags.ttl && flags.cas && flags.key && flags.size && flags.quiet);
+            assert_eq!(flags.opaque, Some(&b"ab12"[..]));
+            assert_eq!(flags.touch, Some(30));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cmd(b"mg key\r\n"), Command::MetaGet { key: b"key", flags: MetaGetFlags::default() });
+    assert_eq!(cmd(b"mn\r\n"), Command::MetaNoop);
+    assert_eq!(err(b"mg\r\n"), BAD_FORMAT);
+    assert_eq!(err(b"mg key z\r\n"), "CLIENT_ERROR invalid flag");
+    assert_eq!(err(b"mg key Tsoon\r\n"), BAD_FORMAT);
+}
