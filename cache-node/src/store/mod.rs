@@ -300,7 +300,7 @@ impl Store {
                 Attempt::Done(outcome) => return outcome,
                 // Our shard had nothing left to evict: free space in the others without
                 // holding our lock, then decide again from scratch (nothing was changed).
-                Attempt::NeedSpace(bytes) => self.evict_elsewhere(bytes, now),
+                Attempt::NeedSpace(bytes) => self.evict_elsewhere(bytes, now, Some(self.shard_of(key))),
             }
         }
     }
@@ -360,21 +360,52 @@ impl Store {
             shard.stats.cmd_set += 1;
             return Attempt::Done(StoreOutcome::TooLarge);
         }
-        // Room first, as memcached allocates before it unlinks: the old item may itself be
-        // evicted to make room, which is harmless since it is replaced anyway.
-        if !self.make_room(&mut shard, cost) {
-            return Attempt::NeedSpace(cost);
-        }
-        if let Some(id) = shard.find(key, hash) {
-            let freed = shard.remove(id, hash);
-            self.used.fetch_sub(freed, Ordering::Relaxed);
+        if let Err(need) = self.put(&mut shard, hash, existing, key, value, flags, expiry) {
+            return Attempt::NeedSpace(need);
         }
         shard.stats.cmd_set += 1;
         if let StoreMode::Cas(_) = mode {
             shard.stats.cas_hits += 1;
         }
-        shard.insert(hash, key, value, flags, expiry);
         Attempt::Done(StoreOutcome::Stored)
+    }
+
+    /// Stores an item in place of `existing` (if any), making room first. The item being
+    /// replaced is kept out of eviction's reach meanwhile, so a replace never evicts its own
+    /// target and fails for it, and only the growth (new cost minus old) is reserved. Nothing
+    /// changes if room cannot be made in this shard: the caller gets the bytes still needed.
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        shard: &mut Shard,
+        hash: u64,
+        existing: Option<u32>,
+        key: &[u8],
+        value: &[u8],
+        flags: u32,
+        expiry: u32,
+    ) -> Result<(), usize> {
+        let cost = item_cost(key.len(), value.len());
+        let old_cost = existing.map_or(0, |id| item_cost(key.len(), shard.item(id).value().len()));
+        let growth = cost.saturating_sub(old_cost);
+        if let Some(id) = existing {
+            shard.detach(id);
+        }
+        if !self.make_room(shard, growth) {
+            if let Some(id) = existing {
+                shard.reattach(id);
+            }
+            return Err(growth);
+        }
+        if let Some(id) = existing {
+            // Its bytes stay reserved: `growth` covered only the difference.
+            shard.remove_detached(id, hash);
+        }
+        shard.insert(hash, key, value, flags, expiry);
+        if old_cost > cost {
+            self.used.fetch_sub(old_cost - cost, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn refuse(&self, shard: &mut Shard, outcome: StoreOutcome) -> Attempt {
@@ -406,12 +437,22 @@ impl Store {
         }
     }
 
-    /// Evicts from other shards (one lock at a time) until `bytes` fit in the budget.
-    fn evict_elsewhere(&self, bytes: usize, now: u32) {
+    fn shard_of(&self, key: &[u8]) -> usize {
+        self.shard_index(hash_key(key))
+    }
+
+    /// Evicts from the shards other than `skip` (one lock at a time) until `bytes` fit in the
+    /// budget. Skipping the caller's shard keeps the item it is about to replace.
+    fn evict_elsewhere(&self, bytes: usize, now: u32, skip: Option<usize>) {
         let n = self.shards.len();
         let mut idle_rounds = 0;
         let mut i = 0;
         while self.used.load(Ordering::Relaxed) + bytes > self.limit.load(Ordering::Relaxed) {
+            if Some(i % n) == skip {
+                i += 1;
+                idle_rounds += 1;
+                continue;
+            }
             let mut shard = self.lock(i % n);
             self.check_flush(&mut shard, now);
             match shard.evict_one() {
@@ -453,7 +494,7 @@ impl Store {
         loop {
             match self.try_arith(key, incr, delta, now) {
                 Ok(outcome) => return outcome,
-                Err(bytes) => self.evict_elsewhere(bytes, now),
+                Err(bytes) => self.evict_elsewhere(bytes, now, Some(self.shard_of(key))),
             }
         }
     }
@@ -478,20 +519,12 @@ impl Store {
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(new).as_bytes();
         let (flags, expiry) = (shard.item(id).flags(), shard.item(id).expiry());
-        let cost = item_cost(key.len(), digits.len());
-        if !self.make_room(&mut shard, cost) {
-            return Err(cost);
-        }
-        if let Some(id) = shard.find(key, hash) {
-            let freed = shard.remove(id, hash);
-            self.used.fetch_sub(freed, Ordering::Relaxed);
-        }
+        self.put(&mut shard, hash, Some(id), key, digits, flags, expiry)?;
         if incr {
             shard.stats.incr_hits += 1;
         } else {
             shard.stats.decr_hits += 1;
         }
-        shard.insert(hash, key, digits, flags, expiry);
         Ok(ArithOutcome::Value(new))
     }
 
@@ -535,7 +568,7 @@ impl Store {
         for i in 0..self.shards.len() {
             self.lock(i).share = share;
         }
-        self.evict_elsewhere(0, now);
+        self.evict_elsewhere(0, now, None);
     }
 
     /// Switches the replacement policy live, keeping every item.

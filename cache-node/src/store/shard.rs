@@ -183,13 +183,31 @@ impl Shard {
         id
     }
 
-    /// Removes the item in slot `id`; returns the bytes freed.
-    pub fn remove(&mut self, id: u32, hash: u64) -> usize {
+    /// Takes the item in slot `id` out of the policy's queue, so eviction cannot choose it,
+    /// while it stays readable. Undone by `reattach`, ended by `remove_detached`.
+    pub fn detach(&mut self, id: u32) {
         let cost = cost_of(self.item(id));
         if self.hand == id {
             self.hand = self.links[id as usize].prev;
         }
         lists::unlink(&mut self.links, &mut self.queue, id, cost);
+    }
+
+    /// Puts a detached item back at the head of the queue.
+    pub fn reattach(&mut self, id: u32) {
+        let cost = cost_of(self.item(id));
+        lists::push_head(&mut self.links, &mut self.queue, id, cost);
+    }
+
+    /// Removes the item in slot `id`; returns the bytes freed.
+    pub fn remove(&mut self, id: u32, hash: u64) -> usize {
+        self.detach(id);
+        self.remove_detached(id, hash)
+    }
+
+    /// Removes a detached item; returns the bytes freed.
+    pub fn remove_detached(&mut self, id: u32, hash: u64) -> usize {
+        let cost = cost_of(self.item(id));
         if let Ok(entry) = self.index.find_entry(hash, |&other| other == id) {
             entry.remove();
         }
