@@ -15,6 +15,7 @@ use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::handoff::{Handoff, HandoffRequest};
 use crate::metrics::{self, unix_now};
 use crate::server::{self, Shared};
 use crate::store::Policy;
@@ -31,6 +32,7 @@ pub struct AdminState {
     pub token: Option<Arc<str>>,
     /// False once shutdown began, so load balancers stop sending traffic.
     pub ready: Arc<AtomicBool>,
+    pub handoff: Arc<Handoff>,
 }
 
 /// The admin router.
@@ -40,6 +42,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/stats", get(stats))
         .route("/config", put(put_config).get(get_config))
         .route("/flush", post(flush))
+        .route("/handoff", post(start_handoff).get(handoff_status).delete(cancel_handoff))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -232,4 +235,26 @@ async fn flush(State(state): State<AdminState>) -> Response {
     state.shared.store.flush_all(0, unix_now());
     state.shared.stats.cmd_flush.fetch_add(1, Ordering::Relaxed);
     axum::Json(json!({ "flushedItems": before })).into_response()
+}
+
+async fn start_handoff(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
+    let request: HandoffRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "body must be JSON like {{\"ring\": {{\"epoch\": 2, \"members\": [{{\"slot\": 0, \"address\": \"10.0.0.1:11211\"}}]}}, \"selfAddress\": \"10.0.0.1:11211\"}}: {e}"
+            ),
+        )
+    })?;
+    let status = state.handoff.start(state.shared.store.clone(), request);
+    Ok((StatusCode::ACCEPTED, axum::Json(status)).into_response())
+}
+
+async fn handoff_status(State(state): State<AdminState>) -> Response {
+    axum::Json(state.handoff.status()).into_response()
+}
+
+async fn cancel_handoff(State(state): State<AdminState>) -> Response {
+    axum::Json(state.handoff.cancel()).into_response()
 }

@@ -123,6 +123,7 @@ impl Node {
             shared: shared.clone(),
             token: config.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
             ready: ready.clone(),
+            handoff: Arc::new(crate::handoff::Handoff::default()),
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task_shared = shared.clone();

@@ -169,6 +169,31 @@ pub struct ItemMeta {
     pub expiry: u32,
 }
 
+/// A copy of an item taken out of the store (for the hand-off).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedItem {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub flags: u32,
+    /// Absolute expiry, Unix seconds; 0 means never.
+    pub expiry: u32,
+    pub cas: u64,
+}
+
+/// Where a scan stands: shard and slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanCursor {
+    shard: usize,
+    slot: usize,
+    done: bool,
+}
+
+impl ScanCursor {
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
 /// The sharded store.
 #[derive(Debug)]
 pub struct Store {
@@ -628,6 +653,49 @@ impl Store {
             out.bytes += shard.bytes as u64;
         }
         out
+    }
+
+    /// Copies out the next batch of live items whose key `select` picks (about `max_bytes`
+    /// of values; one shard locked at a time, briefly). Call until the cursor is done.
+    pub fn scan(
+        &self,
+        cursor: &mut ScanCursor,
+        max_bytes: usize,
+        now: u32,
+        mut select: impl FnMut(&[u8]) -> bool,
+    ) -> Vec<OwnedItem> {
+        let mut out = Vec::new();
+        let mut budget = max_bytes;
+        while !cursor.done && budget > 0 {
+            let shard = self.lock(cursor.shard);
+            let before: usize = out.iter().map(|i: &OwnedItem| i.key.len() + i.value.len()).sum();
+            let next = shard.scan(cursor.slot, budget, now, &mut select, &mut out);
+            drop(shard);
+            let after: usize = out.iter().map(|i| i.key.len() + i.value.len()).sum();
+            budget = budget.saturating_sub(after - before);
+            if next == 0 {
+                cursor.shard += 1;
+                cursor.slot = 0;
+                cursor.done = cursor.shard >= self.shards.len();
+            } else {
+                cursor.slot = next;
+            }
+        }
+        out
+    }
+
+    /// Deletes `key` only if its CAS value is still `cas` (the hand-off drops what it copied,
+    /// never a newer write). Returns whether it was deleted.
+    pub fn delete_if_cas(&self, key: &[u8], cas: u64, now: u32) -> bool {
+        let (hash, _, mut shard) = self.locked(key, now);
+        match shard.find(key, hash) {
+            Some(id) if shard.item(id).cas() == cas => {
+                let freed = shard.remove(id, hash);
+                self.used.fetch_sub(freed, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Visits every item, shard by shard (each shard locked while visited).

@@ -317,6 +317,37 @@ impl Shard {
         (if end >= self.items.len() { 0 } else { end }, freed)
     }
 
+    /// Copies out live items from slot `cursor` on, those `select` picks, until `max_bytes`
+    /// of values are collected or the slots end; returns the next cursor (0 at the end).
+    pub fn scan(
+        &self,
+        cursor: usize,
+        max_bytes: usize,
+        now: u32,
+        select: &mut impl FnMut(&[u8]) -> bool,
+        out: &mut Vec<super::OwnedItem>,
+    ) -> usize {
+        let mut bytes = 0;
+        for id in cursor..self.items.len() {
+            if bytes >= max_bytes {
+                return id;
+            }
+            let Some(item) = &self.items[id] else { continue };
+            if item.is_expired(now) || !select(item.key()) {
+                continue;
+            }
+            bytes += item.key().len() + item.value().len();
+            out.push(super::OwnedItem {
+                key: item.key().to_vec(),
+                value: item.value().to_vec(),
+                flags: item.flags(),
+                expiry: item.expiry(),
+                cas: item.cas(),
+            });
+        }
+        0
+    }
+
     /// Visits every live item (for the hand-off and for tests).
     pub fn for_each(&self, mut f: impl FnMut(&Item)) {
         for item in self.items.iter().flatten() {

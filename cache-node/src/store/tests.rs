@@ -180,3 +180,41 @@ fn sieve_keeps_hot_items_that_a_one_hit_stream_pushes_out_of_lru() {
     assert!(sieve > 0.95, "sieve {sieve}");
     assert!(lru < sieve - 0.2, "lru {lru} sieve {sieve}");
 }
+
+#[test]
+fn scan_visits_every_selected_item_once_in_bounded_batches() {
+    let s = Store::new(16 << 20, Policy::Lru);
+    for i in 0..5000u32 {
+        s.store(StoreMode::Set, format!("k{i}").as_bytes(), &[b'v'; 100], i, 0, NOW);
+    }
+    s.store(StoreMode::Set, b"gone", b"x", 0, NOW, NOW);
+    let mut cursor = ScanCursor::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut batches = 0;
+    while !cursor.is_done() {
+        let batch = s.scan(&mut cursor, 10_000, NOW, |k| k.ends_with(b"7"));
+        assert!(batch.iter().map(|i| i.key.len() + i.value.len()).sum::<usize>() <= 10_000 + 200);
+        for item in batch {
+            assert!(seen.insert(item.key.clone()), "seen twice");
+            assert_eq!(item.value, vec![b'v'; 100]);
+        }
+        batches += 1;
+    }
+    assert_eq!(seen.len(), 500);
+    assert!(batches > 3);
+    assert!(!seen.contains(&b"gone"[..].to_vec()));
+}
+
+#[test]
+fn delete_if_cas_spares_newer_writes() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    set(&s, b"k", b"1");
+    let mut cas = 0;
+    s.get(b"k", None, NOW, |m, _| cas = m.cas);
+    set(&s, b"k", b"2");
+    assert!(!s.delete_if_cas(b"k", cas, NOW));
+    assert_eq!(get(&s, b"k").unwrap(), b"2");
+    s.get(b"k", None, NOW, |m, _| cas = m.cas);
+    assert!(s.delete_if_cas(b"k", cas, NOW));
+    assert!(get(&s, b"k").is_none());
+}

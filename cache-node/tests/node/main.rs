@@ -10,6 +10,7 @@
 mod admin;
 mod bad_input;
 mod conformance;
+mod handoff;
 mod limits;
 mod protocol;
 mod support;

@@ -1,0 +1,429 @@
+//! Key hand-off: given a target ring, stream every key this node no longer owns to its new
+//! owner over the memcached protocol, then drop it here.
+//!
+//! How it stays safe while clients keep reading and writing:
+//! - Items go over with `add`, never `set`: if a client already wrote the key to its new owner
+//!   (clients write to the current owner during a migration), that newer value wins and the
+//!   answer is `NOT_STORED`, which counts as done.
+//! - Flags travel unchanged and the expiry as the *remaining* TTL (or as the absolute Unix time
+//!   when more than 30 days remain, memcached's rule), so a moved item expires when it would
+//!   have.
+//! - The local copy is dropped only after its owner acknowledged it, and only if its CAS value
+//!   is unchanged since it was copied (`Store::delete_if_cas`), so a write that reached this
+//!   node meanwhile is never lost; the next pass sends it.
+//!
+//! Bounded and polite: items are copied out of the store in batches of about `batch_bytes`
+//! (one shard locked at a time, briefly), pipelined to each owner on one connection, and an
+//! optional byte rate keeps the hand-off from starving client traffic. Progress is counted for
+//! `GET /handoff`.
+//!
+//! Idempotent and restartable: the work is derived from what the store holds, so a second
+//! request (the same ring after an operator restart, or a newer ring arriving mid-way) cancels
+//! the running hand-off and starts over from the store's content; keys already moved are no
+//! longer here and cost nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cachepool_crds::ring::Ring;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::unix_now;
+use crate::store::{OwnedItem, ScanCursor, Store};
+
+/// A hand-off request, as `POST /handoff` takes it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HandoffRequest {
+    /// The ring to conform to.
+    pub ring: Ring,
+    /// This node's data address as the ring names it (`host:port`). A node that is not in
+    /// the ring (removed by a shrink) hands off everything.
+    pub self_address: String,
+    /// Bytes per second of values to send at most (0 or absent: unlimited).
+    #[serde(default)]
+    pub rate_bytes_per_sec: u64,
+    /// Bytes of values copied out of the store per batch.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+}
+
+fn default_batch_bytes() -> usize {
+    4 << 20
+}
+
+/// Passes over the store before giving up on keys whose owner cannot be reached.
+const MAX_PASSES: u32 = 3;
+/// Time allowed for one batch to one owner.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    #[default]
+    Idle,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// Progress of the current (or last) hand-off.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoffStatus {
+    pub state: State,
+    pub epoch: Option<u64>,
+    /// Keys and value bytes this node did not own when the hand-off started.
+    pub keys_total: u64,
+    pub bytes_total: u64,
+    /// Stored on their owner by us.
+    pub keys_moved: u64,
+    pub bytes_moved: u64,
+    /// The owner already had a value (a newer write): nothing sent, local copy dropped.
+    pub keys_skipped: u64,
+    /// Refused by the owner for good (e.g. larger than its capacity): dropped here.
+    pub keys_dropped: u64,
+    /// Expired before they could move: dropped here.
+    pub keys_expired: u64,
+    /// Changed here after being copied: kept for the next pass.
+    pub keys_retried: u64,
+    /// Foreign keys still here (estimate while running, exact when finished).
+    pub keys_remaining: u64,
+    pub passes: u32,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// Owners that could not be reached in the last pass.
+    pub unreachable: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// The node's hand-off controller: at most one hand-off runs at a time.
+#[derive(Debug, Default)]
+pub struct Handoff {
+    status: Arc<Mutex<HandoffStatus>>,
+    running: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Handoff {
+    /// Starts a hand-off to `request.ring`, cancelling one in progress.
+    pub fn start(&self, store: Arc<Store>, request: HandoffRequest) -> HandoffStatus {
+        let mut running = lock(&self.running);
+        if let Some((token, _)) = running.take() {
+            token.cancel();
+        }
+        let token = CancellationToken::new();
+        {
+            let mut st = lock(&self.status);
+            *st = HandoffStatus {
+                state: State::Running,
+                epoch: Some(request.ring.epoch()),
+                started_at: Some(unix_secs()),
+                ..Default::default()
+            };
+        }
+        let status = self.status.clone();
+        let task_token = token.clone();
+        let task = tokio::spawn(async move {
+            let epoch = request.ring.epoch();
+            let outcome = tokio::select! {
+                r = run(store, request, status.clone()) => Some(r),
+                () = task_token.cancelled() => None,
+            };
+            let mut st = lock(&status);
+            // A newer hand-off may own the status already.
+            if st.epoch != Some(epoch) || st.state != State::Running {
+                return;
+            }
+            st.finished_at = Some(unix_secs());
+            match outcome {
+                None => st.state = State::Cancelled,
+                Some(Ok(())) => st.state = State::Done,
+                Some(Err(e)) => {
+                    st.state = State::Failed;
+                    st.last_error = Some(e);
+                }
+            }
+            info!(epoch, state = ?st.state, moved = st.keys_moved, remaining = st.keys_remaining, "hand-off finished");
+        });
+        *running = Some((token, task));
+        lock(&self.status).clone()
+    }
+
+    pub fn status(&self) -> HandoffStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Cancels a running hand-off (keys already moved stay moved).
+    pub fn cancel(&self) -> HandoffStatus {
+        if let Some((token, _)) = lock(&self.running).take() {
+            token.cancel();
+            let mut st = lock(&self.status);
+            if st.state == State::Running {
+                st.state = State::Cancelled;
+                st.finished_at = Some(unix_secs());
+            }
+        }
+        self.status()
+    }
+}
+
+/// Who owns `key` under `ring`, if not this node.
+fn foreign_owner<'r>(ring: &'r Ring, self_address: &str, key: &[u8]) -> Option<&'r str> {
+    ring.owner(key).map(|m| m.address.as_str()).filter(|a| *a != self_address)
+}
+
+async fn run(store: Arc<Store>, req: HandoffRequest, status: Arc<Mutex<HandoffStatus>>) -> Result<(), String> {
+    let ring = &req.ring;
+    let me = req.self_address.as_str();
+    if ring.is_empty() {
+        return Err("the target ring is empty: there is nobody to hand keys to".into());
+    }
+    let (keys, bytes) = count_foreign(&store, ring, me);
+    {
+        let mut st = lock(&status);
+        st.keys_total = keys;
+        st.bytes_total = bytes;
+        st.keys_remaining = keys;
+    }
+    info!(epoch = ring.epoch(), keys, bytes, "hand-off starting");
+    let mut conns: HashMap<String, Conn> = HashMap::new();
+    let started = Instant::now();
+    let mut sent_bytes: u64 = 0;
+    for pass in 1..=MAX_PASSES {
+        lock(&status).passes = pass;
+        let mut unreachable: Vec<String> = Vec::new();
+        let mut cursor = ScanCursor::default();
+        let mut found = 0usize;
+        while !cursor.is_done() {
+            let now = unix_now();
+            let batch = store.scan(&mut cursor, req.batch_bytes.max(1), now, |k| foreign_owner(ring, me, k).is_some());
+            found += batch.len();
+            let mut by_owner: HashMap<&str, Vec<OwnedItem>> = HashMap::new();
+            for item in batch {
+                if let Some(owner) = foreign_owner(ring, me, &item.key) {
+                    by_owner.entry(owner).or_default().push(item);
+                }
+            }
+            for (owner, items) in by_owner {
+                if unreachable.iter().any(|u| u == owner) {
+                    continue;
+                }
+                let batch_bytes: u64 = items.iter().map(|i| i.value.len() as u64).sum();
+                match send_batch(&mut conns, owner, &items, now).await {
+                    Ok(replies) => apply_replies(&store, &status, &items, &replies, now),
+                    Err(e) => {
+                        warn!(owner, error = %e, "hand-off: owner unreachable");
+                        conns.remove(owner);
+                        unreachable.push(owner.to_string());
+                        lock(&status).last_error = Some(format!("{owner}: {e}"));
+                    }
+                }
+                sent_bytes += batch_bytes;
+                if req.rate_bytes_per_sec > 0 {
+                    let due = Duration::from_secs_f64(sent_bytes as f64 / req.rate_bytes_per_sec as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        let (left, _) = count_foreign(&store, ring, me);
+        {
+            let mut st = lock(&status);
+            st.keys_remaining = left;
+            st.unreachable = unreachable.clone();
+        }
+        if left == 0 {
+            return Ok(());
+        }
+        if found == 0 && unreachable.is_empty() {
+            // Foreign keys appeared after the scan passed them (writes from clients on an old
+            // ring); the next pass picks them up.
+            continue;
+        }
+    }
+    let st = lock(&status);
+    Err(format!(
+        "{} keys could not be handed off after {MAX_PASSES} passes; unreachable owners: {}",
+        st.keys_remaining,
+        if st.unreachable.is_empty() { "none".to_string() } else { st.unreachable.join(", ") }
+    ))
+}
+
+fn count_foreign(store: &Store, ring: &Ring, me: &str) -> (u64, u64) {
+    let (mut keys, mut bytes) = (0u64, 0u64);
+    let now = unix_now();
+    store.for_each(|item| {
+        if !item.is_expired(now) && foreign_owner(ring, me, item.key()).is_some() {
+            keys += 1;
+            bytes += item.value().len() as u64;
+        }
+    });
+    (keys, bytes)
+}
+
+/// The owner's answer to one `add`.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Stored,
+    NotStored,
+    Refused(String),
+    /// Not sent: expired before it could move.
+    Expired,
+}
+
+fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedItem], replies: &[Reply], now: u32) {
+    let mut st = lock(status);
+    for (item, reply) in items.iter().zip(replies) {
+        let dropped = store.delete_if_cas(&item.key, item.cas, now);
+        if !dropped {
+            st.keys_retried += 1;
+            continue;
+        }
+        match reply {
+            Reply::Stored => {
+                st.keys_moved += 1;
+                st.bytes_moved += item.value.len() as u64;
+            }
+            Reply::NotStored => st.keys_skipped += 1,
+            Reply::Refused(e) => {
+                st.keys_dropped += 1;
+                st.last_error = Some(e.clone());
+            }
+            Reply::Expired => st.keys_expired += 1,
+        }
+        st.keys_remaining = st.keys_remaining.saturating_sub(1);
+    }
+}
+
+/// One connection to an owner's data port.
+struct Conn {
+    stream: BufReader<TcpStream>,
+}
+
+async fn connect(owner: &str) -> std::io::Result<Conn> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(owner))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(Conn { stream: BufReader::with_capacity(64 * 1024, stream) })
+}
+
+/// The exptime to send for an item expiring at `expiry` (absolute, 0 = never): the remaining
+/// seconds, or the absolute time when more than 30 days remain (memcached reads larger values
+/// as Unix times). `None` if already expired.
+fn exptime_for(expiry: u32, now: u32) -> Option<u32> {
+    const MONTH: u32 = 60 * 60 * 24 * 30;
+    match expiry {
+        0 => Some(0),
+        e if e <= now => None,
+        e if e - now > MONTH => Some(e),
+        e => Some(e - now),
+    }
+}
+
+/// Sends `add` for every item in one pipelined write and reads the answers in order.
+async fn send_batch(conns: &mut HashMap<String, Conn>, owner: &str, items: &[OwnedItem], now: u32) -> Result<Vec<Reply>, String> {
+    if !conns.contains_key(owner) {
+        let conn = connect(owner).await.map_err(|e| e.to_string())?;
+        conns.insert(owner.to_string(), conn);
+    }
+    let Some(conn) = conns.get_mut(owner) else {
+        return Err("connection vanished".into());
+    };
+    let mut out = Vec::with_capacity(items.iter().map(|i| i.key.len() + i.value.len() + 48).sum());
+    let mut replies: Vec<Option<Reply>> = Vec::with_capacity(items.len());
+    let mut num = itoa::Buffer::new();
+    for item in items {
+        let Some(exptime) = exptime_for(item.expiry, now) else {
+            replies.push(Some(Reply::Expired));
+            continue;
+        };
+        replies.push(None);
+        out.extend_from_slice(b"add ");
+        out.extend_from_slice(&item.key);
+        out.push(b' ');
+        out.extend_from_slice(num.format(item.flags).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(num.format(exptime).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(num.format(item.value.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&item.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    let exchange = async {
+        conn.stream.get_mut().write_all(&out).await?;
+        let mut line = String::new();
+        for slot in replies.iter_mut().filter(|r| r.is_none()) {
+            line.clear();
+            if conn.stream.read_line(&mut line).await? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "owner closed the connection"));
+            }
+            *slot = Some(match line.trim_end() {
+                "STORED" => Reply::Stored,
+                "NOT_STORED" => Reply::NotStored,
+                other if other.starts_with("SERVER_ERROR") || other.starts_with("CLIENT_ERROR") => {
+                    Reply::Refused(other.to_string())
+                }
+                other => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("unexpected answer to add: {other:?}"),
+                    ));
+                }
+            });
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(BATCH_TIMEOUT, exchange).await {
+        Ok(Ok(())) => Ok(replies.into_iter().map(|r| r.unwrap_or(Reply::Expired)).collect()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {BATCH_TIMEOUT:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exptime_follows_memcached_rules() {
+        let now = 1_700_000_000;
+        assert_eq!(exptime_for(0, now), Some(0));
+        assert_eq!(exptime_for(now, now), None);
+        assert_eq!(exptime_for(now + 10, now), Some(10));
+        assert_eq!(exptime_for(now + 2_592_000, now), Some(2_592_000));
+        assert_eq!(exptime_for(now + 2_592_001, now), Some(now + 2_592_001));
+    }
+
+    #[test]
+    fn foreign_owner_excludes_self_and_covers_removed_nodes() {
+        let ring = Ring::from_addresses(1, ["a:1", "b:1"]).unwrap();
+        let mut mine = 0;
+        for i in 0..1000 {
+            let key = format!("k{i}");
+            match foreign_owner(&ring, "a:1", key.as_bytes()) {
+                None => mine += 1,
+                Some(o) => assert_eq!(o, "b:1"),
+            }
+            assert!(foreign_owner(&ring, "gone:1", key.as_bytes()).is_some());
+        }
+        assert!((400..600).contains(&mine));
+    }
+}
