@@ -193,6 +193,13 @@ impl Shard {
         lists::unlink(&mut self.links, &mut self.queue, id, cost);
     }
 
+    /// Whether slot `id` is in the queue (false for a detached item, which eviction must not
+    /// choose).
+    fn is_queued(&self, id: u32) -> bool {
+        let link = self.links[id as usize];
+        link.prev != NIL || link.next != NIL || self.queue.head == id
+    }
+
     /// Puts a detached item back at the head of the queue.
     pub fn reattach(&mut self, id: u32) {
         let cost = cost_of(self.item(id));
@@ -256,7 +263,7 @@ impl Shard {
         // fall back to the queue tail to stay bounded.
         for _ in 0..16 {
             let id = self.rng.random_range(0..self.items.len()) as u32;
-            if self.items[id as usize].is_some() {
+            if self.items[id as usize].is_some() && self.is_queued(id) {
                 return id;
             }
         }

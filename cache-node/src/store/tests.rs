@@ -218,3 +218,21 @@ fn delete_if_cas_spares_newer_writes() {
     assert!(s.delete_if_cas(b"k", cas, NOW));
     assert!(get(&s, b"k").is_none());
 }
+
+/// Regression (found by the store fuzz target): with the random policy, eviction sampled
+/// slots directly and could pick the item a replace had detached, corrupting the queue.
+#[test]
+fn replacing_under_pressure_never_evicts_the_item_being_replaced() {
+    for policy in Policy::ALL {
+        let s = Store::with_shards(20 * item_cost(3, 40), policy, 0);
+        for round in 0..200u32 {
+            for k in 0..30u32 {
+                let key = format!("k{k:02}");
+                let len = 10 + ((round + k) % 30) as usize;
+                s.store(StoreMode::Set, key.as_bytes(), &vec![b'x'; len], 0, 0, NOW);
+                s.store(StoreMode::Append, key.as_bytes(), b"y", 0, 0, NOW);
+                s.check_invariants().unwrap_or_else(|e| panic!("{policy}: {e}"));
+            }
+        }
+    }
+}
