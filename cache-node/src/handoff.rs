@@ -63,7 +63,7 @@ const MAX_PASSES: u32 = 3;
 /// Time allowed for one batch to one owner.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(15);
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     #[default]
@@ -75,7 +75,7 @@ pub enum State {
 }
 
 /// Progress of the current (or last) hand-off.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HandoffStatus {
     pub state: State,

@@ -6,6 +6,7 @@
 //! `admin` is the HTTP side, `metrics` counts, and `node` starts and stops it all.
 
 pub mod admin;
+pub mod client;
 pub mod handoff;
 pub mod metrics;
 pub mod node;

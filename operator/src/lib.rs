@@ -1,4 +1,6 @@
 //! The CachePool operator: reconcile core, autoscaler, providers and HTTP API.
 //!
-//! Empty until the operator issue lands; the crate exists so the workspace layout matches the
-//! design brief.
+//! So far it holds `rebalance`, the resize sequence the reconcile core will drive (issue "The
+//! operator"); the ring's own tests and the resize harness use it directly.
+
+pub mod rebalance;
