@@ -9,8 +9,10 @@
 //!   when more than 30 days remain, memcached's rule), so a moved item expires when it would
 //!   have.
 //! - The local copy is dropped only after its owner acknowledged it, and only if its CAS value
-//!   is unchanged since it was copied (`Store::delete_if_cas`), so a write that reached this
-//!   node meanwhile is never lost; the next pass sends it.
+//!   is unchanged since it was copied (`Store::delete_if_cas`). If it changed or vanished
+//!   meanwhile (a client on an old ring wrote or deleted it here), the copy just stored on the
+//!   owner is withdrawn, so neither an old value nor a deleted one is served; a changed key goes
+//!   over in the next pass.
 //!
 //! Bounded and polite: items are copied out of the store in batches of about `batch_bytes`
 //! (one shard locked at a time, briefly), pipelined to each owner on one connection, and an
@@ -225,7 +227,16 @@ async fn run(store: Arc<Store>, req: HandoffRequest, status: Arc<Mutex<HandoffSt
                 }
                 let batch_bytes: u64 = items.iter().map(|i| i.value.len() as u64).sum();
                 match send_batch(&mut conns, owner, &items, now).await {
-                    Ok(replies) => apply_replies(&store, &status, &items, &replies, now),
+                    Ok(replies) => {
+                        let withdraw = apply_replies(&store, &status, &items, &replies, now);
+                        if !withdraw.is_empty()
+                            && let Err(e) = delete_batch(&mut conns, owner, &withdraw).await
+                        {
+                            warn!(owner, error = %e, "hand-off: could not withdraw copies");
+                            conns.remove(owner);
+                            lock(&status).last_error = Some(format!("{owner}: {e}"));
+                        }
+                    }
                     Err(e) => {
                         warn!(owner, error = %e, "hand-off: owner unreachable");
                         conns.remove(owner);
@@ -287,12 +298,21 @@ enum Reply {
     Expired,
 }
 
-fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedItem], replies: &[Reply], now: u32) {
+/// Drops what the owner acknowledged. Returns the keys whose copy must be withdrawn from the
+/// owner: those the owner stored but that changed or vanished here meanwhile (a client wrote
+/// or deleted through an old ring). Leaving such a copy would serve an old value, or bring a
+/// deleted one back; withdrawing it costs at most a miss, and a changed key goes over again in
+/// the next pass.
+fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedItem], replies: &[Reply], now: u32) -> Vec<Vec<u8>> {
+    let mut withdraw = Vec::new();
     let mut st = lock(status);
     for (item, reply) in items.iter().zip(replies) {
         let dropped = store.delete_if_cas(&item.key, item.cas, now);
         if !dropped {
             st.keys_retried += 1;
+            if *reply == Reply::Stored {
+                withdraw.push(item.key.clone());
+            }
             continue;
         }
         match reply {
@@ -308,6 +328,38 @@ fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedIte
             Reply::Expired => st.keys_expired += 1,
         }
         st.keys_remaining = st.keys_remaining.saturating_sub(1);
+    }
+    withdraw
+}
+
+/// Deletes `keys` on `owner`, pipelined.
+async fn delete_batch(conns: &mut HashMap<String, Conn>, owner: &str, keys: &[Vec<u8>]) -> Result<(), String> {
+    let Some(conn) = conns.get_mut(owner) else {
+        return Err("no connection".into());
+    };
+    let mut out = Vec::new();
+    for key in keys {
+        out.extend_from_slice(b"delete ");
+        out.extend_from_slice(key);
+        out.extend_from_slice(b"\r\n");
+    }
+    let exchange = async {
+        conn.stream.get_mut().write_all(&out).await?;
+        let mut line = String::new();
+        for _ in keys {
+            line.clear();
+            if conn.stream.read_line(&mut line).await? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "owner closed the connection"));
+            }
+            if !matches!(line.trim_end(), "DELETED" | "NOT_FOUND") {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected answer to delete: {line:?}")));
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(BATCH_TIMEOUT, exchange).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {BATCH_TIMEOUT:?}")),
     }
 }
 
