@@ -2,17 +2,21 @@
 //! owner over the memcached protocol, then drop it here.
 //!
 //! How it stays safe while clients keep reading and writing:
-//! - Items go over with `add`, never `set`: if a client already wrote the key to its new owner
-//!   (clients write to the current owner during a migration), that newer value wins and the
-//!   answer is `NOT_STORED`, which counts as done.
+//! - Items go over as an add (meta `ms … ME Z c`), never a set: if a client already wrote the
+//!   key to its new owner (clients write to the current owner during a migration), that newer
+//!   value wins and the answer is `NS`, which counts as done; `Z` also refuses a key a client
+//!   deleted there in the last 30 s, so a delete racing the hand-off is not undone. The owner
+//!   returns the stored
+//!   copy's CAS value, so the copy can later be withdrawn without touching anything newer.
 //! - Flags travel unchanged and the expiry as the *remaining* TTL (or as the absolute Unix time
 //!   when more than 30 days remain, memcached's rule), so a moved item expires when it would
 //!   have.
 //! - The local copy is dropped only after its owner acknowledged it, and only if its CAS value
 //!   is unchanged since it was copied (`Store::delete_if_cas`). If it changed or vanished
 //!   meanwhile (a client on an old ring wrote or deleted it here), the copy just stored on the
-//!   owner is withdrawn, so neither an old value nor a deleted one is served; a changed key goes
-//!   over in the next pass.
+//!   owner is withdrawn with `md <key> C<cas>`, which removes that copy only, never a value a
+//!   client wrote there since; so neither an old value nor a deleted one is served, and no
+//!   acknowledged write is erased. A changed key goes over in the next pass.
 //!
 //! Bounded and polite: items are copied out of the store in batches of about `batch_bytes`
 //! (one shard locked at a time, briefly), pipelined to each owner on one connection, and an
@@ -288,10 +292,11 @@ fn count_foreign(store: &Store, ring: &Ring, me: &str) -> (u64, u64) {
     (keys, bytes)
 }
 
-/// The owner's answer to one `add`.
+/// The owner's answer to one add.
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
-    Stored,
+    /// Stored, with the CAS value the owner gave the copy.
+    Stored(u64),
     NotStored,
     Refused(String),
     /// Not sent: expired before it could move.
@@ -303,20 +308,20 @@ enum Reply {
 /// or deleted through an old ring). Leaving such a copy would serve an old value, or bring a
 /// deleted one back; withdrawing it costs at most a miss, and a changed key goes over again in
 /// the next pass.
-fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedItem], replies: &[Reply], now: u32) -> Vec<Vec<u8>> {
+fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedItem], replies: &[Reply], now: u32) -> Vec<(Vec<u8>, u64)> {
     let mut withdraw = Vec::new();
     let mut st = lock(status);
     for (item, reply) in items.iter().zip(replies) {
         let dropped = store.delete_if_cas(&item.key, item.cas, now);
         if !dropped {
             st.keys_retried += 1;
-            if *reply == Reply::Stored {
-                withdraw.push(item.key.clone());
+            if let Reply::Stored(cas) = reply {
+                withdraw.push((item.key.clone(), *cas));
             }
             continue;
         }
         match reply {
-            Reply::Stored => {
+            Reply::Stored(_) => {
                 st.keys_moved += 1;
                 st.bytes_moved += item.value.len() as u64;
             }
@@ -332,15 +337,36 @@ fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedIte
     withdraw
 }
 
-/// Deletes `keys` on `owner`, pipelined.
-async fn delete_batch(conns: &mut HashMap<String, Conn>, owner: &str, keys: &[Vec<u8>]) -> Result<(), String> {
+/// Reads the owner's answer to one add: `HD c<cas>`, `NS c0`, or an error line.
+fn parse_reply(line: &str) -> Result<Reply, String> {
+    if line.starts_with("SERVER_ERROR") || line.starts_with("CLIENT_ERROR") {
+        return Ok(Reply::Refused(line.to_string()));
+    }
+    let mut parts = line.split(' ');
+    match parts.next() {
+        Some("HD") => parts
+            .find_map(|t| t.strip_prefix('c'))
+            .and_then(|c| c.parse().ok())
+            .map(Reply::Stored)
+            .ok_or_else(|| format!("stored without a CAS value: {line:?}")),
+        Some("NS") => Ok(Reply::NotStored),
+        _ => Err(format!("unexpected answer to ms: {line:?}")),
+    }
+}
+
+/// Withdraws copies on `owner`, pipelined: `md <key> C<cas>` deletes each only if it is
+/// still the copy the hand-off stored.
+async fn delete_batch(conns: &mut HashMap<String, Conn>, owner: &str, keys: &[(Vec<u8>, u64)]) -> Result<(), String> {
     let Some(conn) = conns.get_mut(owner) else {
         return Err("no connection".into());
     };
     let mut out = Vec::new();
-    for key in keys {
-        out.extend_from_slice(b"delete ");
+    let mut num = itoa::Buffer::new();
+    for (key, cas) in keys {
+        out.extend_from_slice(b"md ");
         out.extend_from_slice(key);
+        out.extend_from_slice(b" C");
+        out.extend_from_slice(num.format(*cas).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let exchange = async {
@@ -351,8 +377,8 @@ async fn delete_batch(conns: &mut HashMap<String, Conn>, owner: &str, keys: &[Ve
             if conn.stream.read_line(&mut line).await? == 0 {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "owner closed the connection"));
             }
-            if !matches!(line.trim_end(), "DELETED" | "NOT_FOUND") {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected answer to delete: {line:?}")));
+            if !matches!(line.trim_end(), "HD" | "NF" | "EX") {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected answer to md: {line:?}")));
             }
         }
         Ok(())
@@ -389,7 +415,8 @@ fn exptime_for(expiry: u32, now: u32) -> Option<u32> {
     }
 }
 
-/// Sends `add` for every item in one pipelined write and reads the answers in order.
+/// Sends an add (`ms <key> <len> F<flags> T<exptime> ME c`) for every item in one pipelined
+/// write and reads the answers in order.
 async fn send_batch(conns: &mut HashMap<String, Conn>, owner: &str, items: &[OwnedItem], now: u32) -> Result<Vec<Reply>, String> {
     if !conns.contains_key(owner) {
         let conn = connect(owner).await.map_err(|e| e.to_string())?;
@@ -407,15 +434,15 @@ async fn send_batch(conns: &mut HashMap<String, Conn>, owner: &str, items: &[Own
             continue;
         };
         replies.push(None);
-        out.extend_from_slice(b"add ");
+        out.extend_from_slice(b"ms ");
         out.extend_from_slice(&item.key);
         out.push(b' ');
-        out.extend_from_slice(num.format(item.flags).as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(num.format(exptime).as_bytes());
-        out.push(b' ');
         out.extend_from_slice(num.format(item.value.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(b" F");
+        out.extend_from_slice(num.format(item.flags).as_bytes());
+        out.extend_from_slice(b" T");
+        out.extend_from_slice(num.format(exptime).as_bytes());
+        out.extend_from_slice(b" ME Z c\r\n");
         out.extend_from_slice(&item.value);
         out.extend_from_slice(b"\r\n");
     }
@@ -427,19 +454,7 @@ async fn send_batch(conns: &mut HashMap<String, Conn>, owner: &str, items: &[Own
             if conn.stream.read_line(&mut line).await? == 0 {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "owner closed the connection"));
             }
-            *slot = Some(match line.trim_end() {
-                "STORED" => Reply::Stored,
-                "NOT_STORED" => Reply::NotStored,
-                other if other.starts_with("SERVER_ERROR") || other.starts_with("CLIENT_ERROR") => {
-                    Reply::Refused(other.to_string())
-                }
-                other => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("unexpected answer to add: {other:?}"),
-                    ));
-                }
-            });
+            *slot = Some(parse_reply(line.trim_end()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?);
         }
         Ok(())
     };
@@ -462,6 +477,15 @@ mod tests {
         assert_eq!(exptime_for(now + 10, now), Some(10));
         assert_eq!(exptime_for(now + 2_592_000, now), Some(2_592_000));
         assert_eq!(exptime_for(now + 2_592_001, now), Some(now + 2_592_001));
+    }
+
+    #[test]
+    fn replies_parse_strictly() {
+        assert_eq!(parse_reply("HD c42"), Ok(Reply::Stored(42)));
+        assert_eq!(parse_reply("NS c0"), Ok(Reply::NotStored));
+        assert!(matches!(parse_reply("SERVER_ERROR out of memory storing object"), Ok(Reply::Refused(_))));
+        assert!(parse_reply("HD").is_err());
+        assert!(parse_reply("STORED").is_err());
     }
 
     #[test]

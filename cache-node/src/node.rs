@@ -119,11 +119,12 @@ impl Node {
         };
         let shared = Arc::new(Shared::new(store, settings, (config.max_item_size_kib as usize) << 10));
         let ready = Arc::new(AtomicBool::new(true));
+        let handoff = Arc::new(crate::handoff::Handoff::default());
         let state = AdminState {
             shared: shared.clone(),
             token: config.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
             ready: ready.clone(),
-            handoff: Arc::new(crate::handoff::Handoff::default()),
+            handoff: handoff.clone(),
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task_shared = shared.clone();
@@ -150,6 +151,8 @@ impl Node {
             )
             .await;
             reaper.abort();
+            // A stopped node must not keep moving keys behind the operator's back.
+            handoff.cancel();
             let _ = admin_stop_tx.send(());
             let _ = admin_task.await;
             info!("node stopped");

@@ -67,6 +67,47 @@ pub enum Command<'a> {
     MetaGet { key: &'a [u8], flags: MetaGetFlags<'a> },
     /// Meta no-op (`mn`): answers `MN`, marking the end of a batch of quiet meta commands.
     MetaNoop,
+    /// Meta set (`ms`): a storage command that can compare and return CAS values.
+    MetaSet { key: &'a [u8], data: &'a [u8], flags: MetaSetFlags<'a> },
+    /// Meta delete (`md`): a delete that can be conditional on the CAS value.
+    MetaDelete { key: &'a [u8], flags: MetaDeleteFlags<'a> },
+}
+
+/// Flags of a meta set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetaSetFlags<'a> {
+    /// `M<mode>`: S set (default), E add, R replace, A append, P prepend.
+    pub mode: StoreCmd,
+    /// `F<flags>`: client flags.
+    pub client_flags: u32,
+    /// `T<ttl>`: exptime, memcached's rules (default 0).
+    pub ttl: i64,
+    /// `C<cas>`: store only if the item's CAS value is this.
+    pub compare_cas: Option<u64>,
+    /// `c`: return the stored item's CAS value.
+    pub return_cas: bool,
+    /// `k`: return the key.
+    pub return_key: bool,
+    /// `q`: say nothing on success.
+    pub quiet: bool,
+    /// `O<token>`: echo an opaque token.
+    pub opaque: Option<&'a [u8]>,
+    /// `Z` (Cachepool's extension, with mode E): refuse the add if the key was deleted in the
+    /// last `store::TOMBSTONE_SECS` seconds. Used for copies carried forward in a migration.
+    pub unless_deleted: bool,
+}
+
+/// Flags of a meta delete.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaDeleteFlags<'a> {
+    /// `C<cas>`: delete only if the item's CAS value is this.
+    pub compare_cas: Option<u64>,
+    /// `k`: return the key.
+    pub return_key: bool,
+    /// `q`: say nothing on success.
+    pub quiet: bool,
+    /// `O<token>`: echo an opaque token.
+    pub opaque: Option<&'a [u8]>,
 }
 
 /// Flags of a meta get.
@@ -218,6 +259,8 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
         },
         b"quit" => Frame::Command(Command::Quit),
         b"mg" => meta_get(line),
+        b"ms" => return meta_set(line, &buf[line_end..], line_end, limits),
+        b"md" => meta_delete(line),
         b"mn" => Frame::Command(Command::MetaNoop),
         _ => Frame::Error(ERROR),
     };
@@ -348,6 +391,101 @@ fn meta_get(line: &[u8]) -> Frame<'_> {
         }
     }
     Frame::Command(Command::MetaGet { key, flags })
+}
+
+fn meta_set<'a>(line: &'a [u8], after: &'a [u8], line_end: usize, limits: &Limits) -> Option<(Frame<'a>, usize)> {
+    let mut toks = tokens(line).skip(1);
+    let (Some(key), Some(len)) = (toks.next(), toks.next()) else {
+        return Some((Frame::Error(BAD_FORMAT), line_end));
+    };
+    let Some(len) = parse_u64(len).filter(|&n| n <= i32::MAX as u64 - 2) else {
+        return Some((Frame::Error(BAD_FORMAT), line_end));
+    };
+    let mut flags = MetaSetFlags {
+        mode: StoreCmd::Set,
+        client_flags: 0,
+        ttl: 0,
+        compare_cas: None,
+        return_cas: false,
+        return_key: false,
+        quiet: false,
+        opaque: None,
+        unless_deleted: false,
+    };
+    let mut bad = None;
+    for tok in toks {
+        let Some((&flag, token)) = tok.split_first() else { continue };
+        match flag {
+            b'F' => match parse_u32(token) {
+                Some(f) => flags.client_flags = f,
+                None => bad = Some(BAD_FORMAT),
+            },
+            b'T' => match parse_i32(token) {
+                Some(t) => flags.ttl = t,
+                None => bad = Some(BAD_FORMAT),
+            },
+            b'C' => match parse_u64(token) {
+                Some(c) => flags.compare_cas = Some(c),
+                None => bad = Some(BAD_FORMAT),
+            },
+            b'M' => match token {
+                b"S" | b"s" => flags.mode = StoreCmd::Set,
+                b"E" | b"e" => flags.mode = StoreCmd::Add,
+                b"R" | b"r" => flags.mode = StoreCmd::Replace,
+                b"A" | b"a" => flags.mode = StoreCmd::Append,
+                b"P" | b"p" => flags.mode = StoreCmd::Prepend,
+                _ => bad = Some("CLIENT_ERROR invalid mode for ms M token"),
+            },
+            b'c' => flags.return_cas = true,
+            b'k' => flags.return_key = true,
+            b'q' => flags.quiet = true,
+            b'Z' => flags.unless_deleted = true,
+            b'O' if token.len() <= 32 => flags.opaque = Some(token),
+            _ => bad = Some("CLIENT_ERROR invalid flag"),
+        }
+    }
+    let swallow = |reply| Some((Frame::Swallow { reply: Some(reply), bytes: len + 2, unlink: None }, line_end));
+    if let Some(reply) = bad {
+        return swallow(reply);
+    }
+    if !valid_key(key) {
+        return swallow(BAD_FORMAT);
+    }
+    if len as usize > limits.max_item_size {
+        return swallow(TOO_LARGE);
+    }
+    let len = len as usize;
+    if after.len() < len + 2 {
+        return None;
+    }
+    let consumed = line_end + len + 2;
+    if &after[len..len + 2] != b"\r\n" {
+        return Some((Frame::Error(BAD_CHUNK), consumed));
+    }
+    Some((Frame::Command(Command::MetaSet { key, data: &after[..len], flags }), consumed))
+}
+
+fn meta_delete(line: &[u8]) -> Frame<'_> {
+    let mut toks = tokens(line).skip(1);
+    let Some(key) = toks.next() else { return Frame::Error(BAD_FORMAT) };
+    if !valid_key(key) {
+        return Frame::Error(BAD_FORMAT);
+    }
+    let mut flags = MetaDeleteFlags::default();
+    for tok in toks {
+        let Some((&flag, token)) = tok.split_first() else { continue };
+        match flag {
+            b'C' => match parse_u64(token) {
+                Some(c) => flags.compare_cas = Some(c),
+                None => return Frame::Error(BAD_FORMAT),
+            },
+            b'k' => flags.return_key = true,
+            b'q' => flags.quiet = true,
+            b'O' if token.len() <= 32 => flags.opaque = Some(token),
+            _ => return Frame::Error("CLIENT_ERROR invalid flag"),
+        }
+    }
+    Frame::Command(Command::MetaDelete { key, flags })
 }
 
 fn delete<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {

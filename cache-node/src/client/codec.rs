@@ -75,6 +75,22 @@ pub(crate) fn encode_store(
     );
 }
 
+/// `ms <key> <len> F<flags> T<exptime> ME Z c`: an add that the node also refuses if the key
+/// was deleted there recently (Cachepool's `Z`), returning the stored copy's CAS value; the
+/// data block follows.
+pub(crate) fn encode_meta_add(out: &mut Vec<u8>, key: &[u8], flags: u32, exptime: u32, len: usize) {
+    let (mut l, mut f, mut e) = (itoa::Buffer::new(), itoa::Buffer::new(), itoa::Buffer::new());
+    let flags = [b"F", f.format(flags).as_bytes()].concat();
+    let exptime = [b"T", e.format(exptime).as_bytes()].concat();
+    command(out, &[b"ms", key, l.format(len).as_bytes(), &flags, &exptime, b"ME", b"Z", b"c"]);
+}
+
+/// `md <key> C<cas>`: delete only that version of the item.
+pub(crate) fn encode_meta_delete_cas(out: &mut Vec<u8>, key: &[u8], cas: u64) {
+    let mut c = itoa::Buffer::new();
+    command(out, &[b"md", key, &[b"C", c.format(cas).as_bytes()].concat()]);
+}
+
 /// `delete <key>`.
 pub(crate) fn encode_delete(out: &mut Vec<u8>, key: &[u8]) {
     command(out, &[b"delete", key]);
@@ -215,6 +231,32 @@ pub(crate) fn parse_meta_cas(buf: &[u8]) -> Parsed<Option<u64>> {
     match line.strip_prefix(b"HD c").and_then(number::<u64>) {
         Some(cas) => Ok(Some((Some(cas), end))),
         None => Err(unexpected("HD c<cas> or EN", line)),
+    }
+}
+
+/// The reply to a meta add: `HD c<cas>` (stored), or `NS` with any flags (not stored).
+pub(crate) fn parse_meta_add(buf: &[u8]) -> Parsed<Option<u64>> {
+    let Some((line, end)) = first_line(buf)? else {
+        return Ok(None);
+    };
+    if line == b"NS" || line.starts_with(b"NS ") {
+        return Ok(Some((None, end)));
+    }
+    match line.strip_prefix(b"HD c").and_then(number::<u64>) {
+        Some(cas) => Ok(Some((Some(cas), end))),
+        None => Err(unexpected("HD c<cas> or NS", line)),
+    }
+}
+
+/// The reply to `md <key> C<cas>`: `HD` (deleted), `NF` or `EX` (not deleted).
+pub(crate) fn parse_meta_delete(buf: &[u8]) -> Parsed<bool> {
+    let Some((line, end)) = first_line(buf)? else {
+        return Ok(None);
+    };
+    match line {
+        b"HD" => Ok(Some((true, end))),
+        b"NF" | b"EX" => Ok(Some((false, end))),
+        _ => Err(unexpected("HD, NF or EX", line)),
     }
 }
 
@@ -470,6 +512,21 @@ mod tests {
                 Err(ReplyError::Protocol(_))
             ));
         }
+    }
+
+    #[test]
+    fn meta_add_and_conditional_delete() {
+        let mut out = Vec::new();
+        encode_meta_add(&mut out, b"k", 5, 60, 3);
+        encode_meta_delete_cas(&mut out, b"k", 42);
+        assert_eq!(out, b"ms k 3 F5 T60 ME Z c\r\nmd k C42\r\n");
+        assert_eq!(parse_meta_add(b"HD c42\r\n"), Ok(Some((Some(42), 8))));
+        assert_eq!(parse_meta_add(b"NS c0\r\n"), Ok(Some((None, 7))));
+        assert_eq!(parse_meta_add(b"HD"), Ok(None));
+        assert!(parse_meta_add(b"STORED\r\n").is_err());
+        assert_eq!(parse_meta_delete(b"HD\r\n"), Ok(Some((true, 4))));
+        assert_eq!(parse_meta_delete(b"EX\r\n"), Ok(Some((false, 4))));
+        assert!(parse_meta_delete(b"DELETED\r\n").is_err());
     }
 
     #[test]

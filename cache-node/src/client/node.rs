@@ -162,6 +162,37 @@ impl NodeClient {
         .await
     }
 
+    /// An add that returns the CAS value of the stored copy (`ms … ME c`); `None` if the node
+    /// already held the key. The CAS lets the caller withdraw exactly this copy later.
+    pub async fn add_returning_cas(
+        &self,
+        key: impl AsRef<[u8]>,
+        data: &[u8],
+        flags: u32,
+        exptime: u32,
+    ) -> Result<Option<u64>> {
+        let key = check_key(key.as_ref())?;
+        check_exptime(exptime)?;
+        if data.len() > self.inner.options.max_value_bytes {
+            return Err(ClientError::InvalidArgument(format!(
+                "a {}-byte value is larger than max_value_bytes ({})",
+                data.len(),
+                self.inner.options.max_value_bytes
+            )));
+        }
+        let encode = |out: &mut Vec<u8>| codec::encode_meta_add(out, key, flags, exptime, data.len());
+        let (cas, _) = self.call("ms", encode, Some(data), codec::parse_meta_add).await?;
+        Ok(cas)
+    }
+
+    /// Deletes `key` only if its CAS value is `cas` (`md <key> C<cas>`); true if deleted.
+    pub async fn delete_if_cas(&self, key: impl AsRef<[u8]>, cas: u64) -> Result<bool> {
+        let key = check_key(key.as_ref())?;
+        let encode = |out: &mut Vec<u8>| codec::encode_meta_delete_cas(out, key, cas);
+        let (deleted, _) = self.call("md", encode, None, codec::parse_meta_delete).await?;
+        Ok(deleted)
+    }
+
     /// `delete`: true if the key was there.
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
         let key = check_key(key.as_ref())?;

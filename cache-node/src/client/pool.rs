@@ -46,9 +46,11 @@
 //!   out) between the `add` and the check, or the corrective delete fails, the resurrected
 //!   copy stays on `N` until it expires or is evicted or overwritten. Copies forward are not
 //!   spawned as separate tasks, so this needs A cancelled mid-copy; the failure is logged.
-//! - **Extra misses**: the corrective delete may remove a newer value that a third client set
-//!   on `N` in between (a miss, never a stale read), and the node-side hand-off deleting its
-//!   source copy after moving it makes A withdraw a copy that was good (again a miss).
+//! - **Extra misses**: the corrective delete is conditional (`md <key> C<cas>` on the copy A
+//!   stored), so it never removes a newer value a third client set on `N`. But when the
+//!   node-side hand-off finds A's copy already on `N` (its add answers `NS`) and drops its
+//!   source, A's re-check finds `P` empty and withdraws a copy that was good: a miss, never a
+//!   stale read.
 //! - **Stale rings**: a client that has not yet learnt the new ring still reads and writes
 //!   `P` alone; rule 2 catches its writes that land during a copy-forward, not those after.
 //!
@@ -344,18 +346,20 @@ async fn copy_forward(
     let Some(exptime) = exptime_for_remaining(ttl, unix_now()) else {
         return Forward::Expiring;
     };
-    match owner.add(key, &value.data, value.flags, exptime).await {
-        Ok(true) => {}
-        Ok(false) => return Forward::AlreadyThere,
+    let copy_cas = match owner.add_returning_cas(key, &value.data, value.flags, exptime).await {
+        Ok(Some(cas)) => cas,
+        Ok(None) => return Forward::AlreadyThere,
         Err(err) => return Forward::Failed(err),
-    }
+    };
     let recheck = previous.cas_of(key).await;
     if let Ok(Some(cas)) = recheck
         && cas == value.cas
     {
         return Forward::Stored;
     }
-    if let Err(err) = owner.delete(key).await {
+    // Withdraw our copy only (`md … C<cas>`): a value a client set on the owner since is
+    // newer and stays.
+    if let Err(err) = owner.delete_if_cas(key, copy_cas).await {
         warn!(
             node = owner.addr(), %err,
             "could not withdraw a copied-forward item whose source changed; it stays until it \

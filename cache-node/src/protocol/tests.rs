@@ -164,3 +164,26 @@ fn meta_get_and_noop() {
     assert_eq!(err(b"mg key z\r\n"), "CLIENT_ERROR invalid flag");
     assert_eq!(err(b"mg key Tsoon\r\n"), BAD_FORMAT);
 }
+
+#[test]
+fn meta_set_and_delete() {
+    match cmd(b"ms key 3 F5 T100 ME C7 c k q Oz\r\nabc\r\n") {
+        Command::MetaSet { key, data, flags } => {
+            assert_eq!((key, data), (&b"key"[..], &b"abc"[..]));
+            assert_eq!(flags.mode, StoreCmd::Add);
+            assert_eq!((flags.client_flags, flags.ttl, flags.compare_cas), (5, 100, Some(7)));
+            assert!(flags.return_cas && flags.return_key && flags.quiet);
+            assert_eq!(flags.opaque, Some(&b"z"[..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p(b"ms key 3\r\nab"), None, "waits for the data block");
+    assert_eq!(err(b"ms key x\r\n"), BAD_FORMAT);
+    assert!(matches!(p(b"ms key 1 Mx\r\n"), Some((Frame::Swallow { bytes: 3, .. }, _))));
+    assert!(matches!(p(b"ms key 16777217\r\n"), Some((Frame::Swallow { reply: Some(TOO_LARGE), .. }, _))));
+    assert_eq!(
+        cmd(b"md key C9 q\r\n"),
+        Command::MetaDelete { key: b"key", flags: MetaDeleteFlags { compare_cas: Some(9), quiet: true, ..Default::default() } }
+    );
+    assert_eq!(err(b"md key Cx\r\n"), BAD_FORMAT);
+}

@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 pub use item::Item;
-pub use shard::{SLOT_OVERHEAD, hash_key, item_cost};
+pub use shard::{SLOT_OVERHEAD, TOMBSTONE_SECS, hash_key, item_cost};
 use shard::Shard;
 
 /// Replacement policy.
@@ -139,6 +139,10 @@ pub enum StoreMode {
     Prepend,
     /// Store only if the item's CAS value still equals this one.
     Cas(u64),
+    /// Add, and also refuse if the key was deleted within the last `TOMBSTONE_SECS`: how
+    /// copies carried forward during a migration (pool client, hand-off) are stored, so that a
+    /// delete racing the copy cannot be undone by it.
+    AddUnlessDeleted,
 }
 
 /// Result of a storage command, named as the protocol answers it.
@@ -150,6 +154,15 @@ pub enum StoreOutcome {
     NotFound,
     /// The item costs more than the whole capacity.
     TooLarge,
+}
+
+/// Result of a conditional delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFound,
+    /// The item's CAS value differs.
+    Exists,
 }
 
 /// Result of `incr`/`decr`.
@@ -320,9 +333,22 @@ impl Store {
         expiry: u32,
         now: u32,
     ) -> StoreOutcome {
+        self.store_cas(mode, key, value, flags, expiry, now).0
+    }
+
+    /// As `store`, also returning the stored item's CAS value (0 when nothing was stored).
+    pub fn store_cas(
+        &self,
+        mode: StoreMode,
+        key: &[u8],
+        value: &[u8],
+        flags: u32,
+        expiry: u32,
+        now: u32,
+    ) -> (StoreOutcome, u64) {
         loop {
             match self.try_store(mode, key, value, flags, expiry, now) {
-                Attempt::Done(outcome) => return outcome,
+                Attempt::Done(outcome, cas) => return (outcome, cas),
                 // Our shard had nothing left to evict: free space in the others without
                 // holding our lock, then decide again from scratch (nothing was changed).
                 Attempt::NeedSpace(bytes) => self.evict_elsewhere(bytes, now, Some(self.shard_of(key))),
@@ -346,8 +372,11 @@ impl Store {
         };
         // Decide, and build the new value for append/prepend.
         let mut combined = None;
+        if mode == StoreMode::AddUnlessDeleted && existing.is_none() && shard.recently_deleted(hash, now) {
+            return self.refuse(&mut shard, StoreOutcome::NotStored);
+        }
         let (flags, expiry) = match (mode, existing) {
-            (StoreMode::Add, Some(id)) => {
+            (StoreMode::Add | StoreMode::AddUnlessDeleted, Some(id)) => {
                 // memcached bumps a refused add's item as if it had been read.
                 shard.on_hit(id);
                 return self.refuse(&mut shard, StoreOutcome::NotStored);
@@ -383,16 +412,17 @@ impl Store {
         let cost = item_cost(key.len(), value.len());
         if cost > self.limit.load(Ordering::Relaxed) {
             shard.stats.cmd_set += 1;
-            return Attempt::Done(StoreOutcome::TooLarge);
+            return Attempt::Done(StoreOutcome::TooLarge, 0);
         }
-        if let Err(need) = self.put(&mut shard, hash, existing, key, value, flags, expiry) {
-            return Attempt::NeedSpace(need);
-        }
+        let cas = match self.put(&mut shard, hash, existing, key, value, flags, expiry) {
+            Ok(cas) => cas,
+            Err(need) => return Attempt::NeedSpace(need),
+        };
         shard.stats.cmd_set += 1;
         if let StoreMode::Cas(_) = mode {
             shard.stats.cas_hits += 1;
         }
-        Attempt::Done(StoreOutcome::Stored)
+        Attempt::Done(StoreOutcome::Stored, cas)
     }
 
     /// Stores an item in place of `existing` (if any), making room first. The item being
@@ -409,7 +439,7 @@ impl Store {
         value: &[u8],
         flags: u32,
         expiry: u32,
-    ) -> Result<(), usize> {
+    ) -> Result<u64, usize> {
         let cost = item_cost(key.len(), value.len());
         let old_cost = existing.map_or(0, |id| item_cost(key.len(), shard.item(id).value().len()));
         let growth = cost.saturating_sub(old_cost);
@@ -426,16 +456,16 @@ impl Store {
             // Its bytes stay reserved: `growth` covered only the difference.
             shard.remove_detached(id, hash);
         }
-        shard.insert(hash, key, value, flags, expiry);
+        let id = shard.insert(hash, key, value, flags, expiry);
         if old_cost > cost {
             self.used.fetch_sub(old_cost - cost, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(shard.item(id).cas())
     }
 
     fn refuse(&self, shard: &mut Shard, outcome: StoreOutcome) -> Attempt {
         shard.stats.cmd_set += 1;
-        Attempt::Done(outcome)
+        Attempt::Done(outcome, 0)
     }
 
     /// Reserves `cost` bytes of the global budget, evicting from `shard`. Returns false if the
@@ -500,6 +530,8 @@ impl Store {
 
     pub fn delete(&self, key: &[u8], now: u32) -> bool {
         let (hash, _, mut shard) = self.locked(key, now);
+        // Found or not: a delete of a key not yet copied here must still stop the copy.
+        shard.record_delete(hash, now);
         match Self::lookup(&mut shard, key, hash, now, &self.used) {
             Lookup::Live(id) => {
                 let freed = shard.remove(id, hash);
@@ -684,6 +716,27 @@ impl Store {
         out
     }
 
+    /// `md`: deletes `key`, if `cas` is given only when the item's CAS value equals it.
+    pub fn delete_cas(&self, key: &[u8], cas: Option<u64>, now: u32) -> DeleteOutcome {
+        let (hash, _, mut shard) = self.locked(key, now);
+        if cas.is_none() {
+            shard.record_delete(hash, now);
+        }
+        match Self::lookup(&mut shard, key, hash, now, &self.used) {
+            Lookup::Live(id) if cas.is_none_or(|c| shard.item(id).cas() == c) => {
+                let freed = shard.remove(id, hash);
+                self.used.fetch_sub(freed, Ordering::Relaxed);
+                shard.stats.delete_hits += 1;
+                DeleteOutcome::Deleted
+            }
+            Lookup::Live(_) => DeleteOutcome::Exists,
+            _ => {
+                shard.stats.delete_misses += 1;
+                DeleteOutcome::NotFound
+            }
+        }
+    }
+
     /// Deletes `key` only if its CAS value is still `cas` (the hand-off drops what it copied,
     /// never a newer write). Returns whether it was deleted.
     pub fn delete_if_cas(&self, key: &[u8], cas: u64, now: u32) -> bool {
@@ -731,7 +784,7 @@ enum Lookup {
 }
 
 enum Attempt {
-    Done(StoreOutcome),
+    Done(StoreOutcome, u64),
     NeedSpace(usize),
 }
 

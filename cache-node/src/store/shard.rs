@@ -37,6 +37,39 @@ fn cost_of(item: &Item) -> usize {
     arena::chunk_size(item.alloc_len()) + SLOT_OVERHEAD
 }
 
+/// How long a delete blocks copies carried forward: longer than a copy-forward or hand-off
+/// batch can take (their request timeouts are 1 s and 15 s).
+pub const TOMBSTONE_SECS: u32 = 30;
+/// Most tombstones kept per shard; the oldest go first.
+const MAX_TOMBSTONES: usize = 1 << 15;
+
+/// A bounded, time-ordered set of recently deleted key hashes.
+#[derive(Debug, Default)]
+struct Tombstones {
+    order: std::collections::VecDeque<(u64, u32)>,
+    latest: std::collections::HashMap<u64, u32>,
+}
+
+impl Tombstones {
+    fn record(&mut self, hash: u64, now: u32) {
+        while let Some(&(old, at)) = self.order.front() {
+            if self.order.len() < MAX_TOMBSTONES && at + TOMBSTONE_SECS > now {
+                break;
+            }
+            self.order.pop_front();
+            if self.latest.get(&old) == Some(&at) {
+                self.latest.remove(&old);
+            }
+        }
+        self.order.push_back((hash, now));
+        self.latest.insert(hash, now);
+    }
+
+    fn recently_deleted(&self, hash: u64, now: u32) -> bool {
+        self.latest.get(&hash).is_some_and(|&at| at + TOMBSTONE_SECS > now)
+    }
+}
+
 #[derive(Debug)]
 pub struct Shard {
     arena: Arena,
@@ -54,6 +87,9 @@ pub struct Shard {
     shard_id: u64,
     /// Unix second from which everything stored so far is invalid (`flush_all` with delay).
     pub flush_deadline: u32,
+    /// Recent deletes (key hash, Unix second), so a copy carried forward during a migration
+    /// cannot bring back a value deleted meanwhile (`StoreMode::AddUnlessDeleted`).
+    tombstones: Tombstones,
     pub stats: ShardStats,
     /// Sum of item costs.
     pub bytes: usize,
@@ -83,6 +119,7 @@ impl Shard {
             shard_bits,
             shard_id: shard_id as u64,
             flush_deadline: 0,
+            tombstones: Tombstones::default(),
             stats: ShardStats::default(),
             bytes: 0,
             share,
@@ -225,6 +262,16 @@ impl Shard {
         self.free_head = id;
         self.bytes -= cost;
         cost
+    }
+
+    /// Remembers that `hash` was deleted at `now` (see `Tombstones`).
+    pub fn record_delete(&mut self, hash: u64, now: u32) {
+        self.tombstones.record(hash, now);
+    }
+
+    /// Whether `hash` was deleted within the last `TOMBSTONE_SECS`.
+    pub fn recently_deleted(&self, hash: u64, now: u32) -> bool {
+        self.tombstones.recently_deleted(hash, now)
     }
 
     /// Records a read hit for the policy.

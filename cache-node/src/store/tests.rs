@@ -236,3 +236,20 @@ fn replacing_under_pressure_never_evicts_the_item_being_replaced() {
         }
     }
 }
+
+#[test]
+fn a_recent_delete_stops_a_copy_carried_forward_but_not_a_plain_add() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    s.delete(b"k", NOW);
+    assert_eq!(s.store(StoreMode::AddUnlessDeleted, b"k", b"old", 0, 0, NOW + 1), StoreOutcome::NotStored);
+    assert_eq!(s.store(StoreMode::Add, b"k", b"new", 0, 0, NOW + 1), StoreOutcome::Stored);
+    assert_eq!(
+        s.store(StoreMode::AddUnlessDeleted, b"other", b"v", 0, 0, NOW + 1),
+        StoreOutcome::Stored,
+        "keys never deleted are copied"
+    );
+    s.delete(b"k", NOW);
+    let later = NOW + TOMBSTONE_SECS;
+    assert_eq!(s.store(StoreMode::AddUnlessDeleted, b"k", b"v", 0, 0, later), StoreOutcome::Stored, "tombstones expire");
+    s.check_invariants().unwrap();
+}

@@ -12,5 +12,6 @@ mod bad_input;
 mod conformance;
 mod handoff;
 mod limits;
+mod meta;
 mod protocol;
 mod support;
