@@ -1,21 +1,25 @@
-//! `cachepool bench`: measurements of the node against Debian's memcached, and of the store's
-//! replacement policies against each other (results and commands in docs/benchmarks.md).
+//! `cachepool bench`: measurements of the node against Debian's memcached, of the store's
+//! replacement policies against each other, of the hand-off between nodes and of the pool
+//! client's routing (results and commands in docs/benchmarks.md).
 //!
 //! Layout: `keys` and `wire` are pure (key naming, key distributions, request encoding and
-//! reply parsing, all unit-tested); `servers` starts and stops the measured processes;
-//! `loadgen` is the closed-loop client; `node`, `memory` and `policies` each run one
-//! subcommand; `report` formats tables.
+//! reply parsing, all unit-tested); `servers` and `admin_node` start and stop the measured
+//! processes; `loadgen` is the closed-loop client; `node`, `memory`, `policies`, `handoff`
+//! and `routing` each run one subcommand; `report` formats tables.
 //!
 //! Servers under test are child processes, the node included (this same binary's `node`
 //! subcommand), so that both servers are measured the same way: their own address space for
 //! RSS, their own threads, and a client that shares nothing with them but the loopback.
 
+mod admin_node;
+mod handoff;
 mod keys;
 mod loadgen;
 mod memory;
 mod node;
 mod policies;
 mod report;
+mod routing;
 mod servers;
 mod wire;
 
@@ -38,6 +42,10 @@ enum BenchCommand {
     Memory(memory::MemoryArgs),
     /// Hit ratio of every replacement policy on Zipf traces, in-process (no network).
     Policies(policies::PoliciesArgs),
+    /// Time and rate of a node handing all its keys to another (POST /handoff, ring [B]).
+    Handoff(handoff::HandoffArgs),
+    /// Per-request cost of the pool client's ring routing, against a plain node client.
+    Routing(routing::RoutingArgs),
 }
 
 /// Runs the selected benchmark.
@@ -45,6 +53,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Node(a) => with_client_runtime(a.client_threads, |rt| node::run(rt, a)),
         BenchCommand::Memory(a) => with_client_runtime(a.client_threads, |rt| memory::run(rt, a)),
+        BenchCommand::Handoff(a) => with_client_runtime(a.client_threads, |rt| handoff::run(rt, a)),
+        BenchCommand::Routing(a) => with_client_runtime(a.client_threads, |rt| routing::run(rt, a)),
         // CPU-bound and in-process: no runtime, no children, so the default Ctrl-C is right.
         BenchCommand::Policies(a) => policies::run(&a),
     }
