@@ -29,10 +29,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Node(config) => {
-            // Client connections run on the node's own worker threads (one runtime each, see
-            // cache_node::server); this runtime only accepts, serves the admin API and reaps.
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+                .worker_threads(config.worker_threads())
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -68,11 +68,11 @@ impl Shared {
 /// Accepts connections until `shutdown` resolves, then closes the listener and waits (up to
 /// `drain`) for open connections to finish their current batch.
 ///
-/// Connections are served thread-per-core, as memcached does: `settings.threads` worker
-/// threads, each with its own single-threaded runtime, and every connection stays on the
-/// worker it was handed to (round-robin). A work-stealing runtime moved connections between
-/// threads and spent 8-10% of the time on cross-thread wake-ups, which showed as a higher
-/// median latency than memcached's at pipeline depth 1 (docs/benchmarks.md).
+/// Connections are tasks on the shared work-stealing runtime. Thread-per-core (a
+/// single-threaded runtime per worker, connections pinned round-robin, as memcached does) was
+/// tried: it lowered the median latency at pipeline depth 1 but raised the p99 above
+/// memcached's in three of four measurements on this shared machine, where a descheduled
+/// worker stalls every connection pinned to it (docs/benchmarks.md), so it was reverted.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -80,32 +80,13 @@ pub async fn serve(
     drain: Duration,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers = Vec::new();
-    let mut handoffs = Vec::new();
-    for i in 0..shared.settings.threads.max(1) {
-        let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
-        let (shared, stop) = (shared.clone(), stop_rx.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("cachepool-worker-{i}"))
-            .spawn(move || worker(rx, shared, stop, drain));
-        match spawned {
-            Ok(handle) => {
-                workers.push(handle);
-                handoffs.push(tx);
-            }
-            Err(err) => warn!(%err, "cannot start a worker thread"),
-        }
-    }
-    if handoffs.is_empty() {
-        warn!("no worker thread could start: the data port is closed");
-        return;
-    }
+    let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
-    info!(addr = ?listener.local_addr().ok(), workers = handoffs.len(), "memcached port listening");
-    let mut next = 0usize;
+    info!(addr = ?listener.local_addr().ok(), "memcached port listening");
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(ok) => ok,
@@ -124,68 +105,23 @@ pub async fn serve(
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                let Ok(stream) = stream.into_std() else { continue };
                 stats.curr_connections.fetch_add(1, Ordering::Relaxed);
                 stats.total_connections.fetch_add(1, Ordering::Relaxed);
-                debug!(%peer, "connection accepted");
-                if handoffs[next % handoffs.len()].send(stream).is_err() {
-                    stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
-                }
-                next = next.wrapping_add(1);
+                let shared = shared.clone();
+                let stop = stop_rx.clone();
+                conns.spawn(async move {
+                    if let Err(err) = Connection::new(stream, &shared).run(stop).await {
+                        debug!(%peer, %err, "connection ended with an error");
+                    }
+                    shared.stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
+                });
             }
         }
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    drop(handoffs);
-    // The workers drain their connections (bounded by `drain`) and exit.
-    let _ = tokio::task::spawn_blocking(move || {
-        for w in workers {
-            let _ = w.join();
-        }
-    })
-    .await;
-}
-
-/// One worker thread: serves the connections handed to it until told to stop.
-fn worker(
-    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(err) => {
-            warn!(%err, "worker runtime failed to start");
-            return;
-        }
-    };
-    runtime.block_on(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                received = incoming.recv() => {
-                    let Some(stream) = received else { break };
-                    let Ok(stream) = TcpStream::from_std(stream) else {
-                        shared.stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
-                        continue;
-                    };
-                    let (shared, stop) = (shared.clone(), stop.clone());
-                    conns.spawn(async move {
-                        if let Err(err) = Connection::new(stream, &shared).run(stop).await {
-                            debug!(%err, "connection ended with an error");
-                        }
-                        shared.stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
-                    });
-                }
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                _ = stop.changed() => break,
-            }
-        }
-        let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
-        conns.abort_all();
-    });
+    let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    conns.abort_all();
 }
 
 struct Connection<'a> {
