@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use arbitrary::Arbitrary;
-use cache_node::store::{ArithOutcome, Policy, Store, StoreMode, StoreOutcome};
+use cache_node::store::{ArithOutcome, Policy, Store, StoreMode, StoreOutcome, TOMBSTONE_SECS};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -14,6 +14,7 @@ enum Op {
     Set { key: u8, len: u8, flags: u32 },
     SetNumber { key: u8, n: u64 },
     Add { key: u8, len: u8 },
+    AddUnlessDeleted { key: u8, len: u8 },
     Replace { key: u8, len: u8 },
     Append { key: u8, len: u8 },
     Cas { key: u8, len: u8, stale: bool },
@@ -38,6 +39,8 @@ fuzz_target!(|input: Input| {
     // The model only holds while nothing can be evicted.
     let mut model: Option<HashMap<Vec<u8>, (Vec<u8>, u32)>> = (!input.tiny).then(HashMap::new);
     let mut now = 1_000_000u32;
+    // When each key was last deleted (for AddUnlessDeleted).
+    let mut deleted_at: HashMap<Vec<u8>, u32> = HashMap::new();
     for op in input.ops {
         let key = |k: u8| format!("k{}", k % 32).into_bytes();
         let value = |k: u8, len: u8| vec![b'a' + k % 26; usize::from(len)];
@@ -62,6 +65,17 @@ fuzz_target!(|input: Input| {
                     let expect = if m.contains_key(&key(k)) { StoreOutcome::NotStored } else { StoreOutcome::Stored };
                     assert_eq!(r, expect);
                     m.entry(key(k)).or_insert((value(k, len), 0));
+                }
+            }
+            Op::AddUnlessDeleted { key: k, len } => {
+                let r = store.store(StoreMode::AddUnlessDeleted, &key(k), &value(k, len), 0, 0, now);
+                if let Some(m) = &mut model {
+                    let tomb = deleted_at.get(&key(k)).is_some_and(|&at| at + TOMBSTONE_SECS > now);
+                    let expect = if m.contains_key(&key(k)) || tomb { StoreOutcome::NotStored } else { StoreOutcome::Stored };
+                    assert_eq!(r, expect);
+                    if expect == StoreOutcome::Stored {
+                        m.insert(key(k), (value(k, len), 0));
+                    }
                 }
             }
             Op::Replace { key: k, len } => {
@@ -111,6 +125,7 @@ fuzz_target!(|input: Input| {
             }
             Op::Delete { key: k } => {
                 let found = store.delete(&key(k), now);
+                deleted_at.insert(key(k), now);
                 if let Some(m) = &mut model {
                     assert_eq!(found, m.remove(&key(k)).is_some());
                 }
@@ -142,7 +157,7 @@ fuzz_target!(|input: Input| {
                     }
                 }
             }
-            Op::Tick => now += 1,
+            Op::Tick => now += 7,
             Op::Policy(p) => store.set_policy(Policy::ALL[usize::from(p) % Policy::ALL.len()]),
             Op::Shrink(kib) => {
                 if input.tiny {
