@@ -42,13 +42,20 @@ pub fn router(state: AdminState) -> Router {
         .route("/stats", get(stats))
         .route("/config", put(put_config).get(get_config))
         .route("/flush", post(flush))
-        .route("/handoff", post(start_handoff).get(handoff_status).delete(cancel_handoff))
+        .route(
+            "/handoff",
+            post(start_handoff)
+                .get(handoff_status)
+                .delete(cancel_handoff),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(guarded)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .with_state(state)
 }
 
@@ -65,7 +72,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, error, message: message.into(), field: None }
+        ApiError {
+            status,
+            error,
+            message: message.into(),
+            field: None,
+        }
     }
     fn field(mut self, field: &'static str) -> Self {
         self.field = Some(field);
@@ -77,7 +89,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(&self)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -108,7 +121,12 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(p) if constant_time_eq(p.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong bearer token",
+        )
+        .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -130,11 +148,18 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
     let registry = metrics::registry(state.shared.store.clone(), state.shared.stats.clone());
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics encoding failed")
-            .into_response();
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "metrics encoding failed",
+        )
+        .into_response();
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -144,7 +169,9 @@ async fn stats(State(state): State<AdminState>) -> Response {
     let general: serde_json::Map<String, serde_json::Value> = server::general_stats(&state.shared)
         .into_iter()
         .map(|(k, v)| {
-            let value = v.parse::<u64>().map_or(serde_json::Value::String(v), serde_json::Value::from);
+            let value = v
+                .parse::<u64>()
+                .map_or(serde_json::Value::String(v), serde_json::Value::from);
             (k.to_string(), value)
         })
         .collect();
@@ -224,7 +251,9 @@ async fn put_config(State(state): State<AdminState>, body: Bytes) -> Result<Resp
         // async workers.
         tokio::task::spawn_blocking(move || store.set_limit((mib as usize) << 20, unix_now()))
             .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
     }
     tracing::info!(?patch, "configuration changed");
     Ok(axum::Json(current_config(shared)).into_response())

@@ -122,7 +122,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Handoff {
@@ -190,10 +192,16 @@ impl Handoff {
 
 /// Who owns `key` under `ring`, if not this node.
 fn foreign_owner<'r>(ring: &'r Ring, self_address: &str, key: &[u8]) -> Option<&'r str> {
-    ring.owner(key).map(|m| m.address.as_str()).filter(|a| *a != self_address)
+    ring.owner(key)
+        .map(|m| m.address.as_str())
+        .filter(|a| *a != self_address)
 }
 
-async fn run(store: Arc<Store>, req: HandoffRequest, status: Arc<Mutex<HandoffStatus>>) -> Result<(), String> {
+async fn run(
+    store: Arc<Store>,
+    req: HandoffRequest,
+    status: Arc<Mutex<HandoffStatus>>,
+) -> Result<(), String> {
     let ring = &req.ring;
     let me = req.self_address.as_str();
     if ring.is_empty() {
@@ -217,7 +225,9 @@ async fn run(store: Arc<Store>, req: HandoffRequest, status: Arc<Mutex<HandoffSt
         let mut found = 0usize;
         while !cursor.is_done() {
             let now = unix_now();
-            let batch = store.scan(&mut cursor, req.batch_bytes.max(1), now, |k| foreign_owner(ring, me, k).is_some());
+            let batch = store.scan(&mut cursor, req.batch_bytes.max(1), now, |k| {
+                foreign_owner(ring, me, k).is_some()
+            });
             found += batch.len();
             let mut by_owner: HashMap<&str, Vec<OwnedItem>> = HashMap::new();
             for item in batch {
@@ -250,7 +260,8 @@ async fn run(store: Arc<Store>, req: HandoffRequest, status: Arc<Mutex<HandoffSt
                 }
                 sent_bytes += batch_bytes;
                 if req.rate_bytes_per_sec > 0 {
-                    let due = Duration::from_secs_f64(sent_bytes as f64 / req.rate_bytes_per_sec as f64);
+                    let due =
+                        Duration::from_secs_f64(sent_bytes as f64 / req.rate_bytes_per_sec as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         tokio::time::sleep(wait).await;
                     }
@@ -276,7 +287,11 @@ async fn run(store: Arc<Store>, req: HandoffRequest, status: Arc<Mutex<HandoffSt
     Err(format!(
         "{} keys could not be handed off after {MAX_PASSES} passes; unreachable owners: {}",
         st.keys_remaining,
-        if st.unreachable.is_empty() { "none".to_string() } else { st.unreachable.join(", ") }
+        if st.unreachable.is_empty() {
+            "none".to_string()
+        } else {
+            st.unreachable.join(", ")
+        }
     ))
 }
 
@@ -308,7 +323,13 @@ enum Reply {
 /// or deleted through an old ring). Leaving such a copy would serve an old value, or bring a
 /// deleted one back; withdrawing it costs at most a miss, and a changed key goes over again in
 /// the next pass.
-fn apply_replies(store: &Store, status: &Mutex<HandoffStatus>, items: &[OwnedItem], replies: &[Reply], now: u32) -> Vec<(Vec<u8>, u64)> {
+fn apply_replies(
+    store: &Store,
+    status: &Mutex<HandoffStatus>,
+    items: &[OwnedItem],
+    replies: &[Reply],
+    now: u32,
+) -> Vec<(Vec<u8>, u64)> {
     let mut withdraw = Vec::new();
     let mut st = lock(status);
     for (item, reply) in items.iter().zip(replies) {
@@ -356,7 +377,11 @@ fn parse_reply(line: &str) -> Result<Reply, String> {
 
 /// Withdraws copies on `owner`, pipelined: `md <key> C<cas>` deletes each only if it is
 /// still the copy the hand-off stored.
-async fn delete_batch(conns: &mut HashMap<String, Conn>, owner: &str, keys: &[(Vec<u8>, u64)]) -> Result<(), String> {
+async fn delete_batch(
+    conns: &mut HashMap<String, Conn>,
+    owner: &str,
+    keys: &[(Vec<u8>, u64)],
+) -> Result<(), String> {
     let Some(conn) = conns.get_mut(owner) else {
         return Err("no connection".into());
     };
@@ -375,10 +400,16 @@ async fn delete_batch(conns: &mut HashMap<String, Conn>, owner: &str, keys: &[(V
         for _ in keys {
             line.clear();
             if conn.stream.read_line(&mut line).await? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "owner closed the connection"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "owner closed the connection",
+                ));
             }
             if !matches!(line.trim_end(), "HD" | "NF" | "EX") {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected answer to md: {line:?}")));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("unexpected answer to md: {line:?}"),
+                ));
             }
         }
         Ok(())
@@ -399,7 +430,9 @@ async fn connect(owner: &str) -> std::io::Result<Conn> {
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
-    Ok(Conn { stream: BufReader::with_capacity(64 * 1024, stream) })
+    Ok(Conn {
+        stream: BufReader::with_capacity(64 * 1024, stream),
+    })
 }
 
 /// The exptime to send for an item expiring at `expiry` (absolute, 0 = never): the remaining
@@ -417,7 +450,12 @@ fn exptime_for(expiry: u32, now: u32) -> Option<u32> {
 
 /// Sends an add (`ms <key> <len> F<flags> T<exptime> ME c`) for every item in one pipelined
 /// write and reads the answers in order.
-async fn send_batch(conns: &mut HashMap<String, Conn>, owner: &str, items: &[OwnedItem], now: u32) -> Result<Vec<Reply>, String> {
+async fn send_batch(
+    conns: &mut HashMap<String, Conn>,
+    owner: &str,
+    items: &[OwnedItem],
+    now: u32,
+) -> Result<Vec<Reply>, String> {
     if !conns.contains_key(owner) {
         let conn = connect(owner).await.map_err(|e| e.to_string())?;
         conns.insert(owner.to_string(), conn);
@@ -452,14 +490,23 @@ async fn send_batch(conns: &mut HashMap<String, Conn>, owner: &str, items: &[Own
         for slot in replies.iter_mut().filter(|r| r.is_none()) {
             line.clear();
             if conn.stream.read_line(&mut line).await? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "owner closed the connection"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "owner closed the connection",
+                ));
             }
-            *slot = Some(parse_reply(line.trim_end()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?);
+            *slot = Some(
+                parse_reply(line.trim_end())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
+            );
         }
         Ok(())
     };
     match tokio::time::timeout(BATCH_TIMEOUT, exchange).await {
-        Ok(Ok(())) => Ok(replies.into_iter().map(|r| r.unwrap_or(Reply::Expired)).collect()),
+        Ok(Ok(())) => Ok(replies
+            .into_iter()
+            .map(|r| r.unwrap_or(Reply::Expired))
+            .collect()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {BATCH_TIMEOUT:?}")),
     }
@@ -483,7 +530,10 @@ mod tests {
     fn replies_parse_strictly() {
         assert_eq!(parse_reply("HD c42"), Ok(Reply::Stored(42)));
         assert_eq!(parse_reply("NS c0"), Ok(Reply::NotStored));
-        assert!(matches!(parse_reply("SERVER_ERROR out of memory storing object"), Ok(Reply::Refused(_))));
+        assert!(matches!(
+            parse_reply("SERVER_ERROR out of memory storing object"),
+            Ok(Reply::Refused(_))
+        ));
         assert!(parse_reply("HD").is_err());
         assert!(parse_reply("STORED").is_err());
     }

@@ -91,7 +91,10 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { buckets: std::array::from_fn(|_| AtomicU64::new(0)), sum_nanos: AtomicU64::new(0) }
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_nanos: AtomicU64::new(0),
+        }
     }
 }
 
@@ -99,9 +102,14 @@ impl Histogram {
     pub fn record(&self, elapsed: Duration) {
         let micros = elapsed.as_micros() as u64;
         // Bucket i holds values <= 2^i µs.
-        let i = if micros <= 1 { 0 } else { (64 - (micros - 1).leading_zeros()) as usize };
+        let i = if micros <= 1 {
+            0
+        } else {
+            (64 - (micros - 1).leading_zeros()) as usize
+        };
         self.buckets[i.min(BUCKETS)].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Per-bucket counts (prometheus-client accumulates them when encoding; the last bound,
@@ -112,10 +120,18 @@ impl Histogram {
         for (i, b) in self.buckets.iter().enumerate() {
             let n = b.load(Ordering::Relaxed);
             total += n;
-            let bound = if i == BUCKETS { f64::MAX } else { (1u64 << i) as f64 * 1e-6 };
+            let bound = if i == BUCKETS {
+                f64::MAX
+            } else {
+                (1u64 << i) as f64 * 1e-6
+            };
             out.push((bound, n));
         }
-        (out, total, self.sum_nanos.load(Ordering::Relaxed) as f64 * 1e-9)
+        (
+            out,
+            total,
+            self.sum_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+        )
     }
 }
 
@@ -176,7 +192,9 @@ impl NodeStats {
 
 /// Current Unix time in seconds (the store's clock).
 pub fn unix_now() -> u32 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
 }
 
 /// Exposes a node's store and counters to a Prometheus registry.
@@ -186,7 +204,12 @@ pub struct NodeCollector {
     pub stats: Arc<NodeStats>,
 }
 
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
     ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
 
@@ -200,22 +223,102 @@ impl Collector for NodeCollector {
         let c = &s.counters;
         let n = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(&mut e, "cachepool_node_get_hits", "Reads that found a live item", c.get_hits)?;
-        counter(&mut e, "cachepool_node_get_misses", "Reads that found nothing (expired included)", c.get_misses)?;
-        counter(&mut e, "cachepool_node_get_expired", "Reads that found an expired item", c.get_expired)?;
-        counter(&mut e, "cachepool_node_evictions", "Items evicted to make room", c.evictions)?;
-        counter(&mut e, "cachepool_node_expired_reclaimed", "Expired items reclaimed before being read", c.expired_unfetched)?;
-        counter(&mut e, "cachepool_node_stored_items", "Items stored since start", c.total_items)?;
-        counter(&mut e, "cachepool_node_connections", "Connections accepted since start", load(&n.total_connections))?;
-        counter(&mut e, "cachepool_node_rejected_connections", "Connections refused at the limit", load(&n.rejected_connections))?;
-        counter(&mut e, "cachepool_node_protocol_errors", "Commands answered with ERROR, CLIENT_ERROR or SERVER_ERROR", load(&n.protocol_errors))?;
-        counter(&mut e, "cachepool_node_read_bytes", "Bytes read from clients", load(&n.bytes_read))?;
-        counter(&mut e, "cachepool_node_written_bytes", "Bytes written to clients", load(&n.bytes_written))?;
-        gauge(&mut e, "cachepool_node_current_connections", "Open client connections", load(&n.curr_connections) as i64)?;
-        gauge(&mut e, "cachepool_node_items", "Items held", s.curr_items as i64)?;
-        gauge(&mut e, "cachepool_node_used_bytes", "Bytes held, counting per-item overhead", s.bytes as i64)?;
-        gauge(&mut e, "cachepool_node_limit_bytes", "Capacity in bytes", s.limit_maxbytes as i64)?;
-        gauge(&mut e, "cachepool_node_uptime_seconds", "Seconds since start", n.uptime().as_secs() as i64)?;
+        counter(
+            &mut e,
+            "cachepool_node_get_hits",
+            "Reads that found a live item",
+            c.get_hits,
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_get_misses",
+            "Reads that found nothing (expired included)",
+            c.get_misses,
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_get_expired",
+            "Reads that found an expired item",
+            c.get_expired,
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_evictions",
+            "Items evicted to make room",
+            c.evictions,
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_expired_reclaimed",
+            "Expired items reclaimed before being read",
+            c.expired_unfetched,
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_stored_items",
+            "Items stored since start",
+            c.total_items,
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_connections",
+            "Connections accepted since start",
+            load(&n.total_connections),
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_rejected_connections",
+            "Connections refused at the limit",
+            load(&n.rejected_connections),
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_protocol_errors",
+            "Commands answered with ERROR, CLIENT_ERROR or SERVER_ERROR",
+            load(&n.protocol_errors),
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_read_bytes",
+            "Bytes read from clients",
+            load(&n.bytes_read),
+        )?;
+        counter(
+            &mut e,
+            "cachepool_node_written_bytes",
+            "Bytes written to clients",
+            load(&n.bytes_written),
+        )?;
+        gauge(
+            &mut e,
+            "cachepool_node_current_connections",
+            "Open client connections",
+            load(&n.curr_connections) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "cachepool_node_items",
+            "Items held",
+            s.curr_items as i64,
+        )?;
+        gauge(
+            &mut e,
+            "cachepool_node_used_bytes",
+            "Bytes held, counting per-item overhead",
+            s.bytes as i64,
+        )?;
+        gauge(
+            &mut e,
+            "cachepool_node_limit_bytes",
+            "Capacity in bytes",
+            s.limit_maxbytes as i64,
+        )?;
+        gauge(
+            &mut e,
+            "cachepool_node_uptime_seconds",
+            "Seconds since start",
+            n.uptime().as_secs() as i64,
+        )?;
 
         let per_cmd = [
             ("get", c.get_hits + c.get_misses),
@@ -249,7 +352,12 @@ impl Collector for NodeCollector {
             }
             family
                 .encode_family(&[("command", cmd.name())])?
-                .encode_histogram::<Vec<(String, String)>>(sum, count, &buckets, None::<&HashMap<_, _>>)?;
+                .encode_histogram::<Vec<(String, String)>>(
+                    sum,
+                    count,
+                    &buckets,
+                    None::<&HashMap<_, _>>,
+                )?;
         }
         Ok(())
     }

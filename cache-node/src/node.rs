@@ -26,7 +26,11 @@ pub struct NodeConfig {
     pub listen: String,
 
     /// Address of the admin HTTP port (health, metrics, stats, config, flush).
-    #[arg(long, env = "CACHEPOOL_ADMIN_LISTEN", default_value = "127.0.0.1:11212")]
+    #[arg(
+        long,
+        env = "CACHEPOOL_ADMIN_LISTEN",
+        default_value = "127.0.0.1:11212"
+    )]
     pub admin_listen: String,
 
     /// Capacity in MiB, counting every byte an item costs (key, value and metadata).
@@ -103,13 +107,20 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node> {
         let data = TcpListener::bind(&config.listen)
             .await
-            .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
+            .map_err(|source| Error::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
         let admin = TcpListener::bind(&config.admin_listen)
             .await
-            .map_err(|source| Error::Bind { addr: config.admin_listen.clone(), source })?;
+            .map_err(|source| Error::Bind {
+                addr: config.admin_listen.clone(),
+                source,
+            })?;
         let addr = data.local_addr().map_err(Error::Io)?;
         let admin_addr = admin.local_addr().map_err(Error::Io)?;
-        let limit = usize::try_from(config.capacity_mib << 20).map_err(|_| Error::Config("capacity too large".into()))?;
+        let limit = usize::try_from(config.capacity_mib << 20)
+            .map_err(|_| Error::Config("capacity too large".into()))?;
         let store = Arc::new(Store::new(limit, config.policy));
         let settings = ServerSettings {
             max_connections: config.max_connections,
@@ -117,12 +128,20 @@ impl Node {
             threads: config.worker_threads(),
             listen: addr.to_string(),
         };
-        let shared = Arc::new(Shared::new(store, settings, (config.max_item_size_kib as usize) << 10));
+        let shared = Arc::new(Shared::new(
+            store,
+            settings,
+            (config.max_item_size_kib as usize) << 10,
+        ));
         let ready = Arc::new(AtomicBool::new(true));
         let handoff = Arc::new(crate::handoff::Handoff::default());
         let state = AdminState {
             shared: shared.clone(),
-            token: config.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
+            token: config
+                .admin_token
+                .as_deref()
+                .filter(|t| !t.is_empty())
+                .map(Arc::from),
             ready: ready.clone(),
             handoff: handoff.clone(),
         };
@@ -157,7 +176,13 @@ impl Node {
             let _ = admin_task.await;
             info!("node stopped");
         });
-        Ok(Node { addr, admin_addr, shared, stop: Some(stop_tx), task })
+        Ok(Node {
+            addr,
+            admin_addr,
+            shared,
+            stop: Some(stop_tx),
+            task,
+        })
     }
 
     /// Stops accepting, lets open connections finish their batch (up to 5 s), and waits for

@@ -24,7 +24,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_item_size: 16 << 20, max_line: 2048, max_get_line: 256 << 10 }
+        Limits {
+            max_item_size: 16 << 20,
+            max_line: 2048,
+            max_get_line: 256 << 10,
+        }
     }
 }
 
@@ -51,26 +55,67 @@ pub enum StatsCmd {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command<'a> {
     /// `get`/`gets` (`touch` None) and `gat`/`gats` (`touch` the new exptime).
-    Get { keys: Keys<'a>, cas: bool, touch: Option<i64> },
-    Store { cmd: StoreCmd, key: &'a [u8], flags: u32, exptime: i64, data: &'a [u8], noreply: bool },
-    Delete { key: &'a [u8], noreply: bool },
-    Arith { incr: bool, key: &'a [u8], delta: u64, noreply: bool },
-    Touch { key: &'a [u8], exptime: i64, noreply: bool },
-    FlushAll { delay: i64, noreply: bool },
+    Get {
+        keys: Keys<'a>,
+        cas: bool,
+        touch: Option<i64>,
+    },
+    Store {
+        cmd: StoreCmd,
+        key: &'a [u8],
+        flags: u32,
+        exptime: i64,
+        data: &'a [u8],
+        noreply: bool,
+    },
+    Delete {
+        key: &'a [u8],
+        noreply: bool,
+    },
+    Arith {
+        incr: bool,
+        key: &'a [u8],
+        delta: u64,
+        noreply: bool,
+    },
+    Touch {
+        key: &'a [u8],
+        exptime: i64,
+        noreply: bool,
+    },
+    FlushAll {
+        delay: i64,
+        noreply: bool,
+    },
     Stats(StatsCmd),
     Version,
-    Verbosity { noreply: bool },
+    Verbosity {
+        noreply: bool,
+    },
     /// `cache_memlimit <MiB>`: change the capacity live.
-    CacheMemlimit { mib: u64, noreply: bool },
+    CacheMemlimit {
+        mib: u64,
+        noreply: bool,
+    },
     Quit,
     /// Meta get (`mg`): the subset of flags the pool client needs.
-    MetaGet { key: &'a [u8], flags: MetaGetFlags<'a> },
+    MetaGet {
+        key: &'a [u8],
+        flags: MetaGetFlags<'a>,
+    },
     /// Meta no-op (`mn`): answers `MN`, marking the end of a batch of quiet meta commands.
     MetaNoop,
     /// Meta set (`ms`): a storage command that can compare and return CAS values.
-    MetaSet { key: &'a [u8], data: &'a [u8], flags: MetaSetFlags<'a> },
+    MetaSet {
+        key: &'a [u8],
+        data: &'a [u8],
+        flags: MetaSetFlags<'a>,
+    },
     /// Meta delete (`md`): a delete that can be conditional on the CAS value.
-    MetaDelete { key: &'a [u8], flags: MetaDeleteFlags<'a> },
+    MetaDelete {
+        key: &'a [u8],
+        flags: MetaDeleteFlags<'a>,
+    },
 }
 
 /// Flags of a meta set.
@@ -153,7 +198,11 @@ pub enum Frame<'a> {
     /// `bytes` bytes (a rejected data block). `unlink` names a key whose old value must go:
     /// a `set` refused for size removes the previous value, as memcached does, so that a
     /// reader never gets a value older than a write that was attempted.
-    Swallow { reply: Option<&'static str>, bytes: u64, unlink: Option<&'a [u8]> },
+    Swallow {
+        reply: Option<&'static str>,
+        bytes: u64,
+        unlink: Option<&'a [u8]>,
+    },
     /// A rejected command that said `noreply`: nothing to answer (memcached stays silent).
     Silent,
     /// Answer with this line and close the connection.
@@ -167,7 +216,8 @@ pub const LINE_TOO_LONG: &str = "CLIENT_ERROR line too long";
 pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
 pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta argument";
 pub const BAD_EXPTIME: &str = "CLIENT_ERROR invalid exptime argument";
-pub const DELETE_USAGE: &str = "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
+pub const DELETE_USAGE: &str =
+    "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
 
 /// Most arguments looked at for any command (extra ones make the count check fail).
 const MAX_ARGS: usize = 8;
@@ -199,23 +249,35 @@ fn parse_i32(tok: &[u8]) -> Option<i64> {
     };
     let v = i64::try_from(parse_u64(digits)?).ok()?;
     let v = if neg { -v } else { v };
-    (i64::from(i32::MIN)..=i64::from(i32::MAX)).contains(&v).then_some(v)
+    (i64::from(i32::MIN)..=i64::from(i32::MAX))
+        .contains(&v)
+        .then_some(v)
 }
 
 fn is_retrieval(line: &[u8]) -> bool {
-    [&b"get "[..], b"gets ", b"gat ", b"gats "].iter().any(|p| line.starts_with(p))
+    [&b"get "[..], b"gets ", b"gat ", b"gats "]
+        .iter()
+        .any(|p| line.starts_with(p))
 }
 
 /// Parses one command from the front of `buf`. `None` means more bytes are needed; otherwise
 /// the frame and the number of bytes it consumed (never zero).
 pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-        let limit = if is_retrieval(buf) { limits.max_get_line } else { limits.max_line };
+        let limit = if is_retrieval(buf) {
+            limits.max_get_line
+        } else {
+            limits.max_line
+        };
         return (buf.len() > limit).then_some((Frame::Close(LINE_TOO_LONG), buf.len()));
     };
     let line_end = nl + 1;
     let line = buf[..nl].strip_suffix(b"\r").unwrap_or(&buf[..nl]);
-    let limit = if is_retrieval(line) { limits.max_get_line } else { limits.max_line };
+    let limit = if is_retrieval(line) {
+        limits.max_get_line
+    } else {
+        limits.max_line
+    };
     if line.len() > limit {
         return Some((Frame::Close(LINE_TOO_LONG), line_end));
     }
@@ -293,13 +355,19 @@ fn retrieval<'a>(name: &[u8], line: &'a [u8], args: &[&'a [u8]]) -> Frame<'a> {
         None
     };
     let first = rest.next();
-    let Some(first) = first else { return Frame::Error(ERROR) };
+    let Some(first) = first else {
+        return Frame::Error(ERROR);
+    };
     let offset = first.as_ptr() as usize - line.as_ptr() as usize;
     let tail = &line[offset..];
     if !tokens(tail).all(valid_key) {
         return Frame::Error(BAD_FORMAT);
     }
-    Frame::Command(Command::Get { keys: Keys(tail), cas, touch: exptime })
+    Frame::Command(Command::Get {
+        keys: Keys(tail),
+        cas,
+        touch: exptime,
+    })
 }
 
 fn storage<'a>(
@@ -321,7 +389,16 @@ fn storage<'a>(
         return Some((Frame::Error(BAD_FORMAT), line_end));
     };
     let quiet = |reply| (!noreply).then_some(reply);
-    let swallow = |reply| Some((Frame::Swallow { reply: quiet(reply), bytes: len + 2, unlink: None }, line_end));
+    let swallow = |reply| {
+        Some((
+            Frame::Swallow {
+                reply: quiet(reply),
+                bytes: len + 2,
+                unlink: None,
+            },
+            line_end,
+        ))
+    };
     let key = args[0];
     let (Some(flags), Some(exptime)) = (parse_u32(args[1]), parse_i32(args[2])) else {
         return swallow(BAD_FORMAT);
@@ -339,7 +416,14 @@ fn storage<'a>(
     }
     if len as usize > limits.max_item_size {
         let unlink = (name == b"set").then_some(key);
-        return Some((Frame::Swallow { reply: quiet(TOO_LARGE), bytes: len + 2, unlink }, line_end));
+        return Some((
+            Frame::Swallow {
+                reply: quiet(TOO_LARGE),
+                bytes: len + 2,
+                unlink,
+            },
+            line_end,
+        ));
     }
     let len = len as usize;
     if after.len() < len + 2 {
@@ -347,7 +431,11 @@ fn storage<'a>(
     }
     let consumed = line_end + len + 2;
     if &after[len..len + 2] != b"\r\n" {
-        let frame = if noreply { Frame::Silent } else { Frame::Error(BAD_CHUNK) };
+        let frame = if noreply {
+            Frame::Silent
+        } else {
+            Frame::Error(BAD_CHUNK)
+        };
         return Some((frame, consumed));
     }
     let cmd = match name {
@@ -359,12 +447,24 @@ fn storage<'a>(
         _ => StoreCmd::Cas(cas_unique),
     };
     let data = &after[..len];
-    Some((Frame::Command(Command::Store { cmd, key, flags, exptime, data, noreply }), consumed))
+    Some((
+        Frame::Command(Command::Store {
+            cmd,
+            key,
+            flags,
+            exptime,
+            data,
+            noreply,
+        }),
+        consumed,
+    ))
 }
 
 fn meta_get(line: &[u8]) -> Frame<'_> {
     let mut toks = tokens(line).skip(1);
-    let Some(key) = toks.next() else { return Frame::Error(BAD_FORMAT) };
+    let Some(key) = toks.next() else {
+        return Frame::Error(BAD_FORMAT);
+    };
     if !valid_key(key) {
         return Frame::Error(BAD_FORMAT);
     }
@@ -393,7 +493,12 @@ fn meta_get(line: &[u8]) -> Frame<'_> {
     Frame::Command(Command::MetaGet { key, flags })
 }
 
-fn meta_set<'a>(line: &'a [u8], after: &'a [u8], line_end: usize, limits: &Limits) -> Option<(Frame<'a>, usize)> {
+fn meta_set<'a>(
+    line: &'a [u8],
+    after: &'a [u8],
+    line_end: usize,
+    limits: &Limits,
+) -> Option<(Frame<'a>, usize)> {
     let mut toks = tokens(line).skip(1);
     let (Some(key), Some(len)) = (toks.next(), toks.next()) else {
         return Some((Frame::Error(BAD_FORMAT), line_end));
@@ -414,7 +519,9 @@ fn meta_set<'a>(line: &'a [u8], after: &'a [u8], line_end: usize, limits: &Limit
     };
     let mut bad = None;
     for tok in toks {
-        let Some((&flag, token)) = tok.split_first() else { continue };
+        let Some((&flag, token)) = tok.split_first() else {
+            continue;
+        };
         match flag {
             b'F' => match parse_u32(token) {
                 Some(f) => flags.client_flags = f,
@@ -444,7 +551,16 @@ fn meta_set<'a>(line: &'a [u8], after: &'a [u8], line_end: usize, limits: &Limit
             _ => bad = Some("CLIENT_ERROR invalid flag"),
         }
     }
-    let swallow = |reply| Some((Frame::Swallow { reply: Some(reply), bytes: len + 2, unlink: None }, line_end));
+    let swallow = |reply| {
+        Some((
+            Frame::Swallow {
+                reply: Some(reply),
+                bytes: len + 2,
+                unlink: None,
+            },
+            line_end,
+        ))
+    };
     if let Some(reply) = bad {
         return swallow(reply);
     }
@@ -462,18 +578,29 @@ fn meta_set<'a>(line: &'a [u8], after: &'a [u8], line_end: usize, limits: &Limit
     if &after[len..len + 2] != b"\r\n" {
         return Some((Frame::Error(BAD_CHUNK), consumed));
     }
-    Some((Frame::Command(Command::MetaSet { key, data: &after[..len], flags }), consumed))
+    Some((
+        Frame::Command(Command::MetaSet {
+            key,
+            data: &after[..len],
+            flags,
+        }),
+        consumed,
+    ))
 }
 
 fn meta_delete(line: &[u8]) -> Frame<'_> {
     let mut toks = tokens(line).skip(1);
-    let Some(key) = toks.next() else { return Frame::Error(BAD_FORMAT) };
+    let Some(key) = toks.next() else {
+        return Frame::Error(BAD_FORMAT);
+    };
     if !valid_key(key) {
         return Frame::Error(BAD_FORMAT);
     }
     let mut flags = MetaDeleteFlags::default();
     for tok in toks {
-        let Some((&flag, token)) = tok.split_first() else { continue };
+        let Some((&flag, token)) = tok.split_first() else {
+            continue;
+        };
         match flag {
             b'C' => match parse_u64(token) {
                 Some(c) => flags.compare_cas = Some(c),
@@ -506,7 +633,10 @@ fn delete<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
     if !valid_key(args[0]) {
         return Frame::Error(BAD_FORMAT);
     }
-    Frame::Command(Command::Delete { key: args[0], noreply })
+    Frame::Command(Command::Delete {
+        key: args[0],
+        noreply,
+    })
 }
 
 fn arith<'a>(incr: bool, args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
@@ -517,7 +647,12 @@ fn arith<'a>(incr: bool, args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
         return Frame::Error(BAD_FORMAT);
     }
     match parse_u64(args[1]) {
-        Some(delta) => Frame::Command(Command::Arith { incr, key: args[0], delta, noreply }),
+        Some(delta) => Frame::Command(Command::Arith {
+            incr,
+            key: args[0],
+            delta,
+            noreply,
+        }),
         None => Frame::Error(BAD_DELTA),
     }
 }
@@ -530,13 +665,21 @@ fn touch<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
         return Frame::Error(BAD_FORMAT);
     }
     match parse_i32(args[1]) {
-        Some(exptime) => Frame::Command(Command::Touch { key: args[0], exptime, noreply }),
+        Some(exptime) => Frame::Command(Command::Touch {
+            key: args[0],
+            exptime,
+            noreply,
+        }),
         None => Frame::Error(BAD_EXPTIME),
     }
 }
 
 fn flush_all<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
-    let numbers = if noreply { &args[..args.len() - 1] } else { args };
+    let numbers = if noreply {
+        &args[..args.len() - 1]
+    } else {
+        args
+    };
     match numbers {
         [] => Frame::Command(Command::FlushAll { delay: 0, noreply }),
         [delay] => match parse_i32(delay) {

@@ -61,7 +61,10 @@ impl Shared {
     }
 
     fn limits(&self) -> Limits {
-        Limits { max_item_size: self.max_item_size(), ..Limits::default() }
+        Limits {
+            max_item_size: self.max_item_size(),
+            ..Limits::default()
+        }
     }
 }
 
@@ -181,14 +184,20 @@ impl<'a> Connection<'a> {
             match n {
                 None | Some(0) => return Ok(()),
                 Some(n) => {
-                    self.shared.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .bytes_read
+                        .fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
             loop {
                 let next = self.process();
                 if !self.output.is_empty() {
                     self.stream.write_all(&self.output).await?;
-                    self.shared.stats.bytes_written.fetch_add(self.output.len() as u64, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .bytes_written
+                        .fetch_add(self.output.len() as u64, Ordering::Relaxed);
                     self.output.clear();
                     // Do not keep a large answer's buffer for the connection's lifetime.
                     if self.output.capacity() > 4 * FLUSH_AT {
@@ -225,12 +234,22 @@ impl<'a> Connection<'a> {
             let next = match frame {
                 Frame::Command(cmd) => execute(self.shared, cmd, &mut self.output),
                 Frame::Error(reply) => {
-                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     line(&mut self.output, reply);
                     Next::Continue
                 }
-                Frame::Swallow { reply, bytes, unlink } => {
-                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                Frame::Swallow {
+                    reply,
+                    bytes,
+                    unlink,
+                } => {
+                    self.shared
+                        .stats
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     if let Some(reply) = reply {
                         line(&mut self.output, reply);
                     }
@@ -241,11 +260,17 @@ impl<'a> Connection<'a> {
                     Next::Continue
                 }
                 Frame::Silent => {
-                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     Next::Continue
                 }
                 Frame::Close(reply) => {
-                    self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     line(&mut self.output, reply);
                     Next::Close
                 }
@@ -304,7 +329,14 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             out.extend_from_slice(b"END\r\n");
             if touch.is_some() { Cmd::Gat } else { Cmd::Get }
         }
-        Command::Store { cmd, key, flags, exptime, data, noreply } => {
+        Command::Store {
+            cmd,
+            key,
+            flags,
+            exptime,
+            data,
+            noreply,
+        } => {
             let (mode, kind) = match cmd {
                 StoreCmd::Set => (StoreMode::Set, Cmd::Set),
                 StoreCmd::Add => (StoreMode::Add, Cmd::Add),
@@ -320,7 +352,9 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
                 StoreOutcome::NotStored => reply(out, noreply, "NOT_STORED"),
                 StoreOutcome::Exists => reply(out, noreply, "EXISTS"),
                 StoreOutcome::NotFound => reply(out, noreply, "NOT_FOUND"),
-                StoreOutcome::TooLarge => reply(out, noreply, "SERVER_ERROR out of memory storing object"),
+                StoreOutcome::TooLarge => {
+                    reply(out, noreply, "SERVER_ERROR out of memory storing object")
+                }
             }
             kind
         }
@@ -329,23 +363,38 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             reply(out, noreply, if found { "DELETED" } else { "NOT_FOUND" });
             Cmd::Delete
         }
-        Command::Arith { incr, key, delta, noreply } => {
+        Command::Arith {
+            incr,
+            key,
+            delta,
+            noreply,
+        } => {
             match store.arith(key, incr, delta, now) {
                 ArithOutcome::Value(v) => reply(out, noreply, &v.to_string()),
                 ArithOutcome::NotFound => reply(out, noreply, "NOT_FOUND"),
-                ArithOutcome::NonNumeric => {
-                    reply(out, noreply, "CLIENT_ERROR cannot increment or decrement non-numeric value")
-                }
+                ArithOutcome::NonNumeric => reply(
+                    out,
+                    noreply,
+                    "CLIENT_ERROR cannot increment or decrement non-numeric value",
+                ),
             }
             if incr { Cmd::Incr } else { Cmd::Decr }
         }
-        Command::Touch { key, exptime, noreply } => {
+        Command::Touch {
+            key,
+            exptime,
+            noreply,
+        } => {
             let found = store.touch(key, protocol::absolute_expiry(exptime, now), now);
             reply(out, noreply, if found { "TOUCHED" } else { "NOT_FOUND" });
             Cmd::Touch
         }
         Command::FlushAll { delay, noreply } => {
-            let deadline = if delay <= 0 { 0 } else { protocol::absolute_expiry(delay, now) };
+            let deadline = if delay <= 0 {
+                0
+            } else {
+                protocol::absolute_expiry(delay, now)
+            };
             store.flush_all(deadline, now);
             shared.stats.cmd_flush.fetch_add(1, Ordering::Relaxed);
             reply(out, noreply, "OK");
@@ -372,7 +421,9 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             Cmd::Other
         }
         Command::CacheMemlimit { mib, noreply } => {
-            let bytes = usize::try_from(mib).unwrap_or(usize::MAX / 2).saturating_mul(1 << 20);
+            let bytes = usize::try_from(mib)
+                .unwrap_or(usize::MAX / 2)
+                .saturating_mul(1 << 20);
             store.set_limit(bytes, now);
             reply(out, noreply, "OK");
             Cmd::Other
@@ -380,7 +431,11 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
         Command::Quit => return Next::Close,
         Command::MetaGet { key, flags } => {
             meta_get(store, key, &flags, now, out);
-            if flags.touch.is_some() { Cmd::Gat } else { Cmd::Get }
+            if flags.touch.is_some() {
+                Cmd::Gat
+            } else {
+                Cmd::Get
+            }
         }
         Command::MetaNoop => {
             line(out, "MN");
@@ -411,9 +466,19 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             if !(flags.quiet && outcome == StoreOutcome::Stored) {
                 // memcached answers `c0` when nothing was stored.
                 let cas = flags.return_cas.then_some(cas);
-                meta_reply(out, code, cas, flags.return_key.then_some(key), flags.opaque);
+                meta_reply(
+                    out,
+                    code,
+                    cas,
+                    flags.return_key.then_some(key),
+                    flags.opaque,
+                );
             }
-            if flags.compare_cas.is_some() { Cmd::Cas } else { Cmd::Set }
+            if flags.compare_cas.is_some() {
+                Cmd::Cas
+            } else {
+                Cmd::Set
+            }
         }
         Command::MetaDelete { key, flags } => {
             let code = match store.delete_cas(key, flags.compare_cas, now) {
@@ -422,7 +487,13 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
                 DeleteOutcome::Exists => "EX",
             };
             if !(flags.quiet && code == "HD") {
-                meta_reply(out, code, None, flags.return_key.then_some(key), flags.opaque);
+                meta_reply(
+                    out,
+                    code,
+                    None,
+                    flags.return_key.then_some(key),
+                    flags.opaque,
+                );
             }
             Cmd::Delete
         }
@@ -433,7 +504,13 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
 
 /// `mg`: `VA <size> <flags>` and the value when `v` is asked, `HD <flags>` otherwise, `EN`
 /// on a miss (nothing with `q`).
-fn meta_get(store: &Store, key: &[u8], f: &protocol::MetaGetFlags<'_>, now: u32, out: &mut Vec<u8>) {
+fn meta_get(
+    store: &Store,
+    key: &[u8],
+    f: &protocol::MetaGetFlags<'_>,
+    now: u32,
+    out: &mut Vec<u8>,
+) {
     let touch = f.touch.map(|t| protocol::absolute_expiry(t, now));
     let hit = store.get(key, touch, now, |meta, value| {
         let mut num = itoa::Buffer::new();
@@ -449,7 +526,11 @@ fn meta_get(store: &Store, key: &[u8], f: &protocol::MetaGetFlags<'_>, now: u32,
         }
         if f.ttl {
             out.extend_from_slice(b" t");
-            let ttl = if meta.expiry == 0 { -1 } else { i64::from(meta.expiry.saturating_sub(now)) };
+            let ttl = if meta.expiry == 0 {
+                -1
+            } else {
+                i64::from(meta.expiry.saturating_sub(now))
+            };
             out.extend_from_slice(num.format(ttl).as_bytes());
         }
         if f.cas {
@@ -480,7 +561,13 @@ fn meta_get(store: &Store, key: &[u8], f: &protocol::MetaGetFlags<'_>, now: u32,
 }
 
 /// A meta command's status line: the code, then the requested return flags.
-fn meta_reply(out: &mut Vec<u8>, code: &str, cas: Option<u64>, key: Option<&[u8]>, opaque: Option<&[u8]>) {
+fn meta_reply(
+    out: &mut Vec<u8>,
+    code: &str,
+    cas: Option<u64>,
+    key: Option<&[u8]>,
+    opaque: Option<&[u8]>,
+) {
     out.extend_from_slice(code.as_bytes());
     if let Some(cas) = cas {
         out.extend_from_slice(b" c");
@@ -560,7 +647,10 @@ pub fn settings_stats(shared: &Shared) -> Vec<(&'static str, String)> {
     vec![
         ("maxbytes", shared.store.limit().to_string()),
         ("maxconns", set.max_connections.to_string()),
-        ("tcpport", set.listen.rsplit(':').next().unwrap_or("0").to_string()),
+        (
+            "tcpport",
+            set.listen.rsplit(':').next().unwrap_or("0").to_string(),
+        ),
         ("interface", set.listen.clone()),
         ("evictions", "on".to_string()),
         ("num_threads", set.threads.to_string()),

@@ -21,9 +21,16 @@ use tracing::info;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("admin API of {node}: {source}")]
-    Http { node: String, source: reqwest::Error },
+    Http {
+        node: String,
+        source: reqwest::Error,
+    },
     #[error("admin API of {node} answered {status}: {body}")]
-    Status { node: String, status: u16, body: String },
+    Status {
+        node: String,
+        status: u16,
+        body: String,
+    },
     #[error("hand-off on {node} failed: {reason}")]
     HandoffFailed { node: String, reason: String },
     #[error("hand-off on {node} did not finish within {0:?}", .timeout)]
@@ -48,7 +55,11 @@ impl AdminClient {
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();
-        AdminClient { base: format!("http://{admin_address}"), token: token.map(str::to_string), http }
+        AdminClient {
+            base: format!("http://{admin_address}"),
+            token: token.map(str::to_string),
+            http,
+        }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -61,11 +72,21 @@ impl AdminClient {
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
         let node = self.base.clone();
-        let resp = req.send().await.map_err(|source| Error::Http { node: node.clone(), source })?;
+        let resp = req.send().await.map_err(|source| Error::Http {
+            node: node.clone(),
+            source,
+        })?;
         let status = resp.status();
-        let body = resp.text().await.map_err(|source| Error::Http { node: node.clone(), source })?;
+        let body = resp.text().await.map_err(|source| Error::Http {
+            node: node.clone(),
+            source,
+        })?;
         if !status.is_success() {
-            return Err(Error::Status { node, status: status.as_u16(), body });
+            return Err(Error::Status {
+                node,
+                status: status.as_u16(),
+                body,
+            });
         }
         Ok(serde_json::from_str(&body).unwrap_or(Value::String(body)))
     }
@@ -76,28 +97,40 @@ impl AdminClient {
     }
 
     pub async fn stats(&self) -> Result<Value> {
-        self.send(self.request(reqwest::Method::GET, "/stats")).await
+        self.send(self.request(reqwest::Method::GET, "/stats"))
+            .await
     }
 
     /// `PUT /config` with the given fields (`capacityMiB`, `policy`, `maxItemSizeKiB`).
     pub async fn put_config(&self, config: &Value) -> Result<Value> {
-        self.send(self.request(reqwest::Method::PUT, "/config").json(config)).await
+        self.send(self.request(reqwest::Method::PUT, "/config").json(config))
+            .await
     }
 
     pub async fn flush(&self) -> Result<Value> {
-        self.send(self.request(reqwest::Method::POST, "/flush")).await
+        self.send(self.request(reqwest::Method::POST, "/flush"))
+            .await
     }
 
     /// Starts (or restarts) a hand-off to `ring`; `self_address` is the node's data address
     /// as the ring names it.
-    pub async fn start_handoff(&self, ring: &Ring, self_address: &str, rate_bytes_per_sec: u64) -> Result<HandoffStatus> {
+    pub async fn start_handoff(
+        &self,
+        ring: &Ring,
+        self_address: &str,
+        rate_bytes_per_sec: u64,
+    ) -> Result<HandoffStatus> {
         let body = json!({ "ring": ring, "selfAddress": self_address, "rateBytesPerSec": rate_bytes_per_sec });
-        let v = self.send(self.request(reqwest::Method::POST, "/handoff").json(&body)).await?;
+        let v = self
+            .send(self.request(reqwest::Method::POST, "/handoff").json(&body))
+            .await?;
         Ok(serde_json::from_value(v).unwrap_or_default())
     }
 
     pub async fn handoff(&self) -> Result<HandoffStatus> {
-        let v = self.send(self.request(reqwest::Method::GET, "/handoff")).await?;
+        let v = self
+            .send(self.request(reqwest::Method::GET, "/handoff"))
+            .await?;
         Ok(serde_json::from_value(v).unwrap_or_default())
     }
 }
@@ -119,16 +152,26 @@ pub struct HandoffOptions {
 
 impl Default for HandoffOptions {
     fn default() -> Self {
-        HandoffOptions { rate_bytes_per_sec: 0, poll: Duration::from_millis(50), timeout: Duration::from_secs(600) }
+        HandoffOptions {
+            rate_bytes_per_sec: 0,
+            poll: Duration::from_millis(50),
+            timeout: Duration::from_secs(600),
+        }
     }
 }
 
 /// Has every participant hand off the keys it does not own under `target`, in parallel, and
 /// waits until all are done. Participants are the nodes of the previous ring (a grow moves
 /// keys away from them; a shrink empties the removed ones).
-pub async fn hand_off_all(participants: &[Participant], target: &Ring, opts: HandoffOptions) -> Result<Vec<HandoffStatus>> {
+pub async fn hand_off_all(
+    participants: &[Participant],
+    target: &Ring,
+    opts: HandoffOptions,
+) -> Result<Vec<HandoffStatus>> {
     for p in participants {
-        p.admin.start_handoff(target, &p.address, opts.rate_bytes_per_sec).await?;
+        p.admin
+            .start_handoff(target, &p.address, opts.rate_bytes_per_sec)
+            .await?;
     }
     // The nodes hand off concurrently; waiting for them one after the other costs nothing.
     let mut statuses = Vec::with_capacity(participants.len());
@@ -158,7 +201,10 @@ async fn wait_handoff(p: &Participant, epoch: u64, opts: HandoffOptions) -> Resu
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Timeout { node: p.address.clone(), timeout: opts.timeout });
+            return Err(Error::Timeout {
+                node: p.address.clone(),
+                timeout: opts.timeout,
+            });
         }
         tokio::time::sleep(opts.poll).await;
     }

@@ -29,7 +29,10 @@ pub struct CpuTime {
 impl CpuTime {
     /// The time spent between `earlier` and this reading.
     pub fn since(self, earlier: CpuTime) -> CpuTime {
-        CpuTime { user: self.user.saturating_sub(earlier.user), sys: self.sys.saturating_sub(earlier.sys) }
+        CpuTime {
+            user: self.user.saturating_sub(earlier.user),
+            sys: self.sys.saturating_sub(earlier.sys),
+        }
     }
 
     /// `total (user U, sys S)` in seconds.
@@ -53,7 +56,11 @@ pub struct AdminNode {
 
 impl AdminNode {
     /// Starts `cachepool node` on free loopback ports and waits until `/readyz` answers.
-    pub async fn start(name: &'static str, capacity_mib: u64, threads: usize) -> anyhow::Result<AdminNode> {
+    pub async fn start(
+        name: &'static str,
+        capacity_mib: u64,
+        threads: usize,
+    ) -> anyhow::Result<AdminNode> {
         let exe = std::env::current_exe().context("locating the cachepool binary")?;
         let mut last = None;
         // A free port may be taken by another process before the node binds it: retry.
@@ -92,7 +99,11 @@ impl AdminNode {
     /// Fails if the process has exited, with the end of its log.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited ({status}); its log ends with:\n{}", self.name, self.log_tail());
+            bail!(
+                "{} exited ({status}); its log ends with:\n{}",
+                self.name,
+                self.log_tail()
+            );
         }
         Ok(())
     }
@@ -113,9 +124,13 @@ impl AdminNode {
         // SAFETY: sysconf has no preconditions.
         let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         anyhow::ensure!(ticks_per_sec > 0, "sysconf(_SC_CLK_TCK) failed");
-        let (user, sys) = parse_cpu_ticks(&stat).with_context(|| format!("no utime/stime in {path}"))?;
+        let (user, sys) =
+            parse_cpu_ticks(&stat).with_context(|| format!("no utime/stime in {path}"))?;
         let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / ticks_per_sec as f64);
-        Ok(CpuTime { user: secs(user), sys: secs(sys) })
+        Ok(CpuTime {
+            user: secs(user),
+            sys: secs(sys),
+        })
     }
 
     /// Resident memory (VmRSS) in bytes.
@@ -140,7 +155,11 @@ impl AdminNode {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} was not ready within {timeout:?}; log:\n{}", self.name, self.log_tail());
+                bail!(
+                    "{} was not ready within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -166,10 +185,21 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn spawn(name: &'static str, mut cmd: Command, port: u16, admin_port: u16) -> anyhow::Result<AdminNode> {
-    let log = std::env::temp_dir().join(format!("cachepool-bench-{name}-{}-{port}.log", std::process::id()));
-    let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
+fn spawn(
+    name: &'static str,
+    mut cmd: Command,
+    port: u16,
+    admin_port: u16,
+) -> anyhow::Result<AdminNode> {
+    let log = std::env::temp_dir().join(format!(
+        "cachepool-bench-{name}-{}-{port}.log",
+        std::process::id()
+    ));
+    let file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
     // SAFETY: the closure runs in the forked child before exec and makes one
     // async-signal-safe system call.
     unsafe {
@@ -181,7 +211,9 @@ fn spawn(name: &'static str, mut cmd: Command, port: u16, admin_port: u16) -> an
             Ok(())
         });
     }
-    let child = cmd.spawn().with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
     Ok(AdminNode {
         name,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -208,7 +240,8 @@ mod tests {
 
     #[test]
     fn cpu_ticks_are_read_even_with_spaces_in_the_name() {
-        let stat = "4242 (cache pool) S 1 4242 4242 0 -1 4194560 500 0 0 0 170 30 0 0 20 0 7 0 1234 0 0";
+        let stat =
+            "4242 (cache pool) S 1 4242 4242 0 -1 4194560 500 0 0 0 170 30 0 0 20 0 7 0 1234 0 0";
         assert_eq!(parse_cpu_ticks(stat), Some((170, 30)));
         assert_eq!(parse_cpu_ticks("4242 (x) S 1"), None);
     }

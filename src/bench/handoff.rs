@@ -53,9 +53,15 @@ const FILL_CONNECTIONS: usize = 4;
 const FILL_BATCH_BYTES: usize = 256 << 10;
 
 pub fn run(rt: &tokio::runtime::Runtime, args: HandoffArgs) -> anyhow::Result<()> {
-    ensure!(args.gib > 0.0 && args.gib.is_finite(), "--gib must be a positive number");
+    ensure!(
+        args.gib > 0.0 && args.gib.is_finite(),
+        "--gib must be a positive number"
+    );
     ensure!(args.value_size > 0, "--value-size must be at least 1");
-    ensure!(args.threads > 0 && args.batch_kib > 0, "--threads and --batch-kib must be at least 1");
+    ensure!(
+        args.threads > 0 && args.batch_kib > 0,
+        "--threads and --batch-kib must be at least 1"
+    );
     // Runs on this (the main) thread: the children's death signal is tied to the thread that
     // spawned them, which must outlive them.
     rt.block_on(measure(args))
@@ -80,7 +86,12 @@ struct Outcome {
 
 async fn measure(args: HandoffArgs) -> anyhow::Result<()> {
     let keys = (args.gib * f64::from(1u32 << 30) / args.value_size as f64) as u64;
-    ensure!(keys > 0, "--gib {} holds no value of {} bytes", args.gib, args.value_size);
+    ensure!(
+        keys > 0,
+        "--gib {} holds no value of {} bytes",
+        args.gib,
+        args.value_size
+    );
     let key_size = 1 + keys.saturating_sub(1).max(1).ilog10() as usize + 1;
     check_key_size(keys, key_size)?;
     let item_bytes = key_size as u64 + args.value_size as u64 + ITEM_OVERHEAD;
@@ -99,19 +110,40 @@ async fn measure(args: HandoffArgs) -> anyhow::Result<()> {
     let batch = (FILL_BATCH_BYTES / args.value_size).clamp(16, 1024);
     let cpu_fill0 = a.cpu_time()?;
     let started = Instant::now();
-    let refused = loadgen::fill(a.addr, keys, key_size, args.value_size, FILL_CONNECTIONS, batch).await?;
+    let refused = loadgen::fill(
+        a.addr,
+        keys,
+        key_size,
+        args.value_size,
+        FILL_CONNECTIONS,
+        batch,
+    )
+    .await?;
     let fill = started.elapsed();
     let cpu_fill = a.cpu_time()?.since(cpu_fill0);
     ensure!(refused == 0, "node A refused {refused} of the fill's sets");
     let held = a.stat("curr_items").await?;
-    ensure!(held == keys, "node A holds {held} items after storing {keys} (evictions? raise its capacity)");
-    eprintln!("filled A in {:.1} s; handing everything to B", fill.as_secs_f64());
+    ensure!(
+        held == keys,
+        "node A holds {held} items after storing {keys} (evictions? raise its capacity)"
+    );
+    eprintln!(
+        "filled A in {:.1} s; handing everything to B",
+        fill.as_secs_f64()
+    );
 
-    let ring = Ring::from_addresses(1, [b.addr.to_string()]).context("building the one-member ring [B]")?;
+    let ring = Ring::from_addresses(1, [b.addr.to_string()])
+        .context("building the one-member ring [B]")?;
     let (cpu_a0, cpu_b0) = (a.cpu_time()?, b.cpu_time()?);
     let started = Instant::now();
     post_handoff(&a, &ring, args.batch_kib << 10).await?;
-    let status = wait_done(&mut a, &mut b, ring.epoch(), Duration::from_secs(args.timeout_secs)).await?;
+    let status = wait_done(
+        &mut a,
+        &mut b,
+        ring.epoch(),
+        Duration::from_secs(args.timeout_secs),
+    )
+    .await?;
     let elapsed = started.elapsed();
     let (cpu_a, cpu_b) = (a.cpu_time()?.since(cpu_a0), b.cpu_time()?.since(cpu_b0));
 
@@ -132,7 +164,11 @@ async fn measure(args: HandoffArgs) -> anyhow::Result<()> {
     };
     drop((a, b));
     print!("{}", render(&args, &outcome));
-    let failed = checks(&outcome).into_iter().filter(|(_, ok)| !ok).map(|(what, _)| what).collect::<Vec<_>>();
+    let failed = checks(&outcome)
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(what, _)| what)
+        .collect::<Vec<_>>();
     if !failed.is_empty() {
         bail!("hand-off incomplete: {}", failed.join("; "));
     }
@@ -157,7 +193,10 @@ async fn post_handoff(a: &AdminNode, ring: &Ring, batch_bytes: usize) -> anyhow:
         .context("POST /handoff to node A")?;
     let code = resp.status();
     if !code.is_success() {
-        bail!("node A answered POST /handoff with {code}: {}", resp.text().await.unwrap_or_default());
+        bail!(
+            "node A answered POST /handoff with {code}: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -180,13 +219,21 @@ async fn wait_done(
             match st.state {
                 State::Done => return Ok(st),
                 State::Failed | State::Cancelled => {
-                    bail!("the hand-off ended {:?}: {}", st.state, st.last_error.unwrap_or_default())
+                    bail!(
+                        "the hand-off ended {:?}: {}",
+                        st.state,
+                        st.last_error.unwrap_or_default()
+                    )
                 }
                 State::Running | State::Idle => {}
             }
         }
         if started.elapsed() > timeout {
-            bail!("the hand-off did not finish within {timeout:?} ({} of {} keys moved)", st.keys_moved, st.keys_total);
+            bail!(
+                "the hand-off did not finish within {timeout:?} ({} of {} keys moved)",
+                st.keys_moved,
+                st.keys_total
+            );
         }
         if reported.elapsed() >= Duration::from_secs(2) {
             reported = Instant::now();
@@ -205,8 +252,14 @@ async fn wait_done(
 /// What must hold after a complete hand-off, each with whether it does.
 fn checks(o: &Outcome) -> Vec<(String, bool)> {
     vec![
-        (format!("keysMoved {} == keys {}", o.status.keys_moved, o.keys), o.status.keys_moved == o.keys),
-        (format!("B curr_items {} == keys {}", o.items_b, o.keys), o.items_b == o.keys),
+        (
+            format!("keysMoved {} == keys {}", o.status.keys_moved, o.keys),
+            o.status.keys_moved == o.keys,
+        ),
+        (
+            format!("B curr_items {} == keys {}", o.items_b, o.keys),
+            o.items_b == o.keys,
+        ),
         (format!("A curr_items {} == 0", o.items_a), o.items_a == 0),
     ]
 }
@@ -236,22 +289,46 @@ fn render(args: &HandoffArgs, o: &Outcome) -> String {
     let mut t = Table::new(["hand-off A -> B", "value"]);
     t.row(["keys moved".to_string(), thousands(st.keys_moved as f64)]);
     t.row(["value MiB moved".to_string(), mib(st.bytes_moved)]);
-    t.row(["elapsed s".to_string(), format!("{:.2}", o.elapsed.as_secs_f64())]);
-    t.row(["MB/s (values, 10^6 B)".to_string(), format!("{:.1}", per_sec(st.bytes_moved as f64 / 1e6, o.elapsed))]);
-    t.row(["keys/s".to_string(), thousands(per_sec(st.keys_moved as f64, o.elapsed))]);
+    t.row([
+        "elapsed s".to_string(),
+        format!("{:.2}", o.elapsed.as_secs_f64()),
+    ]);
+    t.row([
+        "MB/s (values, 10^6 B)".to_string(),
+        format!("{:.1}", per_sec(st.bytes_moved as f64 / 1e6, o.elapsed)),
+    ]);
+    t.row([
+        "keys/s".to_string(),
+        thousands(per_sec(st.keys_moved as f64, o.elapsed)),
+    ]);
     t.row(["passes".to_string(), st.passes.to_string()]);
     t.row([
         "skipped/dropped/retried".to_string(),
-        format!("{}/{}/{}", st.keys_skipped, st.keys_dropped, st.keys_retried),
+        format!(
+            "{}/{}/{}",
+            st.keys_skipped, st.keys_dropped, st.keys_retried
+        ),
     ]);
     t.row(["CPU s node A (sender)".to_string(), o.cpu_a.render()]);
     t.row(["CPU s node B (receiver)".to_string(), o.cpu_b.render()]);
-    t.row(["curr_items A after".to_string(), thousands(o.items_a as f64)]);
-    t.row(["curr_items B after".to_string(), thousands(o.items_b as f64)]);
-    t.row(["RSS MiB A / B after".to_string(), format!("{} / {}", mib(o.rss_a), mib(o.rss_b))]);
+    t.row([
+        "curr_items A after".to_string(),
+        thousands(o.items_a as f64),
+    ]);
+    t.row([
+        "curr_items B after".to_string(),
+        thousands(o.items_b as f64),
+    ]);
+    t.row([
+        "RSS MiB A / B after".to_string(),
+        format!("{} / {}", mib(o.rss_a), mib(o.rss_b)),
+    ]);
     out.push_str(&t.render());
     for (what, ok) in checks(o) {
-        out.push_str(&format!("check {}: {what}\n", if ok { "ok  " } else { "FAIL" }));
+        out.push_str(&format!(
+            "check {}: {what}\n",
+            if ok { "ok  " } else { "FAIL" }
+        ));
     }
     out
 }

@@ -33,7 +33,10 @@ pub fn write_key(out: &mut Vec<u8>, i: u64, len: usize) {
 pub fn check_key_size(count: u64, len: usize) -> anyhow::Result<()> {
     let digits = count.saturating_sub(1).max(1).ilog10() as usize + 1;
     if len < 1 + digits {
-        anyhow::bail!("--key-size {len} is too small for {count} keys: use at least {}", 1 + digits);
+        anyhow::bail!(
+            "--key-size {len} is too small for {count} keys: use at least {}",
+            1 + digits
+        );
     }
     if len > 250 {
         anyhow::bail!("--key-size {len} is over memcached's 250-byte key limit");
@@ -58,11 +61,16 @@ impl Permutation {
         while gcd(mult, n) != 1 {
             mult += 1;
         }
-        Permutation { n, mult: mult % n.max(2), add: seed % n }
+        Permutation {
+            n,
+            mult: mult % n.max(2),
+            add: seed % n,
+        }
     }
 
     pub fn apply(&self, rank: u64) -> u64 {
-        ((u128::from(rank) * u128::from(self.mult) + u128::from(self.add)) % u128::from(self.n)) as u64
+        ((u128::from(rank) * u128::from(self.mult) + u128::from(self.add)) % u128::from(self.n))
+            as u64
     }
 }
 
@@ -108,7 +116,9 @@ impl FromStr for KeyDist {
             .and_then(|a| a.parse::<f64>().ok())
             .filter(|a| *a > 0.0 && a.is_finite())
             .map(KeyDist::Zipf)
-            .ok_or_else(|| format!("unknown key distribution {s:?}: expected uniform or zipfS, e.g. zipf0.99"))
+            .ok_or_else(|| {
+                format!("unknown key distribution {s:?}: expected uniform or zipfS, e.g. zipf0.99")
+            })
     }
 }
 
@@ -126,10 +136,15 @@ impl KeySampler {
         let zipf = match dist {
             KeyDist::Uniform => None,
             KeyDist::Zipf(s) => Some(
-                Zipf::new(n as f64, s).map_err(|e| anyhow::anyhow!("zipf({s}) over {n} keys: {e}"))?,
+                Zipf::new(n as f64, s)
+                    .map_err(|e| anyhow::anyhow!("zipf({s}) over {n} keys: {e}"))?,
             ),
         };
-        Ok(KeySampler { n, zipf, perm: Permutation::new(n, seed) })
+        Ok(KeySampler {
+            n,
+            zipf,
+            perm: Permutation::new(n, seed),
+        })
     }
 
     /// A Zipf rank in `0..n` (0 is the most popular), or a uniform key.

@@ -60,7 +60,11 @@ impl LoadResult {
     }
 
     pub fn hit_ratio(&self) -> f64 {
-        if self.gets == 0 { 0.0 } else { self.hits as f64 / self.gets as f64 }
+        if self.gets == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.gets as f64
+        }
     }
 }
 
@@ -71,7 +75,10 @@ pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
 
 /// Runs `load` on the current runtime and returns the merged measurements.
 pub async fn run(load: &Load) -> anyhow::Result<LoadResult> {
-    anyhow::ensure!(load.connections > 0 && load.depth > 0, "connections and depth must be at least 1");
+    anyhow::ensure!(
+        load.connections > 0 && load.depth > 0,
+        "connections and depth must be at least 1"
+    );
     let sampler = Arc::new(KeySampler::new(load.dist, load.keys, load.seed)?);
     // Connect every connection first, so the measured window does not include connecting
     // and no task waits on another that failed to connect.
@@ -104,14 +111,19 @@ pub async fn run(load: &Load) -> anyhow::Result<LoadResult> {
         total.gets += part.gets;
         total.hits += part.hits;
         total.refused += part.refused;
-        total.latency.add(&part.latency).context("merging latency histograms")?;
+        total
+            .latency
+            .add(&part.latency)
+            .context("merging latency histograms")?;
     }
     super::check_interrupted()?;
     Ok(total)
 }
 
 async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
-    let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
     // Batches are written whole; Nagle would only delay the next one.
     stream.set_nodelay(true)?;
     Ok(stream)
@@ -132,7 +144,14 @@ async fn drive(
     let mut is_get = Vec::with_capacity(load.depth);
     let mut input = Vec::with_capacity(64 * 1024);
     let mut pos = 0;
-    let mut r = LoadResult { ops: 0, gets: 0, hits: 0, refused: 0, elapsed: load.duration, latency: new_histogram()? };
+    let mut r = LoadResult {
+        ops: 0,
+        gets: 0,
+        hits: 0,
+        refused: 0,
+        elapsed: load.duration,
+        latency: new_histogram()?,
+    };
     loop {
         let sent = Instant::now();
         if sent >= end || super::interrupted() {
@@ -161,7 +180,8 @@ async fn drive(
                     pos += used;
                     if measured {
                         r.ops += 1;
-                        r.latency.saturating_record(now.duration_since(sent).as_nanos() as u64);
+                        r.latency
+                            .saturating_record(now.duration_since(sent).as_nanos() as u64);
                         match reply {
                             Reply::Get { hits, .. } => {
                                 r.gets += 1;
@@ -171,8 +191,12 @@ async fn drive(
                             Reply::Refused(_) => r.refused += 1,
                         }
                     }
-                    if !matches!(reply, Reply::Refused(_)) && matches!(reply, Reply::Get { .. }) != is_get[done] {
-                        bail!("reply {done} of a batch does not match its request: the stream is out of step");
+                    if !matches!(reply, Reply::Refused(_))
+                        && matches!(reply, Reply::Get { .. }) != is_get[done]
+                    {
+                        bail!(
+                            "reply {done} of a batch does not match its request: the stream is out of step"
+                        );
                     }
                     done += 1;
                 }
@@ -286,7 +310,11 @@ pub async fn count_present(
 }
 
 /// Reads exactly `n` replies.
-async fn read_replies(stream: &mut TcpStream, input: &mut Vec<u8>, n: usize) -> anyhow::Result<Vec<Reply>> {
+async fn read_replies(
+    stream: &mut TcpStream,
+    input: &mut Vec<u8>,
+    n: usize,
+) -> anyhow::Result<Vec<Reply>> {
     let mut replies = Vec::with_capacity(n);
     let mut pos = 0;
     while replies.len() < n {

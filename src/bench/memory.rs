@@ -92,7 +92,11 @@ pub fn run(rt: &tokio::runtime::Runtime, args: MemoryArgs) -> anyhow::Result<()>
 }
 
 async fn measure(args: MemoryArgs) -> anyhow::Result<()> {
-    let spec = ServerSpec { threads: args.threads, memory_mib: args.memory_mib, policy: args.policy.clone() };
+    let spec = ServerSpec {
+        threads: args.threads,
+        memory_mib: args.memory_mib,
+        policy: args.policy.clone(),
+    };
     let mut results = Vec::new();
     for which in ["memcached", "node"] {
         // One server at a time, stopped before the next starts.
@@ -102,15 +106,38 @@ async fn measure(args: MemoryArgs) -> anyhow::Result<()> {
             ServerProcess::node(&spec).await?
         };
         let rss_before = settled_rss(&server).await?;
-        eprintln!("{}: pid {}, RSS {} MiB; storing {} items", server.name, server.pid(), mib(rss_before), args.items);
-        let refused = loadgen::fill(server.addr, args.items, args.key_size, args.value_size, 4, 100).await?;
+        eprintln!(
+            "{}: pid {}, RSS {} MiB; storing {} items",
+            server.name,
+            server.pid(),
+            mib(rss_before),
+            args.items
+        );
+        let refused = loadgen::fill(
+            server.addr,
+            args.items,
+            args.key_size,
+            args.value_size,
+            4,
+            100,
+        )
+        .await?;
         server.check_alive()?;
         let rss_after = settled_rss(&server).await?;
         let stats = server.stats().await?;
-        let stat = |name: &str| stats.get(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let stat = |name: &str| {
+            stats
+                .get(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let mut rng = SmallRng::seed_from_u64(7);
-        let sample: Vec<u64> = (0..args.sample.min(args.items)).map(|_| rng.random_range(0..args.items)).collect();
-        let present = loadgen::count_present(server.addr, &sample, args.key_size, args.value_size, 100).await?;
+        let sample: Vec<u64> = (0..args.sample.min(args.items))
+            .map(|_| rng.random_range(0..args.items))
+            .collect();
+        let present =
+            loadgen::count_present(server.addr, &sample, args.key_size, args.value_size, 100)
+                .await?;
         let m = Measured {
             name: server.name,
             rss_before,
@@ -192,7 +219,10 @@ async fn measure(args: MemoryArgs) -> anyhow::Result<()> {
             String::new(),
             String::new(),
             format!("{:.2}x", b.per_item(args.items) / a.per_item(args.items)),
-            format!("{:.2}x", (b.per_item(args.items) - payload) / (a.per_item(args.items) - payload)),
+            format!(
+                "{:.2}x",
+                (b.per_item(args.items) - payload) / (a.per_item(args.items) - payload)
+            ),
         ]);
     }
     print!("{}", t.render());

@@ -83,7 +83,13 @@ struct Cell {
 
 impl Cell {
     fn new() -> anyhow::Result<Cell> {
-        Ok(Cell { throughputs: Vec::new(), latency: loadgen::new_histogram()?, gets: 0, hits: 0, refused: 0 })
+        Ok(Cell {
+            throughputs: Vec::new(),
+            latency: loadgen::new_histogram()?,
+            gets: 0,
+            hits: 0,
+            refused: 0,
+        })
     }
 
     fn add(&mut self, r: &LoadResult) -> anyhow::Result<()> {
@@ -104,7 +110,11 @@ impl Cell {
     }
 
     fn hit_ratio(&self) -> f64 {
-        if self.gets == 0 { f64::NAN } else { self.hits as f64 / self.gets as f64 }
+        if self.gets == 0 {
+            f64::NAN
+        } else {
+            self.hits as f64 / self.gets as f64
+        }
     }
 
     fn json(&self) -> serde_json::Value {
@@ -144,11 +154,26 @@ struct ServerFacts {
 }
 
 pub fn run(rt: &tokio::runtime::Runtime, args: NodeArgs) -> anyhow::Result<()> {
-    ensure!(args.rounds > 0 && args.duration_secs > 0, "--rounds and --duration-secs must be at least 1");
-    ensure!(args.threads > 0 && args.connections > 0, "--threads and --connections must be at least 1");
-    ensure!((0.0..=1.0).contains(&args.get_ratio), "--get-ratio must be between 0 and 1");
-    ensure!(!args.dists.is_empty() && !args.depths.is_empty(), "give at least one --dists and one --depths");
-    ensure!(args.depths.iter().all(|&d| (1..=1024).contains(&d)), "--depths must be between 1 and 1024");
+    ensure!(
+        args.rounds > 0 && args.duration_secs > 0,
+        "--rounds and --duration-secs must be at least 1"
+    );
+    ensure!(
+        args.threads > 0 && args.connections > 0,
+        "--threads and --connections must be at least 1"
+    );
+    ensure!(
+        (0.0..=1.0).contains(&args.get_ratio),
+        "--get-ratio must be between 0 and 1"
+    );
+    ensure!(
+        !args.dists.is_empty() && !args.depths.is_empty(),
+        "give at least one --dists and one --depths"
+    );
+    ensure!(
+        args.depths.iter().all(|&d| (1..=1024).contains(&d)),
+        "--depths must be between 1 and 1024"
+    );
     check_key_size(args.keys, args.key_size)?;
     // Runs on this (the main) thread: the children's death signal is tied to the thread that
     // spawned them, which must outlive them.
@@ -156,22 +181,51 @@ pub fn run(rt: &tokio::runtime::Runtime, args: NodeArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(args: NodeArgs) -> anyhow::Result<()> {
-    let spec = ServerSpec { threads: args.threads, memory_mib: args.memory_mib, policy: args.policy.clone() };
-    let mut servers = [ServerProcess::memcached(&args.memcached, &spec).await?, ServerProcess::node(&spec).await?];
+    let spec = ServerSpec {
+        threads: args.threads,
+        memory_mib: args.memory_mib,
+        policy: args.policy.clone(),
+    };
+    let mut servers = [
+        ServerProcess::memcached(&args.memcached, &spec).await?,
+        ServerProcess::node(&spec).await?,
+    ];
     let mut rss_idle = [0; 2];
     let mut rss_filled = [0; 2];
     for (i, server) in servers.iter().enumerate() {
         rss_idle[i] = server.rss_bytes()?;
-        eprintln!("{}: pid {} on {}; storing {} keys", server.name, server.pid(), server.addr, args.keys);
-        let refused = loadgen::fill(server.addr, args.keys, args.key_size, args.value_size, 8, 64).await?;
-        ensure!(refused == 0, "{} refused {refused} of the prefill sets", server.name);
+        eprintln!(
+            "{}: pid {} on {}; storing {} keys",
+            server.name,
+            server.pid(),
+            server.addr,
+            args.keys
+        );
+        let refused = loadgen::fill(
+            server.addr,
+            args.keys,
+            args.key_size,
+            args.value_size,
+            8,
+            64,
+        )
+        .await?;
+        ensure!(
+            refused == 0,
+            "{} refused {refused} of the prefill sets",
+            server.name
+        );
         rss_filled[i] = server.rss_bytes()?;
     }
 
     let workloads: Vec<Workload> = args
         .dists
         .iter()
-        .flat_map(|&dist| args.depths.iter().map(move |&depth| Workload { dist, depth }))
+        .flat_map(|&dist| {
+            args.depths
+                .iter()
+                .map(move |&depth| Workload { dist, depth })
+        })
         .collect();
     let mut cells: Vec<[Cell; 2]> = Vec::new();
     for _ in &workloads {
@@ -221,13 +275,19 @@ async fn measure(args: NodeArgs) -> anyhow::Result<()> {
             rss_filled: rss_filled[i],
             rss_after: server.rss_bytes()?,
             version: stats.get("version").cloned().unwrap_or_default(),
-            policy: stats.get("policy").cloned().unwrap_or_else(|| "lru (memcached segmented LRU)".into()),
+            policy: stats
+                .get("policy")
+                .cloned()
+                .unwrap_or_else(|| "lru (memcached segmented LRU)".into()),
         });
     }
     drop(servers);
 
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&args, &workloads, &cells, &facts))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&to_json(&args, &workloads, &cells, &facts))?
+        );
     } else {
         print!("{}", render(&args, &workloads, &cells, &facts));
     }
@@ -235,10 +295,19 @@ async fn measure(args: NodeArgs) -> anyhow::Result<()> {
 }
 
 fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 { format!("{:.2}x", a / b) } else { "-".into() }
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
 }
 
-fn render(args: &NodeArgs, workloads: &[Workload], cells: &[[Cell; 2]], facts: &[ServerFacts]) -> String {
+fn render(
+    args: &NodeArgs,
+    workloads: &[Workload],
+    cells: &[[Cell; 2]],
+    facts: &[ServerFacts],
+) -> String {
     let mut out = format!(
         "bench node: {} rounds x {} s (+{} s warm-up), {} server threads, {} MiB, {} connections, \
          {} keys of {} B, values {} B, get ratio {}, client threads {}\n\
@@ -295,7 +364,14 @@ fn render(args: &NodeArgs, workloads: &[Workload], cells: &[[Cell; 2]], facts: &
     }
     out.push_str(&t.render());
     out.push('\n');
-    let mut m = Table::new(["server", "version", "policy", "RSS idle MiB", "RSS filled MiB", "RSS after runs MiB"]);
+    let mut m = Table::new([
+        "server",
+        "version",
+        "policy",
+        "RSS idle MiB",
+        "RSS filled MiB",
+        "RSS after runs MiB",
+    ]);
     for f in facts {
         m.row([
             f.name.to_string(),
@@ -320,7 +396,12 @@ fn render(args: &NodeArgs, workloads: &[Workload], cells: &[[Cell; 2]], facts: &
     out
 }
 
-fn to_json(args: &NodeArgs, workloads: &[Workload], cells: &[[Cell; 2]], facts: &[ServerFacts]) -> serde_json::Value {
+fn to_json(
+    args: &NodeArgs,
+    workloads: &[Workload],
+    cells: &[[Cell; 2]],
+    facts: &[ServerFacts],
+) -> serde_json::Value {
     json!({
         "settings": {
             "rounds": args.rounds, "duration_secs": args.duration_secs, "warmup_secs": args.warmup_secs,

@@ -69,12 +69,27 @@ struct Outcome {
 }
 
 pub fn run(args: &PoliciesArgs) -> anyhow::Result<()> {
-    ensure!(args.universe > 0 && args.universe <= u64::from(u32::MAX), "--universe must be between 1 and 2^32-1");
+    ensure!(
+        args.universe > 0 && args.universe <= u64::from(u32::MAX),
+        "--universe must be between 1 and 2^32-1"
+    );
     ensure!(args.requests > 0, "--requests must be at least 1");
-    ensure!((0.0..100.0).contains(&args.warmup_pct), "--warmup-pct must be in [0, 100)");
-    ensure!(args.shards_bits <= 8, "--shards-bits must be at most 8 (the store's limit)");
-    ensure!(args.cache_pcts.iter().all(|p| *p > 0.0 && *p <= 100.0), "--cache-pcts must be in (0, 100]");
-    ensure!(args.alphas.iter().all(|a| *a > 0.0 && a.is_finite()), "--alphas must be positive");
+    ensure!(
+        (0.0..100.0).contains(&args.warmup_pct),
+        "--warmup-pct must be in [0, 100)"
+    );
+    ensure!(
+        args.shards_bits <= 8,
+        "--shards-bits must be at most 8 (the store's limit)"
+    );
+    ensure!(
+        args.cache_pcts.iter().all(|p| *p > 0.0 && *p <= 100.0),
+        "--cache-pcts must be in (0, 100]"
+    );
+    ensure!(
+        args.alphas.iter().all(|a| *a > 0.0 && a.is_finite()),
+        "--alphas must be positive"
+    );
     let keys: Vec<[u8; KEY_LEN]> = (0..args.universe).map(key_for_rank).collect();
     let value = vec![b'v'; args.value_size];
     let warm = (args.requests as f64 * args.warmup_pct / 100.0) as usize;
@@ -82,7 +97,11 @@ pub fn run(args: &PoliciesArgs) -> anyhow::Result<()> {
     for &alpha in &args.alphas {
         let started = Instant::now();
         let trace = zipf_trace(args.universe, args.requests, alpha, args.seed)?;
-        eprintln!("zipf {alpha}: {} requests generated in {:.1?}", trace.len(), started.elapsed());
+        eprintln!(
+            "zipf {alpha}: {} requests generated in {:.1?}",
+            trace.len(),
+            started.elapsed()
+        );
         for &pct in &args.cache_pcts {
             let capacity_items = ((args.universe as f64 * pct / 100.0).round() as u64).max(1);
             let limit = capacity_items as usize * item_cost(KEY_LEN, args.value_size);
@@ -91,7 +110,9 @@ pub fn run(args: &PoliciesArgs) -> anyhow::Result<()> {
                 let store = Store::with_shards(limit, policy, args.shards_bits);
                 let hit_ratio = replay(&store, &trace, &keys, &value, warm);
                 let secs = started.elapsed().as_secs_f64();
-                store.check_invariants().map_err(|e| anyhow::anyhow!("store inconsistent after {policy}: {e}"))?;
+                store
+                    .check_invariants()
+                    .map_err(|e| anyhow::anyhow!("store inconsistent after {policy}: {e}"))?;
                 let o = Outcome {
                     alpha,
                     cache_pct: pct,
@@ -111,7 +132,10 @@ pub fn run(args: &PoliciesArgs) -> anyhow::Result<()> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(args, &outcomes))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&to_json(args, &outcomes))?
+        );
     } else {
         print!("{}", render(args, &outcomes));
     }
@@ -132,7 +156,9 @@ fn zipf_trace(universe: u64, requests: usize, alpha: f64, seed: u64) -> anyhow::
     let sampler = KeySampler::new(KeyDist::Zipf(alpha), universe, seed)?;
     let mut rng = SmallRng::seed_from_u64(seed);
     // Ranks fit u32: the universe is checked against u32::MAX.
-    Ok((0..requests).map(|_| sampler.rank(&mut rng) as u32).collect())
+    Ok((0..requests)
+        .map(|_| sampler.rank(&mut rng) as u32)
+        .collect())
 }
 
 /// Replays `trace` as a read-through cache; returns the hit ratio after the first `warm`.
@@ -149,7 +175,11 @@ fn replay(store: &Store, trace: &[u32], keys: &[[u8; KEY_LEN]], value: &[u8], wa
         }
     }
     let counted = trace.len().saturating_sub(warm);
-    if counted == 0 { f64::NAN } else { hits as f64 / counted as f64 }
+    if counted == 0 {
+        f64::NAN
+    } else {
+        hits as f64 / counted as f64
+    }
 }
 
 fn lru_of<'a>(outcomes: &'a [Outcome], o: &Outcome) -> Option<&'a Outcome> {
@@ -181,8 +211,9 @@ fn render(args: &PoliciesArgs, outcomes: &[Outcome]) -> String {
         "Mreq/s",
     ]);
     for o in outcomes {
-        let delta = lru_of(outcomes, o)
-            .map_or("-".to_string(), |b| format!("{:+.2}", 100.0 * (o.hit_ratio - b.hit_ratio)));
+        let delta = lru_of(outcomes, o).map_or("-".to_string(), |b| {
+            format!("{:+.2}", 100.0 * (o.hit_ratio - b.hit_ratio))
+        });
         t.row([
             o.alpha.to_string(),
             o.cache_pct.to_string(),
@@ -220,7 +251,8 @@ mod tests {
 
     #[test]
     fn rank_keys_are_distinct_and_fixed_length() {
-        let keys: std::collections::HashSet<[u8; KEY_LEN]> = (0..10_000).map(key_for_rank).collect();
+        let keys: std::collections::HashSet<[u8; KEY_LEN]> =
+            (0..10_000).map(key_for_rank).collect();
         assert_eq!(keys.len(), 10_000);
     }
 

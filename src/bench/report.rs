@@ -9,7 +9,10 @@ pub struct Table {
 
 impl Table {
     pub fn new<S: Into<String>>(header: impl IntoIterator<Item = S>) -> Table {
-        Table { header: header.into_iter().map(Into::into).collect(), rows: Vec::new() }
+        Table {
+            header: header.into_iter().map(Into::into).collect(),
+            rows: Vec::new(),
+        }
     }
 
     pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) {
@@ -18,7 +21,10 @@ impl Table {
 
     /// Renders with columns padded to their widest cell and a rule under the header.
     pub fn render(&self) -> String {
-        let cols = self.header.len().max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
+        let cols = self
+            .header
+            .len()
+            .max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
         let mut width = vec![0; cols];
         for row in std::iter::once(&self.header).chain(&self.rows) {
             for (i, cell) in row.iter().enumerate() {
@@ -29,7 +35,11 @@ impl Table {
             let cells: Vec<String> = (0..cols)
                 .map(|i| {
                     let cell = row.get(i).map_or("", String::as_str);
-                    if i == 0 { format!("{cell:<w$}", w = width[i]) } else { format!("{cell:>w$}", w = width[i]) }
+                    if i == 0 {
+                        format!("{cell:<w$}", w = width[i])
+                    } else {
+                        format!("{cell:>w$}", w = width[i])
+                    }
                 })
                 .collect();
             cells.join("  ").trim_end().to_string()
@@ -54,7 +64,11 @@ pub fn median(values: &[f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
 }
 
 /// An integer with thousands separators.
@@ -104,6 +118,9 @@ mod tests {
         let mut t = Table::new(["name", "value"]);
         t.row(["a", "1"]);
         t.row(["longer", "1000"]);
-        assert_eq!(t.render(), "name    value\n-------------\na           1\nlonger   1000\n");
+        assert_eq!(
+            t.render(),
+            "name    value\n-------------\na           1\nlonger   1000\n"
+        );
     }
 }

@@ -114,9 +114,18 @@ struct Part {
 }
 
 pub fn run(rt: &tokio::runtime::Runtime, args: RoutingArgs) -> anyhow::Result<()> {
-    ensure!(args.requests > 0 && args.rounds > 0, "--requests and --rounds must be at least 1");
-    ensure!(args.connections > 0 && args.threads > 0, "--connections and --threads must be at least 1");
-    ensure!(args.keys > 0 && args.value_size > 0, "--keys and --value-size must be at least 1");
+    ensure!(
+        args.requests > 0 && args.rounds > 0,
+        "--requests and --rounds must be at least 1"
+    );
+    ensure!(
+        args.connections > 0 && args.threads > 0,
+        "--connections and --threads must be at least 1"
+    );
+    ensure!(
+        args.keys > 0 && args.value_size > 0,
+        "--keys and --value-size must be at least 1"
+    );
     check_key_size(args.keys, args.key_size)?;
     // Runs on this (the main) thread: the child's death signal is tied to the thread that
     // spawned it, which must outlive it.
@@ -125,13 +134,36 @@ pub fn run(rt: &tokio::runtime::Runtime, args: RoutingArgs) -> anyhow::Result<()
 
 async fn measure(args: RoutingArgs) -> anyhow::Result<()> {
     let data_mib = (args.keys * (args.key_size + args.value_size + 64) as u64).div_ceil(1 << 20);
-    let spec = ServerSpec { threads: args.threads, memory_mib: (4 * data_mib).max(64), policy: None };
+    let spec = ServerSpec {
+        threads: args.threads,
+        memory_mib: (4 * data_mib).max(64),
+        policy: None,
+    };
     let mut server = ServerProcess::node(&spec).await?;
-    eprintln!("node: pid {} on {}; storing {} keys", server.pid(), server.addr, args.keys);
-    let refused = loadgen::fill(server.addr, args.keys, args.key_size, args.value_size, 4, 64).await?;
-    ensure!(refused == 0, "the node refused {refused} of the prefill sets");
+    eprintln!(
+        "node: pid {} on {}; storing {} keys",
+        server.pid(),
+        server.addr,
+        args.keys
+    );
+    let refused = loadgen::fill(
+        server.addr,
+        args.keys,
+        args.key_size,
+        args.value_size,
+        4,
+        64,
+    )
+    .await?;
+    ensure!(
+        refused == 0,
+        "the node refused {refused} of the prefill sets"
+    );
 
-    let options = ClientOptions { max_connections_per_node: args.connections, ..ClientOptions::default() };
+    let options = ClientOptions {
+        max_connections_per_node: args.connections,
+        ..ClientOptions::default()
+    };
     let addr = server.addr.to_string();
     let ring = Ring::from_addresses(1, [addr.clone()]).context("building the one-member ring")?;
     let clients = [
@@ -156,7 +188,8 @@ async fn measure(args: RoutingArgs) -> anyhow::Result<()> {
             let parts = drive(client, &args, args.requests, seed).await?;
             let elapsed = started.elapsed();
             let cpu = own_cpu_time()?.saturating_sub(cpu_before);
-            cell.cpu_per_request.push(cpu.as_nanos() as f64 / args.requests as f64);
+            cell.cpu_per_request
+                .push(cpu.as_nanos() as f64 / args.requests as f64);
             let throughput = args.requests as f64 / elapsed.as_secs_f64();
             let mut run_latency = loadgen::new_histogram()?;
             for part in parts {
@@ -207,7 +240,12 @@ fn own_cpu_time() -> anyhow::Result<Duration> {
 }
 
 /// Runs `requests` gets through `client` from `args.connections` tasks in a closed loop.
-async fn drive(client: &Arc<Client>, args: &RoutingArgs, requests: u64, seed: u64) -> anyhow::Result<Vec<Part>> {
+async fn drive(
+    client: &Arc<Client>,
+    args: &RoutingArgs,
+    requests: u64,
+    seed: u64,
+) -> anyhow::Result<Vec<Part>> {
     let next = Arc::new(AtomicU64::new(0));
     let order = Permutation::new(args.keys, seed);
     let mut tasks = JoinSet::new();
@@ -215,8 +253,13 @@ async fn drive(client: &Arc<Client>, args: &RoutingArgs, requests: u64, seed: u6
         let (client, next) = (client.clone(), next.clone());
         let (keys, key_size, value_size) = (args.keys, args.key_size, args.value_size);
         tasks.spawn(async move {
-            let mut part =
-                Part { latency: loadgen::new_histogram()?, hits: 0, misses: 0, errors: 0, first_error: None };
+            let mut part = Part {
+                latency: loadgen::new_histogram()?,
+                hits: 0,
+                misses: 0,
+                errors: 0,
+                first_error: None,
+            };
             let mut key = Vec::with_capacity(key_size);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -227,11 +270,16 @@ async fn drive(client: &Arc<Client>, args: &RoutingArgs, requests: u64, seed: u6
                 write_key(&mut key, order.apply(i % keys), key_size);
                 let sent = Instant::now();
                 let reply = client.get(&key).await;
-                let ns = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+                let ns = u64::try_from(sent.elapsed().as_nanos())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
                 part.latency.saturating_record(ns);
                 match reply {
                     Ok(Some(v)) if v.data.len() == value_size => part.hits += 1,
-                    Ok(Some(v)) => bail!("a {}-byte value where {value_size} bytes were stored", v.data.len()),
+                    Ok(Some(v)) => bail!(
+                        "a {}-byte value where {value_size} bytes were stored",
+                        v.data.len()
+                    ),
                     Ok(None) => part.misses += 1,
                     Err(err) => {
                         part.errors += 1;
@@ -292,10 +340,22 @@ fn render(args: &RoutingArgs, clients: &[Arc<Client>; 2], cells: &[Cell; 2]) -> 
     let [node, pool] = cells;
     // Rounds are paired (same seed, back to back), so the per-round ratio cancels the drift
     // between rounds that the medians above still carry.
-    let ratios: Vec<f64> = pool.throughputs.iter().zip(&node.throughputs).map(|(p, n)| p / n).collect();
-    let cpu_diffs: Vec<f64> = pool.cpu_per_request.iter().zip(&node.cpu_per_request).map(|(p, n)| p - n).collect();
+    let ratios: Vec<f64> = pool
+        .throughputs
+        .iter()
+        .zip(&node.throughputs)
+        .map(|(p, n)| p / n)
+        .collect();
+    let cpu_diffs: Vec<f64> = pool
+        .cpu_per_request
+        .iter()
+        .zip(&node.cpu_per_request)
+        .map(|(p, n)| p - n)
+        .collect();
     let diff = |q: f64| (pool.q(q) as f64 - node.q(q) as f64) / 1000.0;
-    let list = |v: &[f64], f: &dyn Fn(f64) -> String| v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(", ");
+    let list = |v: &[f64], f: &dyn Fn(f64) -> String| {
+        v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(", ")
+    };
     out.push_str(&format!(
         "\npool over node: throughput {:.3}x (median of per-round ratios {}), \
          p50 {:+.1} us, p99 {:+.1} us, client CPU {:+.2} us/req (median of per-round differences {})\n",

@@ -41,7 +41,12 @@ impl ServerProcess {
             let port = free_port()?;
             let mut cmd = Command::new(bin);
             cmd.args(["-p", &port.to_string(), "-U", "0", "-l", "127.0.0.1"])
-                .args(["-t", &spec.threads.to_string(), "-m", &spec.memory_mib.to_string()]);
+                .args([
+                    "-t",
+                    &spec.threads.to_string(),
+                    "-m",
+                    &spec.memory_mib.to_string(),
+                ]);
             // SAFETY: geteuid has no preconditions and cannot fail.
             if unsafe { libc::geteuid() } == 0 {
                 // memcached refuses to run as root unless told which user to be.
@@ -94,7 +99,11 @@ impl ServerProcess {
     /// Fails if the process has exited, with the end of its log.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited ({status}); its log ends with:\n{}", self.name, self.log_tail());
+            bail!(
+                "{} exited ({status}); its log ends with:\n{}",
+                self.name,
+                self.log_tail()
+            );
         }
         Ok(())
     }
@@ -123,7 +132,12 @@ impl ServerProcess {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} did not answer on {} within {timeout:?}; log:\n{}", self.name, self.addr, self.log_tail());
+                bail!(
+                    "{} did not answer on {} within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.addr,
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -135,7 +149,9 @@ impl ServerProcess {
             let _ = f.read_to_string(&mut text);
         }
         let start = text.len().saturating_sub(2000);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
         text[start..].to_string()
     }
 }
@@ -175,9 +191,15 @@ async fn start_with_retries(
 }
 
 fn spawn(name: &'static str, mut cmd: Command, port: u16) -> anyhow::Result<ServerProcess> {
-    let log = std::env::temp_dir().join(format!("cachepool-bench-{name}-{}-{port}.log", std::process::id()));
-    let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
+    let log = std::env::temp_dir().join(format!(
+        "cachepool-bench-{name}-{}-{port}.log",
+        std::process::id()
+    ));
+    let file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
     // SAFETY: the closure runs in the forked child before exec and only makes one
     // async-signal-safe system call.
     unsafe {
@@ -195,7 +217,12 @@ fn spawn(name: &'static str, mut cmd: Command, port: u16) -> anyhow::Result<Serv
             cmd.get_program()
         )
     })?;
-    Ok(ServerProcess { name, addr: SocketAddr::from(([127, 0, 0, 1], port)), child, log })
+    Ok(ServerProcess {
+        name,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        child,
+        log,
+    })
 }
 
 async fn answers_version(addr: SocketAddr) -> bool {
@@ -206,7 +233,10 @@ async fn answers_version(addr: SocketAddr) -> bool {
         let n = s.read(&mut buf).await?;
         std::io::Result::Ok(buf[..n].starts_with(b"VERSION "))
     };
-    matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Ok(true)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Ok(true))
+    )
 }
 
 /// VmRSS from a /proc/PID/status text, in bytes.

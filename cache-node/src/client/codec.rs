@@ -79,16 +79,35 @@ pub(crate) fn encode_store(
 /// was deleted there recently (Cachepool's `Z`), returning the stored copy's CAS value; the
 /// data block follows.
 pub(crate) fn encode_meta_add(out: &mut Vec<u8>, key: &[u8], flags: u32, exptime: u32, len: usize) {
-    let (mut l, mut f, mut e) = (itoa::Buffer::new(), itoa::Buffer::new(), itoa::Buffer::new());
+    let (mut l, mut f, mut e) = (
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+    );
     let flags = [b"F", f.format(flags).as_bytes()].concat();
     let exptime = [b"T", e.format(exptime).as_bytes()].concat();
-    command(out, &[b"ms", key, l.format(len).as_bytes(), &flags, &exptime, b"ME", b"Z", b"c"]);
+    command(
+        out,
+        &[
+            b"ms",
+            key,
+            l.format(len).as_bytes(),
+            &flags,
+            &exptime,
+            b"ME",
+            b"Z",
+            b"c",
+        ],
+    );
 }
 
 /// `md <key> C<cas>`: delete only that version of the item.
 pub(crate) fn encode_meta_delete_cas(out: &mut Vec<u8>, key: &[u8], cas: u64) {
     let mut c = itoa::Buffer::new();
-    command(out, &[b"md", key, &[b"C", c.format(cas).as_bytes()].concat()]);
+    command(
+        out,
+        &[b"md", key, &[b"C", c.format(cas).as_bytes()].concat()],
+    );
 }
 
 /// `delete <key>`.

@@ -180,8 +180,11 @@ impl NodeClient {
                 self.inner.options.max_value_bytes
             )));
         }
-        let encode = |out: &mut Vec<u8>| codec::encode_meta_add(out, key, flags, exptime, data.len());
-        let (cas, _) = self.call("ms", encode, Some(data), codec::parse_meta_add).await?;
+        let encode =
+            |out: &mut Vec<u8>| codec::encode_meta_add(out, key, flags, exptime, data.len());
+        let (cas, _) = self
+            .call("ms", encode, Some(data), codec::parse_meta_add)
+            .await?;
         Ok(cas)
     }
 
@@ -189,7 +192,9 @@ impl NodeClient {
     pub async fn delete_if_cas(&self, key: impl AsRef<[u8]>, cas: u64) -> Result<bool> {
         let key = check_key(key.as_ref())?;
         let encode = |out: &mut Vec<u8>| codec::encode_meta_delete_cas(out, key, cas);
-        let (deleted, _) = self.call("md", encode, None, codec::parse_meta_delete).await?;
+        let (deleted, _) = self
+            .call("md", encode, None, codec::parse_meta_delete)
+            .await?;
         Ok(deleted)
     }
 

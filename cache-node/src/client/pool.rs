@@ -346,7 +346,10 @@ async fn copy_forward(
     let Some(exptime) = exptime_for_remaining(ttl, unix_now()) else {
         return Forward::Expiring;
     };
-    let copy_cas = match owner.add_returning_cas(key, &value.data, value.flags, exptime).await {
+    let copy_cas = match owner
+        .add_returning_cas(key, &value.data, value.flags, exptime)
+        .await
+    {
         Ok(Some(cas)) => cas,
         Ok(None) => return Forward::AlreadyThere,
         Err(err) => return Forward::Failed(err),

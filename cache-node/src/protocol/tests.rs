@@ -23,7 +23,14 @@ fn err(input: &[u8]) -> &'static str {
 
 #[test]
 fn partial_input_needs_more_bytes() {
-    for partial in [&b""[..], b"get", b"get foo\r", b"set k 0 0 5\r\n", b"set k 0 0 5\r\nabc", b"set k 0 0 5\r\nhello\r"] {
+    for partial in [
+        &b""[..],
+        b"get",
+        b"get foo\r",
+        b"set k 0 0 5\r\n",
+        b"set k 0 0 5\r\nabc",
+        b"set k 0 0 5\r\nhello\r",
+    ] {
         assert_eq!(p(partial), None, "{:?}", String::from_utf8_lossy(partial));
     }
 }
@@ -31,21 +38,55 @@ fn partial_input_needs_more_bytes() {
 #[test]
 fn retrievals() {
     match cmd(b"get a bb  ccc\r\n") {
-        Command::Get { keys, cas: false, touch: None } => {
-            assert_eq!(keys.iter().collect::<Vec<_>>(), vec![&b"a"[..], b"bb", b"ccc"]);
+        Command::Get {
+            keys,
+            cas: false,
+            touch: None,
+        } => {
+            assert_eq!(
+                keys.iter().collect::<Vec<_>>(),
+                vec![&b"a"[..], b"bb", b"ccc"]
+            );
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(cmd(b"gets a\n"), Command::Get { cas: true, touch: None, .. }));
-    assert!(matches!(cmd(b"gat 10 a b\r\n"), Command::Get { cas: false, touch: Some(10), .. }));
-    assert!(matches!(cmd(b"gats -1 a\r\n"), Command::Get { cas: true, touch: Some(-1), .. }));
+    assert!(matches!(
+        cmd(b"gets a\n"),
+        Command::Get {
+            cas: true,
+            touch: None,
+            ..
+        }
+    ));
+    assert!(matches!(
+        cmd(b"gat 10 a b\r\n"),
+        Command::Get {
+            cas: false,
+            touch: Some(10),
+            ..
+        }
+    ));
+    assert!(matches!(
+        cmd(b"gats -1 a\r\n"),
+        Command::Get {
+            cas: true,
+            touch: Some(-1),
+            ..
+        }
+    ));
     assert_eq!(err(b"get\r\n"), ERROR);
     assert_eq!(err(b"gat 10\r\n"), ERROR);
     assert_eq!(err(b"gat x a\r\n"), BAD_EXPTIME);
     let long = format!("get {}\r\n", "k".repeat(251));
     assert_eq!(err(long.as_bytes()), BAD_FORMAT);
     assert_eq!(err(b"get a\x01b\r\n"), BAD_FORMAT);
-    let many = format!("get {}\r\n", (0..1000).map(|i| format!("key{i}")).collect::<Vec<_>>().join(" "));
+    let many = format!(
+        "get {}\r\n",
+        (0..1000)
+            .map(|i| format!("key{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     match cmd(many.as_bytes()) {
         Command::Get { keys, .. } => assert_eq!(keys.iter().count(), 1000),
         other => panic!("{other:?}"),
@@ -57,20 +98,58 @@ fn storage_commands_carry_binary_data() {
     let input = b"set k 5 100 7 noreply\r\na\r\nb\0c\r\r\n";
     assert_eq!(
         cmd(input),
-        Command::Store { cmd: StoreCmd::Set, key: b"k", flags: 5, exptime: 100, data: b"a\r\nb\0c\r", noreply: true }
+        Command::Store {
+            cmd: StoreCmd::Set,
+            key: b"k",
+            flags: 5,
+            exptime: 100,
+            data: b"a\r\nb\0c\r",
+            noreply: true
+        }
     );
-    assert!(matches!(cmd(b"cas k 0 0 1 99\r\nx\r\n"), Command::Store { cmd: StoreCmd::Cas(99), noreply: false, .. }));
-    assert!(matches!(cmd(b"prepend k 0 0 0\r\n\r\n"), Command::Store { cmd: StoreCmd::Prepend, data: b"", .. }));
-    assert!(matches!(cmd(b"set k 4294967295 -1 1\r\nx\r\n"), Command::Store { flags: u32::MAX, exptime: -1, .. }));
+    assert!(matches!(
+        cmd(b"cas k 0 0 1 99\r\nx\r\n"),
+        Command::Store {
+            cmd: StoreCmd::Cas(99),
+            noreply: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        cmd(b"prepend k 0 0 0\r\n\r\n"),
+        Command::Store {
+            cmd: StoreCmd::Prepend,
+            data: b"",
+            ..
+        }
+    ));
+    assert!(matches!(
+        cmd(b"set k 4294967295 -1 1\r\nx\r\n"),
+        Command::Store {
+            flags: u32::MAX,
+            exptime: -1,
+            ..
+        }
+    ));
 }
 
 #[test]
 fn bad_storage_lines_are_rejected_and_data_swallowed() {
     let swallow = |input: &[u8]| match p(input) {
-        Some((Frame::Swallow { reply: Some(reply), bytes, .. }, n)) => (reply, bytes, n),
+        Some((
+            Frame::Swallow {
+                reply: Some(reply),
+                bytes,
+                ..
+            },
+            n,
+        )) => (reply, bytes, n),
         other => panic!("{:?} parsed as {other:?}", String::from_utf8_lossy(input)),
     };
-    assert_eq!(swallow(b"set k 0 0 16777217\r\n"), (TOO_LARGE, 16_777_219, 20));
+    assert_eq!(
+        swallow(b"set k 0 0 16777217\r\n"),
+        (TOO_LARGE, 16_777_219, 20)
+    );
     let long_key = format!("set {} 0 0 1\r\n", "k".repeat(251));
     assert_eq!(swallow(long_key.as_bytes()).0, BAD_FORMAT);
     assert_eq!(swallow(b"set k 4294967296 0 1\r\n").0, BAD_FORMAT);
@@ -83,14 +162,35 @@ fn bad_storage_lines_are_rejected_and_data_swallowed() {
     assert_eq!(err(b"set k 0 0\r\n"), ERROR);
     assert_eq!(err(b"set k 0 0 1 2 3\r\n"), ERROR);
     // One extra token is ignored, as memcached does.
-    assert!(matches!(cmd(b"set k 0 0 1 extra\r\nx\r\n"), Command::Store { noreply: false, .. }));
+    assert!(matches!(
+        cmd(b"set k 0 0 1 extra\r\nx\r\n"),
+        Command::Store { noreply: false, .. }
+    ));
     // A refused set removes the old value; add does not.
-    assert!(matches!(p(b"set k 0 0 16777217\r\n"), Some((Frame::Swallow { unlink: Some(b"k"), .. }, _))));
-    assert!(matches!(p(b"add k 0 0 16777217\r\n"), Some((Frame::Swallow { unlink: None, .. }, _))));
+    assert!(matches!(
+        p(b"set k 0 0 16777217\r\n"),
+        Some((
+            Frame::Swallow {
+                unlink: Some(b"k"),
+                ..
+            },
+            _
+        ))
+    ));
+    assert!(matches!(
+        p(b"add k 0 0 16777217\r\n"),
+        Some((Frame::Swallow { unlink: None, .. }, _))
+    ));
     // noreply silences errors of a recognised command.
-    assert!(matches!(p(b"set k 0 0 16777217 noreply\r\n"), Some((Frame::Swallow { reply: None, .. }, _))));
+    assert!(matches!(
+        p(b"set k 0 0 16777217 noreply\r\n"),
+        Some((Frame::Swallow { reply: None, .. }, _))
+    ));
     assert_eq!(p(b"incr k x noreply\r\n").map(|f| f.0), Some(Frame::Silent));
-    assert_eq!(p(b"set k 0 0 1 noreply\r\nxy\r\n").map(|f| f.0), Some(Frame::Silent));
+    assert_eq!(
+        p(b"set k 0 0 1 noreply\r\nxy\r\n").map(|f| f.0),
+        Some(Frame::Silent)
+    );
     // Data block of the wrong length: the declared bytes and two more are consumed.
     match p(b"set k 0 0 3\r\nabcd\r\n") {
         Some((Frame::Error(BAD_CHUNK), n)) => assert_eq!(n, 13 + 5),
@@ -100,27 +200,84 @@ fn bad_storage_lines_are_rejected_and_data_swallowed() {
 
 #[test]
 fn other_commands() {
-    assert_eq!(cmd(b"delete k\r\n"), Command::Delete { key: b"k", noreply: false });
-    assert_eq!(cmd(b"delete k 0 noreply\r\n"), Command::Delete { key: b"k", noreply: true });
+    assert_eq!(
+        cmd(b"delete k\r\n"),
+        Command::Delete {
+            key: b"k",
+            noreply: false
+        }
+    );
+    assert_eq!(
+        cmd(b"delete k 0 noreply\r\n"),
+        Command::Delete {
+            key: b"k",
+            noreply: true
+        }
+    );
     assert_eq!(err(b"delete k 5\r\n"), DELETE_USAGE);
-    assert_eq!(cmd(b"incr n 18446744073709551615\r\n"), Command::Arith { incr: true, key: b"n", delta: u64::MAX, noreply: false });
+    assert_eq!(
+        cmd(b"incr n 18446744073709551615\r\n"),
+        Command::Arith {
+            incr: true,
+            key: b"n",
+            delta: u64::MAX,
+            noreply: false
+        }
+    );
     assert_eq!(err(b"decr n -1\r\n"), BAD_DELTA);
     assert_eq!(err(b"incr n 18446744073709551616\r\n"), BAD_DELTA);
-    assert_eq!(cmd(b"touch k 10 noreply\r\n"), Command::Touch { key: b"k", exptime: 10, noreply: true });
+    assert_eq!(
+        cmd(b"touch k 10 noreply\r\n"),
+        Command::Touch {
+            key: b"k",
+            exptime: 10,
+            noreply: true
+        }
+    );
     assert_eq!(err(b"touch k soon\r\n"), BAD_EXPTIME);
-    assert_eq!(cmd(b"flush_all\r\n"), Command::FlushAll { delay: 0, noreply: false });
-    assert_eq!(cmd(b"flush_all 5 noreply\r\n"), Command::FlushAll { delay: 5, noreply: true });
-    assert_eq!(cmd(b"flush_all noreply\r\n"), Command::FlushAll { delay: 0, noreply: true });
+    assert_eq!(
+        cmd(b"flush_all\r\n"),
+        Command::FlushAll {
+            delay: 0,
+            noreply: false
+        }
+    );
+    assert_eq!(
+        cmd(b"flush_all 5 noreply\r\n"),
+        Command::FlushAll {
+            delay: 5,
+            noreply: true
+        }
+    );
+    assert_eq!(
+        cmd(b"flush_all noreply\r\n"),
+        Command::FlushAll {
+            delay: 0,
+            noreply: true
+        }
+    );
     assert_eq!(err(b"flush_all soon\r\n"), BAD_EXPTIME);
     assert_eq!(cmd(b"stats\r\n"), Command::Stats(StatsCmd::General));
-    assert_eq!(cmd(b"stats settings\r\n"), Command::Stats(StatsCmd::Settings));
+    assert_eq!(
+        cmd(b"stats settings\r\n"),
+        Command::Stats(StatsCmd::Settings)
+    );
     assert_eq!(cmd(b"stats reset\r\n"), Command::Stats(StatsCmd::Reset));
     assert_eq!(err(b"stats nonsense\r\n"), ERROR);
     assert_eq!(cmd(b"version\r\n"), Command::Version);
-    assert_eq!(cmd(b"verbosity 1\r\n"), Command::Verbosity { noreply: false });
+    assert_eq!(
+        cmd(b"verbosity 1\r\n"),
+        Command::Verbosity { noreply: false }
+    );
     assert_eq!(err(b"verbosity\r\n"), ERROR);
     assert_eq!(cmd(b"quit\r\n"), Command::Quit);
-    assert_eq!(cmd(b"cache_memlimit 128\r\n"), Command::CacheMemlimit { mib: 128, noreply: false });
+    assert_eq!(
+        cmd(b"cache_memlimit 128\r\n"),
+        Command::CacheMemlimit {
+            mib: 128,
+            noreply: false
+        }
+    );
     assert_eq!(err(b"GET k\r\n"), ERROR);
     assert_eq!(err(b"\r\n"), ERROR);
     assert_eq!(err(b"\xff\xfe\x00garbage\r\n"), ERROR);
@@ -144,7 +301,11 @@ fn exptime_rules() {
     assert_eq!(absolute_expiry(-1, now), now);
     assert_eq!(absolute_expiry(60 * 60 * 24 * 30, now), now + 2_592_000);
     assert_eq!(absolute_expiry(1_800_000_000, now), 1_800_000_000);
-    assert_eq!(absolute_expiry(2_600_000, now), 2_600_000, "absolute time in the past");
+    assert_eq!(
+        absolute_expiry(2_600_000, now),
+        2_600_000,
+        "absolute time in the past"
+    );
 }
 
 #[test]
@@ -152,13 +313,27 @@ fn meta_get_and_noop() {
     match cmd(b"mg key v f t c k s q Oab12 T30\r\n") {
         Command::MetaGet { key, flags } => {
             assert_eq!(key, b"key");
-            assert!(flags.value && flags.client_flags && flags.ttl && flags.cas && flags.key && flags.size && flags.quiet);
+            assert!(
+                flags.value
+                    && flags.client_flags
+                    && flags.ttl
+                    && flags.cas
+                    && flags.key
+                    && flags.size
+                    && flags.quiet
+            );
             assert_eq!(flags.opaque, Some(&b"ab12"[..]));
             assert_eq!(flags.touch, Some(30));
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(cmd(b"mg key\r\n"), Command::MetaGet { key: b"key", flags: MetaGetFlags::default() });
+    assert_eq!(
+        cmd(b"mg key\r\n"),
+        Command::MetaGet {
+            key: b"key",
+            flags: MetaGetFlags::default()
+        }
+    );
     assert_eq!(cmd(b"mn\r\n"), Command::MetaNoop);
     assert_eq!(err(b"mg\r\n"), BAD_FORMAT);
     assert_eq!(err(b"mg key z\r\n"), "CLIENT_ERROR invalid flag");
@@ -171,7 +346,10 @@ fn meta_set_and_delete() {
         Command::MetaSet { key, data, flags } => {
             assert_eq!((key, data), (&b"key"[..], &b"abc"[..]));
             assert_eq!(flags.mode, StoreCmd::Add);
-            assert_eq!((flags.client_flags, flags.ttl, flags.compare_cas), (5, 100, Some(7)));
+            assert_eq!(
+                (flags.client_flags, flags.ttl, flags.compare_cas),
+                (5, 100, Some(7))
+            );
             assert!(flags.return_cas && flags.return_key && flags.quiet);
             assert_eq!(flags.opaque, Some(&b"z"[..]));
         }
@@ -179,11 +357,30 @@ fn meta_set_and_delete() {
     }
     assert_eq!(p(b"ms key 3\r\nab"), None, "waits for the data block");
     assert_eq!(err(b"ms key x\r\n"), BAD_FORMAT);
-    assert!(matches!(p(b"ms key 1 Mx\r\n"), Some((Frame::Swallow { bytes: 3, .. }, _))));
-    assert!(matches!(p(b"ms key 16777217\r\n"), Some((Frame::Swallow { reply: Some(TOO_LARGE), .. }, _))));
+    assert!(matches!(
+        p(b"ms key 1 Mx\r\n"),
+        Some((Frame::Swallow { bytes: 3, .. }, _))
+    ));
+    assert!(matches!(
+        p(b"ms key 16777217\r\n"),
+        Some((
+            Frame::Swallow {
+                reply: Some(TOO_LARGE),
+                ..
+            },
+            _
+        ))
+    ));
     assert_eq!(
         cmd(b"md key C9 q\r\n"),
-        Command::MetaDelete { key: b"key", flags: MetaDeleteFlags { compare_cas: Some(9), quiet: true, ..Default::default() } }
+        Command::MetaDelete {
+            key: b"key",
+            flags: MetaDeleteFlags {
+                compare_cas: Some(9),
+                quiet: true,
+                ..Default::default()
+            }
+        }
     );
     assert_eq!(err(b"md key Cx\r\n"), BAD_FORMAT);
 }

@@ -35,7 +35,11 @@ struct Class {
     end: *mut u8,
 }
 
-const EMPTY: Class = Class { free: ptr::null_mut(), bump: ptr::null_mut(), end: ptr::null_mut() };
+const EMPTY: Class = Class {
+    free: ptr::null_mut(),
+    bump: ptr::null_mut(),
+    end: ptr::null_mut(),
+};
 
 /// A slab arena. Must be `reset` (or dropped) only when no allocation from it is in use.
 pub struct Arena {
@@ -48,20 +52,29 @@ unsafe impl Send for Arena {}
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena").field("pages", &self.pages.len()).finish()
+        f.debug_struct("Arena")
+            .field("pages", &self.pages.len())
+            .finish()
     }
 }
 
 impl Default for Arena {
     fn default() -> Self {
-        Arena { classes: Box::new([EMPTY; CLASSES]), pages: Vec::new() }
+        Arena {
+            classes: Box::new([EMPTY; CLASSES]),
+            pages: Vec::new(),
+        }
     }
 }
 
 /// The size an allocation of `size` bytes really takes (its chunk or, for large ones, the
 /// request rounded to the allocator's 16 bytes plus its 8-byte header).
 pub fn chunk_size(size: usize) -> usize {
-    if size <= SMALL_MAX { size.max(STEP).next_multiple_of(STEP) } else { (size + 8).next_multiple_of(16) }
+    if size <= SMALL_MAX {
+        size.max(STEP).next_multiple_of(STEP)
+    } else {
+        (size + 8).next_multiple_of(16)
+    }
 }
 
 fn large_layout(size: usize) -> Layout {
@@ -90,7 +103,8 @@ impl Arena {
         if class.bump.is_null() || (class.end as usize - class.bump as usize) < chunk {
             // SAFETY: PAGE_LAYOUT has non-zero size.
             let raw = unsafe { alloc(PAGE_LAYOUT) };
-            let page = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(PAGE_LAYOUT));
+            let page =
+                NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(PAGE_LAYOUT));
             self.pages.push(page);
             let class = &mut self.classes[chunk / STEP];
             class.bump = page.as_ptr();

@@ -42,7 +42,14 @@ unsafe impl Sync for Item {}
 impl Item {
     /// Allocates an item in `arena`. `key` must be at most 255 bytes (the protocol limits keys
     /// to 250).
-    pub fn new(arena: &mut Arena, key: &[u8], value: &[u8], flags: u32, expiry: u32, cas: u64) -> Item {
+    pub fn new(
+        arena: &mut Arena,
+        key: &[u8],
+        value: &[u8],
+        flags: u32,
+        expiry: u32,
+        cas: u64,
+    ) -> Item {
         debug_assert!(key.len() <= usize::from(u8::MAX));
         let key_len = key.len().min(usize::from(u8::MAX));
         let value_len = u32::try_from(value.len()).unwrap_or(u32::MAX) as usize;
@@ -53,9 +60,15 @@ impl Item {
         unsafe {
             let base = ptr.as_ptr();
             base.add(CAS).cast::<[u8; 6]>().write_unaligned(cas48(cas));
-            base.add(EXPIRY).cast::<[u8; 4]>().write_unaligned(expiry.to_le_bytes());
-            base.add(FLAGS).cast::<[u8; 4]>().write_unaligned(flags.to_le_bytes());
-            base.add(VLEN).cast::<[u8; 4]>().write_unaligned((value_len as u32).to_le_bytes());
+            base.add(EXPIRY)
+                .cast::<[u8; 4]>()
+                .write_unaligned(expiry.to_le_bytes());
+            base.add(FLAGS)
+                .cast::<[u8; 4]>()
+                .write_unaligned(flags.to_le_bytes());
+            base.add(VLEN)
+                .cast::<[u8; 4]>()
+                .write_unaligned((value_len as u32).to_le_bytes());
             base.add(KLEN).write(key_len as u8);
             base.add(BITS).write(0);
             std::ptr::copy_nonoverlapping(key.as_ptr(), base.add(HEADER_LEN), key_len);
@@ -87,7 +100,13 @@ impl Item {
 
     fn set_header<const N: usize>(&mut self, at: usize, bytes: [u8; N]) {
         // SAFETY: as in `header`, and `&mut self` gives exclusive access.
-        unsafe { self.ptr.as_ptr().add(at).cast::<[u8; N]>().write_unaligned(bytes) }
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(at)
+                .cast::<[u8; N]>()
+                .write_unaligned(bytes)
+        }
     }
 
     pub fn cas(&self) -> u64 {
@@ -172,7 +191,14 @@ mod tests {
     #[test]
     fn fields_round_trip() {
         let mut arena = Arena::default();
-        let mut item = Item::new(&mut arena, b"key", b"value\r\n\0bytes", 0xdead_beef, 1234, CAS_MASK - 1);
+        let mut item = Item::new(
+            &mut arena,
+            b"key",
+            b"value\r\n\0bytes",
+            0xdead_beef,
+            1234,
+            CAS_MASK - 1,
+        );
         assert_eq!(item.key(), b"key");
         assert_eq!(item.value(), b"value\r\n\0bytes");
         assert_eq!(item.flags(), 0xdead_beef);

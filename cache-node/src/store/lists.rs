@@ -20,7 +20,12 @@ pub struct Queue {
 
 impl Default for Queue {
     fn default() -> Self {
-        Queue { head: NIL, tail: NIL, len: 0, bytes: 0 }
+        Queue {
+            head: NIL,
+            tail: NIL,
+            len: 0,
+            bytes: 0,
+        }
     }
 }
 
@@ -39,14 +44,20 @@ impl fmt::Debug for Link {
 
 impl Default for Link {
     fn default() -> Self {
-        Link { prev: NIL, next: NIL }
+        Link {
+            prev: NIL,
+            next: NIL,
+        }
     }
 }
 
 /// Inserts `id` at the head (the "newest" end) of `q`.
 pub fn push_head(links: &mut [Link], q: &mut Queue, id: u32, cost: usize) {
     let old = q.head;
-    links[id as usize] = Link { prev: NIL, next: old };
+    links[id as usize] = Link {
+        prev: NIL,
+        next: old,
+    };
     if old == NIL {
         q.tail = id;
     } else {

@@ -23,8 +23,8 @@ use std::sync::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 pub use item::Item;
-pub use shard::{SLOT_OVERHEAD, TOMBSTONE_SECS, hash_key, item_cost};
 use shard::Shard;
+pub use shard::{SLOT_OVERHEAD, TOMBSTONE_SECS, hash_key, item_cost};
 
 /// Replacement policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -63,7 +63,9 @@ impl FromStr for Policy {
             "lru" => Ok(Policy::Lru),
             "random" => Ok(Policy::Random),
             "sieve" => Ok(Policy::Sieve),
-            other => Err(format!("unknown policy {other:?}: expected lru, random or sieve")),
+            other => Err(format!(
+                "unknown policy {other:?}: expected lru, random or sieve"
+            )),
         }
     }
 }
@@ -231,7 +233,9 @@ impl Store {
         let shard_bits = shard_bits.min(8);
         let n = 1usize << shard_bits;
         let share = limit_bytes / n;
-        let shards = (0..n).map(|i| Mutex::new(Shard::new(i, shard_bits, policy, share))).collect();
+        let shards = (0..n)
+            .map(|i| Mutex::new(Shard::new(i, shard_bits, policy, share)))
+            .collect();
         Store {
             shards,
             shard_bits,
@@ -243,7 +247,11 @@ impl Store {
 
     fn shard_index(&self, hash: u64) -> usize {
         // The top bits: the index uses the low bits for its buckets.
-        if self.shard_bits == 0 { 0 } else { (hash >> (64 - self.shard_bits)) as usize }
+        if self.shard_bits == 0 {
+            0
+        } else {
+            (hash >> (64 - self.shard_bits)) as usize
+        }
     }
 
     fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
@@ -306,7 +314,14 @@ impl Store {
                 }
                 shard.on_hit(id);
                 let item = shard.item(id);
-                read(ItemMeta { flags: item.flags(), cas: item.cas(), expiry: item.expiry() }, item.value());
+                read(
+                    ItemMeta {
+                        flags: item.flags(),
+                        cas: item.cas(),
+                        expiry: item.expiry(),
+                    },
+                    item.value(),
+                );
                 true
             }
             other => {
@@ -351,7 +366,9 @@ impl Store {
                 Attempt::Done(outcome, cas) => return (outcome, cas),
                 // Our shard had nothing left to evict: free space in the others without
                 // holding our lock, then decide again from scratch (nothing was changed).
-                Attempt::NeedSpace(bytes) => self.evict_elsewhere(bytes, now, Some(self.shard_of(key))),
+                Attempt::NeedSpace(bytes) => {
+                    self.evict_elsewhere(bytes, now, Some(self.shard_of(key)))
+                }
             }
         }
     }
@@ -372,7 +389,10 @@ impl Store {
         };
         // Decide, and build the new value for append/prepend.
         let mut combined = None;
-        if mode == StoreMode::AddUnlessDeleted && existing.is_none() && shard.recently_deleted(hash, now) {
+        if mode == StoreMode::AddUnlessDeleted
+            && existing.is_none()
+            && shard.recently_deleted(hash, now)
+        {
             return self.refuse(&mut shard, StoreOutcome::NotStored);
         }
         let (flags, expiry) = match (mode, existing) {
@@ -556,7 +576,13 @@ impl Store {
         }
     }
 
-    fn try_arith(&self, key: &[u8], incr: bool, delta: u64, now: u32) -> Result<ArithOutcome, usize> {
+    fn try_arith(
+        &self,
+        key: &[u8],
+        incr: bool,
+        delta: u64,
+        now: u32,
+    ) -> Result<ArithOutcome, usize> {
         let (hash, _, mut shard) = self.locked(key, now);
         let id = match Self::lookup(&mut shard, key, hash, now, &self.used) {
             Lookup::Live(id) => id,
@@ -572,7 +598,11 @@ impl Store {
         let Some(current) = parse_counter(shard.item(id).value()) else {
             return Ok(ArithOutcome::NonNumeric);
         };
-        let new = if incr { current.wrapping_add(delta) } else { current.saturating_sub(delta) };
+        let new = if incr {
+            current.wrapping_add(delta)
+        } else {
+            current.saturating_sub(delta)
+        };
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(new).as_bytes();
         let (flags, expiry) = (shard.item(id).flags(), shard.item(id).expiry());
@@ -700,7 +730,10 @@ impl Store {
         let mut budget = max_bytes;
         while !cursor.done && budget > 0 {
             let shard = self.lock(cursor.shard);
-            let before: usize = out.iter().map(|i: &OwnedItem| i.key.len() + i.value.len()).sum();
+            let before: usize = out
+                .iter()
+                .map(|i: &OwnedItem| i.key.len() + i.value.len())
+                .sum();
             let next = shard.scan(cursor.slot, budget, now, &mut select, &mut out);
             drop(shard);
             let after: usize = out.iter().map(|i| i.key.len() + i.value.len()).sum();
@@ -763,7 +796,9 @@ impl Store {
         let mut bytes = 0;
         for i in 0..self.shards.len() {
             let shard = self.lock(i);
-            shard.check_invariants().map_err(|e| format!("shard {i}: {e}"))?;
+            shard
+                .check_invariants()
+                .map_err(|e| format!("shard {i}: {e}"))?;
             bytes += shard.bytes;
         }
         let used = self.used();

@@ -66,7 +66,9 @@ impl Tombstones {
     }
 
     fn recently_deleted(&self, hash: u64, now: u32) -> bool {
-        self.latest.get(&hash).is_some_and(|&at| at + TOMBSTONE_SECS > now)
+        self.latest
+            .get(&hash)
+            .is_some_and(|&at| at + TOMBSTONE_SECS > now)
     }
 }
 
@@ -144,7 +146,11 @@ impl Shard {
     pub fn find(&self, key: &[u8], hash: u64) -> Option<u32> {
         let items = &self.items;
         self.index
-            .find(hash, |&id| items[id as usize].as_ref().is_some_and(|it| it.key() == key))
+            .find(hash, |&id| {
+                items[id as usize]
+                    .as_ref()
+                    .is_some_and(|it| it.key() == key)
+            })
             .copied()
     }
 
@@ -211,7 +217,11 @@ impl Shard {
         };
         let items = &self.items;
         self.index.insert_unique(hash, id, |&other| {
-            hash_key(items[other as usize].as_ref().map_or(&[][..], |it| it.key()))
+            hash_key(
+                items[other as usize]
+                    .as_ref()
+                    .map_or(&[][..], |it| it.key()),
+            )
         });
         self.item_mut(id).set_bits(0);
         lists::push_head(&mut self.links, &mut self.queue, id, cost);
@@ -322,7 +332,11 @@ impl Shard {
     /// evicting the first unvisited one. Spared items stay in place, so a hit writes one bit
     /// and no links; chosen over S3-FIFO and W-TinyLFU by measurement (docs/benchmarks.md).
     fn sieve_victim(&mut self) -> u32 {
-        let mut at = if self.hand == NIL { self.queue.tail } else { self.hand };
+        let mut at = if self.hand == NIL {
+            self.queue.tail
+        } else {
+            self.hand
+        };
         loop {
             let item = self.item_mut(at);
             let bits = item.bits();
@@ -386,7 +400,9 @@ impl Shard {
             if bytes >= max_bytes {
                 return id;
             }
-            let Some(item) = &self.items[id] else { continue };
+            let Some(item) = &self.items[id] else {
+                continue;
+            };
             if item.is_expired(now) || !select(item.key()) {
                 continue;
             }
@@ -421,7 +437,9 @@ impl Shard {
                 if link.prev != prev {
                     return Err(format!("slot {at}: prev {} != {prev}", link.prev));
                 }
-                let item = self.items[at as usize].as_ref().ok_or("queued slot is empty")?;
+                let item = self.items[at as usize]
+                    .as_ref()
+                    .ok_or("queued slot is empty")?;
                 if self.find(item.key(), hash_key(item.key())) != Some(at) {
                     return Err(format!("slot {at} not reachable through the index"));
                 }
@@ -431,7 +449,10 @@ impl Shard {
                 at = link.next;
             }
             if prev != q.tail || n != q.len || b != q.bytes {
-                return Err(format!("queue totals wrong: {n}/{} items {b}/{} bytes", q.len, q.bytes));
+                return Err(format!(
+                    "queue totals wrong: {n}/{} items {b}/{} bytes",
+                    q.len, q.bytes
+                ));
             }
             count += n;
             bytes += b;

@@ -9,7 +9,10 @@ use serde_json::{Value, json};
 use crate::support::{Client, TOKEN, eventually, http, start_node};
 
 fn ring_json(ring: &Ring) -> Value {
-    serde_json::to_value(ring).unwrap()
+    match serde_json::to_value(ring) {
+        Ok(v) => v,
+        Err(e) => panic!("ring does not serialize: {e}"),
+    }
 }
 
 async fn handoff(admin: std::net::SocketAddr, ring: &Ring, me: &str, extra: Value) -> Value {
@@ -17,21 +20,31 @@ async fn handoff(admin: std::net::SocketAddr, ring: &Ring, me: &str, extra: Valu
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
     }
-    let answer = http(admin, "POST", "/handoff", Some(TOKEN), Some(&body.to_string())).await;
+    let answer = http(
+        admin,
+        "POST",
+        "/handoff",
+        Some(TOKEN),
+        Some(&body.to_string()),
+    )
+    .await;
     assert_eq!(answer.status, 202, "{}", answer.body);
     answer.json()
 }
 
 async fn wait_finished(admin: std::net::SocketAddr, epoch: u64) -> Value {
     eventually(Duration::from_secs(20), "hand-off finishes", || {
-        let admin = admin;
         async move {
-            let st = http(admin, "GET", "/handoff", Some(TOKEN), None).await.json();
+            let st = http(admin, "GET", "/handoff", Some(TOKEN), None)
+                .await
+                .json();
             st["epoch"] == epoch && st["state"] != "running"
         }
     })
     .await;
-    http(admin, "GET", "/handoff", Some(TOKEN), None).await.json()
+    http(admin, "GET", "/handoff", Some(TOKEN), None)
+        .await
+        .json()
 }
 
 async fn set_with(c: &mut Client, key: &str, flags: u32, exptime: u64, value: &[u8]) {
@@ -57,7 +70,10 @@ async fn meta(c: &mut Client, key: &str) -> Option<(u32, i64)> {
             ttl = t.parse().ok();
         }
     }
-    Some((flags.unwrap(), ttl.unwrap()))
+    match (flags, ttl) {
+        (Some(f), Some(t)) => Some((f, t)),
+        _ => panic!("mg {key} f t answered {line:?}"),
+    }
 }
 
 #[tokio::test]
@@ -69,11 +85,21 @@ async fn grow_moves_exactly_the_new_slots_keys_with_flags_and_ttl_and_spares_new
     let mut cb = Client::connect(b.addr).await;
     let n = 3000;
     for i in 0..n {
-        set_with(&mut ca, &format!("key:{i}"), i, if i % 2 == 0 { 0 } else { 3600 }, format!("value {i}").as_bytes()).await;
+        set_with(
+            &mut ca,
+            &format!("key:{i}"),
+            i,
+            if i % 2 == 0 { 0 } else { 3600 },
+            format!("value {i}").as_bytes(),
+        )
+        .await;
     }
     let ring = Ring::from_addresses(2, [a_addr.as_str(), b_addr.as_str()]).unwrap();
     // A client already wrote a newer value of one moving key to its new owner.
-    let newer = (0..n).map(|i| format!("key:{i}")).find(|k| ring.owner(k.as_bytes()).unwrap().address == b_addr).unwrap();
+    let newer = (0..n)
+        .map(|i| format!("key:{i}"))
+        .find(|k| ring.owner(k.as_bytes()).unwrap().address == b_addr)
+        .unwrap();
     cb.set(&newer, b"newer").await;
 
     handoff(a.admin_addr, &ring, &a_addr, json!({})).await;
@@ -95,17 +121,31 @@ async fn grow_moves_exactly_the_new_slots_keys_with_flags_and_ttl_and_spares_new
                 if i % 2 == 0 {
                     assert_eq!(ttl, -1, "{key} never expires");
                 } else {
-                    assert!((3590..=3600).contains(&ttl), "remaining TTL of {key}: {ttl}");
+                    assert!(
+                        (3590..=3600).contains(&ttl),
+                        "remaining TTL of {key}: {ttl}"
+                    );
                 }
             }
         } else {
-            assert!(on_a.is_some() && on_b.is_none(), "{key} must stay on a only");
+            assert!(
+                on_a.is_some() && on_b.is_none(),
+                "{key} must stay on a only"
+            );
         }
     }
-    assert_eq!(cb.get(&newer).await.unwrap(), b"newer", "hand-off never overwrites a newer write");
+    assert_eq!(
+        cb.get(&newer).await.unwrap(),
+        b"newer",
+        "hand-off never overwrites a newer write"
+    );
     let share = moved as f64 / n as f64;
     assert!((share - 0.5).abs() < 0.5 * 0.06, "moved share {share}");
-    assert_eq!(st["keysMoved"].as_u64().unwrap() + st["keysSkipped"].as_u64().unwrap(), moved as u64, "{st}");
+    assert_eq!(
+        st["keysMoved"].as_u64().unwrap() + st["keysSkipped"].as_u64().unwrap(),
+        moved as u64,
+        "{st}"
+    );
     assert_eq!(st["keysSkipped"], 1);
     assert_eq!(st["keysRemaining"], 0);
 
@@ -115,7 +155,10 @@ async fn grow_moves_exactly_the_new_slots_keys_with_flags_and_ttl_and_spares_new
     let st = wait_finished(b.admin_addr, 3).await;
     assert_eq!(st["state"], "done", "{st}");
     assert_eq!(crate::support::stat(&cb.stats().await, "curr_items"), 0);
-    assert_eq!(crate::support::stat(&ca.stats().await, "curr_items"), n as u64);
+    assert_eq!(
+        crate::support::stat(&ca.stats().await, "curr_items"),
+        n as u64
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -129,14 +172,22 @@ async fn unreachable_owner_fails_the_hand_off_and_keeps_its_keys() {
         ca.set(&format!("k{i}"), b"v").await;
     }
     // A port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let ring = Ring::from_addresses(2, [a_addr.as_str(), dead.as_str()]).unwrap();
     handoff(a.admin_addr, &ring, &a_addr, json!({})).await;
     let st = wait_finished(a.admin_addr, 2).await;
     assert_eq!(st["state"], "failed", "{st}");
     assert_eq!(st["unreachable"], json!([dead]));
     assert!(st["keysRemaining"].as_u64().unwrap() > 50);
-    assert_eq!(crate::support::stat(&ca.stats().await, "curr_items"), 200, "nothing lost");
+    assert_eq!(
+        crate::support::stat(&ca.stats().await, "curr_items"),
+        200,
+        "nothing lost"
+    );
     a.shutdown().await;
 }
 
@@ -153,7 +204,13 @@ async fn a_newer_ring_mid_hand_off_takes_over_and_completes() {
     }
     // Slow first hand-off (200 KB/s for ~1 MB) ...
     let ring2 = Ring::from_addresses(2, [addrs[0].as_str(), addrs[1].as_str()]).unwrap();
-    handoff(a.admin_addr, &ring2, &addrs[0], json!({ "rateBytesPerSec": 200_000, "batchBytes": 20_000 })).await;
+    handoff(
+        a.admin_addr,
+        &ring2,
+        &addrs[0],
+        json!({ "rateBytesPerSec": 200_000, "batchBytes": 20_000 }),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // ... overtaken by a grow to three.
     let ring3 = Ring::from_addresses(3, addrs.iter().map(String::as_str)).unwrap();
@@ -163,14 +220,22 @@ async fn a_newer_ring_mid_hand_off_takes_over_and_completes() {
     // b may still hold keys that ring3 gives to c: its own hand-off moves them.
     handoff(b.admin_addr, &ring3, &addrs[1], json!({})).await;
     assert_eq!(wait_finished(b.admin_addr, 3).await["state"], "done");
-    let mut clients = [ca, Client::connect(b.addr).await, Client::connect(c.addr).await];
+    let mut clients = [
+        ca,
+        Client::connect(b.addr).await,
+        Client::connect(c.addr).await,
+    ];
     let mut total = 0;
     for i in 0..2000 {
         let key = format!("k{i}");
         let owner = ring3.owner(key.as_bytes()).unwrap().address.clone();
         for (idx, cl) in clients.iter_mut().enumerate() {
             let present = cl.get(&key).await.is_some();
-            assert_eq!(present, addrs[idx] == owner, "{key} on node {idx}, owner {owner}");
+            assert_eq!(
+                present,
+                addrs[idx] == owner,
+                "{key} on node {idx}, owner {owner}"
+            );
             total += usize::from(present);
         }
     }
@@ -185,10 +250,16 @@ async fn handoff_rejects_bad_requests_and_needs_the_token() {
     let a = start_node(16).await;
     let bad = http(a.admin_addr, "POST", "/handoff", Some(TOKEN), Some(r#"{"ring": {"epoch": 1, "members": [{"slot": 1, "address": "x:1"}]}, "selfAddress": "x:1"}"#)).await;
     assert_eq!(bad.status, 400, "{}", bad.body);
-    assert!(bad.json()["message"].as_str().unwrap().contains("slot"), "{}", bad.body);
+    assert!(
+        bad.json()["message"].as_str().unwrap().contains("slot"),
+        "{}",
+        bad.body
+    );
     let anon = http(a.admin_addr, "POST", "/handoff", None, Some("{}")).await;
     assert_eq!(anon.status, 401);
-    let idle = http(a.admin_addr, "GET", "/handoff", Some(TOKEN), None).await.json();
+    let idle = http(a.admin_addr, "GET", "/handoff", Some(TOKEN), None)
+        .await
+        .json();
     assert_eq!(idle["state"], "idle");
     a.shutdown().await;
 }

@@ -9,17 +9,31 @@ async fn meta_set_add_compare_and_delete_follow_memcached() {
     let mut c = Client::connect(node.addr).await;
     c.send("ms k 3 F5 T100 c\r\nabc\r\n").await;
     let stored = c.line().await;
-    let cas: u64 = stored.trim_end().strip_prefix("HD c").unwrap().parse().unwrap();
-    c.ask("mg k v f t c\r\n", format!("VA 3 f5 t100 c{cas}\r\nabc\r\n")).await;
+    let cas: u64 = stored
+        .trim_end()
+        .strip_prefix("HD c")
+        .unwrap()
+        .parse()
+        .unwrap();
+    c.ask(
+        "mg k v f t c\r\n",
+        format!("VA 3 f5 t100 c{cas}\r\nabc\r\n"),
+    )
+    .await;
     c.ask("ms k 3 ME c\r\nxyz\r\n", "NS c0\r\n").await;
     c.ask("ms n 2 ME k Oab\r\nhi\r\n", "HD kn Oab\r\n").await;
-    c.ask(format!("ms k 1 C{}\r\nz\r\n", cas + 1), "EX\r\n").await;
+    c.ask(format!("ms k 1 C{}\r\nz\r\n", cas + 1), "EX\r\n")
+        .await;
     c.ask(format!("md k C{}\r\n", cas + 1), "EX\r\n").await;
     c.ask(format!("md k C{cas} q\r\nmn\r\n"), "MN\r\n").await;
     c.ask("mg k v\r\n", "EN\r\n").await;
     c.ask("md k\r\n", "NF\r\n").await;
     c.ask("ms k 1 MR\r\nz\r\n", "NS\r\n").await;
-    c.ask("ms k 1 Mx\r\nz\r\nmn\r\n", "CLIENT_ERROR invalid mode for ms M token\r\nMN\r\n").await;
+    c.ask(
+        "ms k 1 Mx\r\nz\r\nmn\r\n",
+        "CLIENT_ERROR invalid mode for ms M token\r\nMN\r\n",
+    )
+    .await;
     c.ask("ms k 1 q\r\nz\r\nmg k v\r\n", "VA 1\r\nz\r\n").await;
     node.shutdown().await;
 }
