@@ -147,7 +147,10 @@ fn capacity_counts_overhead_and_is_never_exceeded() {
         );
         // Keys are "key:0" to "key:9999": every item costs between these two.
         let (lo, hi) = (item_cost(5, 100) as u64, item_cost(8, 100) as u64);
-        assert!(st.curr_items * lo <= st.bytes && st.bytes <= st.curr_items * hi, "{st:?}");
+        assert!(
+            st.curr_items * lo <= st.bytes && st.bytes <= st.curr_items * hi,
+            "{st:?}"
+        );
         assert!(st.counters.evictions > 9000);
         s.check_invariants().unwrap();
     }

@@ -33,14 +33,16 @@ async fn handoff(admin: std::net::SocketAddr, ring: &Ring, me: &str, extra: Valu
 }
 
 async fn wait_finished(admin: std::net::SocketAddr, epoch: u64) -> Value {
-    eventually(Duration::from_secs(20), "hand-off finishes", || {
-        async move {
+    eventually(
+        Duration::from_secs(20),
+        "hand-off finishes",
+        || async move {
             let st = http(admin, "GET", "/handoff", Some(TOKEN), None)
                 .await
                 .json();
             st["epoch"] == epoch && st["state"] != "running"
-        }
-    })
+        },
+    )
     .await;
     http(admin, "GET", "/handoff", Some(TOKEN), None)
         .await
