@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run one cache node: memcached text protocol plus the admin HTTP API.
     Node(cache_node::NodeConfig),
+    /// Print the CachePool CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    Crd,
     /// Benchmarks against Debian's memcached and between policies (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
 }
@@ -45,6 +47,10 @@ fn main() -> anyhow::Result<()> {
                 node.run_until(shutdown_signal()).await;
                 anyhow::Ok(())
             })
+        }
+        Command::Crd => {
+            print!("{}", cachepool_crds::pool::crd_yaml());
+            Ok(())
         }
         Command::Bench(args) => bench::run(args),
     }

@@ -5,9 +5,11 @@
 //!   is in while keys migrate. Pure functions over plain data, shared by the operator (which
 //!   moves keys) and every client (which routes requests).
 //!
-//! The CachePool custom resource types and their validation land here next, beside the ring
-//! whose state their status reports.
+//! - [`pool`]: the CachePool custom resource (`cachepool.io/v1alpha1`): spec, status, defaults,
+//!   [`pool::validate`] (the rules the operator always enforces) and the CRD, whose schema
+//!   carries the same rules as bounds and CEL for the API server.
 
+pub mod pool;
 pub mod ring;
 
 pub use ring::{Member, Ring, RingError, RingState};
