@@ -17,10 +17,11 @@ use cache_node::handoff::{HandoffStatus, State};
 use cachepool_crds::ring::Ring;
 use serde_json::json;
 
-use super::admin_node::{self, AdminNode, CpuTime};
+use super::admin_node::{self, AdminNode};
 use super::keys::check_key_size;
 use super::loadgen;
 use super::report::{Table, mib, thousands};
+use super::servers::CpuTime;
 
 /// `cachepool bench handoff` flags.
 #[derive(Debug, clap::Args)]

@@ -96,6 +96,7 @@ async fn measure(args: MemoryArgs) -> anyhow::Result<()> {
         threads: args.threads,
         memory_mib: args.memory_mib,
         policy: args.policy.clone(),
+        admin_token: None,
     };
     let mut results = Vec::new();
     for which in ["memcached", "node"] {

@@ -185,6 +185,7 @@ async fn measure(args: NodeArgs) -> anyhow::Result<()> {
         threads: args.threads,
         memory_mib: args.memory_mib,
         policy: args.policy.clone(),
+        admin_token: None,
     };
     let mut servers = [
         ServerProcess::memcached(&args.memcached, &spec).await?,

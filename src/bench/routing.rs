@@ -138,6 +138,7 @@ async fn measure(args: RoutingArgs) -> anyhow::Result<()> {
         threads: args.threads,
         memory_mib: (4 * data_mib).max(64),
         policy: None,
+        admin_token: None,
     };
     let mut server = ServerProcess::node(&spec).await?;
     eprintln!(

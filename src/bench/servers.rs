@@ -23,6 +23,8 @@ pub struct ServerSpec {
     pub memory_mib: u64,
     /// The node's replacement policy; None leaves the node's default.
     pub policy: Option<String>,
+    /// The node's admin token; None starts it without one (its admin API then refuses changes).
+    pub admin_token: Option<String>,
 }
 
 /// A running server process.
@@ -30,6 +32,8 @@ pub struct ServerSpec {
 pub struct ServerProcess {
     pub name: &'static str,
     pub addr: SocketAddr,
+    /// The node's admin HTTP address (None for memcached).
+    pub admin_addr: Option<SocketAddr>,
     child: Child,
     log: PathBuf,
 }
@@ -59,6 +63,14 @@ impl ServerProcess {
 
     /// Starts a node (this binary's `node` subcommand) on free loopback ports.
     pub async fn node(spec: &ServerSpec) -> anyhow::Result<ServerProcess> {
+        Self::named_node("node", spec).await
+    }
+
+    /// As `node`, under `name` in logs and errors (when a bench runs several nodes).
+    pub async fn named_node(
+        name: &'static str,
+        spec: &ServerSpec,
+    ) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe().context("locating the cachepool binary")?;
         start_with_retries(|| {
             let (port, admin) = (free_port()?, free_port()?);
@@ -71,6 +83,9 @@ impl ServerProcess {
             if let Some(policy) = &spec.policy {
                 cmd.args(["--policy", policy]);
             }
+            if let Some(token) = &spec.admin_token {
+                cmd.args(["--admin-token", token]);
+            }
             // Flags set everything measured; drop CACHEPOOL_* variables so the caller's
             // environment cannot change the node behind the flags' back.
             for (name, _) in std::env::vars_os() {
@@ -80,7 +95,9 @@ impl ServerProcess {
             }
             // memcached runs without verbose logging; so does the node.
             cmd.env("RUST_LOG", "warn");
-            spawn("node", cmd, port)
+            let mut node = spawn(name, cmd, port)?;
+            node.admin_addr = Some(SocketAddr::from(([127, 0, 0, 1], admin)));
+            Ok(node)
         })
         .await
     }
@@ -94,6 +111,22 @@ impl ServerProcess {
         let path = format!("/proc/{}/status", self.pid());
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         parse_vm_rss(&status).with_context(|| format!("no VmRSS line in {path}"))
+    }
+
+    /// CPU time the process has used so far.
+    pub fn cpu_time(&self) -> anyhow::Result<CpuTime> {
+        let path = format!("/proc/{}/stat", self.pid());
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        anyhow::ensure!(ticks_per_sec > 0, "sysconf(_SC_CLK_TCK) failed");
+        let (user, sys) =
+            parse_cpu_ticks(&stat).with_context(|| format!("no utime/stime in {path}"))?;
+        let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / ticks_per_sec as f64);
+        Ok(CpuTime {
+            user: secs(user),
+            sys: secs(sys),
+        })
     }
 
     /// Fails if the process has exited, with the end of its log.
@@ -220,6 +253,7 @@ fn spawn(name: &'static str, mut cmd: Command, port: u16) -> anyhow::Result<Serv
     Ok(ServerProcess {
         name,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        admin_addr: None,
         child,
         log,
     })
@@ -239,6 +273,39 @@ async fn answers_version(addr: SocketAddr) -> bool {
     )
 }
 
+/// CPU time of a process, in user space and in the kernel.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTime {
+    pub user: Duration,
+    pub sys: Duration,
+}
+
+impl CpuTime {
+    /// The time spent between `earlier` and this reading.
+    pub fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user.saturating_sub(earlier.user),
+            sys: self.sys.saturating_sub(earlier.sys),
+        }
+    }
+
+    /// `total (user U, sys S)` in seconds.
+    pub fn render(self) -> String {
+        let (u, s) = (self.user.as_secs_f64(), self.sys.as_secs_f64());
+        format!("{:.2} (user {u:.2}, sys {s:.2})", u + s)
+    }
+}
+
+/// utime and stime (fields 14 and 15) of a /proc/PID/stat text, in clock ticks. Fields are
+/// counted after the command name's closing parenthesis, since the name may hold spaces.
+fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime, stime))
+}
+
 /// VmRSS from a /proc/PID/status text, in bytes.
 fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -255,5 +322,13 @@ mod tests {
         let status = "Name:\tmemcached\nVmPeak:\t  99 kB\nVmRSS:\t    4321 kB\nThreads:\t6\n";
         assert_eq!(parse_vm_rss(status), Some(4321 * 1024));
         assert_eq!(parse_vm_rss("Name: x\n"), None);
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_even_with_spaces_in_the_name() {
+        let stat =
+            "4242 (cache pool) S 1 4242 4242 0 -1 4194560 500 0 0 0 170 30 0 0 20 0 7 0 1234 0 0";
+        assert_eq!(parse_cpu_ticks(stat), Some((170, 30)));
+        assert_eq!(parse_cpu_ticks("4242 (x) S 1"), None);
     }
 }
