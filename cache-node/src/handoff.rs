@@ -394,35 +394,56 @@ async fn delete_batch(
         out.extend_from_slice(num.format(*cas).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let exchange = async {
-        conn.stream.get_mut().write_all(&out).await?;
-        let mut line = String::new();
-        for _ in keys {
-            line.clear();
-            if conn.stream.read_line(&mut line).await? == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "owner closed the connection",
-                ));
-            }
-            if !matches!(line.trim_end(), "HD" | "NF" | "EX") {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("unexpected answer to md: {line:?}"),
-                ));
-            }
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(BATCH_TIMEOUT, exchange).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {BATCH_TIMEOUT:?}")),
-    }
+    conn.exchange(&out, keys.len(), |line| match line {
+        "HD" | "NF" | "EX" => Ok(()),
+        other => Err(format!("unexpected answer to md: {other:?}")),
+    })
+    .await
+    .map(drop)
 }
 
 /// One connection to an owner's data port.
 struct Conn {
     stream: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Writes a pipelined batch and reads `replies` answer lines, each through `parse`,
+    /// within `BATCH_TIMEOUT`.
+    async fn exchange<T>(
+        &mut self,
+        out: &[u8],
+        replies: usize,
+        mut parse: impl FnMut(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        let io = async {
+            self.stream
+                .get_mut()
+                .write_all(out)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut answers = Vec::with_capacity(replies);
+            let mut line = String::new();
+            for _ in 0..replies {
+                line.clear();
+                if self
+                    .stream
+                    .read_line(&mut line)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    == 0
+                {
+                    return Err("owner closed the connection".to_string());
+                }
+                answers.push(parse(line.trim_end())?);
+            }
+            Ok(answers)
+        };
+        match tokio::time::timeout(BATCH_TIMEOUT, io).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {BATCH_TIMEOUT:?}")),
+        }
+    }
 }
 
 async fn connect(owner: &str) -> std::io::Result<Conn> {
@@ -484,32 +505,15 @@ async fn send_batch(
         out.extend_from_slice(&item.value);
         out.extend_from_slice(b"\r\n");
     }
-    let exchange = async {
-        conn.stream.get_mut().write_all(&out).await?;
-        let mut line = String::new();
-        for slot in replies.iter_mut().filter(|r| r.is_none()) {
-            line.clear();
-            if conn.stream.read_line(&mut line).await? == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "owner closed the connection",
-                ));
-            }
-            *slot = Some(
-                parse_reply(line.trim_end())
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
-            );
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(BATCH_TIMEOUT, exchange).await {
-        Ok(Ok(())) => Ok(replies
-            .into_iter()
-            .map(|r| r.unwrap_or(Reply::Expired))
-            .collect()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {BATCH_TIMEOUT:?}")),
-    }
+    let expected = replies.iter().filter(|r| r.is_none()).count();
+    let mut answers = conn
+        .exchange(&out, expected, parse_reply)
+        .await?
+        .into_iter();
+    Ok(replies
+        .into_iter()
+        .map(|r| r.or_else(|| answers.next()).unwrap_or(Reply::Expired))
+        .collect())
 }
 
 #[cfg(test)]
