@@ -1,6 +1,13 @@
-//! The CachePool operator: reconcile core, autoscaler, providers and HTTP API.
+//! The CachePool operator: reconcile core, autoscaler, providers, metrics and HTTP API.
 //!
-//! So far it holds `rebalance`, the resize sequence the reconcile core will drive (issue "The
-//! operator"); the ring's own tests and the resize harness use it directly.
+//! - [`autoscaler`]: the miss-rate autoscaler, a pure decision over closed windows.
+//! - [`history`]: folds node stats samples into pool counters, windows and per-minute history.
+//! - [`metrics`]: the operator's own Prometheus metrics.
+//! - [`provider`]: where nodes run; [`provider::process`] spawns local `cachepool node` children.
+//! - [`rebalance`]: the node admin client and the hand-off step of a resize.
 
+pub mod autoscaler;
+pub mod history;
+pub mod metrics;
+pub mod provider;
 pub mod rebalance;

@@ -1,0 +1,1 @@
+//! The miss-rate autoscaler (being written).

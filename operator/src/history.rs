@@ -1,0 +1,1 @@
+//! Pool counters, windows and per-minute history (being written).
