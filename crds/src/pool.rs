@@ -395,7 +395,8 @@ pub struct CachePoolStatus {
     pub ready_replicas: u32,
     /// Nodes the operator is driving towards.
     pub desired_replicas: u32,
-    /// One entry per slot.
+    /// One entry per node, by slot: ring members, nodes starting to join or replace one, and
+    /// nodes draining out.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeStatus>,
     /// The published ring.
@@ -510,6 +511,10 @@ pub struct MigrationStatus {
     pub from_epoch: u64,
     /// Epoch keys move to.
     pub to_epoch: u64,
+    /// Members of the ring keys move from (the ring clients fall back to), so that a restarted
+    /// operator, or any reader of the status, can rebuild the two-ring state.
+    #[serde(default)]
+    pub from_members: Vec<RingMemberStatus>,
     /// When the hand-off began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,

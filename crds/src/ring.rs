@@ -542,6 +542,31 @@ impl RingState {
         Ok(())
     }
 
+    /// A state in the middle of a migration from `previous` to `current`, as read back from a
+    /// stored status. Fails unless `previous` has the lower epoch.
+    pub fn migrating(current: Ring, previous: Ring) -> Result<Self, RingError> {
+        if previous.epoch >= current.epoch {
+            return Err(RingError::EpochNotIncreasing {
+                current: previous.epoch,
+                next: current.epoch,
+            });
+        }
+        Ok(Self {
+            current,
+            previous: Some(previous),
+        })
+    }
+
+    /// The next state with the node at `slot` of the current ring replaced by one at `address`
+    /// (a failed node replaced in place). A running migration keeps its previous ring: keys
+    /// still on their way go to the replacement.
+    pub fn replaced(&self, slot: u32, address: impl Into<String>) -> Result<Self, RingError> {
+        Ok(Self {
+            current: self.current.replaced(slot, address)?,
+            previous: self.previous.clone(),
+        })
+    }
+
     /// Finish the migration: drop the previous ring and return it (`None` if none was running).
     pub fn complete(&mut self) -> Option<Ring> {
         self.previous.take()

@@ -441,6 +441,7 @@ fn full_pool() -> CachePool {
             started_at: Some(at.clone()),
             keys_moved: 1000,
             bytes_moved: 64_000,
+            from_members: vec![(&crate::ring::Member::new(0, "127.0.0.1:40000")).into()],
         }),
         miss_rate: Some(0.45),
         hit_rate: Some(0.55),

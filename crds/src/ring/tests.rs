@@ -622,3 +622,31 @@ fn deserializing_validates_rings_and_states() {
             .contains("must be greater than")
     );
 }
+
+#[test]
+fn migrating_rebuilds_a_stored_state_and_refuses_a_non_increasing_epoch() {
+    let old = Ring::from_addresses(3, ["a:1"]).unwrap();
+    let new = old.grown(["b:1"]).unwrap();
+    let mut begun = RingState::new(old.clone());
+    begun.begin(new.clone()).unwrap();
+    assert_eq!(RingState::migrating(new.clone(), old.clone()).unwrap(), begun);
+    assert!(matches!(
+        RingState::migrating(old, new),
+        Err(RingError::EpochNotIncreasing { .. })
+    ));
+}
+
+#[test]
+fn replacing_during_a_migration_keeps_the_previous_ring() {
+    let old = Ring::from_addresses(1, ["a:1", "b:1"]).unwrap();
+    let mut state = RingState::new(old.clone());
+    state.begin(old.grown(["c:1"]).unwrap()).unwrap();
+    let replaced = state.replaced(2, "d:1").unwrap();
+    assert_eq!(replaced.previous(), Some(&old));
+    assert_eq!(replaced.current().epoch(), 3);
+    assert_eq!(replaced.current().member(2).unwrap().address, "d:1");
+    assert_eq!(replaced.current().member(0).unwrap().address, "a:1");
+    // Outside a migration a replacement has no previous ring: the failed node has nothing to hand over.
+    let plain = RingState::new(old).replaced(0, "e:1").unwrap();
+    assert!(!plain.is_migrating());
+}
