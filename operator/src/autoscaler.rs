@@ -48,6 +48,8 @@
 //!    further grow that does not help, at most a day. Shrinks stay allowed, and a shrink ends
 //!    the back-off, since the workload has changed. The grow is not judged when the request
 //!    rate rose by more than half meanwhile: a bigger load could hide the gain.
+//!    Such a grow also unmarks both its sizes as *too small* (rule 7), and nothing is
+//!    marked during the back-off: those misses were not for lack of memory.
 //! 7. **No oscillation.** Every counted window whose miss rate is above `maxMissRate` marks
 //!    its pool size as *too small* at its request rate. A shrink never goes to a size that is
 //!    at or below a too-small size while the load is comparable, i.e. at least 70 % of the
@@ -272,8 +274,8 @@ impl Autoscaler {
             // The driver follows `scaling.replicas` now; a scale asked for earlier is moot.
             self.pending = None;
             return hold(format!(
-                "scaling.mode is manual: the pool keeps scaling.replicas = {} nodes",
-                scaling.replicas
+                "scaling.mode is manual: the pool keeps scaling.replicas = {}",
+                nodes(scaling.replicas)
             ));
         }
         self.infer_settle(window);
@@ -395,7 +397,12 @@ impl Autoscaler {
     fn remember_size(&mut self, scaling: &ScalingSpec, n: u32, m: Measure, now: SystemTime) {
         self.too_small
             .retain(|_, mark| duration_between(mark.at, now) < TOO_SMALL_MEMORY);
+        let held = self.futile.is_some_and(|f| now < f.until);
         if m.miss_rate > scaling.auto.max_miss_rate {
+            // While grows are held as futile, a high miss rate says nothing about memory.
+            if held {
+                return;
+            }
             self.too_small.insert(
                 n,
                 TooSmall {
@@ -434,6 +441,9 @@ impl Autoscaler {
             self.futile = None;
             return;
         }
+        // The same misses at both sizes: neither was short of memory.
+        self.too_small.remove(&probe.from);
+        self.too_small.remove(&probe.to);
         let streak = self.futile.map_or(0, |f| f.streak).saturating_add(1);
         let auto = &scaling.auto;
         let base = (u64::from(auto.window_seconds) * u64::from(FUTILE_GROW_BACKOFF_WINDOWS))

@@ -354,6 +354,17 @@ fn a_grow_that_did_not_help_is_not_repeated_before_the_backoff() {
 }
 
 #[test]
+fn a_grow_that_did_not_help_leaves_no_size_marked_too_small() {
+    let mut h = Harness::new(auto_spec(), 1);
+    h.run(8, |_| (1000, 0.9));
+    assert_eq!(h.moves(), [(1, 2)]);
+    // The scan ends; the same traffic now hits. One node was never short of memory, so the
+    // pool may shrink back at once (the naive mark would hold it at two nodes for a day).
+    h.run(4, |_| (1000, 0.02));
+    assert_eq!(h.moves(), [(1, 2), (2, 1)]);
+}
+
+#[test]
 fn a_grow_is_not_judged_when_the_load_rose_meanwhile() {
     let mut h = Harness::new(auto_spec(), 1);
     // Twice the traffic at two nodes: the miss rate barely moves, but that says nothing
