@@ -142,7 +142,9 @@ pub enum Error {
         id: String,
         timeout: Duration,
     },
-    #[error("cannot {action} {path}: {source}; check that the directory is writable by the operator")]
+    #[error(
+        "cannot {action} {path}: {source}; check that the directory is writable by the operator"
+    )]
     Io {
         action: &'static str,
         path: PathBuf,

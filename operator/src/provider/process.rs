@@ -624,10 +624,7 @@ fn is_our_node(record: &Record) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{}/cmdline", record.pid)) else {
         return false;
     };
-    let args: Vec<&OsStr> = cmdline
-        .split(|b| *b == 0)
-        .map(OsStr::from_bytes)
-        .collect();
+    let args: Vec<&OsStr> = cmdline.split(|b| *b == 0).map(OsStr::from_bytes).collect();
     args.get(1) == Some(&OsStr::new("node"))
         && args
             .windows(2)
@@ -850,7 +847,10 @@ mod tests {
         write_private(&path, b"first").unwrap();
         write_private(&path, b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(list_dir(&dir).unwrap(), vec![path]);
         fs::remove_dir_all(&dir).unwrap();
     }
