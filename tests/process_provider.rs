@@ -233,7 +233,14 @@ async fn launched_nodes_serve_and_terminate_stops_them() {
     );
     assert_eq!(dir.processes(), BTreeSet::from([pid_of(&a), pid_of(&b)]));
 
+    let start = Instant::now();
     provider.terminate(&pool, &a.id).await.unwrap();
+    // SIGTERM alone stopped it: well inside the 5 s grace that would end in SIGKILL.
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     // The child was reaped before terminate returned: no /proc entry, not even a zombie.
     assert_eq!(proc_stat(pid_of(&a)), None);
     assert_eq!(provider.list(&pool).await.unwrap(), vec![b.clone()]);
@@ -447,4 +454,59 @@ async fn launch_failures_name_their_cause() {
         "{:?}",
         dir.files(&pool, "")
     );
+}
+
+/// A stand-in for `cachepool node` that announces made-up ports and ignores SIGTERM, as a node
+/// stuck in a long drain would. It keeps its own command line (no exec), so the guard finds it.
+const STUBBORN_NODE: &str = r#"#!/bin/sh
+trap '' TERM
+while [ "$#" -gt 0 ]; do
+  if [ "$1" = --addr-file ]; then file=$2; fi
+  shift
+done
+printf '{"pid":%d,"address":"127.0.0.1:9","adminAddress":"127.0.0.1:9"}' $$ > "$file.tmp"
+mv "$file.tmp" "$file"
+while :; do sleep 1; done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ignoring_sigterm_is_killed_after_the_grace() {
+    let dir = RunDir::new("stubborn");
+    let pool = PoolRef::new("default", "stubborn");
+    let script = dir.path.join("stubborn-node");
+    or_panic(std::fs::create_dir_all(&dir.path), "create the run dir");
+    or_panic(std::fs::write(&script, STUBBORN_NODE), "write the stub");
+    or_panic(
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)),
+        "make the stub executable",
+    );
+    let mut options = dir.options();
+    options.binary = script;
+    options.stop_grace = Duration::from_millis(300);
+    let provider = ProcessProvider::new(options);
+    // Another test forking while the stub was open for writing makes exec fail with "text
+    // file busy" until that child execs; that passes within moments.
+    let mut tries = 0;
+    let node = loop {
+        match provider.launch(&pool, 0, &spec()).await {
+            Ok(node) => break node,
+            Err(err) if err.to_string().contains("busy") && tries < 50 => tries += 1,
+            Err(err) => panic!("launching the stub failed: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(node.address, "127.0.0.1:9");
+    let pid = pid_of(&node);
+
+    let start = Instant::now();
+    provider.terminate(&pool, &node.id).await.unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "SIGKILL came after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "terminate took {took:?}");
+    assert_eq!(proc_stat(pid), None);
+    assert!(provider.list(&pool).await.unwrap().is_empty());
+    assert!(dir.records(&pool).is_empty());
 }
