@@ -208,6 +208,9 @@ async fn launched_nodes_serve_and_terminate_stops_them() {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let var = format!("CACHEPOOL_ADMIN_TOKEN={}", node.admin_token).into_bytes();
         assert!(environ.windows(var.len()).any(|w| w == var));
+        // The operator's own environment is withheld (PATH stands for all of it).
+        assert!(std::env::var_os("PATH").is_some());
+        assert!(!environ.split(|b| *b == 0).any(|v| v.starts_with(b"PATH=")));
         // The node holds that token: a mutating call passes with it and fails without it.
         let admin = AdminClient::new(&node.admin_address, Some(&node.admin_token));
         admin.flush().await.unwrap();

@@ -55,6 +55,8 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(10);
 /// How much of a failed node's log an error quotes.
 const LOG_TAIL_BYTES: u64 = 4096;
+/// The operator's environment variables a node inherits; every other one is withheld.
+const INHERITED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "TZ"];
 /// File name ending of node records; everything else in a pool directory is left alone.
 const RECORD_SUFFIX: &str = ".node.json";
 
@@ -208,7 +210,12 @@ struct Announced {
 impl ProcessProvider {
     /// A provider that knows of no node yet and touches nothing on disk until a launch.
     /// Use [`ProcessProvider::open`] to take over the nodes of an earlier run.
-    pub fn new(opts: ProcessOptions) -> ProcessProvider {
+    pub fn new(mut opts: ProcessOptions) -> ProcessProvider {
+        // Records name files by absolute path, and children keep the operator's working
+        // directory, so a relative run directory would tie adoption to where it was started.
+        if let Ok(run_dir) = std::path::absolute(&opts.run_dir) {
+            opts.run_dir = run_dir;
+        }
         ProcessProvider {
             opts,
             pools: Mutex::new(BTreeMap::new()),
@@ -321,10 +328,16 @@ impl ProcessProvider {
             .args(["--threads", &self.opts.node_threads.to_string()])
             .arg("--addr-file")
             .arg(&addr_file)
+            // A node gets its configuration from the operator alone: variables that configure
+            // the operator (`CACHEPOOL_*` defaults, credentials) are not passed on, only the
+            // ones that shape diagnostics.
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| {
+                INHERITED_ENV
+                    .iter()
+                    .any(|name| k.as_os_str() == OsStr::new(name))
+            }))
             .env("CACHEPOOL_ADMIN_TOKEN", &token)
-            // Inherited variables would override nothing given as a flag, but a stray one
-            // naming another address file would.
-            .env_remove("CACHEPOOL_ADDR_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
