@@ -450,6 +450,15 @@ async fn launch_failures_name_their_cause() {
         .to_string();
     assert!(err.contains("fifo-ish"), "{err}");
 
+    // Namespace and name become directories: nothing may climb out of the run directory.
+    let escape = PoolRef::new("..", "etc");
+    let err = provider
+        .launch(&escape, 0, &spec())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("../etc"), "{err}");
+
     assert!(provider.list(&pool).await.unwrap().is_empty());
     assert!(dir.processes().is_empty());
     assert!(

@@ -150,6 +150,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "pool {pool} has a namespace or name the process provider cannot use as a directory; \
+         use Kubernetes names (lowercase letters, digits, '-' and '.', not starting with '.')"
+    )]
+    PoolName { pool: PoolRef },
     #[error("the address file {path} of a new node is malformed: {reason}")]
     AddrFile { path: PathBuf, reason: String },
 }

@@ -301,6 +301,9 @@ impl ProcessProvider {
     }
 
     async fn launch_node(&self, pool: &PoolRef, slot: u32, spec: &LaunchSpec) -> Result<Entry> {
+        if !is_directory_name(&pool.namespace) || !is_directory_name(&pool.name) {
+            return Err(Error::PoolName { pool: pool.clone() });
+        }
         let dir = self.pool_dir(pool);
         fs::DirBuilder::new()
             .recursive(true)
@@ -699,6 +702,16 @@ fn signal_if_same(pid: u32, start_time: u64, signal: libc::c_int) -> bool {
     is_running(pid, start_time) && unsafe { libc::kill(raw_pid, signal) } == 0
 }
 
+/// Whether `name` is a Kubernetes-style name, hence a single harmless path component (no
+/// `/`, no `..`, no hidden file).
+fn is_directory_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
 /// 256 random bits, hex: the admin token of one node.
 fn new_token() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -821,6 +834,16 @@ mod tests {
         // Signal 0 checks deliverability only; a mismatch must not even get that far.
         assert!(!signal_if_same(pid, stat.start_time + 1, 0));
         assert!(signal_if_same(pid, stat.start_time, 0));
+    }
+
+    #[test]
+    fn only_kubernetes_names_become_directories() {
+        for good in ["default", "web-cache", "a.b", "x1"] {
+            assert!(is_directory_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "../etc", "a/b", ".hidden", "Web", "a b"] {
+            assert!(!is_directory_name(bad), "{bad}");
+        }
     }
 
     #[test]
