@@ -2,6 +2,7 @@
 //! together and stopped together. Tests start nodes in-process through `Node::start`.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -64,6 +65,12 @@ pub struct NodeConfig {
     /// Close client connections idle for this many seconds (0: never, as memcached).
     #[arg(long, env = "CACHEPOOL_IDLE_TIMEOUT_SECS", default_value_t = 0)]
     pub idle_timeout_secs: u64,
+
+    /// Once both ports are bound, write `{"pid", "address", "adminAddress"}` (JSON) to this
+    /// file, atomically: with port 0 in the listen flags, this is how a supervisor learns the
+    /// ports the node really got, without racing another process for a port it picked.
+    #[arg(long, env = "CACHEPOOL_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -79,6 +86,7 @@ impl NodeConfig {
             threads: 2,
             max_connections: 4096,
             idle_timeout_secs: 0,
+            addr_file: None,
         }
     }
 
@@ -119,6 +127,9 @@ impl Node {
             })?;
         let addr = data.local_addr().map_err(Error::Io)?;
         let admin_addr = admin.local_addr().map_err(Error::Io)?;
+        if let Some(path) = &config.addr_file {
+            write_addr_file(path, addr, admin_addr)?;
+        }
         let limit = usize::try_from(config.capacity_mib << 20)
             .map_err(|_| Error::Config("capacity too large".into()))?;
         let store = Arc::new(Store::new(limit, config.policy));
@@ -201,6 +212,30 @@ impl Node {
     }
 }
 
+/// Writes the bound addresses to `path` through a temporary file in the same directory and a
+/// rename, so a reader polling for the file never sees it half written.
+fn write_addr_file(path: &Path, addr: SocketAddr, admin_addr: SocketAddr) -> Result<()> {
+    let body = serde_json::json!({
+        "pid": std::process::id(),
+        "address": addr.to_string(),
+        "adminAddress": admin_addr.to_string(),
+    });
+    let fail = |source: std::io::Error| {
+        Error::Config(format!(
+            "cannot write the address file {}: {source}; check that its directory exists and is writable",
+            path.display()
+        ))
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, body.to_string()).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(|err| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(err)
+    })
+}
+
 /// Reclaims expired items in the background, a bounded batch per shard every 100 ms, so
 /// memory held by items nobody reads again comes back without waiting for eviction.
 async fn reap_expired(store: Arc<Store>) {
@@ -220,5 +255,73 @@ async fn reap_expired(store: Arc<Store>) {
             return;
         };
         cursors = c;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of its own under the system temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir()
+                .join(format!("cache-node-{tag}-{}-{nanos}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn addr_file_names_the_bound_ports_and_pid() {
+        let dir = TempDir::new("addr-file");
+        let path = dir.0.join("node.addr");
+        let config = NodeConfig {
+            addr_file: Some(path.clone()),
+            ..NodeConfig::ephemeral(1, Policy::Lru, None)
+        };
+        let node = Node::start(config).await.unwrap();
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(
+            written,
+            serde_json::json!({
+                "pid": std::process::id(),
+                "address": node.addr.to_string(),
+                "adminAddress": node.admin_addr.to_string(),
+            })
+        );
+        assert_ne!(node.addr.port(), 0);
+        assert_ne!(node.admin_addr.port(), 0);
+        // Only the file itself is left: the temporary file was renamed over it.
+        let names: Vec<_> = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("node.addr")]);
+        node.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn unwritable_addr_file_fails_the_start_with_its_path() {
+        let dir = TempDir::new("addr-file-missing");
+        let path = dir.0.join("no-such-dir").join("node.addr");
+        let config = NodeConfig {
+            addr_file: Some(path.clone()),
+            ..NodeConfig::ephemeral(1, Policy::Lru, None)
+        };
+        let err = Node::start(config).await.unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 }
