@@ -567,6 +567,16 @@ impl RingState {
         })
     }
 
+    /// The state that ends the running migration, as the operator publishes it: the current
+    /// members at the next epoch, without a previous ring. Raising the epoch lets clients that
+    /// watch the epoch (the operator's ring long-poll) learn that the fallback ring is gone.
+    pub fn completed(&self) -> Result<Self, RingError> {
+        Ok(Self::new(Ring::new(
+            self.current.next_epoch()?,
+            self.current.members.clone(),
+        )?))
+    }
+
     /// Finish the migration: drop the previous ring and return it (`None` if none was running).
     pub fn complete(&mut self) -> Option<Ring> {
         self.previous.take()

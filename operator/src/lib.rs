@@ -4,6 +4,7 @@
 //! - [`history`]: folds node stats samples into pool counters, windows and per-minute history.
 //! - [`metrics`]: the operator's own Prometheus metrics.
 //! - [`provider`]: where nodes run; [`provider::process`] spawns local `cachepool node` children.
+//! - [`reconcile`]: the pure reconcile core: spec + status + observed nodes -> actions + status.
 //! - [`rebalance`]: the node admin client and the hand-off step of a resize.
 
 pub mod autoscaler;
@@ -11,3 +12,4 @@ pub mod history;
 pub mod metrics;
 pub mod provider;
 pub mod rebalance;
+pub mod reconcile;

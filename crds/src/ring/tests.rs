@@ -629,7 +629,10 @@ fn migrating_rebuilds_a_stored_state_and_refuses_a_non_increasing_epoch() {
     let new = old.grown(["b:1"]).unwrap();
     let mut begun = RingState::new(old.clone());
     begun.begin(new.clone()).unwrap();
-    assert_eq!(RingState::migrating(new.clone(), old.clone()).unwrap(), begun);
+    assert_eq!(
+        RingState::migrating(new.clone(), old.clone()).unwrap(),
+        begun
+    );
     assert!(matches!(
         RingState::migrating(old, new),
         Err(RingError::EpochNotIncreasing { .. })
@@ -649,4 +652,15 @@ fn replacing_during_a_migration_keeps_the_previous_ring() {
     // Outside a migration a replacement has no previous ring: the failed node has nothing to hand over.
     let plain = RingState::new(old).replaced(0, "e:1").unwrap();
     assert!(!plain.is_migrating());
+}
+
+#[test]
+fn completed_state_has_the_same_members_at_the_next_epoch() {
+    let old = Ring::from_addresses(4, ["a:1"]).unwrap();
+    let mut state = RingState::new(old.clone());
+    state.begin(old.grown(["b:1"]).unwrap()).unwrap();
+    let done = state.completed().unwrap();
+    assert!(!done.is_migrating());
+    assert_eq!(done.current().epoch(), 6);
+    assert_eq!(done.current().members(), state.current().members());
 }

@@ -212,6 +212,7 @@ fn pool_gauges_follow_status_and_traffic() {
             started_at: None,
             keys_moved: 1200,
             bytes_moved: 5 << 20,
+            from_members: Vec::new(),
         }),
         ..CachePoolStatus::default()
     };
