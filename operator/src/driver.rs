@@ -28,7 +28,7 @@ use crate::history::{NodeSample, Point, PoolHistory};
 use crate::metrics::{OperatorMetrics, ScaleDirection};
 use crate::provider::{LaunchSpec, PoolRef, Provider, ProviderNode};
 use crate::rebalance::AdminClient;
-use crate::reconcile::{self, Action, Health, Input, NodeSettings, NodeView};
+use crate::reconcile::{self, Action, Health, Input, NodeSettings, NodeView, RingChange};
 use crate::state::{PoolRecord, StateDir};
 
 /// Timing of the driver; the defaults suit a real pool, tests shorten them.
@@ -514,7 +514,14 @@ impl<P: Provider> Driver<P> {
                     }
                 }
                 Action::PushConfig { id } => self.push_config(&id, &spec).await,
-                Action::Publish { ring, reason } => {
+                Action::Publish {
+                    ring,
+                    change,
+                    reason,
+                } => {
+                    if change == RingChange::Replace {
+                        self.metrics.node_replaced(&label);
+                    }
                     self.publish_ring(&ring, &reason, &mut status, now);
                     ring_published = true;
                 }
