@@ -491,7 +491,6 @@ impl<P: Provider> Driver<P> {
         });
         let mut status = plan.status;
         self.keep_traffic(&mut status);
-        let mut ring_published = false;
         // A node about to answer, or a step just taken, is looked at again almost at once: a
         // resize is a chain of short steps and each waits for the next round.
         let quick = views.iter().any(|v| v.health == Health::Starting)
@@ -519,17 +518,16 @@ impl<P: Provider> Driver<P> {
                     change,
                     reason,
                 } => {
-                    if change == RingChange::Replace {
-                        self.metrics.node_replaced(&label);
+                    match change {
+                        RingChange::Replace => self.metrics.node_replaced(&label),
+                        // The autoscaler's reason went into the status with this resize.
+                        RingChange::Begin => self.pending_reason = None,
+                        RingChange::First | RingChange::Complete => {}
                     }
                     self.publish_ring(&ring, &reason, &mut status, now);
-                    ring_published = true;
                 }
                 Action::StartHandoff { id } => self.start_handoff(&id, &listed).await,
             }
-        }
-        if ring_published {
-            self.pending_reason = None;
         }
         self.set_status(status);
         match (plan.busy, quick) {
@@ -890,19 +888,6 @@ impl<P: Provider> Driver<P> {
         status.miss_rate = sampled.miss_rate;
         status.hit_rate = sampled.hit_rate;
         status.requests_per_minute = sampled.requests_per_minute;
-        if status.desired_replicas != sampled.desired_replicas
-            && self
-                .record
-                .valid_spec
-                .as_ref()
-                .is_some_and(|s| s.scaling.mode == ScalingMode::Auto)
-        {
-            // The autoscaler's decision of this round.
-            status.desired_replicas = reconcile::desired_replicas(
-                self.record.valid_spec.as_ref().unwrap_or(&self.record.spec),
-                sampled,
-            );
-        }
     }
 
     fn set_status(&mut self, status: cachepool_crds::pool::CachePoolStatus) {
