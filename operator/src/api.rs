@@ -479,3 +479,88 @@ async fn get_history(
         .unwrap_or(SystemTime::UNIX_EPOCH);
     Ok(Json(handle.history(from, now + Duration::from_secs(60))))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pool() -> CachePool {
+        let (_, pool) =
+            crate::state::parse_manifest(include_bytes!("../../examples/local.yaml")).unwrap();
+        pool
+    }
+
+    #[test]
+    fn merge_patch_changes_the_spec_fields_it_names_and_keeps_the_rest() {
+        let before = pool();
+        let after = merge(
+            &before,
+            &json!({"spec": {"scaling": {"mode": "manual", "replicas": 3}}}),
+        )
+        .unwrap();
+        assert_eq!(after.spec.scaling.replicas, 3);
+        assert_eq!(after.spec.scaling.mode, ScalingMode::Manual);
+        assert_eq!(after.spec.cache, before.spec.cache);
+        assert_eq!(after.spec.scaling.auto, before.spec.scaling.auto);
+    }
+
+    #[test]
+    fn merge_patch_null_restores_a_default() {
+        let after = merge(&pool(), &json!({"spec": {"cache": {"policy": null}}})).unwrap();
+        assert_eq!(after.spec.cache.policy.as_str(), "lru");
+    }
+
+    #[test]
+    fn merge_patch_refuses_what_is_not_the_spec() {
+        for (patch, field) in [
+            (json!({"status": {"replicas": 9}}), "status"),
+            (json!({"metadata": {"name": "other"}}), "metadata.name"),
+            (json!({"kind": "Pod"}), "kind"),
+        ] {
+            let error = merge(&pool(), &patch).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{patch}");
+            assert_eq!(error.field.as_deref(), Some(field), "{patch}");
+        }
+        let labels = merge(&pool(), &json!({"metadata": {"labels": {"team": "web"}}})).unwrap();
+        assert_eq!(
+            labels
+                .metadata
+                .labels
+                .unwrap()
+                .get("team")
+                .map(String::as_str),
+            Some("web")
+        );
+    }
+
+    #[test]
+    fn merge_patch_with_a_wrong_type_is_an_invalid_spec() {
+        let error = merge(
+            &pool(),
+            &json!({"spec": {"scaling": {"replicas": "three"}}}),
+        )
+        .unwrap_err();
+        assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            error.message.contains("not a valid CachePool"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn invalid_spec_error_names_the_first_field() {
+        let error = ApiError::invalid(&[SpecError {
+            field: "scaling.minReplicas".into(),
+            message: "5 exceeds scaling.maxReplicas (3)".into(),
+        }]);
+        assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error.field.as_deref(), Some("spec.scaling.minReplicas"));
+        assert_eq!(
+            error.message,
+            "scaling.minReplicas: 5 exceeds scaling.maxReplicas (3)"
+        );
+    }
+}
