@@ -1,4 +1,11 @@
-//! The web app: image site and manager UI.
+//! The web app: an image-sharing site and the manager UI over a Cachepool pool, a SQL
+//! database and an object store (issue "The web app").
 //!
-//! Empty until the web issue lands; the crate exists so the workspace layout matches the
-//! design brief.
+//! - [`image`]: what an upload may be: keys and image formats, judged by their bytes.
+//! - [`cache`]: cache-aside reads through the pool client, one fill per key at a time.
+//! - [`store`]: image metadata in SQL (SQLite or PostgreSQL) and image bytes in an object store
+//!   (a local directory or S3).
+
+pub mod cache;
+pub mod image;
+pub mod store;

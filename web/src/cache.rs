@@ -1,0 +1,1 @@
+//! Cache-aside reads through the pool (being written).

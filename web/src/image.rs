@@ -1,0 +1,1 @@
+//! Upload rules (being written).

@@ -1,0 +1,1 @@
+//! Metadata and object storage (being written).
