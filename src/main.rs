@@ -1,6 +1,8 @@
 //! `cachepool`: one binary for every role of an elastic, memcached-compatible cache pool.
 
 mod bench;
+mod operator;
+mod up;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -19,6 +21,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole local stack (operator, a default pool of local nodes) until Ctrl-C.
+    Up(up::UpArgs),
+    /// Run the operator: reconcile CachePool resources into live pools.
+    Operator(operator::OperatorArgs),
     /// Run one cache node: memcached text protocol plus the admin HTTP API.
     Node(cache_node::NodeConfig),
     /// Print the CachePool CustomResourceDefinition (YAML) for `kubectl apply -f -`.
@@ -36,6 +42,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Up(args) => runtime()?.block_on(args.run(shutdown_signal())),
+        Command::Operator(args) => runtime()?.block_on(args.run(shutdown_signal())),
         Command::Node(config) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads())
@@ -54,6 +62,15 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args),
     }
+}
+
+/// The runtime of the operator and the local stack: little CPU, mostly waiting on nodes.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

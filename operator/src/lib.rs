@@ -7,9 +7,13 @@
 //! - [`reconcile`]: the pure reconcile core: spec + status + observed nodes -> actions + status.
 //! - [`rebalance`]: the node admin client and the hand-off step of a resize.
 
+pub mod api;
 pub mod autoscaler;
+pub mod driver;
 pub mod history;
 pub mod metrics;
 pub mod provider;
 pub mod rebalance;
 pub mod reconcile;
+pub mod standalone;
+pub mod state;

@@ -50,9 +50,18 @@ pub struct AdminClient {
 impl AdminClient {
     /// `admin_address` is `host:port` of the node's admin port.
     pub fn new(admin_address: &str, token: Option<&str>) -> AdminClient {
+        Self::with_timeouts(admin_address, token, Duration::from_secs(10))
+    }
+
+    /// A client whose requests give up after `timeout` (probes want an answer quickly).
+    pub fn with_timeouts(
+        admin_address: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> AdminClient {
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .timeout(timeout)
             .build()
             .unwrap_or_default();
         AdminClient {

@@ -1,0 +1,481 @@
+//! The operator's HTTP API, for the web app and for scripts (DESIGN.md, "Operator API").
+//!
+//! `/api/v1/...` needs `Authorization: Bearer TOKEN`: the read-only token may read, the admin
+//! token may also change. `/healthz`, `/readyz` and `/metrics` are open, like a node's. Every
+//! error is `{"error": CODE, "message": TEXT, "field": NAME?}`; client mistakes get a 4xx that
+//! says what to fix, and internal failures are logged and answered without detail.
+//!
+//! A spec change is a JSON merge patch (RFC 7386) of the whole resource, as `kubectl patch
+//! --type merge` sends it; the merged spec is validated with the same rules as a manifest and
+//! refused with 422 naming the field. Only `spec`, `metadata.labels` and
+//! `metadata.annotations` may change; status is the operator's.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cachepool_crds::pool::{CachePool, ScalingMode, SpecError};
+use cachepool_crds::ring::RingState;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::driver::{CommandError, PoolHandle};
+use crate::metrics::{self, OperatorMetrics};
+use crate::provider::PoolRef;
+use crate::standalone::Registry;
+
+/// Longest a ring long-poll waits.
+pub const RING_WAIT: Duration = Duration::from_secs(30);
+
+/// Most history a request may ask for, in minutes (the retention: a day).
+pub const MAX_HISTORY_MINUTES: u64 = 24 * 60;
+
+/// Largest request body: a patch is a few hundred bytes.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The API's bearer tokens.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    /// May read and change.
+    pub admin: String,
+    /// May read only.
+    pub read: Option<String>,
+}
+
+/// State of the API's handlers.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    pub tokens: Tokens,
+    pub metrics: OperatorMetrics,
+}
+
+/// The router: `/api/v1/...` behind tokens, probes and metrics open.
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/pools", get(list_pools))
+        .route(
+            "/api/v1/pools/{namespace}/{name}",
+            get(get_pool).patch(patch_pool),
+        )
+        .route("/api/v1/pools/{namespace}/{name}/scale", post(scale_pool))
+        .route("/api/v1/pools/{namespace}/{name}/flush", post(flush_pool))
+        .route("/api/v1/pools/{namespace}/{name}/ring", get(get_ring))
+        .route("/api/v1/pools/{namespace}/{name}/history", get(get_history))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// An error as the HTTP contract defines it.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    error: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    fn invalid(errors: &[SpecError]) -> Self {
+        let message = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut error = Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec", message);
+        if let Some(first) = errors.first() {
+            error = error.field(format!("spec.{}", first.field));
+        }
+        error
+    }
+
+    fn not_found(pool: &PoolRef) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no pool {pool}"),
+        )
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Invalid(errors) => Self::invalid(&errors),
+            CommandError::Storage(message) => {
+                tracing::error!(error = %message, "storing a spec change failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the change could not be stored; see the operator's log",
+                )
+            }
+            CommandError::Gone => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "the pool is being deleted or the operator is stopping",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(&self)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Compares without an early exit, so response time does not reveal how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing Authorization: Bearer <token>",
+        )
+        .into_response();
+    };
+    let admin = constant_time_eq(presented.as_bytes(), state.tokens.admin.as_bytes());
+    let read = state
+        .tokens
+        .read
+        .as_deref()
+        .is_some_and(|t| constant_time_eq(presented.as_bytes(), t.as_bytes()));
+    if !admin && !read {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong bearer token",
+        )
+        .into_response();
+    }
+    if !admin && request.method() != Method::GET {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token may only read; changes need the admin token",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.registry.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reading the state directory\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see DESIGN.md, \"Operator API\"",
+    )
+}
+
+fn pool(state: &ApiState, namespace: String, name: String) -> ApiResult<Arc<PoolHandle>> {
+    let pool = PoolRef::new(namespace, name);
+    state
+        .registry
+        .get(&pool)
+        .ok_or_else(|| ApiError::not_found(&pool))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PoolList {
+    api_version: &'static str,
+    kind: &'static str,
+    items: Vec<CachePool>,
+}
+
+async fn list_pools(State(state): State<ApiState>) -> Json<PoolList> {
+    Json(PoolList {
+        api_version: "cachepool.io/v1alpha1",
+        kind: "CachePoolList",
+        items: state.registry.list().iter().map(|p| p.resource()).collect(),
+    })
+}
+
+async fn get_pool(
+    State(state): State<ApiState>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> ApiResult<Json<CachePool>> {
+    Ok(Json(pool(&state, namespace, name)?.resource()))
+}
+
+async fn patch_pool(
+    State(state): State<ApiState>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<CachePool>> {
+    let handle = pool(&state, namespace, name)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if media != "application/merge-patch+json" && media != "application/json" {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "send a JSON merge patch with Content-Type: application/merge-patch+json (got {content_type:?})"
+            ),
+        ));
+    }
+    let patch: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    if !patch.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a merge patch is a JSON object, e.g. {\"spec\": {\"scaling\": {\"replicas\": 3}}}",
+        ));
+    }
+    let current = handle.resource();
+    let merged = merge(&current, &patch)?;
+    Ok(Json(handle.set_spec(merged.spec).await?))
+}
+
+/// Applies a merge patch to a resource, refusing changes to anything but the spec, labels
+/// and annotations.
+fn merge(current: &CachePool, patch: &Value) -> ApiResult<CachePool> {
+    for (key, value) in patch.as_object().into_iter().flatten() {
+        match key.as_str() {
+            "spec" => {}
+            "apiVersion" | "kind" if current_field(current, key) == Some(value.clone()) => {}
+            "status" => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "status is written by the operator; patch spec instead",
+                )
+                .field("status"));
+            }
+            "metadata" => {
+                for (meta, _) in value.as_object().into_iter().flatten() {
+                    if meta != "labels" && meta != "annotations" {
+                        return Err(ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            format!(
+                                "metadata.{meta} cannot be changed; only labels and annotations"
+                            ),
+                        )
+                        .field(format!("metadata.{meta}")));
+                    }
+                }
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("{other} cannot be patched; patch spec"),
+                )
+                .field(other.to_owned()));
+            }
+        }
+    }
+    let mut document = serde_json::to_value(current)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    json_patch::merge(&mut document, patch);
+    serde_json::from_value::<CachePool>(document).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_spec",
+            format!("the patched resource is not a valid CachePool: {e}"),
+        )
+    })
+}
+
+fn current_field(current: &CachePool, key: &str) -> Option<Value> {
+    serde_json::to_value(current).ok()?.get(key).cloned()
+}
+
+#[derive(Deserialize)]
+struct ScaleRequest {
+    delta: i64,
+}
+
+async fn scale_pool(
+    State(state): State<ApiState>,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<CachePool>> {
+    let handle = pool(&state, namespace, name)?;
+    let request: ScaleRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {{\"delta\": 1}} or {{\"delta\": -1}}: {e}"),
+        )
+    })?;
+    if request.delta != 1 && request.delta != -1 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("delta must be 1 or -1, not {}", request.delta),
+        )
+        .field("delta"));
+    }
+    let mut spec = handle.resource().spec;
+    let scaling = &spec.scaling;
+    if scaling.mode == ScalingMode::Auto {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the pool is in auto mode: the autoscaler sets its size; switch scaling.mode to manual to scale by hand",
+        )
+        .field("spec.scaling.mode"));
+    }
+    let target = i64::from(scaling.replicas) + request.delta;
+    if target < i64::from(scaling.min_replicas) || target > i64::from(scaling.max_replicas) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "the pool has {} nodes and may have {} to {}: it cannot {}",
+                scaling.replicas,
+                scaling.min_replicas,
+                scaling.max_replicas,
+                if request.delta > 0 { "grow" } else { "shrink" }
+            ),
+        )
+        .field("spec.scaling.replicas"));
+    }
+    spec.scaling.replicas = u32::try_from(target).unwrap_or(scaling.replicas);
+    Ok(Json(handle.set_spec(spec).await?))
+}
+
+async fn flush_pool(
+    State(state): State<ApiState>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let handle = pool(&state, namespace, name)?;
+    let report = handle.flush().await?;
+    Ok(Json(report).into_response())
+}
+
+#[derive(Deserialize)]
+struct RingQuery {
+    after: Option<u64>,
+}
+
+async fn get_ring(
+    State(state): State<ApiState>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(query): Query<RingQuery>,
+) -> ApiResult<Json<RingState>> {
+    let handle = pool(&state, namespace, name)?;
+    let mut ring = handle.ring();
+    if let Some(after) = query.after {
+        let newer = |r: &Option<RingState>| r.as_ref().is_some_and(|r| r.current().epoch() > after);
+        // Waiting ends early when the epoch passes `after`; at the deadline the current ring
+        // is answered and the client asks again.
+        let _ = tokio::time::timeout(RING_WAIT, ring.wait_for(newer)).await;
+    }
+    let current = ring.borrow().clone();
+    current.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_ring",
+            "the pool has no ring yet: its first nodes are starting",
+        )
+    })
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    minutes: Option<u64>,
+}
+
+async fn get_history(
+    State(state): State<ApiState>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(query): Query<HistoryQuery>,
+) -> ApiResult<Json<Vec<crate::history::Point>>> {
+    let handle = pool(&state, namespace, name)?;
+    let minutes = query.minutes.unwrap_or(30);
+    if minutes == 0 || minutes > MAX_HISTORY_MINUTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("minutes must lie within [1, {MAX_HISTORY_MINUTES}]"),
+        )
+        .field("minutes"));
+    }
+    let now = SystemTime::now();
+    let from = now
+        .checked_sub(Duration::from_secs(minutes * 60))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok(Json(handle.history(from, now + Duration::from_secs(60))))
+}
