@@ -203,7 +203,9 @@ impl Drop for TestDir {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
         }
-        if std::thread::panicking() {
+        if std::env::var_os("CACHEPOOL_E2E_KEEP").is_some() {
+            eprintln!("test directory kept: {}", self.root.display());
+        } else if std::thread::panicking() {
             eprintln!(
                 "test directory kept for a post-mortem: {}\nlast lines of the operator's log:\n{}",
                 self.root.display(),
@@ -288,6 +290,8 @@ impl Operator {
         if options.keep_nodes {
             command.arg("--keep-nodes");
         }
+        // The log is a file: plain text reads better there than colour codes.
+        command.env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
@@ -483,9 +487,19 @@ impl Api {
     }
 
     pub async fn status(&self, name: &str) -> CachePoolStatus {
-        let pool = self.pool(name).await;
-        serde_json::from_value(pool["status"].clone())
-            .unwrap_or_else(|e| panic!("status of {name} does not parse: {e}: {}", pool["status"]))
+        self.try_status(name)
+            .await
+            .unwrap_or_else(|e| panic!("status of {name}: {e}"))
+    }
+
+    /// The pool's status, or why there is none (e.g. 404 for a pool not yet found).
+    pub async fn try_status(&self, name: &str) -> Result<CachePoolStatus, String> {
+        let reply = self.get(&Self::pool_path(name)).await;
+        if reply.status != 200 {
+            return Err(format!("GET answered {}: {}", reply.status, reply.body));
+        }
+        serde_json::from_value(reply.body["status"].clone())
+            .map_err(|e| format!("does not parse: {e}: {}", reply.body["status"]))
     }
 
     pub async fn spec(&self, name: &str) -> CachePoolSpec {
@@ -547,14 +561,13 @@ impl Api {
         limit: Duration,
         check: impl Fn(&CachePoolStatus) -> bool,
     ) -> CachePoolStatus {
-        let mut last = None;
+        let mut last = Err("not asked yet".to_owned());
         let found = tokio::time::timeout(limit, async {
             loop {
-                let status = self.status(name).await;
-                if check(&status) {
-                    return status;
+                match self.try_status(name).await {
+                    Ok(status) if check(&status) => return status,
+                    other => last = other,
                 }
-                last = Some(status);
                 tokio::time::sleep(POLL).await;
             }
         })

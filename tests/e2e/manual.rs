@@ -45,6 +45,8 @@ enum Ask {
 struct Step {
     label: String,
     to: u32,
+    /// When the call was made, in ms from the load's window 0.
+    call_ms: i128,
     /// Windows of the load in which the call was made and in which the pool was Ready.
     window_call: usize,
     window_ready: usize,
@@ -62,7 +64,7 @@ async fn resize(
     dir: &TestDir,
     api: &Api,
     follower: &RingFollower,
-    load: &Load,
+    (load, checker): (&Load, &Checker),
     from: u32,
     ask: Ask,
 ) -> Step {
@@ -143,6 +145,7 @@ async fn resize(
     Step {
         label,
         to,
+        call_ms: checker.ms(called.into_std()),
         window_call,
         window_ready,
         to_ring: ring.at - called,
@@ -177,9 +180,10 @@ fn print_figures(steps: &[Step], windows: &[Window], steady: f64, checker: &Chec
     println!("== e2e manual resize under load: 20,000 keys, Zipf 0.99, 8 readers, 2 writers");
     for s in steps {
         println!(
-            "   FIGURE {:28} API call -> ring at client {:7.1} ms, -> completed ring {:7.1} ms, \
-             -> status Ready {:7.1} ms, -> process count {:7.1} ms",
+            "   FIGURE {:28} API call at +{} ms -> ring at client {:7.1} ms, -> completed ring \
+             {:7.1} ms, -> status Ready {:7.1} ms, -> process count {:7.1} ms",
             s.label,
+            s.call_ms,
             s.to_ring.as_secs_f64() * 1e3,
             s.to_completed_ring.as_secs_f64() * 1e3,
             s.to_ready.as_secs_f64() * 1e3,
@@ -239,11 +243,11 @@ fn manual_scale_to_4_and_back_to_1_under_load_keeps_hit_ratio_without_stale_read
         load.until_window(STEADY_END).await;
         checker.arm();
         let mut steps = Vec::new();
-        steps.push(resize(&dir, &api, &follower, &load, 2, Ask::Scale(1)).await);
+        steps.push(resize(&dir, &api, &follower, (&load, &checker), 2, Ask::Scale(1)).await);
         load.until_window(load.window_now() + 1).await;
-        steps.push(resize(&dir, &api, &follower, &load, 3, Ask::Scale(1)).await);
+        steps.push(resize(&dir, &api, &follower, (&load, &checker), 3, Ask::Scale(1)).await);
         load.until_window(load.window_now() + 2).await;
-        steps.push(resize(&dir, &api, &follower, &load, 4, Ask::Patch(1)).await);
+        steps.push(resize(&dir, &api, &follower, (&load, &checker), 4, Ask::Patch(1)).await);
         let end = load.window_now() + 3;
         let windows = load.stop_at(end).await;
 
