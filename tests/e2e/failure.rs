@@ -1,7 +1,8 @@
 //! Things dying: a node killed with SIGKILL is replaced in its slot; an operator killed with
 //! SIGKILL in the middle of a resize leaves the nodes running, and the next operator on the
 //! same directory adopts them and finishes the resize; an operator stopped with
-//! `--keep-nodes` hands its nodes, data and ring to the next one unchanged.
+//! `--keep-nodes` hands its nodes, data and ring to the next one unchanged; a SIGTERM right
+//! after the operator announced its API still ends in a clean exit.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use cachepool_crds::ring::RingState;
 use tokio::time::Instant;
 
 use crate::harness::{
-    Manifest, Operator, OperatorOptions, POLL, TIMEOUT, TestDir, apply_and_start, client_options,
-    pid_of, pool_client, ring_epoch, run, settled, shutdown, status_members, status_pids,
+    Manifest, NAMESPACE, Operator, OperatorOptions, POLL, TIMEOUT, TestDir, apply_and_start,
+    client_options, pid_of, pool_client, ring_epoch, run, settled, shutdown, status_members,
+    status_pids,
 };
 use crate::load::{self, Checker, Keys};
 
@@ -180,6 +182,22 @@ fn operator_killed_mid_resize_is_finished_by_the_next_operator() {
             grown.is_migrating() && grown.current().len() == 3,
             "the first ring after the scale is not the migrating 2->3 ring: {grown:?}"
         );
+        // The killed operator's record of the pool (its runtime state, `.cachepool/pools/`)
+        // shows the migration unfinished: the next operator has a resize to finish.
+        let record = dir
+            .pools()
+            .join(".cachepool/pools")
+            .join(NAMESPACE)
+            .join(format!("{POOL}.json"));
+        let text = std::fs::read_to_string(&record)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", record.display()));
+        let record: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", record.display()));
+        assert!(
+            record["status"]["migration"].is_object(),
+            "the operator was killed after the migration ended, not in the middle of it: {}",
+            record["status"]
+        );
         // The nodes outlive the operator: they run in process groups of their own.
         let orphans = dir.node_pids();
         assert_eq!(
@@ -275,5 +293,27 @@ fn operator_stopped_with_keep_nodes_hands_its_nodes_to_the_next_one() {
         assert_eq!(value.map(|v| v.data.to_vec()), Some(b"still here".to_vec()));
         // Without --keep-nodes, SIGTERM stops the adopted nodes too.
         shutdown(&dir, second).await;
+    });
+}
+
+/// The `api:` line tells a script the operator is up; a SIGTERM sent right after it must still
+/// stop the nodes and end in exit 0, not kill the operator by the signal's default action and
+/// leave its nodes behind.
+#[test]
+fn sigterm_right_after_the_api_line_stops_the_operator_cleanly() {
+    run(async {
+        const POOL: &str = "brief";
+        for round in 0..20 {
+            let dir = TestDir::new(&format!("early-term-{round}"));
+            dir.write_manifest(POOL, &Manifest::manual(POOL, 1).yaml());
+            let operator = Operator::start(&dir).await;
+            let status = operator.stop().await;
+            let left = dir.processes();
+            assert!(
+                status.success() && left.is_empty(),
+                "round {round}: SIGTERM right after the api line: the operator exited with \
+                 {status}, leaving {left:?}"
+            );
+        }
     });
 }

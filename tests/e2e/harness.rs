@@ -109,6 +109,11 @@ impl TestDir {
         let pools = root.join("pools");
         std::fs::create_dir_all(&pools)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", pools.display()));
+        // The operator resolves its directory, and the nodes' command lines name the resolved
+        // path: the census must look for that one.
+        let pools = pools
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("cannot resolve {}: {e}", pools.display()));
         TestDir { root, pools }
     }
 

@@ -11,7 +11,8 @@
 //! checker (`operator/tests/resize/load.rs`) and print what they measured (times from an API
 //! call to the new ring and to a Ready pool, per-second hit ratios): run with
 //! `cargo test -p cachepool --test e2e -- --nocapture`. Tests run one at a time
-//! (`harness::run`).
+//! (`harness::run`). A failing test keeps its directory (manifests, the operator's log, node
+//! logs) and prints its path; `CACHEPOOL_E2E_KEEP=1` keeps every test's.
 
 mod api;
 mod autoscale;

@@ -1,5 +1,6 @@
 //! Manual resizes through the API under load: a pool of 2 grows to 4 one `scale` call at a
-//! time and shrinks back to 1 with a `PATCH` of `spec.scaling.replicas`, while cache-aside
+//! time, shrinks to 3 with another and back to 1 with a `PATCH` of `spec.scaling.replicas`,
+//! while cache-aside
 //! readers and versioned writers run through a pool client that follows the ring by
 //! long-polling it. Status, ring, manifest file and node processes must follow each step, the
 //! hit ratio must hold, and no read may be stale.
@@ -247,7 +248,9 @@ fn manual_scale_to_4_and_back_to_1_under_load_keeps_hit_ratio_without_stale_read
         load.until_window(load.window_now() + 1).await;
         steps.push(resize(&dir, &api, &follower, (&load, &checker), 3, Ask::Scale(1)).await);
         load.until_window(load.window_now() + 2).await;
-        steps.push(resize(&dir, &api, &follower, (&load, &checker), 4, Ask::Patch(1)).await);
+        steps.push(resize(&dir, &api, &follower, (&load, &checker), 4, Ask::Scale(-1)).await);
+        load.until_window(load.window_now() + 1).await;
+        steps.push(resize(&dir, &api, &follower, (&load, &checker), 3, Ask::Patch(1)).await);
         let end = load.window_now() + 3;
         let windows = load.stop_at(end).await;
 
