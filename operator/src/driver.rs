@@ -28,7 +28,7 @@ use crate::history::{NodeSample, Point, PoolHistory};
 use crate::metrics::{OperatorMetrics, ScaleDirection};
 use crate::provider::{LaunchSpec, PoolRef, Provider, ProviderNode};
 use crate::rebalance::AdminClient;
-use crate::reconcile::{self, Action, Health, Input, NodeSettings, NodeView};
+use crate::reconcile::{self, Action, Health, Input, NodeSettings, NodeView, RingChange};
 use crate::state::{PoolRecord, StateDir};
 
 /// Timing of the driver; the defaults suit a real pool, tests shorten them.
@@ -36,8 +36,10 @@ use crate::state::{PoolRecord, StateDir};
 pub struct DriverOptions {
     /// Round interval while nothing is in progress (also how fast a crash is noticed).
     pub probe_interval: Duration,
-    /// Round interval while nodes start or keys migrate.
+    /// Round interval while keys migrate.
     pub busy_interval: Duration,
+    /// Round interval while a node starts or right after a ring change.
+    pub quick_interval: Duration,
     /// How often every node's stats are sampled.
     pub sample_interval: Duration,
     /// A ready node that does not answer for this long is replaced.
@@ -53,6 +55,7 @@ impl Default for DriverOptions {
         Self {
             probe_interval: Duration::from_millis(500),
             busy_interval: Duration::from_millis(100),
+            quick_interval: Duration::from_millis(10),
             sample_interval: Duration::from_secs(2),
             node_timeout: Duration::from_secs(10),
             start_timeout: Duration::from_secs(30),
@@ -203,7 +206,8 @@ struct NodeMemory {
     first_seen: Instant,
     last_ok: Option<Instant>,
     handoff: Option<HandoffStatus>,
-    handoff_started: Option<Instant>,
+    /// Epoch and time of the last hand-off this driver started on the node.
+    handoff_started: Option<(u64, Instant)>,
 }
 
 /// The driver of one pool.
@@ -321,15 +325,10 @@ impl<P: Provider> Driver<P> {
             if let Some(command) = command {
                 self.command(command).await;
             }
-            let busy = self.round().await;
+            interval = self.round().await;
             if self.deleted {
                 break;
             }
-            interval = if busy {
-                self.options.busy_interval
-            } else {
-                self.options.probe_interval
-            };
         }
         if self.deleted {
             self.metrics.forget_pool(&self.label());
@@ -444,10 +443,10 @@ impl<P: Provider> Driver<P> {
         self.deleted = true;
     }
 
-    /// One observation and reconcile round; returns whether something is in progress.
-    async fn round(&mut self) -> bool {
+    /// One observation and reconcile round; returns how soon the next should come.
+    async fn round(&mut self) -> Duration {
         if self.deleted {
-            return false;
+            return self.options.probe_interval;
         }
         let label = self.label();
         let _timer = self.metrics.start_reconcile(&label);
@@ -457,7 +456,7 @@ impl<P: Provider> Driver<P> {
             Err(e) => {
                 warn!(pool = %pool, error = %e, "listing nodes failed");
                 self.metrics.reconcile_failed(&label, "provider");
-                return true;
+                return self.options.busy_interval;
             }
         };
         let views = self.observe(&listed).await;
@@ -479,7 +478,7 @@ impl<P: Provider> Driver<P> {
             })
             .status;
             self.set_status(status);
-            return false;
+            return self.options.probe_interval;
         };
         let plan = reconcile::plan(Input {
             spec: &spec,
@@ -492,7 +491,15 @@ impl<P: Provider> Driver<P> {
         });
         let mut status = plan.status;
         self.keep_traffic(&mut status);
-        let mut ring_published = false;
+        // A node about to answer, or a step just taken, is looked at again almost at once: a
+        // resize is a chain of short steps and each waits for the next round.
+        let quick = views.iter().any(|v| v.health == Health::Starting)
+            || plan.actions.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::Launch { .. } | Action::Publish { .. } | Action::StartHandoff { .. }
+                )
+            });
         for action in plan.actions {
             match action {
                 Action::Launch { slot } => self.launch(slot, &spec).await,
@@ -506,18 +513,28 @@ impl<P: Provider> Driver<P> {
                     }
                 }
                 Action::PushConfig { id } => self.push_config(&id, &spec).await,
-                Action::Publish { ring, reason } => {
+                Action::Publish {
+                    ring,
+                    change,
+                    reason,
+                } => {
+                    match change {
+                        RingChange::Replace => self.metrics.node_replaced(&label),
+                        // The autoscaler's reason went into the status with this resize.
+                        RingChange::Begin => self.pending_reason = None,
+                        RingChange::First | RingChange::Complete => {}
+                    }
                     self.publish_ring(&ring, &reason, &mut status, now);
-                    ring_published = true;
                 }
                 Action::StartHandoff { id } => self.start_handoff(&id, &listed).await,
             }
         }
-        if ring_published {
-            self.pending_reason = None;
-        }
         self.set_status(status);
-        plan.busy
+        match (plan.busy, quick) {
+            (false, _) => self.options.probe_interval,
+            (true, true) => self.options.quick_interval,
+            (true, false) => self.options.busy_interval,
+        }
     }
 
     /// Probes every node and builds the core's view of it.
@@ -840,13 +857,15 @@ impl<P: Provider> Driver<P> {
         let Some(memory) = self.nodes.get_mut(id) else {
             return;
         };
+        let epoch = ring.current().epoch();
+        // A failed hand-off towards the same ring is retried at most every HANDOFF_RETRY.
         if memory
             .handoff_started
-            .is_some_and(|at| at.elapsed() < HANDOFF_RETRY)
+            .is_some_and(|(e, at)| e == epoch && at.elapsed() < HANDOFF_RETRY)
         {
             return;
         }
-        memory.handoff_started = Some(Instant::now());
+        memory.handoff_started = Some((epoch, Instant::now()));
         match memory
             .admin
             .start_handoff(ring.current(), &node.address, 0)
@@ -869,19 +888,6 @@ impl<P: Provider> Driver<P> {
         status.miss_rate = sampled.miss_rate;
         status.hit_rate = sampled.hit_rate;
         status.requests_per_minute = sampled.requests_per_minute;
-        if status.desired_replicas != sampled.desired_replicas
-            && self
-                .record
-                .valid_spec
-                .as_ref()
-                .is_some_and(|s| s.scaling.mode == ScalingMode::Auto)
-        {
-            // The autoscaler's decision of this round.
-            status.desired_replicas = reconcile::desired_replicas(
-                self.record.valid_spec.as_ref().unwrap_or(&self.record.spec),
-                sampled,
-            );
-        }
     }
 
     fn set_status(&mut self, status: cachepool_crds::pool::CachePoolStatus) {

@@ -107,10 +107,27 @@ pub enum Action {
     /// `PUT /config` with the spec's settings.
     PushConfig { id: String },
     /// Make `ring` the pool's ring: store it in the status first, then tell clients.
-    Publish { ring: RingState, reason: String },
+    Publish {
+        ring: RingState,
+        change: RingChange,
+        reason: String,
+    },
     /// Have the node hand off the keys it does not own under the current ring (`POST /handoff`);
     /// also restarts a failed or outdated hand-off.
     StartHandoff { id: String },
+}
+
+/// Why a ring is published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingChange {
+    /// The pool's first ring.
+    First,
+    /// A resize begins: the new ring with the previous one attached.
+    Begin,
+    /// The hand-off is done: the previous ring is dropped.
+    Complete,
+    /// A failed node was replaced in its slot.
+    Replace,
 }
 
 /// Input of [`plan`].
@@ -358,15 +375,23 @@ impl<'a> Planner<'a> {
         let epoch = self.input.status.ring.as_ref().map_or(1, |r| r.epoch + 1);
         if let Some(nodes) = self.standbys(0..n) {
             match Ring::from_addresses(epoch, nodes.iter().map(|n| n.address.clone())) {
-                Ok(ring) => self.publish(RingState::new(ring), format!("first ring of {n} nodes")),
+                Ok(ring) => self.publish(
+                    RingState::new(ring),
+                    RingChange::First,
+                    format!("first ring of {n} nodes"),
+                ),
                 Err(e) => self.degrade("RingInvalid", e.to_string()),
             }
         }
     }
 
-    fn publish(&mut self, ring: RingState, reason: String) {
+    fn publish(&mut self, ring: RingState, change: RingChange, reason: String) {
         self.ring = Some(ring.clone());
-        self.actions.push(Action::Publish { ring, reason });
+        self.actions.push(Action::Publish {
+            ring,
+            change,
+            reason,
+        });
         self.busy = true;
     }
 
@@ -410,6 +435,7 @@ impl<'a> Planner<'a> {
                 Ok(next) => {
                     self.publish(
                         next,
+                        RingChange::Replace,
                         format!(
                             "node at slot {slot} ({}) replaced by {}",
                             member.address, standby.address
@@ -481,9 +507,11 @@ impl<'a> Planner<'a> {
         let to = state.current().len();
         if done {
             match state.completed() {
-                Ok(next) => {
-                    self.publish(next, format!("hand-off from {from} to {to} nodes complete"))
-                }
+                Ok(next) => self.publish(
+                    next,
+                    RingChange::Complete,
+                    format!("hand-off from {from} to {to} nodes complete"),
+                ),
                 Err(e) => self.degrade("RingInvalid", e.to_string()),
             }
         } else {
@@ -535,7 +563,7 @@ impl<'a> Planner<'a> {
                     }
                 };
                 self.scaled = Some(reason.clone());
-                self.publish(state, reason);
+                self.publish(state, RingChange::Begin, reason);
             }
             Err(e) => self.degrade("RingInvalid", e.to_string()),
         }

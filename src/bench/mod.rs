@@ -1,6 +1,6 @@
 //! `cachepool bench`: measurements of the node against Debian's memcached, of the store's
 //! replacement policies against each other, of the hand-off between nodes and of the pool
-//! client's routing (results and commands in docs/benchmarks.md).
+//! client's routing, and of the operator's reaction times (results and commands in docs/benchmarks.md).
 //!
 //! Layout: `keys` and `wire` are pure (key naming, key distributions, request encoding and
 //! reply parsing, all unit-tested); `servers` and `admin_node` start and stop the measured
@@ -17,6 +17,7 @@ mod keys;
 mod loadgen;
 mod memory;
 mod node;
+mod operator;
 mod policies;
 mod report;
 mod routing;
@@ -46,6 +47,9 @@ enum BenchCommand {
     Handoff(handoff::HandoffArgs),
     /// Per-request cost of the pool client's ring routing, against a plain node client.
     Routing(routing::RoutingArgs),
+    /// Time from a scale call to the new ring and to a Ready pool (process provider), against
+    /// a bare node start; reconcile latency.
+    Operator(operator::OperatorBenchArgs),
 }
 
 /// Runs the selected benchmark.
@@ -55,6 +59,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Memory(a) => with_client_runtime(a.client_threads, |rt| memory::run(rt, a)),
         BenchCommand::Handoff(a) => with_client_runtime(a.client_threads, |rt| handoff::run(rt, a)),
         BenchCommand::Routing(a) => with_client_runtime(a.client_threads, |rt| routing::run(rt, a)),
+        BenchCommand::Operator(a) => with_client_runtime(2, |rt| operator::run(rt, a)),
         // CPU-bound and in-process: no runtime, no children, so the default Ctrl-C is right.
         BenchCommand::Policies(a) => policies::run(&a),
     }

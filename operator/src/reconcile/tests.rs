@@ -127,7 +127,7 @@ impl World {
                     let settings = NodeSettings::of(&self.spec);
                     self.node(id).view.settings = Some(settings);
                 }
-                Action::Publish { ring, reason } => {
+                Action::Publish { ring, reason, .. } => {
                     self.check_publish(ring, last_epoch);
                     for m in ring.current().members() {
                         if let Some(n) = self.nodes.iter_mut().find(|n| n.view.address == m.address)
