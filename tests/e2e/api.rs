@@ -4,15 +4,13 @@
 
 use std::time::Duration;
 
-use cache_node::client::NodeClient;
-use cachepool_crds::ring::RingState;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::harness::{
     ADMIN_TOKEN, Api, Manifest, Operator, OperatorOptions, READ_TOKEN, TIMEOUT, TestDir,
-    apply_and_start, client_options, pool_client, ring_epoch, run, shutdown, status_pids,
+    apply_and_start, items_per_node, pool_client, ring_epoch, run, shutdown, status_pids,
 };
 
 /// The items of a list answer: a bare array, or a Kubernetes-style `{"items": [...]}`.
@@ -139,26 +137,6 @@ fn api_answers_401_without_or_with_a_wrong_token_and_403_to_the_read_token_on_wr
         }
         shutdown(&dir, operator).await;
     });
-}
-
-/// `curr_items` of every member of `ring`.
-async fn items_per_node(ring: &RingState) -> Vec<u64> {
-    let mut out = Vec::new();
-    for member in ring.current().members() {
-        let node = NodeClient::new(member.address.clone(), client_options())
-            .unwrap_or_else(|e| panic!("client of {}: {e}", member.address));
-        let stats = node
-            .stats()
-            .await
-            .unwrap_or_else(|e| panic!("stats of {}: {e}", member.address));
-        out.push(
-            stats
-                .get("curr_items")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no curr_items from {}", member.address)),
-        );
-    }
-    out
 }
 
 #[test]

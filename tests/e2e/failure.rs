@@ -7,13 +7,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use cache_node::client::{NodeClient, PoolClient};
-use cachepool_crds::ring::RingState;
+use cache_node::client::PoolClient;
 use tokio::time::Instant;
 
 use crate::harness::{
     Manifest, NAMESPACE, Operator, OperatorOptions, POLL, TIMEOUT, TestDir, apply_and_start,
-    client_options, pid_of, pool_client, ring_epoch, run, settled, shutdown, status_members,
+    items_per_node, pid_of, pool_client, ring_epoch, run, settled, shutdown, status_members,
     status_pids,
 };
 use crate::load::{self, Checker, Keys};
@@ -22,28 +21,6 @@ fn kill(pid: u32) {
     // SAFETY: plain integers; the pid is a node of this test, alive in the census just read.
     let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     assert_eq!(rc, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
-}
-
-/// Every member of `ring` answers `stats` on its data port; returns their `curr_items`.
-async fn curr_items(ring: &RingState) -> Vec<u64> {
-    let mut out = Vec::new();
-    for member in ring.current().members() {
-        let client = NodeClient::new(member.address.clone(), client_options())
-            .unwrap_or_else(|e| panic!("client of {}: {e}", member.address));
-        let stats = client.stats().await.unwrap_or_else(|e| {
-            panic!(
-                "slot {} ({}) does not answer: {e}",
-                member.slot, member.address
-            )
-        });
-        out.push(
-            stats
-                .get("curr_items")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no curr_items from {}", member.address)),
-        );
-    }
-    out
 }
 
 /// Reads every key of `checker` through `client`, `concurrency` at a time: (hits, misses,
@@ -148,7 +125,7 @@ fn node_killed_with_sigkill_is_replaced_in_its_slot() {
         assert!(!pids.contains(&victim_pid));
         // The new ring serves: every member answers.
         let ring = api.ring(POOL, None).await;
-        assert_eq!(curr_items(&ring).await.len(), 3);
+        assert_eq!(items_per_node(&ring).await.len(), 3);
         shutdown(&dir, setup.operator).await;
     });
 }
@@ -243,7 +220,7 @@ fn operator_killed_mid_resize_is_finished_by_the_next_operator() {
         // fallback), and the nodes hold exactly as many items as there are keys.
         client.set_ring(ring.clone());
         let (hits, misses, wrong) = read_back(client.clone(), checker.clone(), 16).await;
-        let items = curr_items(&ring).await;
+        let items = items_per_node(&ring).await;
         println!(
             "   read back {keys} keys: {hits} hits, {misses} misses, {wrong} wrong values; items per \
              slot {items:?}"

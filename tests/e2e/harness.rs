@@ -22,7 +22,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cache_node::client::{ClientOptions, PoolClient};
+use cache_node::client::{ClientOptions, NodeClient, PoolClient};
 use cachepool_crds::pool::{CachePoolSpec, CachePoolStatus, NodeState, PoolPhase};
 use cachepool_crds::ring::RingState;
 use serde_json::Value;
@@ -658,6 +658,28 @@ pub async fn pool_client(api: &Api, name: &str) -> Arc<PoolClient> {
     Arc::new(
         PoolClient::new(state, client_options()).unwrap_or_else(|e| panic!("pool client: {e}")),
     )
+}
+
+/// Every member of `ring` answers `stats` on its data port; returns their `curr_items`.
+pub async fn items_per_node(ring: &RingState) -> Vec<u64> {
+    let mut out = Vec::new();
+    for member in ring.current().members() {
+        let client = NodeClient::new(member.address.clone(), client_options())
+            .unwrap_or_else(|e| panic!("client of {}: {e}", member.address));
+        let stats = client.stats().await.unwrap_or_else(|e| {
+            panic!(
+                "slot {} ({}) does not answer: {e}",
+                member.slot, member.address
+            )
+        });
+        out.push(
+            stats
+                .get("curr_items")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no curr_items from {}", member.address)),
+        );
+    }
+    out
 }
 
 /// One ring a [`RingFollower`] received.
