@@ -42,8 +42,16 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Up(args) => runtime()?.block_on(args.run(shutdown_signal())),
-        Command::Operator(args) => runtime()?.block_on(args.run(shutdown_signal())),
+        // The signal handlers are installed before anything starts, so a SIGTERM that comes
+        // right after the first line is printed still stops everything in order.
+        Command::Up(args) => runtime()?.block_on(async {
+            let stop = shutdown_signal_now()?;
+            args.run(stop).await
+        }),
+        Command::Operator(args) => runtime()?.block_on(async {
+            let stop = shutdown_signal_now()?;
+            args.run(stop).await
+        }),
         Command::Node(config) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads())
@@ -71,6 +79,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// Installs the Ctrl-C and SIGTERM handlers at once (inside the runtime) and returns a future
+/// that resolves on either.
+fn shutdown_signal_now() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

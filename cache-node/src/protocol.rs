@@ -153,6 +153,10 @@ pub struct MetaDeleteFlags<'a> {
     pub quiet: bool,
     /// `O<token>`: echo an opaque token.
     pub opaque: Option<&'a [u8]>,
+    /// `Y` (Cachepool's extension): leave no tombstone. For a key that moved to another node
+    /// (a write during a migration deletes the previous owner's copy): that is not a delete of
+    /// the key, and a tombstone would refuse the key's newer value if it later moved back.
+    pub no_tombstone: bool,
 }
 
 /// Flags of a meta get.
@@ -609,6 +613,7 @@ fn meta_delete(line: &[u8]) -> Frame<'_> {
             b'k' => flags.return_key = true,
             b'q' => flags.quiet = true,
             b'O' if token.len() <= 32 => flags.opaque = Some(token),
+            b'Y' => flags.no_tombstone = true,
             _ => return Frame::Error("CLIENT_ERROR invalid flag"),
         }
     }

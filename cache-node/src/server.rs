@@ -481,7 +481,8 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             }
         }
         Command::MetaDelete { key, flags } => {
-            let code = match store.delete_cas(key, flags.compare_cas, now) {
+            let tombstone = !flags.no_tombstone;
+            let code = match store.delete_cas(key, flags.compare_cas, tombstone, now) {
                 DeleteOutcome::Deleted => "HD",
                 DeleteOutcome::NotFound => "NF",
                 DeleteOutcome::Exists => "EX",

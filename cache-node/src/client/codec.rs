@@ -101,6 +101,11 @@ pub(crate) fn encode_meta_add(out: &mut Vec<u8>, key: &[u8], flags: u32, exptime
     );
 }
 
+/// `md <key> Y`: delete without leaving a tombstone (Cachepool's extension).
+pub(crate) fn encode_meta_delete_untombstoned(out: &mut Vec<u8>, key: &[u8]) {
+    command(out, &[b"md", key, b"Y"]);
+}
+
 /// `md <key> C<cas>`: delete only that version of the item.
 pub(crate) fn encode_meta_delete_cas(out: &mut Vec<u8>, key: &[u8], cas: u64) {
     let mut c = itoa::Buffer::new();

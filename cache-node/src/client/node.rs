@@ -198,6 +198,19 @@ impl NodeClient {
         Ok(deleted)
     }
 
+    /// `md <key> Y`: deletes without the tombstone a plain delete leaves (a Cachepool node
+    /// extension), for a node that is not the key's owner any more: no copy is ever carried
+    /// *to* it in the running migration, and a tombstone there would refuse the key's newer
+    /// value if the key moved back within the tombstone's life. True if the key was there.
+    pub async fn delete_without_tombstone(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        let key = check_key(key.as_ref())?;
+        let encode = |out: &mut Vec<u8>| codec::encode_meta_delete_untombstoned(out, key);
+        let (deleted, _) = self
+            .call("md", encode, None, codec::parse_meta_delete)
+            .await?;
+        Ok(deleted)
+    }
+
     /// `delete`: true if the key was there.
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
         let key = check_key(key.as_ref())?;

@@ -442,6 +442,9 @@ impl Store {
         if let StoreMode::Cas(_) = mode {
             shard.stats.cas_hits += 1;
         }
+        // The newest event for the key here is now a write: a delete before it must not
+        // refuse the key's copies later (it may move away and back within the tombstone's life).
+        shard.forget_delete(hash);
         Attempt::Done(StoreOutcome::Stored, cas)
     }
 
@@ -749,10 +752,18 @@ impl Store {
         out
     }
 
-    /// `md`: deletes `key`, if `cas` is given only when the item's CAS value equals it.
-    pub fn delete_cas(&self, key: &[u8], cas: Option<u64>, now: u32) -> DeleteOutcome {
+    /// `md`: deletes `key`, if `cas` is given only when the item's CAS value equals it. An
+    /// unconditional delete leaves a tombstone unless `tombstone` is false (a key that moved
+    /// to another node, not a deleted one).
+    pub fn delete_cas(
+        &self,
+        key: &[u8],
+        cas: Option<u64>,
+        tombstone: bool,
+        now: u32,
+    ) -> DeleteOutcome {
         let (hash, _, mut shard) = self.locked(key, now);
-        if cas.is_none() {
+        if cas.is_none() && tombstone {
             shard.record_delete(hash, now);
         }
         match Self::lookup(&mut shard, key, hash, now, &self.used) {

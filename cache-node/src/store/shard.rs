@@ -279,6 +279,11 @@ impl Shard {
         self.tombstones.record(hash, now);
     }
 
+    /// Forgets a tombstone of `hash` (the key was written since).
+    pub fn forget_delete(&mut self, hash: u64) {
+        self.tombstones.latest.remove(&hash);
+    }
+
     /// Whether `hash` was deleted within the last `TOMBSTONE_SECS`.
     pub fn recently_deleted(&self, hash: u64, now: u32) -> bool {
         self.tombstones.recently_deleted(hash, now)

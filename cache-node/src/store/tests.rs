@@ -329,3 +329,50 @@ fn a_recent_delete_stops_a_copy_carried_forward_but_not_a_plain_add() {
     );
     s.check_invariants().unwrap();
 }
+
+#[test]
+fn a_write_after_a_delete_lifts_its_tombstone() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    s.delete(b"k", NOW);
+    s.store(StoreMode::Set, b"k", b"newer", 0, 0, NOW + 1);
+    // The key moves away (its copy here dropped by CAS, as a hand-off does) and comes back.
+    let mut cas = 0;
+    assert!(s.get(b"k", None, NOW + 1, |m, _| cas = m.cas));
+    assert!(s.delete_if_cas(b"k", cas, NOW + 2));
+    assert_eq!(
+        s.store(StoreMode::AddUnlessDeleted, b"k", b"newer", 0, 0, NOW + 3),
+        StoreOutcome::Stored,
+        "the delete was older than the write"
+    );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_delete_without_tombstone_does_not_refuse_the_key_coming_back() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    s.store(StoreMode::Set, b"moved", b"v", 0, 0, NOW);
+    s.store(StoreMode::Set, b"deleted", b"v", 0, 0, NOW);
+    assert_eq!(
+        s.delete_cas(b"moved", None, false, NOW),
+        crate::store::DeleteOutcome::Deleted
+    );
+    assert_eq!(
+        s.delete_cas(b"deleted", None, true, NOW),
+        crate::store::DeleteOutcome::Deleted
+    );
+    assert_eq!(
+        s.store(StoreMode::AddUnlessDeleted, b"moved", b"v2", 0, 0, NOW + 1),
+        StoreOutcome::Stored
+    );
+    assert_eq!(
+        s.store(
+            StoreMode::AddUnlessDeleted,
+            b"deleted",
+            b"v2",
+            0,
+            0,
+            NOW + 1
+        ),
+        StoreOutcome::NotStored
+    );
+}

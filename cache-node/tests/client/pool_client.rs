@@ -228,8 +228,8 @@ async fn add_during_a_migration_sees_the_previous_owners_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_forward_is_withdrawn_when_the_source_changed_meanwhile() {
     // The previous owner is scripted: its item reads as CAS 5, and the re-check after the
-    // copy finds it gone ("gone"), rewritten ("changed") or untouched ("same"), as if another
-    // client had acted between the read and the copy.
+    // copy finds it rewritten ("changed"), gone ("gone": handed off meanwhile) or untouched
+    // ("same"), as if another client or the hand-off had acted between the read and the copy.
     let (fake, _, _peer) = scripted(|_, line| {
         let words: Vec<&str> = line.split(' ').collect();
         let reply: &[u8] = match (words.as_slice(), words.get(1).copied()) {
@@ -248,22 +248,26 @@ async fn a_copy_forward_is_withdrawn_when_the_source_changed_meanwhile() {
     let new = old.replaced(0, node.addr.to_string()).unwrap();
     let pool = PoolClient::new(migrating(&old, &new), options()).unwrap();
     within(LIMIT, async {
-        for key in ["gone", "changed"] {
+        assert_eq!(
+            pool.get("changed").await.unwrap(),
+            None,
+            "a miss, not the stale value"
+        );
+        assert_eq!(
+            owner.get("changed").await.unwrap(),
+            None,
+            "the forwarded copy was withdrawn"
+        );
+        for key in ["same", "gone"] {
+            let value = pool.get(key).await.unwrap().unwrap();
+            assert_eq!((&value.data[..], value.flags), (&b"old"[..], 7), "{key}");
+            let (copy, ttl) = owner.get_with_ttl(key).await.unwrap().unwrap();
             assert_eq!(
-                pool.get(key).await.unwrap(),
-                None,
-                "{key}: a miss, not the stale value"
-            );
-            assert_eq!(
-                owner.get(key).await.unwrap(),
-                None,
-                "{key}: the forwarded copy was withdrawn"
+                (&copy.data[..], copy.flags, ttl),
+                (&b"old"[..], 7, None),
+                "{key}: the copy stays on the owner"
             );
         }
-        let value = pool.get("same").await.unwrap().unwrap();
-        assert_eq!((&value.data[..], value.flags), (&b"old"[..], 7));
-        let (copy, ttl) = owner.get_with_ttl("same").await.unwrap().unwrap();
-        assert_eq!((&copy.data[..], copy.flags, ttl), (&b"old"[..], 7, None));
     })
     .await;
     stop([node]).await;

@@ -37,3 +37,22 @@ async fn meta_set_add_compare_and_delete_follow_memcached() {
     c.ask("ms k 1 q\r\nz\r\nmg k v\r\n", "VA 1\r\nz\r\n").await;
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn cachepool_extensions_tombstone_on_delete_but_not_on_a_moved_key() {
+    let node = start_node(16).await;
+    let mut c = Client::connect(node.addr).await;
+    c.ask("ms gone 1\r\na\r\nmd gone\r\n", "HD\r\nHD\r\n").await;
+    c.ask("ms moved 1\r\na\r\nmd moved Y\r\n", "HD\r\nHD\r\n")
+        .await;
+    // A copy carried forward (`ME Z`) is refused for the deleted key only.
+    c.ask("ms gone 1 ME Z\r\nb\r\n", "NS\r\n").await;
+    c.ask("ms moved 1 ME Z\r\nb\r\n", "HD\r\n").await;
+    // A write after the delete lifts the tombstone.
+    c.ask(
+        "ms gone 1\r\nc\r\nmd gone Y\r\nms gone 1 ME Z\r\nd\r\n",
+        "HD\r\nHD\r\nHD\r\n",
+    )
+    .await;
+    node.shutdown().await;
+}
