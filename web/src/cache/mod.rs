@@ -1,0 +1,624 @@
+//! Cache-aside reads of images through the pool, one fill per key at a time, and
+//! invalidation that a re-upload can rely on.
+//!
+//! [`ImageCache::get_or_fill`] reads the pool; on a miss it runs the caller's `fill` (the
+//! database and the object store), stores what it found, and returns it. The pool is an
+//! accelerator, never a dependency: when it fails, reads become misses and stores are
+//! skipped, the site keeps serving from the store, and the failures are counted
+//! ([`CacheStats`]).
+//!
+//! # One fill per key
+//!
+//! Concurrent misses on one key share one fill (single flight): the first caller leads and
+//! runs its `fill`; callers arriving while it runs wait for its result, success or error,
+//! instead of running theirs. An error is handed to every waiter and never cached, so the
+//! next request tries again. The flights live in a map under a short-held mutex (no lock is
+//! held across an await); the leader publishes its result through a `watch` channel, which
+//! a caller joining late still reads. If the leader goes away without a result — its request
+//! was cancelled, or `fill` panicked — the channel closes, its guard has already removed the
+//! flight, and each waiter starts over: one of them becomes the new leader. Nobody waits on
+//! a leader that is gone.
+//!
+//! # Invalidation: nobody sees the old image after the upload returned
+//!
+//! A writer commits the new image to the store, then calls [`ImageCache::invalidate`], then
+//! acknowledges the upload. The race to beat is a reader whose fill read the *old* image
+//! before the commit and stores it after the invalidation: a plain delete would let that
+//! stale value back in, to be served until it expired. Two mechanisms close it:
+//!
+//! 1. **A tombstone in the pool.** `invalidate` does not delete the entry: it overwrites it
+//!    with a tombstone (a tiny [`envelope`] that reads as a miss) living
+//!    `tombstone_ttl_secs`, and fills store with `add`, which the node refuses while any
+//!    entry — the tombstone included — holds the key. A fill that read the old image
+//!    started before the commit, hence before the tombstone; fills store only if they send
+//!    their `add` within `store_deadline` of starting (a slower fill is served but not
+//!    stored), and the tombstone outlives that deadline by a margin for the `add`'s flight
+//!    time and the node's one-second expiry granularity. So the stale `add` arrives while
+//!    the tombstone lives and is refused. This holds across web servers sharing the pool,
+//!    which an in-process generation counter would not.
+//! 2. **Detaching in-process flights.** `invalidate` removes the key's running flight from
+//!    the map and marks it stale: callers arriving afterwards start a new fill (which reads
+//!    the new image) instead of receiving the old one, and the stale leader does not even
+//!    try to store. This also protects the process's own readers when the tombstone could
+//!    not be written.
+//!
+//! The price is that a key is not cached for `tombstone_ttl_secs` (8 s by default) after an
+//! invalidation: those reads fill from the store, one fill per web server at a time. For
+//! images, re-uploaded rarely and read often, that is cheap.
+//!
+//! What remains, stated plainly:
+//! - The argument assumes an `add` reaches the node within the margin (2 s by default)
+//!   after it is sent. The pool client's request timeout (1 s by default) bounds how long
+//!   the client waits, not when a node that stalled processes a request it already read.
+//! - A tombstone can vanish early if its node is replaced or flushed, or evicts it under
+//!   memory pressure (unlikely: it is the most recently written entry); a stale `add`
+//!   landing then is served until the entry's `ttl_secs`.
+//! - [`ImageCache::invalidate_all`] (delete all data, clear the cache) flushes the pool and
+//!   detaches every local flight, but leaves no tombstones: a fill running in another web
+//!   server at that moment can put back one image it read before. Callers that need that
+//!   case exact invalidate each key.
+//! - A failed invalidation is an error, not a shrug: the old image may be served from the
+//!   pool until it expires, and the caller decides what to tell the uploader.
+//!
+//! During a pool migration the same holds: the pool client's `set` (the tombstone) deletes
+//! the key on the previous owner first, and its `add` (a fill) pulls the previous owner's
+//! copy forward before adding, so the tombstone on the current owner is what both meet.
+
+pub mod envelope;
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cache_node::client::{ClientError, PoolClient};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::image::{ImageKey, MAX_IMAGE_BYTES, MAX_KEY_LEN};
+use envelope::Envelope;
+
+/// A node's item size limit under the CachePool defaults (`cache.maxItemSizeKiB` = 16384).
+pub const DEFAULT_NODE_ITEM_BYTES: usize = 16384 << 10;
+
+const _: () = assert!(
+    MAX_IMAGE_BYTES + envelope::MAX_OVERHEAD <= DEFAULT_NODE_ITEM_BYTES,
+    "the largest image in its envelope must fit a node's default item size limit"
+);
+
+/// Memcached keys are at most 250 bytes; image keys take up to `MAX_KEY_LEN` of them.
+const MAX_PREFIX_LEN: usize = 250 - MAX_KEY_LEN;
+
+/// Seconds a tombstone must outlive the store deadline: one for the node's whole-second
+/// expiry, two for an `add` in flight (see the module documentation).
+const TOMBSTONE_MARGIN_SECS: u32 = 3;
+
+/// Longest exptime memcached reads as relative seconds (30 days).
+const MAX_RELATIVE_SECS: u32 = 30 * 24 * 60 * 60;
+
+/// An image as the site serves it: bytes and the headers that go with them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedImage {
+    /// `Content-Type` (e.g. `image/png`).
+    pub content_type: String,
+    /// `ETag`, quoted (e.g. `"9f1c2a0b4d5e6f70-1a2b"`).
+    pub etag: String,
+    /// The image's bytes.
+    pub body: Bytes,
+}
+
+/// What [`ImageCache::get_or_fill`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// The image.
+    pub image: CachedImage,
+    /// True if the pool served it (`X-Cache: hit`); false if a fill did, this caller's or
+    /// the one it waited for.
+    pub hit: bool,
+}
+
+/// Settings of an [`ImageCache`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Put before every image key to make its pool key, so that other users of the pool
+    /// cannot collide with images: 1 to 50 printable ASCII characters without spaces.
+    pub prefix: String,
+    /// Lifetime of a cached image, in seconds (1 to 30 days). Bounds how long an entry the
+    /// invalidation could not reach (see the module documentation) can be served.
+    pub ttl_secs: u32,
+    /// A fill that took longer than this is served but not stored: its result may predate
+    /// an invalidation whose tombstone has expired.
+    pub store_deadline: Duration,
+    /// Lifetime of the tombstone `invalidate` leaves, in seconds. At least the store
+    /// deadline (rounded up) plus 3.
+    pub tombstone_ttl_secs: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            prefix: "img:".into(),
+            ttl_secs: 60 * 60,
+            store_deadline: Duration::from_secs(5),
+            tombstone_ttl_secs: 5 + TOMBSTONE_MARGIN_SECS,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Checks the settings (see each field).
+    pub fn validate(&self) -> Result<(), CacheError> {
+        let bad = |message: String| Err(CacheError::Config(message));
+        let prefix_ok = self.prefix.bytes().all(|b| b.is_ascii_graphic());
+        if self.prefix.is_empty() || self.prefix.len() > MAX_PREFIX_LEN || !prefix_ok {
+            return bad(format!(
+                "prefix {:?} must be 1 to {MAX_PREFIX_LEN} printable ASCII characters without \
+                 spaces",
+                self.prefix
+            ));
+        }
+        if !(1..=MAX_RELATIVE_SECS).contains(&self.ttl_secs) {
+            return bad(format!(
+                "ttl_secs must be between 1 and {MAX_RELATIVE_SECS} (30 days), got {}",
+                self.ttl_secs
+            ));
+        }
+        if self.store_deadline.is_zero() {
+            return bad("store_deadline must be greater than zero".into());
+        }
+        let deadline_secs = self.store_deadline.as_secs() + u64::from(self.store_deadline.subsec_nanos() > 0);
+        let least = deadline_secs.saturating_add(u64::from(TOMBSTONE_MARGIN_SECS));
+        if u64::from(self.tombstone_ttl_secs) < least || self.tombstone_ttl_secs > MAX_RELATIVE_SECS
+        {
+            return bad(format!(
+                "tombstone_ttl_secs must be at least the store deadline ({:?}, rounded up) plus \
+                 {TOMBSTONE_MARGIN_SECS}, so at least {least}, and at most {MAX_RELATIVE_SECS}; \
+                 got {}",
+                self.store_deadline, self.tombstone_ttl_secs
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the cache itself. Fill errors are [`FillError`]; pool failures on the read
+/// path are not errors (they are misses, counted).
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The configuration cannot work.
+    #[error("invalid cache configuration: {0}")]
+    Config(String),
+    /// The tombstone could not be written.
+    #[error(
+        "the cache could not be invalidated for image {key:?} ({source}); the previous image \
+         may be served from the cache for up to {ttl_secs} s"
+    )]
+    Invalidate {
+        /// The image key.
+        key: String,
+        /// The pool's error.
+        source: ClientError,
+        /// How long the old entry may live.
+        ttl_secs: u32,
+    },
+    /// The pool could not be flushed.
+    #[error(
+        "the cache could not be cleared ({0}); cached images may be served until they expire"
+    )]
+    Flush(ClientError),
+}
+
+/// The error a fill returned, shared by the leader and every waiter (hence the `Arc`).
+/// [`FillError::downcast_ref`] recovers the fill's own error type, to choose a status.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct FillError(Arc<dyn Error + Send + Sync + 'static>);
+
+impl FillError {
+    /// The fill's error as `T`, if it is one.
+    pub fn downcast_ref<T: Error + 'static>(&self) -> Option<&T> {
+        self.0.downcast_ref::<T>()
+    }
+}
+
+/// Counters since the cache was made; a snapshot of [`ImageCache::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups the pool served.
+    pub hits: u64,
+    /// Lookups it did not (absent, tombstone, unreadable entry or pool failure).
+    pub misses: u64,
+    /// Fills run (one per flight).
+    pub fills: u64,
+    /// Callers served by another caller's fill instead of running their own.
+    pub collapsed: u64,
+    /// Fills that returned an error (counted once, however many waited).
+    pub fill_errors: u64,
+    /// Fill results stored in the pool.
+    pub stored: u64,
+    /// Stores the pool refused because the key was held (a tombstone or a newer entry).
+    pub refused: u64,
+    /// Fill results not offered to the pool: invalidated meanwhile, slower than the store
+    /// deadline, or not encodable.
+    pub discarded: u64,
+    /// Pool entries under an image key that were not a readable envelope.
+    pub corrupt: u64,
+    /// Pool requests that failed (stores, invalidations, flushes). Read failures do not
+    /// show here: the pool client reports them as misses.
+    pub pool_errors: u64,
+    /// Invalidations asked for (one key or all).
+    pub invalidations: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fills: AtomicU64,
+    collapsed: AtomicU64,
+    fill_errors: AtomicU64,
+    stored: AtomicU64,
+    refused: AtomicU64,
+    discarded: AtomicU64,
+    corrupt: AtomicU64,
+    pool_errors: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What a flight ends with: the image, `None` if the store has no such key, or the error.
+type Outcome = Result<Option<CachedImage>, FillError>;
+
+/// One running fill of one key.
+#[derive(Debug)]
+struct Flight {
+    /// Set by an invalidation that detached this flight: its result must not be stored.
+    stale: AtomicBool,
+    /// `None` until the leader publishes the outcome.
+    outcome: watch::Receiver<Option<Outcome>>,
+}
+
+/// The leader's hold on its flight. Dropping it — normally, by cancellation or by a panic in
+/// the fill — removes the flight from the map (if it is still there) before closing the
+/// channel, so that waiters who see the channel close find no flight and start a new one.
+struct Lead<'a> {
+    flights: &'a Mutex<HashMap<String, Arc<Flight>>>,
+    key: &'a str,
+    flight: Arc<Flight>,
+    outcome: watch::Sender<Option<Outcome>>,
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let mut flights = lock(self.flights);
+        if flights
+            .get(self.key)
+            .is_some_and(|flight| Arc::ptr_eq(flight, &self.flight))
+        {
+            flights.remove(self.key);
+        }
+    }
+}
+
+enum Role<'a> {
+    Lead(Lead<'a>),
+    Wait(watch::Receiver<Option<Outcome>>),
+}
+
+/// Cache-aside access to images in the pool (see the module documentation).
+///
+/// Share it (`Arc<ImageCache>`) between request handlers; every method takes `&self`.
+#[derive(Debug)]
+pub struct ImageCache {
+    pool: Arc<PoolClient>,
+    config: CacheConfig,
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    counters: Counters,
+}
+
+impl ImageCache {
+    /// A cache over `pool`. The pool client stays shareable: whoever follows the operator's
+    /// ring calls `set_ring` on it.
+    pub fn new(pool: Arc<PoolClient>, config: CacheConfig) -> Result<ImageCache, CacheError> {
+        config.validate()?;
+        Ok(ImageCache {
+            pool,
+            config,
+            flights: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The pool client.
+    pub fn pool(&self) -> &Arc<PoolClient> {
+        &self.pool
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// The pool key of an image key: the prefix, then the key.
+    pub fn pool_key(&self, key: &ImageKey) -> String {
+        format!("{}{}", self.config.prefix, key.as_str())
+    }
+
+    /// The image under `key`: from the pool if it holds it (`hit: true`), else from `fill`,
+    /// whose result is then stored. Concurrent misses on one key run one `fill`; the others
+    /// wait for its result. `fill` answers `Ok(None)` when the store has no such image
+    /// (nothing is cached then) and an error when it cannot tell; the error goes to this
+    /// caller and every waiter, and is not cached.
+    ///
+    /// Pool failures never fail this call: they are misses and skipped stores.
+    pub async fn get_or_fill<F, Fut, E>(
+        &self,
+        key: &ImageKey,
+        fill: F,
+    ) -> Result<Option<Fetched>, FillError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<CachedImage>, E>>,
+        E: Error + Send + Sync + 'static,
+    {
+        let pool_key = self.pool_key(key);
+        if let Some(image) = self.read(&pool_key).await {
+            bump(&self.counters.hits);
+            return Ok(Some(Fetched { image, hit: true }));
+        }
+        bump(&self.counters.misses);
+        let lead = loop {
+            match self.join_or_lead(&pool_key) {
+                Role::Lead(lead) => break lead,
+                Role::Wait(mut outcome) => {
+                    if let Some(outcome) = wait(&mut outcome).await {
+                        bump(&self.counters.collapsed);
+                        return served(outcome);
+                    }
+                    debug!(key = %pool_key, "fill leader went away without a result; starting over");
+                }
+            }
+        };
+        bump(&self.counters.fills);
+        let started = Instant::now();
+        let outcome: Outcome = fill().await.map_err(|err| {
+            bump(&self.counters.fill_errors);
+            FillError(Arc::new(err))
+        });
+        // Waiters get the result now, not after the store's round trip.
+        lead.outcome.send_replace(Some(outcome.clone()));
+        if let Ok(Some(image)) = &outcome {
+            self.store(&pool_key, image, &lead.flight, started).await;
+        }
+        // Keeping the flight in the map until the store landed lets callers that missed
+        // meanwhile take the result instead of filling again.
+        drop(lead);
+        served(outcome)
+    }
+
+    /// Makes sure nobody reads the image now under `key` from the cache once this returns
+    /// (call it after committing the new image and before acknowledging the upload). See
+    /// the module documentation for how, and for what an error means.
+    pub async fn invalidate(&self, key: &ImageKey) -> Result<(), CacheError> {
+        bump(&self.counters.invalidations);
+        let pool_key = self.pool_key(key);
+        if let Some(flight) = lock(&self.flights).remove(&pool_key) {
+            flight.stale.store(true, Ordering::Release);
+        }
+        self.pool
+            .set(
+                &pool_key,
+                envelope::TOMBSTONE,
+                0,
+                self.config.tombstone_ttl_secs,
+            )
+            .await
+            .map_err(|source| {
+                bump(&self.counters.pool_errors);
+                CacheError::Invalidate {
+                    key: key.to_string(),
+                    source,
+                    ttl_secs: self.config.ttl_secs,
+                }
+            })
+    }
+
+    /// Empties the pool (every node, not only images) and detaches every running fill. For
+    /// "clear the cache" and "delete all data"; see the module documentation for the case
+    /// this does not cover across web servers.
+    pub async fn invalidate_all(&self) -> Result<(), CacheError> {
+        bump(&self.counters.invalidations);
+        for (_, flight) in lock(&self.flights).drain() {
+            flight.stale.store(true, Ordering::Release);
+        }
+        self.pool.flush_all().await.map_err(|err| {
+            bump(&self.counters.pool_errors);
+            CacheError::Flush(err)
+        })
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CacheStats {
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            fills: get(&c.fills),
+            collapsed: get(&c.collapsed),
+            fill_errors: get(&c.fill_errors),
+            stored: get(&c.stored),
+            refused: get(&c.refused),
+            discarded: get(&c.discarded),
+            corrupt: get(&c.corrupt),
+            pool_errors: get(&c.pool_errors),
+            invalidations: get(&c.invalidations),
+        }
+    }
+
+    /// Fills running now (one per key).
+    pub fn fills_in_flight(&self) -> usize {
+        lock(&self.flights).len()
+    }
+
+    /// The image the pool holds under `pool_key`, if it holds a readable one.
+    async fn read(&self, pool_key: &str) -> Option<CachedImage> {
+        let value = match self.pool.get(pool_key).await {
+            Ok(Some(value)) => value,
+            Ok(None) => return None,
+            Err(err) => {
+                bump(&self.counters.pool_errors);
+                debug!(key = pool_key, %err, "cache read failed; treated as a miss");
+                return None;
+            }
+        };
+        match envelope::decode(&value.data) {
+            Ok(Envelope::Image(image)) => Some(image),
+            Ok(Envelope::Tombstone) => None,
+            Err(err) => {
+                // Left in place: deleting could remove a tombstone written meanwhile. It
+                // expires with its ttl, or the next invalidation overwrites it.
+                bump(&self.counters.corrupt);
+                debug!(key = pool_key, %err, "unreadable cache entry; treated as a miss");
+                None
+            }
+        }
+    }
+
+    fn join_or_lead<'a>(&'a self, pool_key: &'a str) -> Role<'a> {
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.get(pool_key) {
+            return Role::Wait(flight.outcome.clone());
+        }
+        let (sender, receiver) = watch::channel(None);
+        let flight = Arc::new(Flight {
+            stale: AtomicBool::new(false),
+            outcome: receiver,
+        });
+        flights.insert(pool_key.to_owned(), flight.clone());
+        Role::Lead(Lead {
+            flights: &self.flights,
+            key: pool_key,
+            flight,
+            outcome: sender,
+        })
+    }
+
+    /// Offers a fill's result to the pool, unless an invalidation or the deadline says its
+    /// result may be stale (see the module documentation).
+    async fn store(&self, pool_key: &str, image: &CachedImage, flight: &Flight, started: Instant) {
+        let value = match envelope::encode(image) {
+            Ok(value) => value,
+            Err(err) => {
+                bump(&self.counters.discarded);
+                warn!(key = pool_key, %err, "image not cached: it cannot be put in an envelope");
+                return;
+            }
+        };
+        if flight.stale.load(Ordering::Acquire) {
+            bump(&self.counters.discarded);
+            debug!(key = pool_key, "fill result not cached: invalidated during the fill");
+            return;
+        }
+        let took = started.elapsed();
+        if took > self.config.store_deadline {
+            bump(&self.counters.discarded);
+            debug!(key = pool_key, ?took, "fill result not cached: the fill was too slow");
+            return;
+        }
+        match self.pool.add(pool_key, &value, 0, self.config.ttl_secs).await {
+            Ok(true) => bump(&self.counters.stored),
+            Ok(false) => {
+                bump(&self.counters.refused);
+                debug!(key = pool_key, "fill result not cached: the key is held (tombstone or newer entry)");
+            }
+            Err(err) => {
+                bump(&self.counters.pool_errors);
+                debug!(key = pool_key, %err, "fill result not cached: the pool failed");
+            }
+        }
+    }
+}
+
+/// The leader's outcome, or `None` if the leader went away without one.
+async fn wait(outcome: &mut watch::Receiver<Option<Outcome>>) -> Option<Outcome> {
+    let published = outcome.wait_for(Option::is_some).await.ok()?;
+    published.clone()
+}
+
+fn served(outcome: Outcome) -> Result<Option<Fetched>, FillError> {
+    outcome.map(|found| found.map(|image| Fetched { image, hit: false }))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks (map operations only); if something did,
+    // the map is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_item_limit_is_the_cachepool_default() {
+        let spec = cachepool_crds::pool::CacheSpec::default();
+        assert_eq!(
+            DEFAULT_NODE_ITEM_BYTES,
+            spec.max_item_size_kib as usize * 1024
+        );
+    }
+
+    #[test]
+    fn the_default_config_is_valid() {
+        CacheConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn config_errors_say_what_to_fix() {
+        let base = CacheConfig::default();
+        let message = |config: CacheConfig| config.validate().unwrap_err().to_string();
+        assert_eq!(
+            message(CacheConfig {
+                prefix: "img :".into(),
+                ..base.clone()
+            }),
+            "invalid cache configuration: prefix \"img :\" must be 1 to 50 printable ASCII \
+             characters without spaces"
+        );
+        assert!(message(CacheConfig {
+            prefix: "p".repeat(51),
+            ..base.clone()
+        })
+        .contains("1 to 50"));
+        assert_eq!(
+            message(CacheConfig {
+                ttl_secs: 0,
+                ..base.clone()
+            }),
+            "invalid cache configuration: ttl_secs must be between 1 and 2592000 (30 days), got 0"
+        );
+        assert_eq!(
+            message(CacheConfig {
+                store_deadline: Duration::from_millis(1500),
+                tombstone_ttl_secs: 4,
+                ..base.clone()
+            }),
+            "invalid cache configuration: tombstone_ttl_secs must be at least the store \
+             deadline (1.5s, rounded up) plus 3, so at least 5, and at most 2592000; got 4"
+        );
+        CacheConfig {
+            store_deadline: Duration::from_millis(1500),
+            tombstone_ttl_secs: 5,
+            ..base
+        }
+        .validate()
+        .unwrap();
+    }
+}
