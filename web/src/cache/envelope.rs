@@ -12,10 +12,11 @@
 //! ```text
 //! magic "CPIM" | version u8 = 1 | kind u8
 //! kind 1, image:     type_len u8 | content type | etag_len u8 | etag | body_len u32 | body
-//! kind 2, tombstone: nothing
+//! kind 2, tombstone: id u64
 //! ```
 //!
-//! A tombstone is what `invalidate` leaves behind (see the cache module for why). A new
+//! A tombstone is what `invalidate` leaves behind (see the cache module for why); its id,
+//! unique per invalidation, lets readers tell one invalidation from the next. A new
 //! layout takes a new version number; readers treat versions they do not know as misses, so
 //! during a rolling upgrade old and new web servers each miss on the other's entries rather
 //! than misread them.
@@ -40,16 +41,16 @@ pub const MAX_FIELD_LEN: usize = u8::MAX as usize;
 /// fields at their longest, the body length.
 pub const MAX_OVERHEAD: usize = MAGIC.len() + 2 + 2 * (1 + MAX_FIELD_LEN) + 4;
 
-/// A tombstone, as stored.
-pub const TOMBSTONE: &[u8] = b"CPIM\x01\x02";
+/// Length of a tombstone envelope.
+pub const TOMBSTONE_LEN: usize = MAGIC.len() + 2 + 8;
 
 /// What a pool value holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Envelope {
     /// A cached image.
     Image(CachedImage),
-    /// The mark of a recent invalidation: a miss that fills must not overwrite.
-    Tombstone,
+    /// The mark of a recent invalidation, with its id: a miss that fills must not overwrite.
+    Tombstone(u64),
 }
 
 /// Why a value is not an envelope (or an image cannot be put in one).
@@ -96,10 +97,11 @@ pub enum EnvelopeError {
 pub fn encode(image: &CachedImage) -> Result<Vec<u8>, EnvelopeError> {
     let content_type = field("content type", image.content_type.as_bytes())?;
     let etag = field("etag", image.etag.as_bytes())?;
-    let body_len =
-        u32::try_from(image.body.len()).map_err(|_| EnvelopeError::BodyTooLarge(image.body.len()))?;
-    let mut out =
-        Vec::with_capacity(MAGIC.len() + 4 + content_type.len() + etag.len() + 4 + image.body.len());
+    let body_len = u32::try_from(image.body.len())
+        .map_err(|_| EnvelopeError::BodyTooLarge(image.body.len()))?;
+    let mut out = Vec::with_capacity(
+        MAGIC.len() + 4 + content_type.len() + etag.len() + 4 + image.body.len(),
+    );
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[VERSION, KIND_IMAGE]);
     for text in [content_type, etag] {
@@ -110,6 +112,16 @@ pub fn encode(image: &CachedImage) -> Result<Vec<u8>, EnvelopeError> {
     out.extend_from_slice(&body_len.to_be_bytes());
     out.extend_from_slice(&image.body);
     Ok(out)
+}
+
+/// Lays out the tombstone of invalidation `id`.
+pub fn encode_tombstone(id: u64) -> [u8; TOMBSTONE_LEN] {
+    let mut out = [0; TOMBSTONE_LEN];
+    let (head, tail) = out.split_at_mut(MAGIC.len() + 2);
+    head[..MAGIC.len()].copy_from_slice(MAGIC);
+    head[MAGIC.len()..].copy_from_slice(&[VERSION, KIND_TOMBSTONE]);
+    tail.copy_from_slice(&id.to_be_bytes());
+    out
 }
 
 /// Reads an envelope. The image's body is a slice of `value` (no copy).
@@ -123,7 +135,12 @@ pub fn decode(value: &Bytes) -> Result<Envelope, EnvelopeError> {
         return Err(EnvelopeError::UnsupportedVersion(version));
     }
     let entry = match reader.byte("kind")? {
-        KIND_TOMBSTONE => Envelope::Tombstone,
+        KIND_TOMBSTONE => {
+            let id = reader.take("tombstone id", 8)?;
+            Envelope::Tombstone(u64::from_be_bytes([
+                id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7],
+            ]))
+        }
         KIND_IMAGE => {
             let content_type = reader.text("content type")?;
             let etag = reader.text("etag")?;
@@ -222,9 +239,11 @@ mod tests {
             encoded,
             b"CPIM\x01\x01\x09image/gif\x03\"e\"\x00\x00\x00\x03GIF".to_vec()
         );
+        let tombstone = encode_tombstone(0x0102_0304_0506_0708);
+        assert_eq!(&tombstone, b"CPIM\x01\x02\x01\x02\x03\x04\x05\x06\x07\x08");
         assert_eq!(
-            decode(&Bytes::from_static(TOMBSTONE)),
-            Ok(Envelope::Tombstone)
+            decode(&Bytes::copy_from_slice(&tombstone)),
+            Ok(Envelope::Tombstone(0x0102_0304_0506_0708))
         );
     }
 
@@ -251,7 +270,7 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected_with_the_reason() {
-        let cases: [(&[u8], EnvelopeError); 6] = [
+        let cases: [(&[u8], EnvelopeError); 7] = [
             (b"", EnvelopeError::NotAnEnvelope),
             (b"VALUE foo", EnvelopeError::NotAnEnvelope),
             (b"CPIM\x02\x01", EnvelopeError::UnsupportedVersion(2)),
@@ -264,7 +283,18 @@ mod tests {
                     left: 0,
                 },
             ),
-            (b"CPIM\x01\x02!", EnvelopeError::TrailingBytes(1)),
+            (
+                b"CPIM\x01\x02\0\0\0",
+                EnvelopeError::Truncated {
+                    field: "tombstone id",
+                    needed: 8,
+                    left: 3,
+                },
+            ),
+            (
+                b"CPIM\x01\x02\0\0\0\0\0\0\0\x01!",
+                EnvelopeError::TrailingBytes(1),
+            ),
         ];
         for (value, expected) in cases {
             assert_eq!(
@@ -280,7 +310,11 @@ mod tests {
         let encoded = encode(&image()).unwrap();
         for len in 0..encoded.len() {
             let cut = Bytes::copy_from_slice(&encoded[..len]);
-            assert!(decode(&cut).is_err(), "accepted {len} of {} bytes", encoded.len());
+            assert!(
+                decode(&cut).is_err(),
+                "accepted {len} of {} bytes",
+                encoded.len()
+            );
         }
         let mut longer = encoded.clone();
         longer.push(0);
@@ -323,10 +357,7 @@ mod tests {
         );
         for etag in [String::new(), "e".repeat(256), "caf\u{e9}".into()] {
             let bad = CachedImage { etag, ..image() };
-            assert_eq!(
-                encode(&bad),
-                Err(EnvelopeError::BadField { field: "etag" })
-            );
+            assert_eq!(encode(&bad), Err(EnvelopeError::BadField { field: "etag" }));
         }
     }
 }

@@ -15,21 +15,22 @@
 //! next request tries again. The flights live in a map under a short-held mutex (no lock is
 //! held across an await); the leader publishes its result through a `watch` channel, which
 //! a caller joining late still reads. If the leader goes away without a result — its request
-//! was cancelled, or `fill` panicked — the channel closes, its guard has already removed the
-//! flight, and each waiter starts over: one of them becomes the new leader. Nobody waits on
-//! a leader that is gone.
+//! was cancelled, or `fill` panicked — its guard leaves an unclaimed successor flight in its
+//! place before the channel closes: the first waiter to wake claims it and runs its own
+//! `fill`, the others wait for that one. Nobody waits on a leader that is gone, and the
+//! waiters still share one fill.
 //!
 //! # Invalidation: nobody sees the old image after the upload returned
 //!
 //! A writer commits the new image to the store, then calls [`ImageCache::invalidate`], then
 //! acknowledges the upload. The race to beat is a reader whose fill read the *old* image
 //! before the commit and stores it after the invalidation: a plain delete would let that
-//! stale value back in, to be served until it expired. Two mechanisms close it:
+//! stale value back in, to be served until it expired. Three mechanisms close it:
 //!
 //! 1. **A tombstone in the pool.** `invalidate` does not delete the entry: it overwrites it
-//!    with a tombstone (a tiny [`envelope`] that reads as a miss) living
-//!    `tombstone_ttl_secs`, and fills store with `add`, which the node refuses while any
-//!    entry — the tombstone included — holds the key. A fill that read the old image
+//!    with a tombstone (a tiny [`envelope`] with an id unique to this invalidation, which
+//!    reads as a miss) living `tombstone_ttl_secs`, and fills store with `add`, which the
+//!    node refuses while any entry — the tombstone included — holds the key. A fill that read the old image
 //!    started before the commit, hence before the tombstone; fills store only if they send
 //!    their `add` within `store_deadline` of starting (a slower fill is served but not
 //!    stored), and the tombstone outlives that deadline by a margin for the `add`'s flight
@@ -41,6 +42,16 @@
 //!    the new image) instead of receiving the old one, and the stale leader does not even
 //!    try to store. This also protects the process's own readers when the tombstone could
 //!    not be written.
+//! 3. **Joining only fills that cannot predate what the caller saw.** Another web server's
+//!    invalidation cannot detach this server's flights, so a reader here could join a fill
+//!    that read the old image before that invalidation. Hence a caller that missed joins a
+//!    running fill only if its leader found the same thing in the pool (the same tombstone,
+//!    by its id, or none) and it is younger than `store_deadline`; otherwise the caller
+//!    starts its own fill, and the older one will not store. A caller that found tombstone
+//!    T came after invalidation T, and so did any fill whose leader also found T. A caller
+//!    that found no tombstone after an invalidation returned came after that tombstone
+//!    expired, so longer after the commit than `store_deadline`: no fill it may join is old
+//!    enough to have read the old image.
 //!
 //! The price is that a key is not cached for `tombstone_ttl_secs` (8 s by default) after an
 //! invalidation: those reads fill from the store, one fill per web server at a time. For
@@ -69,8 +80,9 @@ pub mod envelope;
 use std::collections::HashMap;
 use std::error::Error;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -169,7 +181,8 @@ impl CacheConfig {
         if self.store_deadline.is_zero() {
             return bad("store_deadline must be greater than zero".into());
         }
-        let deadline_secs = self.store_deadline.as_secs() + u64::from(self.store_deadline.subsec_nanos() > 0);
+        let deadline_secs =
+            self.store_deadline.as_secs() + u64::from(self.store_deadline.subsec_nanos() > 0);
         let least = deadline_secs.saturating_add(u64::from(TOMBSTONE_MARGIN_SECS));
         if u64::from(self.tombstone_ttl_secs) < least || self.tombstone_ttl_secs > MAX_RELATIVE_SECS
         {
@@ -205,9 +218,7 @@ pub enum CacheError {
         ttl_secs: u32,
     },
     /// The pool could not be flushed.
-    #[error(
-        "the cache could not be cleared ({0}); cached images may be served until they expire"
-    )]
+    #[error("the cache could not be cleared ({0}); cached images may be served until they expire")]
     Flush(ClientError),
 }
 
@@ -275,40 +286,105 @@ fn bump(counter: &AtomicU64) {
 /// What a flight ends with: the image, `None` if the store has no such key, or the error.
 type Outcome = Result<Option<CachedImage>, FillError>;
 
-/// One running fill of one key.
-#[derive(Debug)]
-struct Flight {
-    /// Set by an invalidation that detached this flight: its result must not be stored.
-    stale: AtomicBool,
-    /// `None` until the leader publishes the outcome.
-    outcome: watch::Receiver<Option<Outcome>>,
+type Sender = watch::Sender<Option<Outcome>>;
+type Receiver = watch::Receiver<Option<Outcome>>;
+
+/// What a caller that missed found in the pool: the id of an invalidation's tombstone, or
+/// `None` (nothing, or an unreadable entry).
+type Observed = Option<u64>;
+
+/// What a pool read came to.
+enum Lookup {
+    Hit(CachedImage),
+    Miss(Observed),
 }
 
-/// The leader's hold on its flight. Dropping it — normally, by cancellation or by a panic in
-/// the fill — removes the flight from the map (if it is still there) before closing the
-/// channel, so that waiters who see the channel close find no flight and start a new one.
+/// One fill of one key, and the callers waiting for it.
+#[derive(Debug)]
+struct Flight {
+    /// Set when the flight was detached from the map (an invalidation, or a caller that
+    /// would not join it): its result must not be stored.
+    stale: AtomicBool,
+    /// What the leader found in the pool; callers join only if they found the same.
+    observed: Observed,
+    /// When the flight began; callers join only a flight younger than the store deadline.
+    started: Instant,
+    /// `None` until the leader publishes the outcome. Waiters hold clones; the sender
+    /// closes when the leader goes away.
+    outcome: Receiver,
+    /// The sender while nobody leads the flight: whoever takes it leads.
+    unclaimed: Mutex<Option<Sender>>,
+    /// Set when the leader went away without an outcome while callers waited: the flight
+    /// they move to, so that they still share one fill.
+    successor: OnceLock<Arc<Flight>>,
+}
+
+impl Flight {
+    /// A flight and its sender, for the caller that leads it.
+    fn led(observed: Observed) -> (Arc<Flight>, Sender) {
+        let (sender, outcome) = watch::channel(None);
+        let flight = Flight {
+            stale: AtomicBool::new(false),
+            observed,
+            started: Instant::now(),
+            outcome,
+            unclaimed: Mutex::new(None),
+            successor: OnceLock::new(),
+        };
+        (Arc::new(flight), sender)
+    }
+
+    /// A flight nobody leads yet.
+    fn unclaimed(observed: Observed) -> Arc<Flight> {
+        let (flight, sender) = Flight::led(observed);
+        *lock(&flight.unclaimed) = Some(sender);
+        flight
+    }
+}
+
+/// The leader's hold on its flight. When it is dropped — after the outcome was published,
+/// or without one because the caller was cancelled or the fill panicked — it takes the
+/// flight out of the map, and in the second case hands the waiters (if any) an unclaimed
+/// successor, before its sender closes the channel and wakes them.
 struct Lead<'a> {
     flights: &'a Mutex<HashMap<String, Arc<Flight>>>,
     key: &'a str,
     flight: Arc<Flight>,
-    outcome: watch::Sender<Option<Outcome>>,
+    outcome: Sender,
+    published: bool,
+}
+
+impl Lead<'_> {
+    fn publish(&mut self, outcome: Outcome) {
+        self.outcome.send_replace(Some(outcome));
+        self.published = true;
+    }
 }
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
         let mut flights = lock(self.flights);
-        if flights
+        let in_map = flights
             .get(self.key)
-            .is_some_and(|flight| Arc::ptr_eq(flight, &self.flight))
-        {
+            .is_some_and(|flight| Arc::ptr_eq(flight, &self.flight));
+        // Waiters clone the receiver under the map's lock, so this count is exact here. One
+        // receiver is the flight's own.
+        let waiters = self.outcome.receiver_count() > 1;
+        if !self.published && in_map && waiters {
+            // The waiters joined legitimately, and the successor's fill starts now.
+            let next = Flight::unclaimed(self.flight.observed);
+            let _ = self.flight.successor.set(next.clone());
+            flights.insert(self.key.to_owned(), next);
+        } else if in_map {
             flights.remove(self.key);
         }
+        // A detached flight gets no successor: its waiters start over from the map.
     }
 }
 
 enum Role<'a> {
     Lead(Lead<'a>),
-    Wait(watch::Receiver<Option<Outcome>>),
+    Wait(Arc<Flight>, Receiver),
 }
 
 /// Cache-aside access to images in the pool (see the module documentation).
@@ -320,6 +396,28 @@ pub struct ImageCache {
     config: CacheConfig,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     counters: Counters,
+    /// Callers waiting for another caller's fill now (a gauge, unlike the counters).
+    waiting: AtomicUsize,
+    /// Keys for tombstone ids: random per process, so ids from different web servers differ.
+    tombstone_ids: RandomState,
+    invalidations: AtomicU64,
+}
+
+/// Counts a caller in [`ImageCache::waiting`] for as long as it lives, however its wait
+/// ends (a result, a vanished leader, or the caller's own cancellation).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ImageCache {
@@ -332,6 +430,9 @@ impl ImageCache {
             config,
             flights: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            waiting: AtomicUsize::new(0),
+            tombstone_ids: RandomState::new(),
+            invalidations: AtomicU64::new(0),
         })
     }
 
@@ -368,20 +469,31 @@ impl ImageCache {
         E: Error + Send + Sync + 'static,
     {
         let pool_key = self.pool_key(key);
-        if let Some(image) = self.read(&pool_key).await {
-            bump(&self.counters.hits);
-            return Ok(Some(Fetched { image, hit: true }));
-        }
+        let observed = match self.read(&pool_key).await {
+            Lookup::Hit(image) => {
+                bump(&self.counters.hits);
+                return Ok(Some(Fetched { image, hit: true }));
+            }
+            Lookup::Miss(observed) => observed,
+        };
         bump(&self.counters.misses);
-        let lead = loop {
-            match self.join_or_lead(&pool_key) {
+        let mut role = self.join_or_lead(&pool_key, observed);
+        let mut lead = loop {
+            match role {
                 Role::Lead(lead) => break lead,
-                Role::Wait(mut outcome) => {
-                    if let Some(outcome) = wait(&mut outcome).await {
+                Role::Wait(flight, mut outcome) => {
+                    let waiting = Waiting::new(&self.waiting);
+                    let outcome = wait(&mut outcome).await;
+                    drop(waiting);
+                    if let Some(outcome) = outcome {
                         bump(&self.counters.collapsed);
                         return served(outcome);
                     }
-                    debug!(key = %pool_key, "fill leader went away without a result; starting over");
+                    debug!(key = %pool_key, "fill leader went away without a result; taking over");
+                    role = match flight.successor.get() {
+                        Some(next) => self.take_over(next, &pool_key),
+                        None => self.join_or_lead(&pool_key, observed),
+                    };
                 }
             }
         };
@@ -392,7 +504,7 @@ impl ImageCache {
             FillError(Arc::new(err))
         });
         // Waiters get the result now, not after the store's round trip.
-        lead.outcome.send_replace(Some(outcome.clone()));
+        lead.publish(outcome.clone());
         if let Ok(Some(image)) = &outcome {
             self.store(&pool_key, image, &lead.flight, started).await;
         }
@@ -411,13 +523,10 @@ impl ImageCache {
         if let Some(flight) = lock(&self.flights).remove(&pool_key) {
             flight.stale.store(true, Ordering::Release);
         }
+        let seq = self.invalidations.fetch_add(1, Ordering::Relaxed);
+        let tombstone = envelope::encode_tombstone(self.tombstone_ids.hash_one(seq));
         self.pool
-            .set(
-                &pool_key,
-                envelope::TOMBSTONE,
-                0,
-                self.config.tombstone_ttl_secs,
-            )
+            .set(&pool_key, &tombstone, 0, self.config.tombstone_ttl_secs)
             .await
             .map_err(|source| {
                 bump(&self.counters.pool_errors);
@@ -462,51 +571,84 @@ impl ImageCache {
         }
     }
 
-    /// Fills running now (one per key).
+    /// Keys with a fill running, or waiting to be claimed by a waiter after its leader went
+    /// away.
     pub fn fills_in_flight(&self) -> usize {
         lock(&self.flights).len()
     }
 
-    /// The image the pool holds under `pool_key`, if it holds a readable one.
-    async fn read(&self, pool_key: &str) -> Option<CachedImage> {
+    /// Callers waiting for another caller's fill now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The image the pool holds under `pool_key`, or what it holds instead.
+    async fn read(&self, pool_key: &str) -> Lookup {
         let value = match self.pool.get(pool_key).await {
             Ok(Some(value)) => value,
-            Ok(None) => return None,
+            Ok(None) => return Lookup::Miss(None),
             Err(err) => {
                 bump(&self.counters.pool_errors);
                 debug!(key = pool_key, %err, "cache read failed; treated as a miss");
-                return None;
+                return Lookup::Miss(None);
             }
         };
         match envelope::decode(&value.data) {
-            Ok(Envelope::Image(image)) => Some(image),
-            Ok(Envelope::Tombstone) => None,
+            Ok(Envelope::Image(image)) => Lookup::Hit(image),
+            Ok(Envelope::Tombstone(id)) => Lookup::Miss(Some(id)),
             Err(err) => {
                 // Left in place: deleting could remove a tombstone written meanwhile. It
                 // expires with its ttl, or the next invalidation overwrites it.
                 bump(&self.counters.corrupt);
                 debug!(key = pool_key, %err, "unreadable cache entry; treated as a miss");
-                None
+                Lookup::Miss(None)
             }
         }
     }
 
-    fn join_or_lead<'a>(&'a self, pool_key: &'a str) -> Role<'a> {
+    /// Joins the key's flight (leading it if it is unclaimed) if the caller may (see the
+    /// module documentation), or starts one and leads it.
+    fn join_or_lead<'a>(&'a self, pool_key: &'a str, observed: Observed) -> Role<'a> {
         let mut flights = lock(&self.flights);
         if let Some(flight) = flights.get(pool_key) {
-            return Role::Wait(flight.outcome.clone());
+            if flight.observed == observed && flight.started.elapsed() <= self.config.store_deadline
+            {
+                return self.claim_or_wait(flight.clone(), pool_key);
+            }
+            // Its result may predate what this caller saw: replaced below, and not stored.
+            flight.stale.store(true, Ordering::Release);
         }
-        let (sender, receiver) = watch::channel(None);
-        let flight = Arc::new(Flight {
-            stale: AtomicBool::new(false),
-            outcome: receiver,
-        });
+        let (flight, sender) = Flight::led(observed);
         flights.insert(pool_key.to_owned(), flight.clone());
+        self.lead(flight, sender, pool_key)
+    }
+
+    /// Moves to the successor of a flight whose leader went away.
+    fn take_over<'a>(&'a self, next: &Arc<Flight>, pool_key: &'a str) -> Role<'a> {
+        // Under the map's lock, like every receiver clone (see `Lead::drop`).
+        let _flights = lock(&self.flights);
+        self.claim_or_wait(next.clone(), pool_key)
+    }
+
+    /// Leads `flight` if nobody does, else waits for it. Call with the map locked.
+    fn claim_or_wait<'a>(&'a self, flight: Arc<Flight>, pool_key: &'a str) -> Role<'a> {
+        let unclaimed = lock(&flight.unclaimed).take();
+        match unclaimed {
+            Some(sender) => self.lead(flight, sender, pool_key),
+            None => {
+                let outcome = flight.outcome.clone();
+                Role::Wait(flight, outcome)
+            }
+        }
+    }
+
+    fn lead<'a>(&'a self, flight: Arc<Flight>, sender: Sender, pool_key: &'a str) -> Role<'a> {
         Role::Lead(Lead {
             flights: &self.flights,
             key: pool_key,
             flight,
             outcome: sender,
+            published: false,
         })
     }
 
@@ -523,20 +665,34 @@ impl ImageCache {
         };
         if flight.stale.load(Ordering::Acquire) {
             bump(&self.counters.discarded);
-            debug!(key = pool_key, "fill result not cached: invalidated during the fill");
+            debug!(
+                key = pool_key,
+                "fill result not cached: invalidated during the fill"
+            );
             return;
         }
         let took = started.elapsed();
         if took > self.config.store_deadline {
             bump(&self.counters.discarded);
-            debug!(key = pool_key, ?took, "fill result not cached: the fill was too slow");
+            debug!(
+                key = pool_key,
+                ?took,
+                "fill result not cached: the fill was too slow"
+            );
             return;
         }
-        match self.pool.add(pool_key, &value, 0, self.config.ttl_secs).await {
+        match self
+            .pool
+            .add(pool_key, &value, 0, self.config.ttl_secs)
+            .await
+        {
             Ok(true) => bump(&self.counters.stored),
             Ok(false) => {
                 bump(&self.counters.refused);
-                debug!(key = pool_key, "fill result not cached: the key is held (tombstone or newer entry)");
+                debug!(
+                    key = pool_key,
+                    "fill result not cached: the key is held (tombstone or newer entry)"
+                );
             }
             Err(err) => {
                 bump(&self.counters.pool_errors);
@@ -547,7 +703,7 @@ impl ImageCache {
 }
 
 /// The leader's outcome, or `None` if the leader went away without one.
-async fn wait(outcome: &mut watch::Receiver<Option<Outcome>>) -> Option<Outcome> {
+async fn wait(outcome: &mut Receiver) -> Option<Outcome> {
     let published = outcome.wait_for(Option::is_some).await.ok()?;
     published.clone()
 }
@@ -592,11 +748,13 @@ mod tests {
             "invalid cache configuration: prefix \"img :\" must be 1 to 50 printable ASCII \
              characters without spaces"
         );
-        assert!(message(CacheConfig {
-            prefix: "p".repeat(51),
-            ..base.clone()
-        })
-        .contains("1 to 50"));
+        assert!(
+            message(CacheConfig {
+                prefix: "p".repeat(51),
+                ..base.clone()
+            })
+            .contains("1 to 50")
+        );
         assert_eq!(
             message(CacheConfig {
                 ttl_secs: 0,

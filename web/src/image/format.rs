@@ -174,11 +174,15 @@ fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
 // Readers that answer `None` past the end instead of panicking.
 
 fn u16_be(bytes: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes(bytes.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_be_bytes(
+        bytes.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u16_le(bytes: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(bytes.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        bytes.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u24_le(bytes: &[u8], at: usize) -> Option<u32> {
@@ -187,11 +191,15 @@ fn u24_le(bytes: &[u8], at: usize) -> Option<u32> {
 }
 
 fn u32_be(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_be_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u32_le(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn byte(bytes: &[u8], at: usize) -> Option<u8> {
@@ -268,7 +276,10 @@ fn png(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
             return Err(malformed(F, format!("a chunk claims {len} bytes")));
         }
         if !kind.iter().all(u8::is_ascii_alphabetic) {
-            return Err(malformed(F, format!("a chunk at byte {at} has no type name")));
+            return Err(malformed(
+                F,
+                format!("a chunk at byte {at} has no type name"),
+            ));
         }
         // Length, type, data, CRC. The CRC is not checked: a wrong one is corruption a
         // decoder reports, not a safety matter, and checking it costs a pass over the data.
@@ -291,10 +302,7 @@ fn png(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
                 if end != bytes.len() {
                     return Err(malformed(
                         F,
-                        format!(
-                            "{} bytes follow its end chunk (IEND)",
-                            bytes.len() - end
-                        ),
+                        format!("{} bytes follow its end chunk (IEND)", bytes.len() - end),
                     ));
                 }
                 return Ok((width, height));
@@ -347,7 +355,10 @@ fn jpeg(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
         };
         let len = usize::from(len);
         if len < 2 {
-            return Err(malformed(F, format!("a segment at byte {at} is {len} bytes")));
+            return Err(malformed(
+                F,
+                format!("a segment at byte {at} is {len} bytes"),
+            ));
         }
         let body = at + 4;
         let end = at + 2 + len;
@@ -542,12 +553,16 @@ fn webp(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
         return Err(malformed(F, "the container holds no chunk"));
     };
     if !image_data {
-        return Err(malformed(F, "it holds no image data (VP8, VP8L or ANMF chunk)"));
+        return Err(malformed(
+            F,
+            "it holds no image data (VP8, VP8L or ANMF chunk)",
+        ));
     }
     match code {
         b"VP8 " => {
             // A key frame: the frame tag's low bit is 0, then the start code 9D 01 2A.
-            let (Some(tag), Some(start)) = (byte(bytes, data), bytes.get(data + 3..data + 6)) else {
+            let (Some(tag), Some(start)) = (byte(bytes, data), bytes.get(data + 3..data + 6))
+            else {
                 return Err(malformed(F, "its VP8 frame header is too short"));
             };
             if tag & 1 != 0 || start != [0x9D, 0x01, 0x2A] {

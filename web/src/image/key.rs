@@ -170,10 +170,7 @@ mod tests {
 
     #[test]
     fn names_the_first_character_not_allowed_and_its_position() {
-        assert_eq!(
-            problem("a/b"),
-            "character '/' at position 2 is not allowed"
-        );
+        assert_eq!(problem("a/b"), "character '/' at position 2 is not allowed");
         assert_eq!(
             problem("../etc/passwd"),
             "character '/' at position 3 is not allowed"

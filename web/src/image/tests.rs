@@ -48,13 +48,12 @@ fn png(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&height.to_be_bytes());
     ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
     png_chunk(&mut out, b"IHDR", &ihdr);
-    let mut raw = Vec::new();
-    for _ in 0..height {
-        raw.push(0); // filter: none
-        for _ in 0..width {
-            raw.extend_from_slice(&[0xFF, 0x80, 0x00, 0xFF]);
-        }
+    // Each row: filter type 0 (none), then the pixels.
+    let mut row = vec![0];
+    for _ in 0..width {
+        row.extend_from_slice(&[0xFF, 0x80, 0x00, 0xFF]);
     }
+    let raw = row.repeat(height as usize);
     // zlib header, one final stored deflate block, Adler-32.
     let len = u16::try_from(raw.len()).unwrap();
     let mut zlib = vec![0x78, 0x01, 0x01];
@@ -203,7 +202,10 @@ fn recognises_each_accepted_format_and_reads_its_size() {
     assert_eq!(detect(&jpeg(1, 1)), Ok(info(ImageFormat::Jpeg, 1, 1)));
     assert_eq!(detect(&jpeg(5, 3)), Ok(info(ImageFormat::Jpeg, 5, 3)));
     assert_eq!(detect(&jpeg_two_scans()), Ok(info(ImageFormat::Jpeg, 8, 8)));
-    assert_eq!(detect(&webp_lossless(1, 1)), Ok(info(ImageFormat::Webp, 1, 1)));
+    assert_eq!(
+        detect(&webp_lossless(1, 1)),
+        Ok(info(ImageFormat::Webp, 1, 1))
+    );
     assert_eq!(
         detect(&webp_lossless(16384, 3)),
         Ok(info(ImageFormat::Webp, 16384, 3))
@@ -323,14 +325,33 @@ fn html_is_refused_whatever_it_is_called() {
 fn polyglots_that_start_like_an_image_are_refused() {
     // A GIF header used as the start of a script (the GIFAR/JS polyglot trick).
     let err = detect(b"GIF89a/*\x01\x00\x01\x00*/=1;alert(1)//").unwrap_err();
-    assert!(matches!(err, ImageError::Malformed { format: ImageFormat::Gif, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ImageError::Malformed {
+                format: ImageFormat::Gif,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // A PNG signature followed by a page instead of chunks.
     let mut fake = b"\x89PNG\r\n\x1a\n".to_vec();
     fake.extend_from_slice(b"<html><script>alert(1)</script></html>");
-    assert!(matches!(detect(&fake), Err(ImageError::Malformed { format: ImageFormat::Png, .. })));
+    assert!(matches!(
+        detect(&fake),
+        Err(ImageError::Malformed {
+            format: ImageFormat::Png,
+            ..
+        })
+    ));
     // Valid images with a page appended after their end.
     let script = b"<script>alert(1)</script>";
-    for (name, bytes) in [("png", png(1, 1)), ("gif", gif()), ("webp", webp_lossless(1, 1))] {
+    for (name, bytes) in [
+        ("png", png(1, 1)),
+        ("gif", gif()),
+        ("webp", webp_lossless(1, 1)),
+    ] {
         let mut poly = bytes.clone();
         poly.extend_from_slice(script);
         let message = detail(detect(&poly).unwrap_err());
@@ -367,7 +388,10 @@ fn other_formats_are_named_in_the_refusal() {
         (b"BM\x36\x00\x00\x00", "a BMP image"),
         (b"II*\0\x08\0\0\0", "a TIFF image"),
         (b"\0\0\0\x1cftypavif", "a HEIF or AVIF image, or a video"),
-        (b"RIFF\x24\0\0\0WAVEfmt ", "a RIFF file that is not WebP (audio or video)"),
+        (
+            b"RIFF\x24\0\0\0WAVEfmt ",
+            "a RIFF file that is not WebP (audio or video)",
+        ),
         (b"hello, world", "no image signature that this site knows"),
     ];
     for (bytes, looks_like) in cases {
@@ -503,7 +527,10 @@ fn size_is_checked_before_content() {
     at_limit.resize(MAX_IMAGE_BYTES, 0);
     assert!(matches!(
         check_upload(&at_limit),
-        Err(ImageError::Malformed { format: ImageFormat::Png, .. })
+        Err(ImageError::Malformed {
+            format: ImageFormat::Png,
+            ..
+        })
     ));
     assert_eq!(check_upload(&gif()), Ok(info(ImageFormat::Gif, 1, 1)));
 }
@@ -514,7 +541,15 @@ fn a_large_jpeg_is_walked_quickly() {
     let mut big = jpeg(8, 8);
     big.truncate(big.len() - 3);
     let scan: Vec<u8> = (0..9 << 20)
-        .map(|i| if i % 3 == 0 { 0xFF } else if i % 3 == 1 { 0x00 } else { 0x5A })
+        .map(|i| {
+            if i % 3 == 0 {
+                0xFF
+            } else if i % 3 == 1 {
+                0x00
+            } else {
+                0x5A
+            }
+        })
         .collect();
     big.extend_from_slice(&scan);
     big.extend_from_slice(&[0xFF, 0xD9]);
