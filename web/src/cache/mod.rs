@@ -18,7 +18,8 @@
 //! was cancelled, or `fill` panicked — its guard leaves an unclaimed successor flight in its
 //! place before the channel closes: the first waiter to wake claims it and runs its own
 //! `fill`, the others wait for that one. Nobody waits on a leader that is gone, and the
-//! waiters still share one fill.
+//! waiters still share one fill. A fill running longer than `store_deadline` is not joined
+//! (rule 3 below): under a very slow store, a hot key sees one new fill per deadline.
 //!
 //! # Invalidation: nobody sees the old image after the upload returned
 //!
@@ -30,13 +31,15 @@
 //! 1. **A tombstone in the pool.** `invalidate` does not delete the entry: it overwrites it
 //!    with a tombstone (a tiny [`envelope`] with an id unique to this invalidation, which
 //!    reads as a miss) living `tombstone_ttl_secs`, and fills store with `add`, which the
-//!    node refuses while any entry — the tombstone included — holds the key. A fill that read the old image
-//!    started before the commit, hence before the tombstone; fills store only if they send
-//!    their `add` within `store_deadline` of starting (a slower fill is served but not
-//!    stored), and the tombstone outlives that deadline by a margin for the `add`'s flight
-//!    time and the node's one-second expiry granularity. So the stale `add` arrives while
-//!    the tombstone lives and is refused. This holds across web servers sharing the pool,
-//!    which an in-process generation counter would not.
+//!    node refuses while any entry — the tombstone included — holds the key. A fill that
+//!    read the old image started before the commit, hence before the tombstone; fills
+//!    store only if they send their `add` within `store_deadline` of starting (a slower
+//!    fill is served but not stored), and the tombstone outlives that deadline by a margin
+//!    for the `add`'s flight time and the node's one-second expiry granularity. So the
+//!    stale `add` arrives while the tombstone lives and is refused. This holds across web
+//!    servers sharing the pool, which an in-process generation counter would not. (A fill
+//!    whose leader found a tombstone does not even offer its result: the `add` would
+//!    carry the whole image only to be refused.)
 //! 2. **Detaching in-process flights.** `invalidate` removes the key's running flight from
 //!    the map and marks it stale: callers arriving afterwards start a new fill (which reads
 //!    the new image) instead of receiving the old one, and the stale leader does not even
@@ -252,8 +255,8 @@ pub struct CacheStats {
     pub stored: u64,
     /// Stores the pool refused because the key was held (a tombstone or a newer entry).
     pub refused: u64,
-    /// Fill results not offered to the pool: invalidated meanwhile, slower than the store
-    /// deadline, or not encodable.
+    /// Fill results not offered to the pool: invalidated meanwhile, begun on a tombstone,
+    /// slower than the store deadline, or not encodable.
     pub discarded: u64,
     /// Pool entries under an image key that were not a readable envelope.
     pub corrupt: u64,
@@ -652,9 +655,21 @@ impl ImageCache {
         })
     }
 
-    /// Offers a fill's result to the pool, unless an invalidation or the deadline says its
-    /// result may be stale (see the module documentation).
+    /// Offers a fill's result to the pool, unless it may be stale or would be refused (see
+    /// the module documentation).
     async fn store(&self, pool_key: &str, image: &CachedImage, flight: &Flight, started: Instant) {
+        let skip = |why: &str| {
+            bump(&self.counters.discarded);
+            debug!(key = pool_key, why, "fill result not cached");
+        };
+        if flight.stale.load(Ordering::Acquire) {
+            return skip("invalidated during the fill");
+        }
+        if flight.observed.is_some() {
+            // The `add` would carry the whole image to meet the tombstone; a reader after it
+            // expired stores instead.
+            return skip("the fill began on a tombstone");
+        }
         let value = match envelope::encode(image) {
             Ok(value) => value,
             Err(err) => {
@@ -663,23 +678,8 @@ impl ImageCache {
                 return;
             }
         };
-        if flight.stale.load(Ordering::Acquire) {
-            bump(&self.counters.discarded);
-            debug!(
-                key = pool_key,
-                "fill result not cached: invalidated during the fill"
-            );
-            return;
-        }
-        let took = started.elapsed();
-        if took > self.config.store_deadline {
-            bump(&self.counters.discarded);
-            debug!(
-                key = pool_key,
-                ?took,
-                "fill result not cached: the fill was too slow"
-            );
-            return;
+        if started.elapsed() > self.config.store_deadline {
+            return skip("the fill took longer than the store deadline");
         }
         match self
             .pool
