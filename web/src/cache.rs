@@ -1,1 +1,0 @@
-//! Cache-aside reads through the pool (being written).

@@ -1,0 +1,782 @@
+//! Cache-aside reads of images through the pool, one fill per key at a time, and
+//! invalidation that a re-upload can rely on.
+//!
+//! [`ImageCache::get_or_fill`] reads the pool; on a miss it runs the caller's `fill` (the
+//! database and the object store), stores what it found, and returns it. The pool is an
+//! accelerator, never a dependency: when it fails, reads become misses and stores are
+//! skipped, the site keeps serving from the store, and the failures are counted
+//! ([`CacheStats`]).
+//!
+//! # One fill per key
+//!
+//! Concurrent misses on one key share one fill (single flight): the first caller leads and
+//! runs its `fill`; callers arriving while it runs wait for its result, success or error,
+//! instead of running theirs. An error is handed to every waiter and never cached, so the
+//! next request tries again. The flights live in a map under a short-held mutex (no lock is
+//! held across an await); the leader publishes its result through a `watch` channel, which
+//! a caller joining late still reads. If the leader goes away without a result — its request
+//! was cancelled, or `fill` panicked — its guard leaves an unclaimed successor flight in its
+//! place before the channel closes: the first waiter to wake claims it and runs its own
+//! `fill`, the others wait for that one. Nobody waits on a leader that is gone, and the
+//! waiters still share one fill. A fill running longer than `store_deadline` is not joined
+//! (rule 3 below): under a very slow store, a hot key sees one new fill per deadline.
+//!
+//! # Invalidation: nobody sees the old image after the upload returned
+//!
+//! A writer commits the new image to the store, then calls [`ImageCache::invalidate`], then
+//! acknowledges the upload. The race to beat is a reader whose fill read the *old* image
+//! before the commit and stores it after the invalidation: a plain delete would let that
+//! stale value back in, to be served until it expired. Three mechanisms close it:
+//!
+//! 1. **A tombstone in the pool.** `invalidate` does not delete the entry: it overwrites it
+//!    with a tombstone (a tiny [`envelope`] with an id unique to this invalidation, which
+//!    reads as a miss) living `tombstone_ttl_secs`, and fills store with `add`, which the
+//!    node refuses while any entry — the tombstone included — holds the key. A fill that
+//!    read the old image started before the commit, hence before the tombstone; fills
+//!    store only if they send their `add` within `store_deadline` of starting (a slower
+//!    fill is served but not stored), and the tombstone outlives that deadline by a margin
+//!    for the `add`'s flight time and the node's one-second expiry granularity. So the
+//!    stale `add` arrives while the tombstone lives and is refused. This holds across web
+//!    servers sharing the pool, which an in-process generation counter would not. (A fill
+//!    whose leader found a tombstone does not even offer its result: the `add` would
+//!    carry the whole image only to be refused.)
+//! 2. **Detaching in-process flights.** `invalidate` removes the key's running flight from
+//!    the map and marks it stale: callers arriving afterwards start a new fill (which reads
+//!    the new image) instead of receiving the old one, and the stale leader does not even
+//!    try to store. This also protects the process's own readers when the tombstone could
+//!    not be written.
+//! 3. **Joining only fills that cannot predate what the caller saw.** Another web server's
+//!    invalidation cannot detach this server's flights, so a reader here could join a fill
+//!    that read the old image before that invalidation. Hence a caller that missed joins a
+//!    running fill only if its leader found the same thing in the pool (the same tombstone,
+//!    by its id, or none) and it is younger than `store_deadline`; otherwise the caller
+//!    starts its own fill, and the older one will not store. A caller that found tombstone
+//!    T came after invalidation T, and so did any fill whose leader also found T. A caller
+//!    that found no tombstone after an invalidation returned came after that tombstone
+//!    expired, so longer after the commit than `store_deadline`: no fill it may join is old
+//!    enough to have read the old image.
+//!
+//! The price is that a key is not cached for `tombstone_ttl_secs` (8 s by default) after an
+//! invalidation: those reads fill from the store, one fill per web server at a time. For
+//! images, re-uploaded rarely and read often, that is cheap.
+//!
+//! What remains, stated plainly:
+//! - The argument assumes an `add` reaches the node within the margin (2 s by default)
+//!   after it is sent. The pool client's request timeout (1 s by default) bounds how long
+//!   the client waits, not when a node that stalled processes a request it already read.
+//! - A tombstone can vanish early if its node is replaced or flushed, or evicts it under
+//!   memory pressure (unlikely: it is the most recently written entry); a stale `add`
+//!   landing then is served until the entry's `ttl_secs`.
+//! - [`ImageCache::invalidate_all`] (delete all data, clear the cache) flushes the pool and
+//!   detaches every local flight, but leaves no tombstones: a fill running in another web
+//!   server at that moment can put back one image it read before. Callers that need that
+//!   case exact invalidate each key.
+//! - A failed invalidation is an error, not a shrug: the old image may be served from the
+//!   pool until it expires, and the caller decides what to tell the uploader.
+//!
+//! During a pool migration the same holds: the pool client's `set` (the tombstone) deletes
+//! the key on the previous owner first, and its `add` (a fill) pulls the previous owner's
+//! copy forward before adding, so the tombstone on the current owner is what both meet.
+
+pub mod envelope;
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cache_node::client::{ClientError, PoolClient};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::image::{ImageKey, MAX_IMAGE_BYTES, MAX_KEY_LEN};
+use envelope::Envelope;
+
+/// A node's item size limit under the CachePool defaults (`cache.maxItemSizeKiB` = 16384).
+pub const DEFAULT_NODE_ITEM_BYTES: usize = 16384 << 10;
+
+const _: () = assert!(
+    MAX_IMAGE_BYTES + envelope::MAX_OVERHEAD <= DEFAULT_NODE_ITEM_BYTES,
+    "the largest image in its envelope must fit a node's default item size limit"
+);
+
+/// Memcached keys are at most 250 bytes; image keys take up to `MAX_KEY_LEN` of them.
+const MAX_PREFIX_LEN: usize = 250 - MAX_KEY_LEN;
+
+/// Seconds a tombstone must outlive the store deadline: one for the node's whole-second
+/// expiry, two for an `add` in flight (see the module documentation).
+const TOMBSTONE_MARGIN_SECS: u32 = 3;
+
+/// Longest exptime memcached reads as relative seconds (30 days).
+const MAX_RELATIVE_SECS: u32 = 30 * 24 * 60 * 60;
+
+/// An image as the site serves it: bytes and the headers that go with them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedImage {
+    /// `Content-Type` (e.g. `image/png`).
+    pub content_type: String,
+    /// `ETag`, quoted (e.g. `"9f1c2a0b4d5e6f70-1a2b"`).
+    pub etag: String,
+    /// The image's bytes.
+    pub body: Bytes,
+}
+
+/// What [`ImageCache::get_or_fill`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// The image.
+    pub image: CachedImage,
+    /// True if the pool served it (`X-Cache: hit`); false if a fill did, this caller's or
+    /// the one it waited for.
+    pub hit: bool,
+}
+
+/// Settings of an [`ImageCache`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Put before every image key to make its pool key, so that other users of the pool
+    /// cannot collide with images: 1 to 50 printable ASCII characters without spaces.
+    pub prefix: String,
+    /// Lifetime of a cached image, in seconds (1 to 30 days). Bounds how long an entry the
+    /// invalidation could not reach (see the module documentation) can be served.
+    pub ttl_secs: u32,
+    /// A fill that took longer than this is served but not stored: its result may predate
+    /// an invalidation whose tombstone has expired.
+    pub store_deadline: Duration,
+    /// Lifetime of the tombstone `invalidate` leaves, in seconds. At least the store
+    /// deadline (rounded up) plus 3.
+    pub tombstone_ttl_secs: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            prefix: "img:".into(),
+            ttl_secs: 60 * 60,
+            store_deadline: Duration::from_secs(5),
+            tombstone_ttl_secs: 5 + TOMBSTONE_MARGIN_SECS,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Checks the settings (see each field).
+    pub fn validate(&self) -> Result<(), CacheError> {
+        let bad = |message: String| Err(CacheError::Config(message));
+        let prefix_ok = self.prefix.bytes().all(|b| b.is_ascii_graphic());
+        if self.prefix.is_empty() || self.prefix.len() > MAX_PREFIX_LEN || !prefix_ok {
+            return bad(format!(
+                "prefix {:?} must be 1 to {MAX_PREFIX_LEN} printable ASCII characters without \
+                 spaces",
+                self.prefix
+            ));
+        }
+        if !(1..=MAX_RELATIVE_SECS).contains(&self.ttl_secs) {
+            return bad(format!(
+                "ttl_secs must be between 1 and {MAX_RELATIVE_SECS} (30 days), got {}",
+                self.ttl_secs
+            ));
+        }
+        if self.store_deadline.is_zero() {
+            return bad("store_deadline must be greater than zero".into());
+        }
+        let deadline_secs =
+            self.store_deadline.as_secs() + u64::from(self.store_deadline.subsec_nanos() > 0);
+        let least = deadline_secs.saturating_add(u64::from(TOMBSTONE_MARGIN_SECS));
+        if u64::from(self.tombstone_ttl_secs) < least || self.tombstone_ttl_secs > MAX_RELATIVE_SECS
+        {
+            return bad(format!(
+                "tombstone_ttl_secs must be at least the store deadline ({:?}, rounded up) plus \
+                 {TOMBSTONE_MARGIN_SECS}, so at least {least}, and at most {MAX_RELATIVE_SECS}; \
+                 got {}",
+                self.store_deadline, self.tombstone_ttl_secs
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the cache itself. Fill errors are [`FillError`]; pool failures on the read
+/// path are not errors (they are misses, counted).
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The configuration cannot work.
+    #[error("invalid cache configuration: {0}")]
+    Config(String),
+    /// The tombstone could not be written.
+    #[error(
+        "the cache could not be invalidated for image {key:?} ({source}); the previous image \
+         may be served from the cache for up to {ttl_secs} s"
+    )]
+    Invalidate {
+        /// The image key.
+        key: String,
+        /// The pool's error.
+        source: ClientError,
+        /// How long the old entry may live.
+        ttl_secs: u32,
+    },
+    /// The pool could not be flushed.
+    #[error("the cache could not be cleared ({0}); cached images may be served until they expire")]
+    Flush(ClientError),
+}
+
+/// The error a fill returned, shared by the leader and every waiter (hence the `Arc`).
+/// [`FillError::downcast_ref`] recovers the fill's own error type, to choose a status.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct FillError(Arc<dyn Error + Send + Sync + 'static>);
+
+impl FillError {
+    /// The fill's error as `T`, if it is one.
+    pub fn downcast_ref<T: Error + 'static>(&self) -> Option<&T> {
+        self.0.downcast_ref::<T>()
+    }
+}
+
+/// Counters since the cache was made; a snapshot of [`ImageCache::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups the pool served.
+    pub hits: u64,
+    /// Lookups it did not (absent, tombstone, unreadable entry or pool failure).
+    pub misses: u64,
+    /// Fills run (one per flight).
+    pub fills: u64,
+    /// Callers served by another caller's fill instead of running their own.
+    pub collapsed: u64,
+    /// Fills that returned an error (counted once, however many waited).
+    pub fill_errors: u64,
+    /// Fill results stored in the pool.
+    pub stored: u64,
+    /// Stores the pool refused because the key was held (a tombstone or a newer entry).
+    pub refused: u64,
+    /// Fill results not offered to the pool: invalidated meanwhile, begun on a tombstone,
+    /// slower than the store deadline, or not encodable.
+    pub discarded: u64,
+    /// Pool entries under an image key that were not a readable envelope.
+    pub corrupt: u64,
+    /// Pool requests that failed (stores, invalidations, flushes). Read failures do not
+    /// show here: the pool client reports them as misses.
+    pub pool_errors: u64,
+    /// Invalidations asked for (one key or all).
+    pub invalidations: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fills: AtomicU64,
+    collapsed: AtomicU64,
+    fill_errors: AtomicU64,
+    stored: AtomicU64,
+    refused: AtomicU64,
+    discarded: AtomicU64,
+    corrupt: AtomicU64,
+    pool_errors: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What a flight ends with: the image, `None` if the store has no such key, or the error.
+type Outcome = Result<Option<CachedImage>, FillError>;
+
+type Sender = watch::Sender<Option<Outcome>>;
+type Receiver = watch::Receiver<Option<Outcome>>;
+
+/// What a caller that missed found in the pool: the id of an invalidation's tombstone, or
+/// `None` (nothing, or an unreadable entry).
+type Observed = Option<u64>;
+
+/// What a pool read came to.
+enum Lookup {
+    Hit(CachedImage),
+    Miss(Observed),
+}
+
+/// One fill of one key, and the callers waiting for it.
+#[derive(Debug)]
+struct Flight {
+    /// Set when the flight was detached from the map (an invalidation, or a caller that
+    /// would not join it): its result must not be stored.
+    stale: AtomicBool,
+    /// What the leader found in the pool; callers join only if they found the same.
+    observed: Observed,
+    /// When the flight began; callers join only a flight younger than the store deadline.
+    started: Instant,
+    /// `None` until the leader publishes the outcome. Waiters hold clones; the sender
+    /// closes when the leader goes away.
+    outcome: Receiver,
+    /// The sender while nobody leads the flight: whoever takes it leads.
+    unclaimed: Mutex<Option<Sender>>,
+    /// Set when the leader went away without an outcome while callers waited: the flight
+    /// they move to, so that they still share one fill.
+    successor: OnceLock<Arc<Flight>>,
+}
+
+impl Flight {
+    /// A flight and its sender, for the caller that leads it.
+    fn led(observed: Observed) -> (Arc<Flight>, Sender) {
+        let (sender, outcome) = watch::channel(None);
+        let flight = Flight {
+            stale: AtomicBool::new(false),
+            observed,
+            started: Instant::now(),
+            outcome,
+            unclaimed: Mutex::new(None),
+            successor: OnceLock::new(),
+        };
+        (Arc::new(flight), sender)
+    }
+
+    /// A flight nobody leads yet.
+    fn unclaimed(observed: Observed) -> Arc<Flight> {
+        let (flight, sender) = Flight::led(observed);
+        *lock(&flight.unclaimed) = Some(sender);
+        flight
+    }
+}
+
+/// The leader's hold on its flight. When it is dropped — after the outcome was published,
+/// or without one because the caller was cancelled or the fill panicked — it takes the
+/// flight out of the map, and in the second case hands the waiters (if any) an unclaimed
+/// successor, before its sender closes the channel and wakes them.
+struct Lead<'a> {
+    flights: &'a Mutex<HashMap<String, Arc<Flight>>>,
+    key: &'a str,
+    flight: Arc<Flight>,
+    outcome: Sender,
+    published: bool,
+}
+
+impl Lead<'_> {
+    fn publish(&mut self, outcome: Outcome) {
+        self.outcome.send_replace(Some(outcome));
+        self.published = true;
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let mut flights = lock(self.flights);
+        let in_map = flights
+            .get(self.key)
+            .is_some_and(|flight| Arc::ptr_eq(flight, &self.flight));
+        // Waiters clone the receiver under the map's lock, so this count is exact here. One
+        // receiver is the flight's own.
+        let waiters = self.outcome.receiver_count() > 1;
+        if !self.published && in_map && waiters {
+            // The waiters joined legitimately, and the successor's fill starts now.
+            let next = Flight::unclaimed(self.flight.observed);
+            let _ = self.flight.successor.set(next.clone());
+            flights.insert(self.key.to_owned(), next);
+        } else if in_map {
+            flights.remove(self.key);
+        }
+        // A detached flight gets no successor: its waiters start over from the map.
+    }
+}
+
+enum Role<'a> {
+    Lead(Lead<'a>),
+    Wait(Arc<Flight>, Receiver),
+}
+
+/// Cache-aside access to images in the pool (see the module documentation).
+///
+/// Share it (`Arc<ImageCache>`) between request handlers; every method takes `&self`.
+#[derive(Debug)]
+pub struct ImageCache {
+    pool: Arc<PoolClient>,
+    config: CacheConfig,
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    counters: Counters,
+    /// Callers waiting for another caller's fill now (a gauge, unlike the counters).
+    waiting: AtomicUsize,
+    /// Keys for tombstone ids: random per process, so ids from different web servers differ.
+    tombstone_ids: RandomState,
+    invalidations: AtomicU64,
+}
+
+/// Counts a caller in [`ImageCache::waiting`] for as long as it lives, however its wait
+/// ends (a result, a vanished leader, or the caller's own cancellation).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ImageCache {
+    /// A cache over `pool`. The pool client stays shareable: whoever follows the operator's
+    /// ring calls `set_ring` on it.
+    pub fn new(pool: Arc<PoolClient>, config: CacheConfig) -> Result<ImageCache, CacheError> {
+        config.validate()?;
+        Ok(ImageCache {
+            pool,
+            config,
+            flights: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            waiting: AtomicUsize::new(0),
+            tombstone_ids: RandomState::new(),
+            invalidations: AtomicU64::new(0),
+        })
+    }
+
+    /// The pool client.
+    pub fn pool(&self) -> &Arc<PoolClient> {
+        &self.pool
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// The pool key of an image key: the prefix, then the key.
+    pub fn pool_key(&self, key: &ImageKey) -> String {
+        format!("{}{}", self.config.prefix, key.as_str())
+    }
+
+    /// The image under `key`: from the pool if it holds it (`hit: true`), else from `fill`,
+    /// whose result is then stored. Concurrent misses on one key run one `fill`; the others
+    /// wait for its result. `fill` answers `Ok(None)` when the store has no such image
+    /// (nothing is cached then) and an error when it cannot tell; the error goes to this
+    /// caller and every waiter, and is not cached.
+    ///
+    /// Pool failures never fail this call: they are misses and skipped stores.
+    pub async fn get_or_fill<F, Fut, E>(
+        &self,
+        key: &ImageKey,
+        fill: F,
+    ) -> Result<Option<Fetched>, FillError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<CachedImage>, E>>,
+        E: Error + Send + Sync + 'static,
+    {
+        let pool_key = self.pool_key(key);
+        let observed = match self.read(&pool_key).await {
+            Lookup::Hit(image) => {
+                bump(&self.counters.hits);
+                return Ok(Some(Fetched { image, hit: true }));
+            }
+            Lookup::Miss(observed) => observed,
+        };
+        bump(&self.counters.misses);
+        let mut role = self.join_or_lead(&pool_key, observed);
+        let mut lead = loop {
+            match role {
+                Role::Lead(lead) => break lead,
+                Role::Wait(flight, mut outcome) => {
+                    let waiting = Waiting::new(&self.waiting);
+                    let outcome = wait(&mut outcome).await;
+                    drop(waiting);
+                    if let Some(outcome) = outcome {
+                        bump(&self.counters.collapsed);
+                        return served(outcome);
+                    }
+                    debug!(key = %pool_key, "fill leader went away without a result; taking over");
+                    role = match flight.successor.get() {
+                        Some(next) => self.take_over(next, &pool_key),
+                        None => self.join_or_lead(&pool_key, observed),
+                    };
+                }
+            }
+        };
+        bump(&self.counters.fills);
+        let started = Instant::now();
+        let outcome: Outcome = fill().await.map_err(|err| {
+            bump(&self.counters.fill_errors);
+            FillError(Arc::new(err))
+        });
+        // Waiters get the result now, not after the store's round trip.
+        lead.publish(outcome.clone());
+        if let Ok(Some(image)) = &outcome {
+            self.store(&pool_key, image, &lead.flight, started).await;
+        }
+        // Keeping the flight in the map until the store landed lets callers that missed
+        // meanwhile take the result instead of filling again.
+        drop(lead);
+        served(outcome)
+    }
+
+    /// Makes sure nobody reads the image now under `key` from the cache once this returns
+    /// (call it after committing the new image and before acknowledging the upload). See
+    /// the module documentation for how, and for what an error means.
+    pub async fn invalidate(&self, key: &ImageKey) -> Result<(), CacheError> {
+        bump(&self.counters.invalidations);
+        let pool_key = self.pool_key(key);
+        if let Some(flight) = lock(&self.flights).remove(&pool_key) {
+            flight.stale.store(true, Ordering::Release);
+        }
+        let seq = self.invalidations.fetch_add(1, Ordering::Relaxed);
+        let tombstone = envelope::encode_tombstone(self.tombstone_ids.hash_one(seq));
+        self.pool
+            .set(&pool_key, &tombstone, 0, self.config.tombstone_ttl_secs)
+            .await
+            .map_err(|source| {
+                bump(&self.counters.pool_errors);
+                CacheError::Invalidate {
+                    key: key.to_string(),
+                    source,
+                    ttl_secs: self.config.ttl_secs,
+                }
+            })
+    }
+
+    /// Empties the pool (every node, not only images) and detaches every running fill. For
+    /// "clear the cache" and "delete all data"; see the module documentation for the case
+    /// this does not cover across web servers.
+    pub async fn invalidate_all(&self) -> Result<(), CacheError> {
+        bump(&self.counters.invalidations);
+        for (_, flight) in lock(&self.flights).drain() {
+            flight.stale.store(true, Ordering::Release);
+        }
+        self.pool.flush_all().await.map_err(|err| {
+            bump(&self.counters.pool_errors);
+            CacheError::Flush(err)
+        })
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CacheStats {
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            fills: get(&c.fills),
+            collapsed: get(&c.collapsed),
+            fill_errors: get(&c.fill_errors),
+            stored: get(&c.stored),
+            refused: get(&c.refused),
+            discarded: get(&c.discarded),
+            corrupt: get(&c.corrupt),
+            pool_errors: get(&c.pool_errors),
+            invalidations: get(&c.invalidations),
+        }
+    }
+
+    /// Keys with a fill running, or waiting to be claimed by a waiter after its leader went
+    /// away.
+    pub fn fills_in_flight(&self) -> usize {
+        lock(&self.flights).len()
+    }
+
+    /// Callers waiting for another caller's fill now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The image the pool holds under `pool_key`, or what it holds instead.
+    async fn read(&self, pool_key: &str) -> Lookup {
+        let value = match self.pool.get(pool_key).await {
+            Ok(Some(value)) => value,
+            Ok(None) => return Lookup::Miss(None),
+            Err(err) => {
+                bump(&self.counters.pool_errors);
+                debug!(key = pool_key, %err, "cache read failed; treated as a miss");
+                return Lookup::Miss(None);
+            }
+        };
+        match envelope::decode(&value.data) {
+            Ok(Envelope::Image(image)) => Lookup::Hit(image),
+            Ok(Envelope::Tombstone(id)) => Lookup::Miss(Some(id)),
+            Err(err) => {
+                // Left in place: deleting could remove a tombstone written meanwhile. It
+                // expires with its ttl, or the next invalidation overwrites it.
+                bump(&self.counters.corrupt);
+                debug!(key = pool_key, %err, "unreadable cache entry; treated as a miss");
+                Lookup::Miss(None)
+            }
+        }
+    }
+
+    /// Joins the key's flight (leading it if it is unclaimed) if the caller may (see the
+    /// module documentation), or starts one and leads it.
+    fn join_or_lead<'a>(&'a self, pool_key: &'a str, observed: Observed) -> Role<'a> {
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.get(pool_key) {
+            if flight.observed == observed && flight.started.elapsed() <= self.config.store_deadline
+            {
+                return self.claim_or_wait(flight.clone(), pool_key);
+            }
+            // Its result may predate what this caller saw: replaced below, and not stored.
+            flight.stale.store(true, Ordering::Release);
+        }
+        let (flight, sender) = Flight::led(observed);
+        flights.insert(pool_key.to_owned(), flight.clone());
+        self.lead(flight, sender, pool_key)
+    }
+
+    /// Moves to the successor of a flight whose leader went away.
+    fn take_over<'a>(&'a self, next: &Arc<Flight>, pool_key: &'a str) -> Role<'a> {
+        // Under the map's lock, like every receiver clone (see `Lead::drop`).
+        let _flights = lock(&self.flights);
+        self.claim_or_wait(next.clone(), pool_key)
+    }
+
+    /// Leads `flight` if nobody does, else waits for it. Call with the map locked.
+    fn claim_or_wait<'a>(&'a self, flight: Arc<Flight>, pool_key: &'a str) -> Role<'a> {
+        let unclaimed = lock(&flight.unclaimed).take();
+        match unclaimed {
+            Some(sender) => self.lead(flight, sender, pool_key),
+            None => {
+                let outcome = flight.outcome.clone();
+                Role::Wait(flight, outcome)
+            }
+        }
+    }
+
+    fn lead<'a>(&'a self, flight: Arc<Flight>, sender: Sender, pool_key: &'a str) -> Role<'a> {
+        Role::Lead(Lead {
+            flights: &self.flights,
+            key: pool_key,
+            flight,
+            outcome: sender,
+            published: false,
+        })
+    }
+
+    /// Offers a fill's result to the pool, unless it may be stale or would be refused (see
+    /// the module documentation).
+    async fn store(&self, pool_key: &str, image: &CachedImage, flight: &Flight, started: Instant) {
+        let skip = |why: &str| {
+            bump(&self.counters.discarded);
+            debug!(key = pool_key, why, "fill result not cached");
+        };
+        if flight.stale.load(Ordering::Acquire) {
+            return skip("invalidated during the fill");
+        }
+        if flight.observed.is_some() {
+            // The `add` would carry the whole image to meet the tombstone; a reader after it
+            // expired stores instead.
+            return skip("the fill began on a tombstone");
+        }
+        let value = match envelope::encode(image) {
+            Ok(value) => value,
+            Err(err) => {
+                bump(&self.counters.discarded);
+                warn!(key = pool_key, %err, "image not cached: it cannot be put in an envelope");
+                return;
+            }
+        };
+        if started.elapsed() > self.config.store_deadline {
+            return skip("the fill took longer than the store deadline");
+        }
+        match self
+            .pool
+            .add(pool_key, &value, 0, self.config.ttl_secs)
+            .await
+        {
+            Ok(true) => bump(&self.counters.stored),
+            Ok(false) => {
+                bump(&self.counters.refused);
+                debug!(
+                    key = pool_key,
+                    "fill result not cached: the key is held (tombstone or newer entry)"
+                );
+            }
+            Err(err) => {
+                bump(&self.counters.pool_errors);
+                debug!(key = pool_key, %err, "fill result not cached: the pool failed");
+            }
+        }
+    }
+}
+
+/// The leader's outcome, or `None` if the leader went away without one.
+async fn wait(outcome: &mut Receiver) -> Option<Outcome> {
+    let published = outcome.wait_for(Option::is_some).await.ok()?;
+    published.clone()
+}
+
+fn served(outcome: Outcome) -> Result<Option<Fetched>, FillError> {
+    outcome.map(|found| found.map(|image| Fetched { image, hit: false }))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks (map operations only); if something did,
+    // the map is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_item_limit_is_the_cachepool_default() {
+        let spec = cachepool_crds::pool::CacheSpec::default();
+        assert_eq!(
+            DEFAULT_NODE_ITEM_BYTES,
+            spec.max_item_size_kib as usize * 1024
+        );
+    }
+
+    #[test]
+    fn the_default_config_is_valid() {
+        CacheConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn config_errors_say_what_to_fix() {
+        let base = CacheConfig::default();
+        let message = |config: CacheConfig| config.validate().unwrap_err().to_string();
+        assert_eq!(
+            message(CacheConfig {
+                prefix: "img :".into(),
+                ..base.clone()
+            }),
+            "invalid cache configuration: prefix \"img :\" must be 1 to 50 printable ASCII \
+             characters without spaces"
+        );
+        assert!(
+            message(CacheConfig {
+                prefix: "p".repeat(51),
+                ..base.clone()
+            })
+            .contains("1 to 50")
+        );
+        assert_eq!(
+            message(CacheConfig {
+                ttl_secs: 0,
+                ..base.clone()
+            }),
+            "invalid cache configuration: ttl_secs must be between 1 and 2592000 (30 days), got 0"
+        );
+        assert_eq!(
+            message(CacheConfig {
+                store_deadline: Duration::from_millis(1500),
+                tombstone_ttl_secs: 4,
+                ..base.clone()
+            }),
+            "invalid cache configuration: tombstone_ttl_secs must be at least the store \
+             deadline (1.5s, rounded up) plus 3, so at least 5, and at most 2592000; got 4"
+        );
+        CacheConfig {
+            store_deadline: Duration::from_millis(1500),
+            tombstone_ttl_secs: 5,
+            ..base
+        }
+        .validate()
+        .unwrap();
+    }
+}

@@ -1,1 +1,0 @@
-//! Upload rules (being written).
