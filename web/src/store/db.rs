@@ -97,8 +97,11 @@ pub struct Upserted {
 pub struct DeletedRows {
     /// Rows deleted.
     pub rows: u64,
-    /// Every object those rows named (current and replaced versions).
+    /// The objects those rows named.
     pub objects: Vec<String>,
+    /// Objects the rows' last re-uploads replaced: normally deleted already, named again in
+    /// case that deletion failed.
+    pub replaced: Vec<String>,
 }
 
 /// The image metadata database: a connection pool and the queries on it.
@@ -314,15 +317,15 @@ impl Database {
                     op: "deletion of all images",
                     source,
                 })?;
-        let count = rows.len() as u64;
-        let objects = rows
-            .into_iter()
-            .flat_map(|(object, replaced)| std::iter::once(object).chain(replaced))
-            .collect();
-        Ok(DeletedRows {
-            rows: count,
-            objects,
-        })
+        let mut deleted = DeletedRows {
+            rows: rows.len() as u64,
+            ..DeletedRows::default()
+        };
+        for (object, replaced) in rows {
+            deleted.objects.push(object);
+            deleted.replaced.extend(replaced);
+        }
+        Ok(deleted)
     }
 
     /// Every object a row currently names.

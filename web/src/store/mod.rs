@@ -231,7 +231,8 @@ pub struct PutOutcome {
 pub struct Deleted {
     /// Rows deleted.
     pub rows: u64,
-    /// Objects deleted: those the rows named, and unreferenced ones past the grace period.
+    /// Objects deleted: those the rows named, and unreferenced ones past the grace period
+    /// (replaced versions, normally deleted at their re-upload, are deleted again uncounted).
     pub objects: u64,
 }
 
@@ -413,11 +414,11 @@ impl Storage {
     /// this either survives whole or is deleted whole.
     pub async fn delete_all(&self) -> Result<Deleted> {
         let named = self.db.delete_all().await?;
-        let rows = named.rows;
         self.objects.delete_many(&named.objects).await?;
+        self.objects.delete_many(&named.replaced).await?;
         let swept = self.sweep().await?;
         Ok(Deleted {
-            rows,
+            rows: named.rows,
             objects: named.objects.len() as u64 + swept,
         })
     }
