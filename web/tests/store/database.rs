@@ -308,3 +308,38 @@ matrix!(odd_keys_are_data_never_sql:
     odd_keys_sqlite => (Db::Sqlite), odd_keys_postgres => (Db::Postgres));
 matrix!(connection_errors_say_where_without_the_password:
     connect_error_sqlite => (Db::Sqlite), connect_error_postgres => (Db::Postgres));
+
+/// With the `postgres-tls` feature, connections verify the server's certificate: the URL
+/// naming the right CA works over TLS, the same server without that CA is refused.
+#[cfg(feature = "postgres-tls")]
+#[tokio::test]
+async fn postgres_tls_connections_verify_the_server_certificate() {
+    let server = crate::servers::Postgres::start_tls();
+    let db = Database::connect(server.url())
+        .await
+        .unwrap_or_else(|e| panic!("TLS connection: {e}"));
+    db.migrate().await.unwrap();
+    db.upsert(&row("over-tls", 1, "o")).await.unwrap();
+    assert_eq!(db.count().await.unwrap(), 1);
+    sqlx::any::install_default_drivers();
+    let raw = sqlx::AnyPool::connect(server.url()).await.unwrap();
+    let encrypted: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl")
+            .fetch_one(&raw)
+            .await
+            .unwrap();
+    assert_eq!(encrypted, 1, "the session is encrypted");
+    raw.close().await;
+    db.close().await;
+
+    // Without the CA, the certificate is checked against the public roots and refused.
+    let ca = format!("&sslrootcert={}", server.ca_file().display());
+    let unverifiable = server.url().replace(&ca, "");
+    assert_ne!(unverifiable, server.url());
+    let err = Database::connect(&unverifiable)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot open the database"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}

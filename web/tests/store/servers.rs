@@ -9,7 +9,7 @@
 use std::fs;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::chown;
+use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,19 +49,16 @@ impl Drop for TempDir {
     }
 }
 
-/// Polls `ready` until it holds, panicking with `what` and the server's log after
-/// [`START_TIMEOUT`] or when the process exits.
-fn wait_until(what: &str, child: &mut Child, log: &Path, mut ready: impl FnMut() -> bool) {
+/// Polls `ready` until it holds (true) or the process exits (false), panicking with `what`
+/// and the server's log after [`START_TIMEOUT`].
+fn poll_until(what: &str, child: &mut Child, log: &Path, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if ready() {
-            return;
+            return true;
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "{what} exited ({status}) before it was ready; log:\n{}",
-                tail(log)
-            );
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
         }
         assert!(
             Instant::now() < deadline,
@@ -180,12 +177,25 @@ pub struct Postgres {
     child: Child,
     url: String,
     // Dropped after the server stops (fields drop in order, after `Drop::drop`).
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Postgres {
-    /// Initialises a cluster and starts its server; returns once it accepts connections.
+    /// Initialises a cluster and starts its server on a Unix socket only; returns once it
+    /// accepts connections.
     pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// Like [`Postgres::start`], and also listening with TLS on a loopback TCP port
+    /// (PostgreSQL does no TLS on Unix sockets), with a certificate for 127.0.0.1 signed by a
+    /// throwaway CA ([`Postgres::ca_file`]). [`Postgres::url`] then names the TLS endpoint and
+    /// requires a verified certificate.
+    pub fn start_tls() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Self {
         let bin = postgres_bin();
         let dir = TempDir::new("pg");
         let data = dir.path().join("data");
@@ -196,9 +206,13 @@ impl Postgres {
                 command.uid(uid).gid(gid);
             }
         };
-        if let Some((uid, gid)) = account {
-            chown(dir.path(), Some(uid), Some(gid)).expect("hand the test directory to postgres");
-        }
+        let give = |path: &Path| {
+            if let Some((uid, gid)) = account {
+                chown(path, Some(uid), Some(gid))
+                    .unwrap_or_else(|e| panic!("hand {} to postgres: {e}", path.display()));
+            }
+        };
+        give(dir.path());
 
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
@@ -219,53 +233,151 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-
-        let log_file = fs::File::create(&log).expect("create the PostgreSQL log");
-        if let Some((uid, gid)) = account {
-            chown(&log, Some(uid), Some(gid)).expect("hand the log to postgres");
+        if tls {
+            make_certificates(dir.path());
+            give(&dir.path().join("server.key"));
         }
-        let mut server = Command::new(bin.join("postgres"));
-        server
-            .arg("-D")
-            .arg(&data)
-            // Unix socket only (no TCP port to collide on), in the cluster's own directory.
-            .args(["-c", "listen_addresses="])
-            .arg("-k")
-            .arg(dir.path())
+
+        // With TLS the kernel picks a free TCP port, which another process could take before
+        // PostgreSQL binds it: a server that exits at once is retried on a new port. The
+        // socket-only server has no port to collide on (5432 only names the socket file).
+        for _ in 0..3 {
+            let port = if tls { free_port() } else { 5432 };
+            let log_file = fs::File::create(&log).expect("create the PostgreSQL log");
+            give(&log);
+            let mut server = Command::new(bin.join("postgres"));
+            server.arg("-D").arg(&data).arg("-k").arg(dir.path());
+            server.args(["-p", &port.to_string()]);
+            if tls {
+                let file = |name: &str| dir.path().join(name).display().to_string();
+                server.args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"]);
+                server.args(["-c", &format!("ssl_cert_file={}", file("server.crt"))]);
+                server.args(["-c", &format!("ssl_key_file={}", file("server.key"))]);
+            } else {
+                server.args(["-c", "listen_addresses="]);
+            }
             // A test cluster needs no durability.
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log handle"))
-            .stderr(log_file);
-        as_account(&mut server);
-        let mut child = server.spawn().expect("start postgres");
+            server
+                .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("log handle"))
+                .stderr(log_file);
+            as_account(&mut server);
+            let mut child = server.spawn().expect("start postgres");
 
-        let socket_dir = dir.path().to_owned();
-        let ready = bin.join("pg_isready");
-        wait_until("PostgreSQL", &mut child, &log, || {
-            Command::new(&ready)
-                .arg("-q")
-                .arg("-h")
-                .arg(&socket_dir)
-                .args(["-U", "postgres", "-d", "postgres"])
-                .status()
-                .is_ok_and(|s| s.success())
-        });
-        let url = format!(
-            "postgres://postgres@localhost/postgres?host={}",
-            dir.path().display()
-        );
-        Self {
-            child,
-            url,
-            _dir: dir,
+            let ready = bin.join("pg_isready");
+            let answered = poll_until("PostgreSQL", &mut child, &log, || {
+                Command::new(&ready)
+                    .arg("-q")
+                    .arg("-h")
+                    .arg(dir.path())
+                    .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !answered {
+                continue;
+            }
+            let url = if tls {
+                format!(
+                    "postgres://postgres@127.0.0.1:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+                    dir.path().join("ca.crt").display()
+                )
+            } else {
+                format!(
+                    "postgres://postgres@localhost/postgres?host={}",
+                    dir.path().display()
+                )
+            };
+            return Self { child, url, dir };
         }
+        panic!(
+            "PostgreSQL exited at start three times; log:\n{}",
+            tail(&log)
+        );
     }
 
     /// The `postgres://` URL of the cluster's `postgres` database.
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// The CA certificate that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("pick a free port")
+        .port()
+}
+
+/// A throwaway CA (`ca.crt`) and a server certificate for 127.0.0.1 signed by it
+/// (`server.crt`, `server.key`) in `dir`, made with the openssl command.
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", install_hint("openssl", "PATH")));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let new_p256_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &[
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cachepool test CA",
+        ][..],
+        &new_p256_key,
+        &["-keyout", "ca.key", "-out", "ca.crt"],
+    ]
+    .concat());
+    run(&[
+        &["req", "-subj", "/CN=127.0.0.1"][..],
+        &new_p256_key,
+        &["-keyout", "server.key", "-out", "server.csr"],
+    ]
+    .concat());
+    fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("write san.cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "server.crt",
+    ]);
+    // PostgreSQL refuses a key that others can read.
+    fs::set_permissions(dir.join("server.key"), fs::Permissions::from_mode(0o600))
+        .expect("restrict server.key");
 }
 
 impl Drop for Postgres {
