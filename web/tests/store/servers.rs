@@ -1,7 +1,8 @@
 //! The real servers the store tests run against, each started by the test that needs it and
 //! stopped when its guard drops (also when the test panics): a throwaway PostgreSQL cluster
-//! and a moto S3 server. Neither uses a fixed port: PostgreSQL listens only on a Unix socket
-//! inside its own directory, moto on a port the kernel chose.
+//! and a moto S3 server. Neither uses a fixed port: PostgreSQL listens on a Unix socket inside
+//! its own directory (and, for the TLS test, on a port the kernel chose), moto on a port the
+//! kernel chose.
 //!
 //! A missing server binary fails the test with a message naming `scripts/test`, which
 //! installs them; nothing is skipped.
