@@ -1,1 +1,0 @@
-//! Metadata and object storage (being written).
