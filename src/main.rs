@@ -3,6 +3,7 @@
 mod bench;
 mod operator;
 mod up;
+mod web;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ enum Command {
     Up(up::UpArgs),
     /// Run the operator: reconcile CachePool resources into live pools.
     Operator(operator::OperatorArgs),
+    /// Run the web site (image site and its JSON API) over a pool run by the operator.
+    Web(web::WebArgs),
     /// Run one cache node: memcached text protocol plus the admin HTTP API.
     Node(cache_node::NodeConfig),
     /// Print the CachePool CustomResourceDefinition (YAML) for `kubectl apply -f -`.
@@ -49,6 +52,10 @@ fn main() -> anyhow::Result<()> {
             args.run(stop).await
         }),
         Command::Operator(args) => runtime()?.block_on(async {
+            let stop = shutdown_signal_now()?;
+            args.run(stop).await
+        }),
+        Command::Web(args) => runtime()?.block_on(async {
             let stop = shutdown_signal_now()?;
             args.run(stop).await
         }),

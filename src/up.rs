@@ -4,7 +4,9 @@
 //! local example pool on first run), the operator's state and the nodes' files, and the
 //! generated credentials (`credentials.json`, mode 0600, kept so that scripts and bookmarks
 //! keep working across runs). The URLs and credentials are printed one per line, then it runs
-//! until Ctrl-C or SIGTERM and stops every process it started.
+//! until Ctrl-C or SIGTERM and stops every process it started. The site follows the default
+//! pool `default/local`; its database is SQLite and its images a directory, both under
+//! `web/` in the data directory.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -15,6 +17,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::operator::{Operator, RunArgs};
+use crate::web::{Web, WebArgs};
 
 /// The pool `cachepool up` creates when its pool directory has none.
 const DEFAULT_POOL: &str = include_str!("../examples/local.yaml");
@@ -31,7 +34,7 @@ pub struct UpArgs {
     #[arg(long, env = "CACHEPOOL_HOST", default_value = "127.0.0.1")]
     pub host: String,
 
-    /// Port of the web site (the web app is the next part of the stack to land).
+    /// Port of the web site (0: any free port).
     #[arg(long, env = "CACHEPOOL_SITE_PORT", default_value_t = 8080)]
     pub site_port: u16,
 
@@ -69,15 +72,32 @@ impl UpArgs {
             keep_nodes: false,
         };
         let operator = Operator::start(&pools, &args, credentials.api_token.clone()).await?;
+        let web_args = WebArgs {
+            listen: format!("{}:{}", self.host, self.site_port),
+            database_url: None,
+            data_dir: data_dir.join("web"),
+            s3_bucket: None,
+            s3_prefix: "images/".into(),
+            s3_region: None,
+            s3_endpoint: None,
+            operator_api: operator.api_url(),
+            operator_token: credentials.api_read_token.clone(),
+            pool: "default/local".into(),
+            admin_token: credentials.api_token.clone(),
+        };
+        let web = match Web::start(&web_args).await {
+            Ok(web) => web,
+            Err(e) => {
+                let _ = operator.stop().await;
+                return Err(e.context("starting the site"));
+            }
+        };
+        println!("site: {}", web.url());
         println!("api: {}", operator.api_url());
         println!("api token: {}", credentials.api_token);
         println!("api read token: {}", credentials.api_read_token);
         println!("admin password: {}", credentials.admin_password);
         println!("pools: {}", pools.display());
-        tracing::info!(
-            site_port = self.site_port,
-            "the web site and manager UI are not part of this build yet; the API serves the pools"
-        );
         let api = operator.api_url();
         let token = credentials.api_token.clone();
         let announce = tokio::spawn(async move {
@@ -85,9 +105,10 @@ impl UpArgs {
                 println!("memcached: {}", addresses.join(" "));
             }
         });
-        let result = operator.run_until(shutdown).await;
+        shutdown.await;
         announce.abort();
-        result
+        web.stop().await;
+        operator.stop().await
     }
 }
 

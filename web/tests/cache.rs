@@ -17,7 +17,8 @@ use cache_node::{Node, NodeConfig};
 use cachepool_crds::ring::Ring;
 use cachepool_web::cache::envelope::{self, Envelope};
 use cachepool_web::cache::{CacheConfig, CachedImage, FillError, ImageCache};
-use cachepool_web::image::{ImageKey, etag};
+use cachepool_web::image::ImageKey;
+use cachepool_web::store::etag_of;
 use rand::Rng;
 use tokio::sync::{Notify, oneshot};
 
@@ -113,7 +114,7 @@ fn image(content: &str) -> CachedImage {
     let body = Bytes::from(content.as_bytes().to_vec());
     CachedImage {
         content_type: "image/png".into(),
-        etag: etag(&body),
+        etag: etag_of(&body),
         body,
     }
 }

@@ -11,7 +11,8 @@
 //! - [`format`]: [`detect`], which recognises PNG, JPEG, GIF and WebP by their bytes and
 //!   refuses SVG (reasons there).
 //! - [`check_upload`]: size limit, then [`detect`].
-//! - [`etag`]: a strong ETag computed from the bytes.
+//!
+//! ETags are the store's (`store::etag_of`, SHA-256 of the bytes): one per image, whoever reads it.
 
 pub mod format;
 pub mod key;
@@ -128,20 +129,6 @@ pub fn check_upload(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
         });
     }
     detect(bytes)
-}
-
-/// The strong ETag of an image: a quoted string made of the 64-bit XXH3 hash of the bytes
-/// (seed 0) and their length in hex, e.g. `"9f1c2a0b4d5e6f70-1a2b"`.
-///
-/// Strong because equal ETags mean equal bytes (byte ranges may be served against it). XXH3
-/// is not cryptographic, which is fine here: an ETag only has to change when an image does,
-/// and the worst a deliberate collision can do is let a browser keep the copy it already
-/// has of an image the same visitor could replace anyway. XXH3-64 is the hash the ring
-/// already fixes (`cachepool_crds::ring::key_hash`), so it adds no dependency; 128 bits
-/// would need `xxhash-rust` in this crate.
-pub fn etag(bytes: &[u8]) -> String {
-    let hash = cachepool_crds::ring::key_hash(bytes);
-    format!("\"{hash:016x}-{:x}\"", bytes.len())
 }
 
 #[cfg(test)]

@@ -563,31 +563,6 @@ fn a_large_jpeg_is_walked_quickly() {
 }
 
 #[test]
-fn etag_is_a_strong_etag_of_the_bytes() {
-    let image = png(2, 2);
-    let tag = etag(&image);
-    assert_eq!(tag, etag(&image.clone()));
-    assert!(tag.starts_with('"') && tag.ends_with('"'), "{tag}");
-    assert!(!tag.starts_with("W/"));
-    assert!(
-        tag.ends_with(&format!("-{:x}\"", image.len())),
-        "{tag} ends with the length"
-    );
-    let hex = &tag[1..17];
-    assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{tag}");
-    // One changed pixel byte, one appended byte: different tags.
-    let mut other = image.clone();
-    let last_pixel = other.len() - 30;
-    other[last_pixel] ^= 1;
-    assert_ne!(etag(&other), tag);
-    let mut longer = image.clone();
-    longer.push(0);
-    assert_ne!(etag(&longer), tag);
-    // The hash is XXH3-64, seed 0: fixed by the ring's contract, so stable across releases.
-    assert_eq!(etag(b""), "\"2d06800538d394c2-0\"");
-}
-
-#[test]
 fn key_errors_carry_their_status() {
     let err = ImageKey::parse("../x").unwrap_err();
     assert_eq!((err.code(), err.http_status()), ("invalid_key", 400));

@@ -1,0 +1,196 @@
+//! `cachepool web`: the site's command line and its assembly (database, object store, the
+//! pool client following the operator's ring, the HTTP server), shared with `cachepool up`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cache_node::client::ClientOptions;
+use cachepool_web::app::{self, AppState, Counters};
+use cachepool_web::cache::{CacheConfig, ImageCache};
+use cachepool_web::ring::RingSource;
+use cachepool_web::store::{Database, ObjectStore, Storage};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+/// `cachepool web` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WebArgs {
+    /// Address of the site.
+    #[arg(long, env = "CACHEPOOL_WEB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Metadata database: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB (default: a SQLite
+    /// file in --data-dir).
+    #[arg(long, env = "CACHEPOOL_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Where the default SQLite file and image directory live.
+    #[arg(
+        long,
+        env = "CACHEPOOL_WEB_DATA_DIR",
+        default_value = "cachepool-web-data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Keep images in this S3 bucket instead of a local directory.
+    #[arg(long, env = "CACHEPOOL_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Object key prefix in the bucket.
+    #[arg(long, env = "CACHEPOOL_S3_PREFIX", default_value = "images/")]
+    pub s3_prefix: String,
+
+    /// The bucket's region (default: the AWS default chain's).
+    #[arg(long, env = "CACHEPOOL_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// An S3-compatible endpoint instead of AWS (path-style addressing).
+    #[arg(long, env = "CACHEPOOL_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// The operator's API, where the pool's ring comes from.
+    #[arg(
+        long,
+        env = "CACHEPOOL_OPERATOR_API",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub operator_api: String,
+
+    /// A token of the operator's API that may read.
+    #[arg(long, env = "CACHEPOOL_OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: String,
+
+    /// The pool the site caches in, as NAMESPACE/NAME.
+    #[arg(long, env = "CACHEPOOL_POOL", default_value = "default/local")]
+    pub pool: String,
+
+    /// Bearer token that may delete all application data through the site's API.
+    #[arg(long, env = "CACHEPOOL_WEB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+}
+
+/// A running site.
+pub struct Web {
+    addr: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Web {
+    /// Opens the stores, joins the pool and starts serving.
+    pub async fn start(args: &WebArgs) -> anyhow::Result<Web> {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("creating {}", args.data_dir.display()))?;
+        let database_url = match &args.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", args.data_dir.join("web.db").display()),
+        };
+        let db = Database::connect(&database_url)
+            .await
+            .context("opening the metadata database")?;
+        db.migrate()
+            .await
+            .context("migrating the metadata database")?;
+        let objects = match &args.s3_bucket {
+            Some(bucket) => s3_store(args, bucket).await?,
+            None => ObjectStore::local(args.data_dir.join("images"))
+                .context("opening the image directory")?,
+        };
+        let storage = Arc::new(Storage::new(db, objects));
+        let (namespace, name) = args
+            .pool
+            .split_once('/')
+            .context("--pool must be NAMESPACE/NAME")?;
+        let source = RingSource {
+            api: args.operator_api.clone(),
+            token: args.operator_token.clone(),
+            namespace: namespace.to_owned(),
+            pool: name.to_owned(),
+        };
+        let pool = source
+            .connect(ClientOptions::default(), Duration::from_secs(60))
+            .await
+            .context("joining the pool")?;
+        let pool = Arc::new(pool);
+        let cache = Arc::new(ImageCache::new(pool.clone(), CacheConfig::default())?);
+        let (stop, stopped) = watch::channel(false);
+        let follower = tokio::spawn(source.follow(pool, stopped.clone()));
+        let router = app::router(AppState {
+            storage,
+            cache,
+            admin_token: args.admin_token.as_str().into(),
+            counters: Arc::new(Counters::default()),
+        });
+        let listener = TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding the site to {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let mut server_stop = stopped;
+        let server = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = server_stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the site's server failed");
+            }
+        });
+        info!(site = %addr, "site started");
+        Ok(Web {
+            addr,
+            stop,
+            server,
+            follower,
+        })
+    }
+
+    /// The site's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving (requests in flight finish) and stops following the ring.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.follower.await;
+    }
+}
+
+#[cfg(feature = "s3")]
+async fn s3_store(args: &WebArgs, bucket: &str) -> anyhow::Result<ObjectStore> {
+    ObjectStore::s3(cachepool_web::store::S3Config {
+        bucket: bucket.to_owned(),
+        prefix: args.s3_prefix.clone(),
+        region: args.s3_region.clone(),
+        endpoint: args.s3_endpoint.clone(),
+        force_path_style: args.s3_endpoint.is_some(),
+        access_key_id: None,
+        secret_access_key: None,
+    })
+    .await
+    .context("opening the S3 bucket")
+}
+
+#[cfg(not(feature = "s3"))]
+async fn s3_store(_: &WebArgs, bucket: &str) -> anyhow::Result<ObjectStore> {
+    anyhow::bail!(
+        "--s3-bucket {bucket}: this build has no S3 support; build with `--features s3` (or `production`)"
+    )
+}
+
+impl WebArgs {
+    /// Runs the site until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let web = Web::start(&self).await?;
+        println!("site: {}", web.url());
+        shutdown.await;
+        web.stop().await;
+        Ok(())
+    }
+}
