@@ -41,30 +41,47 @@ impl Site {
             std::process::id(),
             rand::random::<u32>()
         ));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("site set-up: {e}"));
         let mut nodes = Vec::new();
         for _ in 0..2 {
             nodes.push(
                 Node::start(NodeConfig::ephemeral(64, Policy::Lru, None))
                     .await
-                    .unwrap(),
+                    .unwrap_or_else(|e| panic!("site set-up: {e}")),
             );
         }
-        let ring = Ring::from_addresses(1, nodes.iter().map(|n| n.addr.to_string())).unwrap();
-        let pool = Arc::new(PoolClient::from_ring(ring, ClientOptions::default()).unwrap());
+        let ring = Ring::from_addresses(1, nodes.iter().map(|n| n.addr.to_string()))
+            .unwrap_or_else(|e| panic!("site set-up: {e}"));
+        let pool = Arc::new(
+            PoolClient::from_ring(ring, ClientOptions::default())
+                .unwrap_or_else(|e| panic!("site set-up: {e}")),
+        );
         let db = Database::connect(&format!("sqlite://{}", dir.join("web.db").display()))
             .await
-            .unwrap();
-        db.migrate().await.unwrap();
-        let objects = ObjectStore::local(dir.join("images")).unwrap();
+            .unwrap_or_else(|e| panic!("site set-up: {e}"));
+        db.migrate()
+            .await
+            .unwrap_or_else(|e| panic!("site set-up: {e}"));
+        let objects =
+            ObjectStore::local(dir.join("images")).unwrap_or_else(|e| panic!("site set-up: {e}"));
         let router = app::router(AppState {
             storage: Arc::new(Storage::new(db, objects)),
-            cache: Arc::new(ImageCache::new(pool, CacheConfig::default()).unwrap()),
+            cache: Arc::new(
+                ImageCache::new(pool, CacheConfig::default())
+                    .unwrap_or_else(|e| panic!("site set-up: {e}")),
+            ),
             admin_token: ADMIN.into(),
             counters: Arc::new(Counters::default()),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("site set-up: {e}"));
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .unwrap_or_else(|e| panic!("site set-up: {e}"))
+        );
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
@@ -84,7 +101,7 @@ impl Site {
             .body(body)
             .send()
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
@@ -93,7 +110,7 @@ impl Site {
             .get(format!("{}/api/v1/images/{key}", self.url))
             .send()
             .await
-            .unwrap()
+            .unwrap_or_else(|e| panic!("GET {key}: {e}"))
     }
 
     async fn stop(self) {
