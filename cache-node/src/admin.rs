@@ -96,8 +96,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Compares without an early exit, so response time does not reveal how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares without an early exit, so response time does not reveal how much matched. Every
+/// bearer-token check of the project (node, operator and site APIs) uses it.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -20,6 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use cache_node::admin::constant_time_eq;
 use cachepool_crds::pool::{CachePool, ScalingMode, SpecError};
 use cachepool_crds::ring::RingState;
 use serde::{Deserialize, Serialize};
@@ -161,11 +162,6 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-
-/// Compares without an early exit, so response time does not reveal how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 async fn authorize(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let presented = request

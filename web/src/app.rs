@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
+use cache_node::admin::constant_time_eq;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
@@ -301,11 +302,6 @@ async fn list_images(
         items: page.items.iter().map(ImageJson::from).collect(),
         next: page.next,
     }))
-}
-
-/// Compares without an early exit, so response time does not reveal how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn delete_data(
