@@ -59,7 +59,8 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// A JSON error as the HTTP contract defines it.
+/// A JSON error as the HTTP contract defines it, `{"error", "message", "field"?}`; the node's,
+/// the operator's and the site's APIs all answer with it (401 adds `WWW-Authenticate`).
 #[derive(Debug, Serialize)]
 pub struct ApiError {
     #[serde(skip)]
@@ -67,11 +68,12 @@ pub struct ApiError {
     error: &'static str,
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'static str>,
+    field: Option<String>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+    /// An error with its status, short code and a message saying what to fix.
+    pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             error,
@@ -79,9 +81,23 @@ impl ApiError {
             field: None,
         }
     }
-    fn field(mut self, field: &'static str) -> Self {
-        self.field = Some(field);
+
+    /// Names the request field at fault.
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
         self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn field_name(&self) -> Option<&str> {
+        self.field.as_deref()
     }
 }
 

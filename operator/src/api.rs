@@ -15,12 +15,12 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cache_node::admin::constant_time_eq;
+use cache_node::admin::{ApiError, constant_time_eq};
 use cachepool_crds::pool::{CachePool, ScalingMode, SpecError};
 use cachepool_crds::ring::RingState;
 use serde::{Deserialize, Serialize};
@@ -80,32 +80,12 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// An error as the HTTP contract defines it.
-#[derive(Debug, Serialize)]
-pub struct ApiError {
-    #[serde(skip)]
-    status: StatusCode,
-    error: &'static str,
-    message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<String>,
+trait ApiErrorExt {
+    fn invalid(errors: &[SpecError]) -> Self;
+    fn not_found(pool: &PoolRef) -> Self;
 }
 
-impl ApiError {
-    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            error,
-            message: message.into(),
-            field: None,
-        }
-    }
-
-    fn field(mut self, field: impl Into<String>) -> Self {
-        self.field = Some(field.into());
-        self
-    }
-
+impl ApiErrorExt for ApiError {
     fn invalid(errors: &[SpecError]) -> Self {
         let message = errors
             .iter()
@@ -146,18 +126,6 @@ impl From<CommandError> for ApiError {
                 "the pool is being deleted or the operator is stopping",
             ),
         }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(&self)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
     }
 }
 
@@ -516,8 +484,8 @@ mod tests {
             (json!({"kind": "Pod"}), "kind"),
         ] {
             let error = merge(&pool(), &patch).unwrap_err();
-            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{patch}");
-            assert_eq!(error.field.as_deref(), Some(field), "{patch}");
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST, "{patch}");
+            assert_eq!(error.field_name(), Some(field), "{patch}");
         }
         let labels = merge(&pool(), &json!({"metadata": {"labels": {"team": "web"}}})).unwrap();
         assert_eq!(
@@ -538,11 +506,11 @@ mod tests {
             &json!({"spec": {"scaling": {"replicas": "three"}}}),
         )
         .unwrap_err();
-        assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error.status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert!(
-            error.message.contains("not a valid CachePool"),
+            error.message().contains("not a valid CachePool"),
             "{}",
-            error.message
+            error.message()
         );
     }
 
@@ -552,10 +520,10 @@ mod tests {
             field: "scaling.minReplicas".into(),
             message: "5 exceeds scaling.maxReplicas (3)".into(),
         }]);
-        assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(error.field.as_deref(), Some("spec.scaling.minReplicas"));
+        assert_eq!(error.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error.field_name(), Some("spec.scaling.minReplicas"));
         assert_eq!(
-            error.message,
+            error.message(),
             "scaling.minReplicas: 5 exceeds scaling.maxReplicas (3)"
         );
     }

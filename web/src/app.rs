@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use cache_node::admin::constant_time_eq;
+use cache_node::admin::{ApiError, constant_time_eq};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
@@ -70,52 +70,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An error as the HTTP contract defines it.
-#[derive(Debug, Serialize)]
-pub struct ApiError {
-    #[serde(skip)]
-    status: StatusCode,
-    error: &'static str,
-    message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'static str>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            error,
-            message: message.into(),
-            field: None,
-        }
-    }
-
-    fn field(mut self, field: &'static str) -> Self {
-        self.field = Some(field);
-        self
-    }
-
-    fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
-        error!(error = %e, "{what}");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("{what}; see the server's log"),
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(&self)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
+/// A failure the caller cannot fix: logged with its detail, answered without it.
+fn internal(what: &str, e: &dyn std::fmt::Display) -> ApiError {
+    error!(error = %e, "{what}");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("{what}; see the server's log"),
+    )
 }
 
 fn parse_key(state: &AppState, key: &str) -> Result<ImageKey, ApiError> {
@@ -181,7 +143,7 @@ async fn upload_image(
         .storage
         .put_image(key.as_str(), body, content_type)
         .await
-        .map_err(|e| ApiError::internal("storing the image failed", &e))?;
+        .map_err(|e| internal("storing the image failed", &e))?;
     // Before answering: nobody may see the old image once the upload returned. A new key
     // has nothing cached (a missing image is never cached), so only a replacement pays for
     // the invalidation and its short uncached spell.
@@ -225,7 +187,7 @@ async fn view_image(
             }))
         })
         .await
-        .map_err(|e| ApiError::internal("reading the image failed", &e))?;
+        .map_err(|e| internal("reading the image failed", &e))?;
     let Some(fetched) = fetched else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -296,7 +258,7 @@ async fn list_images(
             StoreError::BadCursor => {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()).field("cursor")
             }
-            e => ApiError::internal("listing images failed", &e),
+            e => internal("listing images failed", &e),
         })?;
     Ok(Json(ListJson {
         items: page.items.iter().map(ImageJson::from).collect(),
@@ -334,7 +296,7 @@ async fn delete_data(
         .storage
         .delete_all()
         .await
-        .map_err(|e| ApiError::internal("deleting the data failed", &e))?;
+        .map_err(|e| internal("deleting the data failed", &e))?;
     let cache = state.cache.invalidate_all().await;
     if let Err(e) = &cache {
         error!(error = %e, "flushing the pool after deleting all data failed");
