@@ -1,11 +1,14 @@
 //! `cachepool bench`: measurements of the node against Debian's memcached, of the store's
 //! replacement policies against each other, of the hand-off between nodes and of the pool
-//! client's routing, and of the operator's reaction times (results and commands in docs/benchmarks.md).
+//! client's routing, of the operator's reaction times, and of the web site's image GET against
+//! nginx (results and commands in docs/benchmarks.md).
 //!
 //! Layout: `keys` and `wire` are pure (key naming, key distributions, request encoding and
 //! reply parsing, all unit-tested); `servers` and `admin_node` start and stop the measured
 //! processes; `loadgen` is the closed-loop client; `node`, `memory`, `policies`, `handoff`
-//! and `routing` each run one subcommand; `report` formats tables.
+//! and `routing` each run one subcommand; `report` formats tables. `web` runs the site's
+//! benchmark with `wrk` (script and output parsing) and `nginx` (configuration and process) as
+//! its helpers.
 //!
 //! Servers under test are child processes, the node included (this same binary's `node`
 //! subcommand), so that both servers are measured the same way: their own address space for
@@ -16,13 +19,16 @@ mod handoff;
 mod keys;
 mod loadgen;
 mod memory;
+mod nginx;
 mod node;
 mod operator;
 mod policies;
 mod report;
 mod routing;
 mod servers;
+mod web;
 mod wire;
+mod wrk;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -50,6 +56,9 @@ enum BenchCommand {
     /// Time from a scale call to the new ring and to a Ready pool (process provider), against
     /// a bare node start; reconcile latency.
     Operator(operator::OperatorBenchArgs),
+    /// The site's cached image GET under wrk against nginx serving the same files, and the
+    /// miss path broken down (pool, database, object store, fill).
+    Web(web::WebBenchArgs),
 }
 
 /// Runs the selected benchmark.
@@ -60,6 +69,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Handoff(a) => with_client_runtime(a.client_threads, |rt| handoff::run(rt, a)),
         BenchCommand::Routing(a) => with_client_runtime(a.client_threads, |rt| routing::run(rt, a)),
         BenchCommand::Operator(a) => with_client_runtime(2, |rt| operator::run(rt, a)),
+        // The control side (operator, uploads, miss path); the site gets its own runtime.
+        BenchCommand::Web(a) => with_client_runtime(2, |rt| web::run(rt, a)),
         // CPU-bound and in-process: no runtime, no children, so the default Ctrl-C is right.
         BenchCommand::Policies(a) => policies::run(&a),
     }

@@ -1,0 +1,904 @@
+//! `cachepool bench web`: the site's cached image GET under wrk, side by side with nginx
+//! serving the same files from disk, and the miss path broken down into its parts.
+//!
+//! The stack is the one `cachepool up` runs, built from the same parts: a standalone operator
+//! (in this process, on the control runtime) whose pool's nodes are `cachepool node` children,
+//! and the site (`crate::web::Web`, on SQLite and a local image directory) on a runtime of its
+//! own with `--threads` workers, so that it gets the same thread budget as nginx's
+//! `worker_processes`. The site runs in-process rather than as a child so that the miss path
+//! can be timed against the very same database file, image directory and pool.
+//!
+//! Hit path: N images are uploaded through the site's API and read twice (the second read must
+//! say `X-Cache: hit`); the same bytes are written as files for nginx. Then wrk runs against
+//! nginx and the site alternately, `--rounds` times each, with one Lua script requesting the N
+//! paths round-robin. The site's `/metrics` pool counters are read before and after each of
+//! its runs, so the report says what share of the measured requests the pool served.
+//!
+//! Miss path: 3 x M fresh images are uploaded and never read before; for set A the whole miss
+//! is timed over HTTP (the answer must say `X-Cache: miss`), for set B the parts are timed by
+//! calling what the site calls, in its order: the pool lookup that misses
+//! (`PoolClient::get`), the database read (`Database::get`), the object-store read
+//! (`ObjectStore::get`) and the pool fill (envelope encoding and `PoolClient::add`); for set C
+//! the whole miss is timed in-process through `ImageCache::get_or_fill`, which shows what HTTP
+//! adds. Disjoint sets so that no measurement warms another's key; the same image size for all.
+//! An unloaded sequential GET of cached images gives the hit's floor for comparison.
+//!
+//! Everything started is stopped on the way out, on success, error or Ctrl-C: nginx and the
+//! temporary directory by guards, the site's runtime by its thread's guard, the operator (and
+//! with it the nodes) by an explicit stop after the measured part returns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use axum::body::Bytes;
+use cache_node::client::{ClientOptions, PoolClient};
+use cachepool_web::cache::{CacheConfig, CachedImage, ImageCache, envelope};
+use cachepool_web::image::ImageKey;
+use cachepool_web::ring::RingSource;
+use cachepool_web::store::{Database, ObjectStore, StoreError};
+
+use super::nginx::{Nginx, NginxConfig, find_binary};
+use super::report::{Table, median, thousands};
+use super::wrk::{self, WrkResult, WrkRun};
+use crate::operator::{Operator, RunArgs};
+use crate::web::{Web, WebArgs};
+
+/// `cachepool bench web` flags.
+#[derive(Debug, clap::Args)]
+pub struct WebBenchArgs {
+    /// Length of each wrk run (e.g. 10s, 500ms, 1m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Open connections of wrk.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Worker threads of the site's runtime, and nginx's worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Threads of wrk.
+    #[arg(long, default_value_t = 2)]
+    pub wrk_threads: usize,
+    /// Size of each image (e.g. 64KiB, 1MiB, 4096).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub image_size: usize,
+    /// Images read under wrk (the cached set).
+    #[arg(long, default_value_t = 64)]
+    pub images: usize,
+    /// wrk runs against each server; they alternate, nginx first.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Fresh images read once for the miss path (per measurement: three sets of this many).
+    #[arg(long, default_value_t = 100)]
+    pub misses: usize,
+    /// Nodes in the pool.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: u32,
+    /// The wrk binary (default: `wrk` on PATH).
+    #[arg(long)]
+    pub wrk: Option<PathBuf>,
+    /// The nginx binary (default: `nginx` on PATH or in /usr/sbin).
+    #[arg(long)]
+    pub nginx: Option<PathBuf>,
+}
+
+const TOKEN: &str = "bench-web-token";
+const POOL: &str = "bench";
+const IMAGES_PATH: &str = "/api/v1/images/";
+const CONTENT_TYPE: &str = "image/png";
+
+/// Runs the benchmark: the site on its own runtime, everything else on `rt`.
+pub fn run(rt: &tokio::runtime::Runtime, args: WebBenchArgs) -> anyhow::Result<()> {
+    ensure!(args.images > 0, "--images must be at least 1");
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
+    ensure!(args.threads > 0, "--threads must be at least 1");
+    ensure!(
+        (1..=8).contains(&args.nodes),
+        "--nodes must lie within [1, 8] (the pool's maxReplicas)"
+    );
+    ensure!(
+        (100..=cachepool_web::image::MAX_IMAGE_BYTES).contains(&args.image_size),
+        "--image-size must lie within [100 B, {} B] (the site's upload limit)",
+        cachepool_web::image::MAX_IMAGE_BYTES
+    );
+    // Before anything starts: a missing tool is a clear error, not a half-run.
+    let wrk = find_binary("wrk", args.wrk.as_deref(), "install Debian's wrk")?;
+    let nginx = find_binary(
+        "nginx",
+        args.nginx.as_deref(),
+        "install Debian's nginx-light",
+    )?;
+    let dir = TempDir::new()?;
+    rt.block_on(measure(&args, &wrk, &nginx, &dir))
+}
+
+async fn measure(
+    args: &WebBenchArgs,
+    wrk: &Path,
+    nginx: &Path,
+    dir: &TempDir,
+) -> anyhow::Result<()> {
+    let pools = dir.path().join("pools");
+    std::fs::create_dir_all(&pools)?;
+    // Room for every image the run stores, twice over, spread over the nodes.
+    let stored = (args.images + 3 * args.misses) * (args.image_size + 1024);
+    let capacity_mib = (2 * stored / (1 << 20) / args.nodes as usize).max(64);
+    std::fs::write(
+        pools.join("bench.yaml"),
+        format!(
+            "apiVersion: cachepool.io/v1alpha1\nkind: CachePool\nmetadata:\n  name: {POOL}\n\
+             spec:\n  cache: {{capacityMiB: {capacity_mib}}}\n  scaling: {{mode: manual, \
+             replicas: {}, minReplicas: 1, maxReplicas: 8}}\n  provider: {{process: {{}}}}\n",
+            args.nodes
+        ),
+    )?;
+    let run_args = RunArgs {
+        listen: "127.0.0.1:0".into(),
+        api_token: Some(TOKEN.into()),
+        api_read_token: None,
+        sample_interval_ms: 2000,
+        probe_interval_ms: 500,
+        node_timeout_secs: 10,
+        keep_nodes: false,
+    };
+    let operator = Operator::start(&pools, &run_args, TOKEN.into())
+        .await
+        .context("starting the operator")?;
+    let result = with_operator(args, wrk, nginx, dir, &operator.api_url()).await;
+    let stopped = operator.stop().await.context("stopping the operator");
+    let report = result?;
+    stopped?;
+    println!("{report}");
+    Ok(())
+}
+
+async fn with_operator(
+    args: &WebBenchArgs,
+    wrk: &Path,
+    nginx: &Path,
+    dir: &TempDir,
+    api: &str,
+) -> anyhow::Result<String> {
+    let web_args = WebArgs {
+        listen: "127.0.0.1:0".into(),
+        database_url: None,
+        data_dir: dir.path().join("web"),
+        s3_bucket: None,
+        s3_prefix: "images/".into(),
+        s3_region: None,
+        s3_endpoint: None,
+        operator_api: api.to_owned(),
+        operator_token: TOKEN.into(),
+        pool: format!("default/{POOL}"),
+        admin_token: TOKEN.into(),
+    };
+    let site = SiteThread::start(web_args.clone(), args.threads).await?;
+    let result = with_site(args, wrk, nginx, dir, api, &web_args, &site.url).await;
+    site.stop().await;
+    result
+}
+
+async fn with_site(
+    args: &WebBenchArgs,
+    wrk: &Path,
+    nginx_bin: &Path,
+    dir: &TempDir,
+    api: &str,
+    web_args: &WebArgs,
+    site: &str,
+) -> anyhow::Result<String> {
+    let http = reqwest::Client::new();
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files)?;
+
+    // The cached set: uploaded, written for nginx, and read until the pool serves it.
+    let hot: Vec<String> = (0..args.images).map(|i| format!("hot-{i}")).collect();
+    for (i, key) in hot.iter().enumerate() {
+        super::check_interrupted()?;
+        let image = png_of_size(args.image_size, i as u64);
+        upload(&http, site, key, image.clone()).await?;
+        std::fs::write(files.join(key), &image)?;
+    }
+    let mut hit_floor = Vec::with_capacity(hot.len());
+    for key in &hot {
+        get_image(&http, site, key).await?;
+        let started = Instant::now();
+        let x_cache = get_image(&http, site, key).await?;
+        hit_floor.push(ms(started.elapsed()));
+        ensure!(
+            x_cache == "hit",
+            "the second read of {key} said X-Cache: {x_cache}, not hit; the pool does not keep \
+             the images (node capacity or item size too small?)"
+        );
+    }
+
+    let nginx = Nginx::start(
+        nginx_bin,
+        NginxConfig {
+            workers: args.threads,
+            port: 0,
+            prefix: dir.path().join("nginx"),
+            root: files.clone(),
+            location: IMAGES_PATH.into(),
+            content_type: CONTENT_TYPE.into(),
+        },
+        &format!("{IMAGES_PATH}{}", hot[0]),
+    )
+    .await?;
+    let paths: Vec<String> = hot.iter().map(|k| format!("{IMAGES_PATH}{k}")).collect();
+    let script = dir.path().join("images.lua");
+    std::fs::write(&script, wrk::render_script(&paths)?)?;
+
+    let mut runs = Vec::new();
+    for round in 1..=args.rounds {
+        for target in [Target::Nginx, Target::Site] {
+            super::check_interrupted()?;
+            let base = match target {
+                Target::Nginx => nginx.url(),
+                Target::Site => site.to_owned(),
+            };
+            let before = match target {
+                Target::Site => Some(pool_counters(&http, site).await?),
+                Target::Nginx => None,
+            };
+            let result = wrk::run(&WrkRun {
+                binary: wrk,
+                script: &script,
+                base_url: &base,
+                threads: args.wrk_threads,
+                connections: args.connections,
+                duration: args.duration,
+            })
+            .await
+            .with_context(|| format!("wrk against {}", target.name()))?;
+            let hits = match before {
+                Some(before) => {
+                    let after = pool_counters(&http, site).await?;
+                    Some(after.since(before))
+                }
+                None => None,
+            };
+            runs.push(Run {
+                round,
+                target,
+                result,
+                hits,
+            });
+        }
+    }
+    drop(nginx);
+
+    let misses = miss_path(args, &http, site, api, web_args).await?;
+    Ok(render_report(args, &runs, &hit_floor, &misses))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Nginx,
+    Site,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Nginx => "nginx",
+            Target::Site => "site",
+        }
+    }
+}
+
+struct Run {
+    round: usize,
+    target: Target,
+    result: WrkResult,
+    /// The site's pool counters over the run (None for nginx).
+    hits: Option<PoolCounters>,
+}
+
+/// The site's pool hits and misses (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PoolCounters {
+    hits: u64,
+    misses: u64,
+}
+
+impl PoolCounters {
+    fn since(self, earlier: PoolCounters) -> PoolCounters {
+        PoolCounters {
+            hits: self.hits.saturating_sub(earlier.hits),
+            misses: self.misses.saturating_sub(earlier.misses),
+        }
+    }
+
+    fn hit_share(self) -> f64 {
+        self.hits as f64 / (self.hits + self.misses).max(1) as f64
+    }
+}
+
+async fn pool_counters(http: &reqwest::Client, site: &str) -> anyhow::Result<PoolCounters> {
+    let text = http
+        .get(format!("{site}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    parse_pool_counters(&text)
+}
+
+/// The pool hit and miss counters in the site's metrics text.
+fn parse_pool_counters(text: &str) -> anyhow::Result<PoolCounters> {
+    let value = |name: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (metric, value) = l.rsplit_once(' ')?;
+                // With or without labels.
+                let bare = metric.split('{').next()?;
+                (bare == name).then(|| value.trim().parse::<f64>().ok())?
+            })
+            .with_context(|| format!("the site's /metrics has no {name}"))
+    };
+    Ok(PoolCounters {
+        hits: value("cachepool_web_pool_hits_total")? as u64,
+        misses: value("cachepool_web_pool_misses_total")? as u64,
+    })
+}
+
+async fn upload(http: &reqwest::Client, site: &str, key: &str, image: Bytes) -> anyhow::Result<()> {
+    let answer = http
+        .put(format!("{site}{IMAGES_PATH}{key}"))
+        .body(image)
+        .send()
+        .await
+        .with_context(|| format!("uploading {key}"))?;
+    if !answer.status().is_success() {
+        bail!(
+            "uploading {key} answered {}: {}",
+            answer.status(),
+            answer.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Reads an image whole and returns its `X-Cache` header.
+async fn get_image(http: &reqwest::Client, site: &str, key: &str) -> anyhow::Result<String> {
+    let answer = http
+        .get(format!("{site}{IMAGES_PATH}{key}"))
+        .send()
+        .await
+        .with_context(|| format!("reading {key}"))?;
+    ensure!(
+        answer.status().is_success(),
+        "reading {key} answered {}",
+        answer.status()
+    );
+    let x_cache = answer
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("(none)")
+        .to_owned();
+    answer.bytes().await?;
+    Ok(x_cache)
+}
+
+/// Latencies of the miss path, in milliseconds, one entry per image.
+#[derive(Debug, Default)]
+struct Misses {
+    http: Vec<f64>,
+    in_process: Vec<f64>,
+    lookup: Vec<f64>,
+    database: Vec<f64>,
+    object: Vec<f64>,
+    fill: Vec<f64>,
+    /// HTTP reads of set A that did not say `X-Cache: miss`.
+    not_missed: usize,
+}
+
+async fn miss_path(
+    args: &WebBenchArgs,
+    http: &reqwest::Client,
+    site: &str,
+    api: &str,
+    web_args: &WebArgs,
+) -> anyhow::Result<Misses> {
+    let mut out = Misses::default();
+    if args.misses == 0 {
+        return Ok(out);
+    }
+    let sets = ["miss-a", "miss-b", "miss-c"];
+    for (s, set) in sets.iter().enumerate() {
+        for i in 0..args.misses {
+            super::check_interrupted()?;
+            let seed = 1_000_000 * (s as u64 + 1) + i as u64;
+            upload(
+                http,
+                site,
+                &format!("{set}-{i}"),
+                png_of_size(args.image_size, seed),
+            )
+            .await?;
+        }
+    }
+    // What the site uses, opened a second time in this process over the same files and pool.
+    let db = Database::connect(&format!(
+        "sqlite://{}",
+        web_args.data_dir.join("web.db").display()
+    ))
+    .await
+    .context("opening the site's database")?;
+    let objects = ObjectStore::local(web_args.data_dir.join("images"))
+        .context("opening the site's image directory")?;
+    let (namespace, name) = web_args
+        .pool
+        .split_once('/')
+        .context("the pool is NAMESPACE/NAME")?;
+    let pool = RingSource {
+        api: api.to_owned(),
+        token: TOKEN.into(),
+        namespace: namespace.into(),
+        pool: name.into(),
+    }
+    .connect(ClientOptions::default(), Duration::from_secs(30))
+    .await
+    .context("joining the pool")?;
+    let pool = Arc::new(pool);
+    let cache = ImageCache::new(pool.clone(), CacheConfig::default())?;
+
+    let result = async {
+        for i in 0..args.misses {
+            super::check_interrupted()?;
+            // A: the whole miss over HTTP.
+            let started = Instant::now();
+            let x_cache = get_image(http, site, &format!("miss-a-{i}")).await?;
+            out.http.push(ms(started.elapsed()));
+            if x_cache != "miss" {
+                out.not_missed += 1;
+            }
+            // B: its parts, as the site makes them.
+            parts(
+                &cache,
+                &pool,
+                &db,
+                &objects,
+                &format!("miss-b-{i}"),
+                &mut out,
+            )
+            .await?;
+            // C: the whole miss in-process.
+            let key = ImageKey::parse(&format!("miss-c-{i}"))?;
+            let started = Instant::now();
+            let fetched = cache
+                .get_or_fill(&key, || async {
+                    let Some(meta) = db.get(key.as_str()).await? else {
+                        return Ok::<_, StoreError>(None);
+                    };
+                    Ok(objects.get(&meta.object).await?.map(|o| CachedImage {
+                        content_type: meta.content_type,
+                        etag: meta.etag,
+                        body: o.bytes,
+                    }))
+                })
+                .await?
+                .with_context(|| format!("no image under {key}"))?;
+            out.in_process.push(ms(started.elapsed()));
+            ensure!(!fetched.hit, "{key} was in the pool before its first read");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    db.close().await;
+    result?;
+    Ok(out)
+}
+
+/// The miss of `key` step by step: the same calls as the site's read, each timed.
+async fn parts(
+    cache: &ImageCache,
+    pool: &PoolClient,
+    db: &Database,
+    objects: &ObjectStore,
+    key: &str,
+    out: &mut Misses,
+) -> anyhow::Result<()> {
+    let pool_key = cache.pool_key(&ImageKey::parse(key)?);
+    let t0 = Instant::now();
+    let found = pool.get(&pool_key).await?;
+    let t1 = Instant::now();
+    ensure!(
+        found.is_none(),
+        "{key} was in the pool before its first read"
+    );
+    let meta = db
+        .get(key)
+        .await?
+        .with_context(|| format!("no row for {key}"))?;
+    let t2 = Instant::now();
+    let object = objects
+        .get(&meta.object)
+        .await?
+        .with_context(|| format!("no object for {key}"))?;
+    let t3 = Instant::now();
+    let value = envelope::encode(&CachedImage {
+        content_type: meta.content_type,
+        etag: meta.etag,
+        body: object.bytes,
+    })?;
+    let stored = pool
+        .add(&pool_key, &value, 0, cache.config().ttl_secs)
+        .await?;
+    let t4 = Instant::now();
+    ensure!(stored, "the pool refused the fill of {key}");
+    out.lookup.push(ms(t1 - t0));
+    out.database.push(ms(t2 - t1));
+    out.object.push(ms(t3 - t2));
+    out.fill.push(ms(t4 - t3));
+    Ok(())
+}
+
+fn render_report(args: &WebBenchArgs, runs: &[Run], hit_floor: &[f64], misses: &Misses) -> String {
+    let mut out = format!(
+        "GET {IMAGES_PATH}{{key}} of {} cached images of {} B: wrk -t {} -c {} for {:?} per run; \
+         site runtime threads = nginx workers = {}; pool of {} nodes\n\n",
+        args.images,
+        args.image_size,
+        args.wrk_threads,
+        args.connections,
+        args.duration,
+        args.threads,
+        args.nodes
+    );
+    let mut table = Table::new([
+        "run",
+        "server",
+        "requests/s",
+        "p50 (ms)",
+        "p99 (ms)",
+        "errors",
+        "X-Cache hit",
+    ]);
+    for run in runs {
+        let r = &run.result;
+        table.row([
+            run.round.to_string(),
+            run.target.name().to_owned(),
+            thousands(r.requests_per_sec()),
+            format!("{:.2}", r.latency_us.p50 / 1e3),
+            format!("{:.2}", r.latency_us.p99 / 1e3),
+            r.errors.total().to_string(),
+            run.hits.map_or_else(
+                || "-".to_owned(),
+                |h| format!("{:.2}% of {}", 100.0 * h.hit_share(), h.hits + h.misses),
+            ),
+        ]);
+    }
+    out.push_str(&table.render());
+    let rps = |t: Target| -> Vec<f64> {
+        runs.iter()
+            .filter(|r| r.target == t)
+            .map(|r| r.result.requests_per_sec())
+            .collect()
+    };
+    let ratios: Vec<f64> = runs
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [n, s] => Some(s.result.requests_per_sec() / n.result.requests_per_sec()),
+            _ => None,
+        })
+        .collect();
+    let ratio = median(&rps(Target::Site)) / median(&rps(Target::Nginx));
+    out.push_str(&format!(
+        "\nsite / nginx throughput: {ratio:.2}x (medians; per round: {}); target >= 0.50x: {}\n",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if ratio >= 0.5 { "met" } else { "MISSED" }
+    ));
+
+    if !misses.http.is_empty() {
+        out.push_str(&format!(
+            "\nMiss path: {} fresh images per row (disjoint sets), one at a time, unloaded\n\n",
+            misses.http.len()
+        ));
+        let mut table = Table::new(["step", "p50 (ms)", "p99 (ms)", "mean (ms)", "share of p50"]);
+        let whole = percentile(&misses.http, 50.0);
+        let mut row = |name: &str, v: &[f64]| {
+            table.row([
+                name.to_owned(),
+                format!("{:.3}", percentile(v, 50.0)),
+                format!("{:.3}", percentile(v, 99.0)),
+                format!("{:.3}", mean(v)),
+                format!("{:.0}%", 100.0 * percentile(v, 50.0) / whole),
+            ]);
+        };
+        row("whole miss, HTTP GET (X-Cache: miss)", &misses.http);
+        row("whole miss, ImageCache::get_or_fill", &misses.in_process);
+        row("  pool lookup (the miss)", &misses.lookup);
+        row("  database read", &misses.database);
+        row("  object-store read", &misses.object);
+        row("  pool fill (encode + add)", &misses.fill);
+        let sum: Vec<f64> = (0..misses.lookup.len())
+            .map(|i| misses.lookup[i] + misses.database[i] + misses.object[i] + misses.fill[i])
+            .collect();
+        row("  sum of the parts", &sum);
+        row("hit, HTTP GET, unloaded (for comparison)", hit_floor);
+        out.push_str(&table.render());
+        if misses.not_missed > 0 {
+            out.push_str(&format!(
+                "warning: {} of the HTTP reads did not say X-Cache: miss\n",
+                misses.not_missed
+            ));
+        }
+    }
+    out
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The `p`th percentile (nearest rank) of `values`; NaN for none.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// A PNG of exactly `size` bytes (at least 57) that the site accepts: signature, a 1x1 RGB
+/// header, one image-data chunk of pseudo-random (incompressible, like real image data)
+/// bytes, and the end chunk. CRCs are left zero: nothing on the measured path checks them.
+fn png_of_size(size: usize, seed: u64) -> Bytes {
+    const FIXED: usize = 8 + (12 + 13) + 12 + 12;
+    let data_len = size.saturating_sub(FIXED);
+    let mut out = Vec::with_capacity(FIXED + data_len);
+    out.extend_from_slice(b"\x89PNG\r\n\x1a\n");
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&[0; 4]);
+    };
+    chunk(b"IHDR", &[0, 0, 0, 1, 0, 0, 0, 1, 8, 2, 0, 0, 0]);
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let data: Vec<u8> = (0..data_len)
+        .map(|_| {
+            // xorshift64: fast, and distinct per seed.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    chunk(b"IDAT", &data);
+    chunk(b"IEND", &[]);
+    out.into()
+}
+
+/// `10s`, `500ms`, `1m` or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number.parse().map_err(|_| {
+        format!("{text:?}: a duration is a whole number with s, ms or m (e.g. 10s)")
+    })?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        other => return Err(format!("{text:?}: unknown unit {other:?}; use s, ms or m")),
+    };
+    if d < Duration::from_secs(1) {
+        return Err(format!("{text:?}: wrk runs last at least 1s"));
+    }
+    Ok(d)
+}
+
+/// `64KiB`, `1MiB`, `4096` or `4096B`.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: usize = number.parse().map_err(|_| {
+        format!("{text:?}: a size is a whole number with B, KiB or MiB (e.g. 64KiB)")
+    })?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?}; use B, KiB or MiB"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// The site's runtime on a thread of its own: `threads` workers serve the site and nothing
+/// else. Dropping the guard (also on error or unwinding) stops the site and joins the thread.
+struct SiteThread {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SiteThread {
+    async fn start(args: WebArgs, threads: usize) -> anyhow::Result<SiteThread> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-site".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .thread_name("site")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::new(e).context("site runtime")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let web = match Web::start(&args).await {
+                        Ok(web) => web,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.context("starting the site")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(web.url()));
+                    // A dropped sender (the guard dropped) stops the site too.
+                    let _ = stop_rx.await;
+                    web.stop().await;
+                });
+            })
+            .context("starting the site's thread")?;
+        let mut guard = SiteThread {
+            url: String::new(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        guard.url = ready_rx
+            .await
+            .context("the site's thread ended before the site started")??;
+        Ok(guard)
+    }
+
+    /// Stops the site and waits for its thread (off the async workers).
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for SiteThread {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A scratch directory for the run (pool manifests, node state, the site's data, nginx's
+/// prefix, the wrk script), removed when dropped.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let path = std::env::temp_dir().join(format!("cachepool-bench-web-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_images_have_the_asked_size_and_are_accepted_by_the_site() {
+        for size in [100, 4096, 64 << 10] {
+            let png = png_of_size(size, 7);
+            assert_eq!(png.len(), size);
+            let info = cachepool_web::image::check_upload(&png).unwrap();
+            assert_eq!(info.format.content_type(), CONTENT_TYPE);
+        }
+        assert_ne!(png_of_size(4096, 1), png_of_size(4096, 2));
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_with_units_and_refuse_the_rest() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("500ms").unwrap_err().contains("at least 1s"));
+        assert!(parse_duration("10h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("s").unwrap_err().contains("whole number"));
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("64KB").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn pool_counters_are_read_from_the_metrics_text() {
+        let text = "# HELP cachepool_web_pool_hits Image reads the pool served.\n\
+                    # TYPE cachepool_web_pool_hits counter\n\
+                    cachepool_web_pool_hits_total 1200\n\
+                    cachepool_web_pool_hits_totalx 9\n\
+                    cachepool_web_pool_misses_total{route=\"x\"} 34\n# EOF\n";
+        let c = parse_pool_counters(text).unwrap();
+        assert_eq!(
+            c,
+            PoolCounters {
+                hits: 1200,
+                misses: 34
+            }
+        );
+        let d = c.since(PoolCounters {
+            hits: 200,
+            misses: 34,
+        });
+        assert_eq!(
+            d,
+            PoolCounters {
+                hits: 1000,
+                misses: 0
+            }
+        );
+        assert_eq!(d.hit_share(), 1.0);
+        let err = parse_pool_counters("# EOF\n").unwrap_err();
+        assert!(
+            err.to_string().contains("cachepool_web_pool_hits_total"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+}
