@@ -7,8 +7,8 @@
 //! reply parsing, all unit-tested); `servers` and `admin_node` start and stop the measured
 //! processes; `loadgen` is the closed-loop client; `node`, `memory`, `policies`, `handoff`
 //! and `routing` each run one subcommand; `report` formats tables. `web` runs the site's
-//! benchmark with `wrk` (script and output parsing) and `nginx` (configuration and process) as
-//! its helpers.
+//! benchmark with `wrk` (script and output parsing), `nginx` (configuration and process) and
+//! `procs` (CPU time per process group, from /proc) as its helpers.
 //!
 //! Servers under test are child processes, the node included (this same binary's `node`
 //! subcommand), so that both servers are measured the same way: their own address space for
@@ -23,6 +23,7 @@ mod nginx;
 mod node;
 mod operator;
 mod policies;
+mod procs;
 mod report;
 mod routing;
 mod servers;

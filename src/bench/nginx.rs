@@ -137,6 +137,11 @@ impl Nginx {
         })
     }
 
+    /// The master's pid, which is also the process group of its workers.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The base URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

@@ -40,6 +40,7 @@ use cachepool_web::ring::RingSource;
 use cachepool_web::store::{Database, ObjectStore, StoreError};
 
 use super::nginx::{Nginx, NginxConfig, find_binary};
+use super::procs;
 use super::report::{Table, median, thousands};
 use super::wrk::{self, WrkResult, WrkRun};
 use crate::operator::{Operator, RunArgs};
@@ -242,6 +243,7 @@ async fn with_site(
                 Target::Site => Some(pool_counters(&http, site).await?),
                 Target::Nginx => None,
             };
+            let cpu_before = CpuSplit::now(nginx.pid());
             let result = wrk::run(&WrkRun {
                 binary: wrk,
                 script: &script,
@@ -252,6 +254,7 @@ async fn with_site(
             })
             .await
             .with_context(|| format!("wrk against {}", target.name()))?;
+            let cpu = CpuSplit::now(nginx.pid()).since(&cpu_before, target);
             let hits = match before {
                 Some(before) => {
                     let after = pool_counters(&http, site).await?;
@@ -264,6 +267,7 @@ async fn with_site(
                 target,
                 result,
                 hits,
+                cpu,
             });
         }
     }
@@ -294,6 +298,54 @@ struct Run {
     result: WrkResult,
     /// The site's pool counters over the run (None for nginx).
     hits: Option<PoolCounters>,
+    cpu: CpuUse,
+}
+
+/// CPU seconds of each side, read before and after a run.
+struct CpuSplit {
+    /// This process: the site's runtime, and the control runtime (idle during wrk).
+    site: f64,
+    /// The pool's nodes (this process's `cachepool` children).
+    nodes: f64,
+    /// nginx's master and workers.
+    nginx: f64,
+    /// Children of this process already waited for: wrk, once a run has ended.
+    reaped: f64,
+}
+
+/// CPU seconds a run cost: the server measured (site, or nginx), the nodes, and wrk.
+#[derive(Clone, Copy, Debug)]
+struct CpuUse {
+    server: f64,
+    nodes: f64,
+    wrk: f64,
+}
+
+impl CpuSplit {
+    fn now(nginx_pid: u32) -> CpuSplit {
+        let me = std::process::id() as i32;
+        let nginx = nginx_pid as i32;
+        let stats = procs::all();
+        let tick = procs::tick_secs();
+        let own = stats.iter().find(|s| s.pid == me);
+        CpuSplit {
+            site: own.map_or(0.0, |s| s.ticks as f64 * tick),
+            reaped: own.map_or(0.0, |s| s.child_ticks as f64 * tick),
+            nodes: procs::cpu_secs(&stats, |s| s.ppid == me && s.comm == "cachepool"),
+            nginx: procs::cpu_secs(&stats, |s| s.pgrp == nginx),
+        }
+    }
+
+    fn since(&self, before: &CpuSplit, target: Target) -> CpuUse {
+        CpuUse {
+            server: match target {
+                Target::Site => self.site - before.site,
+                Target::Nginx => self.nginx - before.nginx,
+            },
+            nodes: self.nodes - before.nodes,
+            wrk: self.reaped - before.reaped,
+        }
+    }
 }
 
 /// The site's pool hits and misses (`/metrics`).
@@ -559,6 +611,10 @@ fn render_report(args: &WebBenchArgs, runs: &[Run], hit_floor: &[f64], misses: &
         "p99 (ms)",
         "errors",
         "X-Cache hit",
+        "CPU s: server",
+        "nodes",
+        "wrk",
+        "server+nodes CPU us/req",
     ]);
     for run in runs {
         let r = &run.result;
@@ -573,9 +629,20 @@ fn render_report(args: &WebBenchArgs, runs: &[Run], hit_floor: &[f64], misses: &
                 || "-".to_owned(),
                 |h| format!("{:.2}% of {}", 100.0 * h.hit_share(), h.hits + h.misses),
             ),
+            format!("{:.1}", run.cpu.server),
+            format!("{:.1}", run.cpu.nodes),
+            format!("{:.1}", run.cpu.wrk),
+            format!(
+                "{:.1}",
+                1e6 * (run.cpu.server + run.cpu.nodes) / r.requests.max(1) as f64
+            ),
         ]);
     }
     out.push_str(&table.render());
+    out.push_str(
+        "(CPU seconds over the run, from /proc: the server measured (this process for the site, \
+         nginx's master and workers), the pool's node processes, and wrk)\n",
+    );
     let rps = |t: Target| -> Vec<f64> {
         runs.iter()
             .filter(|r| r.target == t)
