@@ -294,6 +294,91 @@ mod tests {
         );
     }
 
+    /// The rendered configuration works with the real nginx (`scripts/test` installs it), and
+    /// the wrk script's `done()` hook reports through real wrk: a second's run against it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nginx_serves_the_files_and_wrk_reports_through_the_script() {
+        let dir =
+            std::env::temp_dir().join(format!("cachepool-bench-nginx-test-{}", std::process::id()));
+        let _cleanup = RemoveOnDrop(dir.clone());
+        let files = dir.join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::write(files.join("a"), vec![7u8; 3000]).unwrap();
+        std::fs::write(files.join("b"), vec![8u8; 5000]).unwrap();
+        let nginx_bin = find_binary("nginx", None, "install Debian's nginx-light").unwrap();
+        let wrk_bin = find_binary("wrk", None, "install Debian's wrk").unwrap();
+        let nginx = Nginx::start(
+            &nginx_bin,
+            NginxConfig {
+                workers: 1,
+                port: 0,
+                prefix: dir.join("nginx"),
+                root: files,
+                location: "/api/v1/images/".into(),
+                content_type: "image/png".into(),
+            },
+            "/api/v1/images/a",
+        )
+        .await
+        .unwrap();
+        let answer = reqwest::get(format!("{}/api/v1/images/b", nginx.url()))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers()["content-type"], "image/png");
+        assert_eq!(answer.bytes().await.unwrap().len(), 5000);
+        let missing = reqwest::get(format!("{}/api/v1/images/c", nginx.url()))
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), 404);
+
+        let script = dir.join("t.lua");
+        let paths = ["/api/v1/images/a".to_owned(), "/api/v1/images/b".to_owned()];
+        std::fs::write(&script, super::super::wrk::render_script(&paths).unwrap()).unwrap();
+        let url = nginx.url();
+        let result = super::super::wrk::run(&super::super::wrk::WrkRun {
+            binary: &wrk_bin,
+            script: &script,
+            base_url: &url,
+            threads: 1,
+            connections: 4,
+            duration: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+        assert!(result.requests > 100, "{result:?}");
+        assert_eq!(result.errors.total(), 0, "{result:?}");
+        // Both paths requested in turn: the bytes read average the two bodies (plus headers).
+        let per_request = result.bytes / result.requests;
+        assert!((4000..4500).contains(&per_request), "{result:?}");
+        assert!(result.latency_us.p50 > 0.0 && result.latency_us.p99 >= result.latency_us.p50);
+
+        let pid = nginx.pid();
+        drop(nginx);
+        // The master and its workers are gone (zombies aside: the workers' reaper is not
+        // ours). Killed workers may take a moment to exit.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left: Vec<_> = super::super::procs::all()
+                .into_iter()
+                .filter(|s| s.pgrp == pid as i32 && s.state != 'Z')
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{left:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    struct RemoveOnDrop(PathBuf);
+
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn a_missing_binary_is_named_with_the_hint() {
         let err = find_binary(

@@ -10,6 +10,8 @@ pub struct Stat {
     pub pid: i32,
     /// The command name (`comm`, at most 15 bytes).
     pub comm: String,
+    /// The state letter (`R`, `S`, `Z` for a zombie, ...).
+    pub state: char,
     pub ppid: i32,
     pub pgrp: i32,
     /// User and system time, in clock ticks.
@@ -31,6 +33,7 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat {
         pid,
         comm,
+        state: fields.first()?.chars().next()?,
         ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         ticks: num(11)? + num(12)?,
@@ -86,6 +89,7 @@ mod tests {
             Stat {
                 pid: 4242,
                 comm: "cache (pool) x".into(),
+                state: 'S',
                 ppid: 17,
                 pgrp: 4242,
                 ticks: 200,
@@ -101,6 +105,7 @@ mod tests {
         let stat = |pid, ppid, ticks| Stat {
             pid,
             comm: "nginx".into(),
+            state: 'S',
             ppid,
             pgrp: 10,
             ticks,

@@ -657,6 +657,17 @@ fn render_report(args: &WebBenchArgs, runs: &[Run], hit_floor: &[f64], misses: &
         })
         .collect();
     let ratio = median(&rps(Target::Site)) / median(&rps(Target::Nginx));
+    let cpu_per_request = |t: Target| -> Vec<f64> {
+        runs.iter()
+            .filter(|r| r.target == t)
+            .map(|r| (r.cpu.server + r.cpu.nodes) / r.result.requests.max(1) as f64)
+            .collect()
+    };
+    out.push_str(&format!(
+        "\nCPU per request, site and nodes / nginx: {:.2}x (medians; steadier than throughput \
+         on a shared machine)",
+        median(&cpu_per_request(Target::Site)) / median(&cpu_per_request(Target::Nginx))
+    ));
     out.push_str(&format!(
         "\nsite / nginx throughput: {ratio:.2}x (medians; per round: {}); target >= 0.50x: {}\n",
         ratios
