@@ -12,7 +12,9 @@
 //! say `X-Cache: hit`); the same bytes are written as files for nginx. Then wrk runs against
 //! nginx and the site alternately, `--rounds` times each, with one Lua script requesting the N
 //! paths round-robin. The site's `/metrics` pool counters are read before and after each of
-//! its runs, so the report says what share of the measured requests the pool served.
+//! its runs, so the report says what share of the measured requests the pool served, and the
+//! CPU seconds of each side (`procs`) are read around every run: on a shared machine the CPU
+//! per request is a steadier comparison than requests per second.
 //!
 //! Miss path: 3 x M fresh images are uploaded and never read before; for set A the whole miss
 //! is timed over HTTP (the answer must say `X-Cache: miss`), for set B the parts are timed by
