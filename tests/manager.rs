@@ -501,6 +501,22 @@ async fn manager_login_csrf_and_pool_controls() {
         .await;
     page.expect(422, "capacity not a number");
     assert!(page.has("data-field=\"capacityMiB\""));
+    // Refused by the operator (below the 16 MiB item limit): its 422 field is mapped onto
+    // the form's capacity field, the typed value kept.
+    let page = browser
+        .post(
+            "/manager/cache",
+            &[("capacityMiB", "8"), ("policy", "lru"), ("csrf", &csrf)],
+        )
+        .await;
+    page.expect(422, "capacity below the item size limit");
+    assert!(
+        page.has("<p class=\"field-error\" data-field=\"capacityMiB\">cache.maxItemSizeKiB: 16384 KiB exceeds"),
+        "{}",
+        page.body
+    );
+    assert!(page.has("name=\"capacityMiB\" type=\"number\" value=\"8\""));
+    assert_eq!(stack.pool().await["spec"]["cache"]["capacityMiB"], 32);
     browser
         .post("/manager/flush", &[("csrf", &csrf)])
         .await
