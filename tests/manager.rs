@@ -269,6 +269,17 @@ impl Browser {
             .await;
         done.expect(303, "login");
         assert_eq!(done.location, "/manager");
+        let session = done
+            .headers
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("cachepool_session="))
+            .unwrap_or_else(|| panic!("no session cookie set"))
+            .to_owned();
+        for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(session.contains(attribute), "{attribute} in {session}");
+        }
         self.get("/manager").await.expect(200, "dashboard").csrf()
     }
 }
@@ -324,6 +335,7 @@ async fn manager_login_csrf_and_pool_controls() {
     );
     assert_eq!(login.headers["x-frame-options"], "DENY");
     assert_eq!(login.headers["x-content-type-options"], "nosniff");
+    assert_eq!(login.headers["cache-control"], "no-store");
     let csrf = login.csrf();
 
     let page = browser
