@@ -126,6 +126,8 @@ impl Ui {
             .route("/images/{key}", get(image_page))
             .route("/static/site.css", get(stylesheet))
             .route("/static/manager.js", get(script))
+            // Browsers ask for it on every site; there is none, and a 404 would fill the logs.
+            .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
             .route("/manager", get(manager))
             .route("/manager/login", get(login_form).post(login))
             .route("/manager/logout", post(logout))
