@@ -186,9 +186,9 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         (response, String::new(), String::new())
     };
     if status.is_server_error() {
-        warn!(%method, route, status = status.as_u16(), latency_ms, error = code, message, "request failed");
+        warn!(%method, route, status = status.as_u16(), latency_ms, error = code, reason = message, "request failed");
     } else {
-        info!(%method, route, status = status.as_u16(), latency_ms, error = code, message, "request refused");
+        info!(%method, route, status = status.as_u16(), latency_ms, error = code, reason = message, "request refused");
     }
     response
 }

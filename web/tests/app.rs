@@ -17,6 +17,10 @@ use serde_json::Value;
 
 const ADMIN: &str = "site-admin-token";
 
+/// Serialises the tests of this file: `tracing` caches per call site whether anyone listens,
+/// and a test running beside the log test could settle that for the log test's events.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A one-pixel GIF whose palette's first colour is `shade`: distinct bytes per shade.
 fn gif(shade: u8) -> Vec<u8> {
     let mut out = b"GIF89a".to_vec();
@@ -169,6 +173,7 @@ fn refs(value: &Value, out: &mut Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_is_3_1_and_lists_exactly_the_served_api_routes() {
+    let _serial = SERIAL.lock().await;
     let site = Site::start().await;
     let r = site
         .http
@@ -285,6 +290,7 @@ fn sample(samples: &[(String, f64)], series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_by_route_template_never_by_key() {
+    let _serial = SERIAL.lock().await;
     let site = Site::start().await;
     let scrape = || async {
         let r = site
@@ -346,4 +352,105 @@ async fn metrics_count_requests_by_route_template_never_by_key() {
         "{text}"
     );
     site.stop().await;
+}
+
+/// A writer for the test's subscriber that keeps what it is given.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
+    }
+}
+
+// One thread, so the site's tasks run where the test's subscriber is installed.
+#[tokio::test(flavor = "current_thread")]
+async fn every_request_is_logged_once_with_route_status_and_reason_never_the_token() {
+    let _serial = SERIAL.lock().await;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let site = Site::start().await;
+    assert_eq!(site.put("cat.gif", gif(1)).await.0, 201);
+    assert_eq!(site.get("cat.gif").await.status(), 200);
+    assert_eq!(site.put("x.gif", b"plain text".to_vec()).await.0, 415);
+    let refused = site
+        .http
+        .delete(format!("{}/api/v1/data", site.url))
+        .bearer_auth("a-guessed-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let deleted = site
+        .http
+        .delete(format!("{}/api/v1/data", site.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    site.stop().await;
+
+    let log = captured.text();
+    let requests: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" request") && l.contains("route="))
+        .collect();
+    assert_eq!(requests.len(), 5, "{log}");
+    assert!(
+        requests[0].contains("INFO")
+            && requests[0].contains("method=PUT")
+            && requests[0].contains("route=\"/api/v1/images/{key}\"")
+            && requests[0].contains("status=201")
+            && requests[0].contains("latency_ms="),
+        "{log}"
+    );
+    assert!(
+        requests[1].contains("DEBUG") && requests[1].contains("status=200"),
+        "{log}"
+    );
+    assert!(
+        requests[2].contains("request refused")
+            && requests[2].contains("status=415")
+            && requests[2].contains("error=\"not_an_image\"")
+            && requests[2].contains("upload a PNG, JPEG, GIF or WebP image"),
+        "{log}"
+    );
+    assert!(
+        requests[3].contains("status=401") && requests[3].contains("wrong bearer token"),
+        "{log}"
+    );
+    assert!(
+        requests[4].contains("method=DELETE") && requests[4].contains("status=200"),
+        "{log}"
+    );
+    assert!(!log.contains(ADMIN), "{log}");
+    assert!(!log.contains("a-guessed-token"), "{log}");
 }
