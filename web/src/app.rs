@@ -52,9 +52,10 @@ pub struct AppState {
 
 impl AppState {
     /// The state over `storage` and `cache`, with fresh metrics that `storage` reports its
-    /// database and object store latencies to.
+    /// database and object store latencies to, and `cache` its pool latencies.
     pub fn new(storage: Storage, cache: Arc<ImageCache>, admin_token: &str) -> AppState {
         let metrics = WebMetrics::new(cache.clone());
+        cache.attach_metrics(metrics.store());
         AppState {
             storage: Arc::new(storage.with_metrics(metrics.store())),
             cache,

@@ -8,9 +8,10 @@
 //!   `MatchedPath`, e.g. `/api/v1/images/{key}`), method and status class (`2xx`…). Never the
 //!   raw path: image keys would make every upload a new series. Requests no route matched
 //!   share the route label `unmatched`.
-//! - **Storage**: latency histograms of the database and the object store per operation
-//!   (`get`, `put`, `list`, `delete`…), observed in [`Storage`](crate::store::Storage), which
-//!   is where the miss path's time goes.
+//! - **Storage and pool**: latency histograms of the database and the object store per
+//!   operation (`get`, `put`, `list`, `delete`…), observed in
+//!   [`Storage`](crate::store::Storage), and of pool requests (`get`, `add`, `set`,
+//!   `flush_all`), observed in [`ImageCache`]: together they split a miss's time.
 //! - **The pool and the site's events**: the counters the site had before this module
 //!   (`cachepool_web_uploads_total`, `_views_total`, `_rejected_total`, and the pool's
 //!   `cachepool_web_pool_hits_total`, `_misses_total`, `_fills_total`…) under their old names.
@@ -77,6 +78,8 @@ pub enum Part {
     Database,
     /// The object store.
     Objects,
+    /// The cache pool.
+    Pool,
 }
 
 /// The storage latency histograms, handed to [`Storage`](crate::store::Storage). Clones share
@@ -85,6 +88,7 @@ pub enum Part {
 pub struct StoreMetrics {
     database: Histograms<OperationLabels>,
     objects: Histograms<OperationLabels>,
+    pool: Histograms<OperationLabels>,
 }
 
 impl StoreMetrics {
@@ -93,6 +97,7 @@ impl StoreMetrics {
         let family = match part {
             Part::Database => &self.database,
             Part::Objects => &self.objects,
+            Part::Pool => &self.pool,
         };
         family
             .get_or_create(&OperationLabels { operation })
@@ -150,6 +155,13 @@ impl WebMetrics {
             Unit::Seconds,
             objects.clone(),
         );
+        let pool = Histograms::<OperationLabels>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "cachepool_web_pool_request_duration",
+            "Time one request to the cache pool took, by operation",
+            Unit::Seconds,
+            pool.clone(),
+        );
         let mut counter = |name: &str, help: &str| {
             let counter = Counter::default();
             registry.register(name, help, counter.clone());
@@ -170,12 +182,18 @@ impl WebMetrics {
                 uploads,
                 views,
                 rejected,
-                store: StoreMetrics { database, objects },
+                store: StoreMetrics {
+                    database,
+                    objects,
+                    pool,
+                },
             }),
         }
     }
 
-    /// The storage histograms, for [`Storage::with_metrics`](crate::store::Storage::with_metrics).
+    /// The storage and pool histograms, for
+    /// [`Storage::with_metrics`](crate::store::Storage::with_metrics) and
+    /// [`ImageCache::attach_metrics`].
     pub fn store(&self) -> StoreMetrics {
         self.inner.store.clone()
     }

@@ -1,5 +1,6 @@
-//! `/metrics` on every backend: the database and object store latencies of an upload and a
-//! miss appear under their operations, and the pool's hits and misses are counted.
+//! `/metrics` on every backend: the database, object store and pool latencies of an upload,
+//! a miss and a hit appear under their operations, and the pool's hits and misses are
+//! counted.
 
 use crate::site::{Site, gif};
 use crate::support::{Db, Objects};
@@ -65,6 +66,23 @@ async fn metrics_show_store_latency_and_pool_hits(db: Db, objects: Objects) {
             &text,
             r#"cachepool_web_object_store_duration_seconds_sum{operation="put"}"#
         ) > 0.0,
+        "{text}"
+    );
+    // The pool: a get per read, the fill's add.
+    assert_eq!(
+        value(
+            &text,
+            r#"cachepool_web_pool_request_duration_seconds_count{operation="get"}"#
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"cachepool_web_pool_request_duration_seconds_count{operation="add"}"#
+        ),
+        1.0,
         "{text}"
     );
     assert_eq!(value(&text, "cachepool_web_pool_hits_total"), 1.0, "{text}");
