@@ -7,6 +7,11 @@
 //! ([`Storage::put_image`]), then invalidates the pool's copy before answering, so nobody sees
 //! the old image after the upload returned. Errors are `{"error", "message", "field"?}` with
 //! the status the contract fixes (400, 401, 404, 413, 415).
+//!
+//! Each `/api/v1` route is registered from its handler's `#[utoipa::path]` (path and methods),
+//! which also feeds the OpenAPI document ([`crate::openapi`]), so the two cannot disagree. One
+//! middleware (`observe`) wraps every route: it counts and times the request by route
+//! template ([`crate::metrics`]) and writes the one log event of the request.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,15 +77,16 @@ impl std::fmt::Debug for AppState {
 }
 
 /// The site's router: `/api/v1`, the probes and `/metrics`, every route counted and timed by
-/// [`observe`].
+/// `observe`.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api_v1())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        // Outermost, so that it also sees what the inner layers refuse (a body over the
-        // limit) and requests no route matched.
+        // Other routers (the pages) merge above this line, so the layer below counts, times
+        // and logs them too. It is outermost, so it also sees what the inner layers refuse
+        // (a body over the limit) and requests no route matched.
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
