@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cache_node::client::ClientOptions;
-use cachepool_web::app::{self, AppState, Counters};
+use cachepool_web::app::{self, AppState};
 use cachepool_web::cache::{CacheConfig, ImageCache};
 use cachepool_web::ring::RingSource;
 use cachepool_web::store::{Database, ObjectStore, Storage};
@@ -132,7 +132,7 @@ impl Web {
             None => ObjectStore::local(args.data_dir.join("images"))
                 .context("opening the image directory")?,
         };
-        let storage = Arc::new(Storage::new(db, objects));
+        let storage = Storage::new(db, objects);
         let (namespace, name) = args
             .pool
             .split_once('/')
@@ -151,19 +151,9 @@ impl Web {
         let cache = Arc::new(ImageCache::new(pool.clone(), CacheConfig::default())?);
         let (stop, stopped) = watch::channel(false);
         let follower = tokio::spawn(source.follow(pool, stopped.clone()));
-        let state = AppState {
-            storage,
-            cache,
-            admin_token: args.admin_token.as_str().into(),
-            counters: Arc::new(Counters::default()),
-        };
+        let state = AppState::new(storage, cache, &args.admin_token);
         let ui = manager_ui(args, namespace, name).await?;
-        let router = app::router(state.clone())
-            .layer(axum::middleware::from_fn_with_state(
-                ui.clone(),
-                Ui::authorize_api,
-            ))
-            .merge(ui.router(state));
+        let router = app::router_with_pages(state, &ui);
         let listener = TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding the site to {}", args.listen))?;

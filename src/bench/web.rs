@@ -175,6 +175,12 @@ async fn with_operator(
         operator_token: TOKEN.into(),
         pool: format!("default/{POOL}"),
         admin_token: TOKEN.into(),
+        // The manager is not benchmarked: nobody can log in.
+        operator_admin_token: None,
+        admin_password: None,
+        admin_password_hash: None,
+        session_secret: None,
+        secure_cookies: false,
     };
     let site = SiteThread::start(web_args.clone(), args.threads).await?;
     let result = with_site(args, wrk, nginx, dir, api, &web_args, &site.url).await;

@@ -1,5 +1,6 @@
 //! The operator API's contract: bearer tokens (none or a wrong one: 401; the read token on a
-//! mutating call: 403; nothing changes either way), the unauthenticated probes and metrics,
+//! mutating call: 403; nothing changes either way), the history window's bounds (400 outside
+//! 1..=1440 minutes), the unauthenticated probes and metrics,
 //! `flush` emptying every node, and the ring long-poll answering as soon as the ring changes.
 
 use std::time::Duration;
@@ -113,6 +114,28 @@ fn api_answers_401_without_or_with_a_wrong_token_and_403_to_the_read_token_on_wr
             history.is_array(),
             "history is not a list of points: {history}"
         );
+        // A history window outside 1..=1440 minutes is refused, naming the bounds.
+        for minutes in ["0", "1441", "100000"] {
+            let what = format!("GET history?minutes={minutes}");
+            let reply = api.get(&format!("{pool}/history?minutes={minutes}")).await;
+            reply.expect_error(400, &what);
+            assert_eq!(reply.body["field"], "minutes", "{what}: {}", reply.body);
+            assert!(
+                reply.body["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("[1, 1440]")),
+                "{what}: {}",
+                reply.body
+            );
+        }
+        for minutes in ["1", "1440"] {
+            let what = format!("GET history?minutes={minutes}");
+            let points = api
+                .get(&format!("{pool}/history?minutes={minutes}"))
+                .await
+                .expect(200, &what);
+            assert!(points.is_array(), "{what}: {points}");
+        }
         api.get(&Api::pool_path("nonexistent"))
             .await
             .expect_error(404, "GET an unknown pool");

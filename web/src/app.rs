@@ -7,27 +7,43 @@
 //! ([`Storage::put_image`]), then invalidates the pool's copy before answering, so nobody sees
 //! the old image after the upload returned. Errors are `{"error", "message", "field"?}` with
 //! the status the contract fixes (400, 401, 404, 413, 415).
+//!
+//! Each `/api/v1` route is registered from its handler's `#[utoipa::path]` (path and methods),
+//! which also feeds the OpenAPI document ([`crate::openapi`]), so the two cannot disagree. One
+//! middleware (`observe`) wraps every route: it counts and times the request by route
+//! template ([`crate::metrics`]) and writes the one log event of the request.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{MethodFilter, get};
 use axum::{Json, Router};
 use cache_node::admin::{ApiError, constant_time_eq};
 use serde::{Deserialize, Serialize};
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
+use utoipa::openapi::path::HttpMethod;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::cache::{CachedImage, ImageCache};
 use crate::image::{self, ImageKey, MAX_IMAGE_BYTES};
+use crate::metrics::{self, WebMetrics};
+use crate::openapi::ErrorBody;
 use crate::store::{ImageMeta, Storage, StoreError};
+use crate::ui::Ui;
 
 /// Default and largest page of a listing.
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 200;
+
+/// Longest error body the request log reads back for its message.
+const LOGGED_ERROR_BYTES: usize = 16 * 1024;
 
 /// State of the site's handlers.
 #[derive(Clone)]
@@ -36,7 +52,23 @@ pub struct AppState {
     pub cache: Arc<ImageCache>,
     /// Bearer token that may delete all data through the API.
     pub admin_token: Arc<str>,
-    pub counters: Arc<Counters>,
+    /// The site's Prometheus metrics (`/metrics`).
+    pub metrics: WebMetrics,
+}
+
+impl AppState {
+    /// The state over `storage` and `cache`, with fresh metrics that `storage` reports its
+    /// database and object store latencies to, and `cache` its pool latencies.
+    pub fn new(storage: Storage, cache: Arc<ImageCache>, admin_token: &str) -> AppState {
+        let metrics = WebMetrics::new(cache.clone());
+        cache.attach_metrics(metrics.store());
+        AppState {
+            storage: Arc::new(storage.with_metrics(metrics.store())),
+            cache,
+            admin_token: admin_token.into(),
+            metrics,
+        }
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -45,29 +77,146 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// Request counters of the site (exported by `/metrics`).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub uploads: AtomicU64,
-    pub views: AtomicU64,
-    pub rejected: AtomicU64,
+/// The site's router: `/api/v1`, the probes and `/metrics`, every route counted and timed by
+/// `observe`.
+pub fn router(state: AppState) -> Router {
+    observed(state.clone(), api_routes().with_state(state))
 }
 
-/// The site's router.
-pub fn router(state: AppState) -> Router {
+/// The site with its HTML pages and manager ([`Ui`]): the JSON API, where a manager session
+/// with its CSRF token may also delete all data, and the pages, all counted, timed and logged
+/// by one layer.
+pub fn router_with_pages(state: AppState, ui: &Ui) -> Router {
+    let api = api_routes()
+        .layer(middleware::from_fn_with_state(
+            ui.clone(),
+            Ui::authorize_api,
+        ))
+        .with_state(state.clone());
+    observed(state.clone(), api.merge(ui.router(state)))
+}
+
+fn api_routes() -> Router<AppState> {
     Router::new()
-        .route(
-            "/api/v1/images/{key}",
-            get(view_image)
-                .put(upload_image)
-                .layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES + 1)),
-        )
-        .route("/api/v1/images", get(list_images))
-        .route("/api/v1/data", delete(delete_data))
+        .merge(api_v1())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+}
+
+/// The outermost layer: it counts, times and logs every request, including what inner
+/// layers refuse (a body over the limit) and requests no route matched.
+fn observed(state: AppState, router: Router) -> Router {
+    router.layer(middleware::from_fn_with_state(state, observe))
+}
+
+/// The `/api/v1` routes, each taking its path and methods from its handler's
+/// `#[utoipa::path]`, so the OpenAPI document lists exactly what is served.
+fn api_v1() -> Router<AppState> {
+    let router = Router::new();
+    let router = documented::<__path_upload_image, _, _>(router, upload_image);
+    let router = documented::<__path_view_image, _, _>(router, view_image);
+    let router = documented::<__path_list_images, _, _>(router, list_images);
+    let router = documented::<__path_delete_data, _, _>(router, delete_data);
+    let router = documented::<__path_openapi_json, _, _>(router, openapi_json);
+    // Only uploads read a body; one byte over the limit lets `check_upload` say by how much.
+    router.layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES + 1))
+}
+
+/// Adds `handler` to `router` at the path and on the methods its `#[utoipa::path]` names
+/// (axum merges the methods of routes added twice at one path).
+fn documented<P, H, T>(router: Router<AppState>, handler: H) -> Router<AppState>
+where
+    P: utoipa::Path,
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = P::methods()
+        .into_iter()
+        .map(|method| match method {
+            HttpMethod::Get => MethodFilter::GET,
+            HttpMethod::Post => MethodFilter::POST,
+            HttpMethod::Put => MethodFilter::PUT,
+            HttpMethod::Delete => MethodFilter::DELETE,
+            HttpMethod::Options => MethodFilter::OPTIONS,
+            HttpMethod::Head => MethodFilter::HEAD,
+            HttpMethod::Patch => MethodFilter::PATCH,
+            HttpMethod::Trace => MethodFilter::TRACE,
+        })
+        .reduce(MethodFilter::or)
+        .unwrap_or(MethodFilter::GET);
+    router.route(&P::path(), axum::routing::on(filter, handler))
+}
+
+/// Counts and times every request by route template, and logs one event per request:
+/// reads at debug, writes at info, refusals at info with their message, server errors at
+/// warn (their detail is logged where they happen). Headers are never logged: they carry
+/// the admin token.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    state
+        .metrics
+        .request(method.as_str(), route.as_deref(), status.as_u16(), elapsed);
+    let route = route.as_deref().unwrap_or("unmatched");
+    let latency_ms = elapsed.as_secs_f64() * 1e3;
+    if !status.is_client_error() && !status.is_server_error() {
+        if method == Method::GET || method == Method::HEAD {
+            debug!(%method, route, status = status.as_u16(), latency_ms, "request");
+        } else {
+            info!(%method, route, status = status.as_u16(), latency_ms, "request");
+        }
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let (response, code, message) = if is_json {
+        let (parts, body) = response.into_parts();
+        match axum::body::to_bytes(body, LOGGED_ERROR_BYTES).await {
+            Ok(bytes) => {
+                let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+                let field = |name: &str| {
+                    parsed
+                        .as_ref()
+                        .and_then(|v| v.get(name))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                        .unwrap_or_default()
+                };
+                let (code, message) = (field("error"), field("message"));
+                (
+                    Response::from_parts(parts, Body::from(bytes)),
+                    code,
+                    message,
+                )
+            }
+            Err(e) => {
+                warn!(%method, route, error = %e, "cannot read back an error body");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    String::new(),
+                    String::new(),
+                )
+            }
+        }
+    } else {
+        (response, String::new(), String::new())
+    };
+    if status.is_server_error() {
+        warn!(%method, route, status = status.as_u16(), latency_ms, error = code, reason = message, "request failed");
+    } else {
+        info!(%method, route, status = status.as_u16(), latency_ms, error = code, reason = message, "request refused");
+    }
+    response
 }
 
 /// A failure the caller cannot fix: logged with its detail, answered without it.
@@ -82,7 +231,7 @@ fn internal(what: &str, e: &dyn std::fmt::Display) -> ApiError {
 
 fn parse_key(state: &AppState, key: &str) -> Result<ImageKey, ApiError> {
     ImageKey::parse(key).map_err(|e| {
-        state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        state.metrics.rejected();
         ApiError::new(
             StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
             e.code(),
@@ -93,13 +242,18 @@ fn parse_key(state: &AppState, key: &str) -> Result<ImageKey, ApiError> {
 }
 
 /// An image as the JSON API describes it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ImageJson {
+pub(crate) struct ImageJson {
+    /// The image key.
     key: String,
+    /// Size in bytes.
     size: u64,
+    /// `image/png`, `image/jpeg`, `image/gif` or `image/webp`, found from the bytes.
     content_type: String,
+    /// The strong ETag of the bytes, quoted as in the `ETag` header.
     etag: String,
+    /// When this version was uploaded (RFC 3339).
     uploaded_at: String,
 }
 
@@ -123,14 +277,51 @@ fn rfc3339(at: std::time::SystemTime) -> String {
     jiff::Timestamp::try_from(at).map_or_else(|_| String::new(), |t| t.to_string())
 }
 
-async fn upload_image(
+/// Stores the body under the key, replacing any image the key held; the bytes decide the
+/// format, never the name or `Content-Type`.
+#[utoipa::path(
+    put,
+    path = "/api/v1/images/{key}",
+    tag = "images",
+    params(("key" = String, Path, description = "1 to 200 characters: letters, digits, '.', '_' and '-', starting with a letter or digit")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The image file's bytes: PNG, JPEG, GIF or WebP, at most 10 MiB"),
+    responses(
+        (status = 201, description = "A new image stored", body = ImageJson),
+        (status = 200, description = "The key's image replaced; readers see the new bytes from now on", body = ImageJson),
+        (status = 400, description = "Invalid key, or an empty body", body = ErrorBody),
+        (status = 413, description = "Larger than 10 MiB", body = ErrorBody),
+        (status = 415, description = "Not an accepted image (SVG included)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn upload_image(
     State(state): State<AppState>,
     Path(key): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&state, &key)?;
+    let body = body.map_err(|e| {
+        state.metrics.rejected();
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the image is larger than the limit of {MAX_IMAGE_BYTES} bytes (10 MiB): \
+                     upload a smaller or more compressed image"
+                ),
+            )
+            .field("image")
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("cannot read the request body: {e}"),
+            )
+            .field("image")
+        }
+    })?;
     let info = image::check_upload(&body).map_err(|e| {
-        state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        state.metrics.rejected();
         ApiError::new(
             StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
             e.code(),
@@ -153,7 +344,7 @@ async fn upload_image(
         // The pool's copy expires with its TTL; the tombstone could not be written now.
         error!(key = key.as_str(), error = %e, "invalidating the cached image failed");
     }
-    state.counters.uploads.fetch_add(1, Ordering::Relaxed);
+    state.metrics.uploaded();
     info!(
         key = key.as_str(),
         size = outcome.meta.size,
@@ -168,7 +359,30 @@ async fn upload_image(
     Ok((status, Json(ImageJson::from(&outcome.meta))).into_response())
 }
 
-async fn view_image(
+/// The image's bytes, from the pool when it holds them (`X-Cache: hit`), else from the
+/// database and object store (`X-Cache: miss`, and the pool is filled).
+#[utoipa::path(
+    get,
+    path = "/api/v1/images/{key}",
+    tag = "images",
+    params(
+        ("key" = String, Path, description = "The image key"),
+        ("If-None-Match" = Option<String>, Header, description = "ETags the client holds; a match answers 304"),
+    ),
+    responses(
+        (status = 200, description = "The image", content_type = "image/*", body = Vec<u8>,
+            headers(
+                ("ETag" = String, description = "Strong ETag of the bytes"),
+                ("X-Cache" = String, description = "`hit` when the pool served the image, else `miss`"),
+                ("Cache-Control" = String, description = "`no-cache`: a re-upload replaces the image under the same URL"),
+            )
+        ),
+        (status = 304, description = "The client's copy is current"),
+        (status = 400, description = "Invalid key", body = ErrorBody),
+        (status = 404, description = "No image under the key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn view_image(
     State(state): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -195,7 +409,7 @@ async fn view_image(
             format!("no image under the key {:?}", key.as_str()),
         ));
     };
-    state.counters.views.fetch_add(1, Ordering::Relaxed);
+    state.metrics.viewed();
     let image = fetched.image;
     let etag = quoted(&image.etag);
     let x_cache = if fetched.hit { "hit" } else { "miss" };
@@ -225,22 +439,52 @@ async fn view_image(
     Ok(response)
 }
 
-#[derive(Debug, Deserialize)]
-struct ListQuery {
+/// A listing's query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Images per page, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
+    /// The `next` value of the previous page, unchanged.
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct ListJson {
+/// One page of the listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ListJson {
+    /// Up to `limit` images, newest first.
     items: Vec<ImageJson>,
+    /// The cursor of the next page; null on the last page.
     next: Option<String>,
 }
 
-async fn list_images(
+/// The images, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/api/v1/images",
+    tag = "images",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page, newest first", body = ListJson),
+        (status = 400, description = "A limit outside 1..=200 or a cursor this API did not make", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_images(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ListJson>, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "invalid query ({}): limit must be a whole number within [1, {MAX_LIMIT}] and \
+                 cursor the `next` of the previous page",
+                e.body_text()
+            ),
+        )
+    })?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::new(
@@ -266,7 +510,31 @@ async fn list_images(
     }))
 }
 
-async fn delete_data(
+/// What deleting all data removed.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct DeletedJson {
+    /// Rows deleted from the database.
+    rows: u64,
+    /// Objects deleted from the object store.
+    objects: u64,
+    /// Whether the pool was flushed too (its entries expire anyway when it could not be).
+    cache_flushed: bool,
+}
+
+/// Deletes every image: rows, objects and the pool's entries.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/data",
+    tag = "admin",
+    security(("adminToken" = [])),
+    responses(
+        (status = 200, description = "Everything deleted", body = DeletedJson),
+        (status = 401, description = "No bearer token, or the wrong one", body = ErrorBody,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+    )
+)]
+pub(crate) async fn delete_data(
     State(state): State<AppState>,
     manager: Option<axum::Extension<crate::ui::ManagerAuthorized>>,
     headers: HeaderMap,
@@ -309,12 +577,23 @@ async fn delete_data(
         objects = deleted.objects,
         "all application data deleted"
     );
-    Ok(Json(serde_json::json!({
-        "rows": deleted.rows,
-        "objects": deleted.objects,
-        "cacheFlushed": cache.is_ok(),
-    }))
+    Ok(Json(DeletedJson {
+        rows: deleted.rows,
+        objects: deleted.objects,
+        cache_flushed: cache.is_ok(),
+    })
     .into_response())
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "admin",
+    responses((status = 200, description = "The OpenAPI 3.1 document of /api/v1", content_type = "application/json", body = Object))
+)]
+pub(crate) async fn openapi_json() -> Response {
+    Json(crate::openapi::document()).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -332,57 +611,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    use std::fmt::Write as _;
-    let c = &state.counters;
-    let s = state.cache.stats();
-    let mut text = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
-        let _ = write!(
-            text,
-            "# HELP cachepool_web_{name} {help}\n# TYPE cachepool_web_{name} counter\ncachepool_web_{name}_total {value}\n"
-        );
-    };
-    counter(
-        "uploads",
-        "Images stored.",
-        c.uploads.load(Ordering::Relaxed),
-    );
-    counter("views", "Images served.", c.views.load(Ordering::Relaxed));
-    counter(
-        "rejected",
-        "Uploads and requests refused for a bad key or image.",
-        c.rejected.load(Ordering::Relaxed),
-    );
-    counter("pool_hits", "Image reads the pool served.", s.hits);
-    counter(
-        "pool_misses",
-        "Image reads the pool did not serve.",
-        s.misses,
-    );
-    counter(
-        "pool_fills",
-        "Fills from the database and object store.",
-        s.fills,
-    );
-    counter(
-        "pool_fills_collapsed",
-        "Readers served by another reader's fill.",
-        s.collapsed,
-    );
-    counter("pool_fill_errors", "Fills that failed.", s.fill_errors);
-    counter("pool_errors", "Pool requests that failed.", s.pool_errors);
-    counter(
-        "pool_invalidations",
-        "Invalidations after uploads and deletes.",
-        s.invalidations,
-    );
-    text.push_str("# EOF\n");
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    match state.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => internal("encoding the metrics failed", &e).into_response(),
+    }
 }

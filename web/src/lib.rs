@@ -1,7 +1,8 @@
 //! The web app: an image-sharing site and the manager UI over a Cachepool pool, a SQL
 //! database and an object store (issue "The web app").
 //!
-//! - [`app`]: the site's HTTP API over the three below.
+//! - [`app`]: the site's HTTP API over the three below; [`openapi`] documents it and
+//!   [`metrics`] counts and times it.
 //! - [`ui`]: the HTML pages and the manager UI (sessions, CSRF, charts, the operator client).
 //! - [`ring`]: the pool's ring, followed from the operator's API.
 //! - [`image`]: what an upload may be: keys and image formats, judged by their bytes.
@@ -12,6 +13,8 @@
 pub mod app;
 pub mod cache;
 pub mod image;
+pub mod metrics;
+pub mod openapi;
 pub mod ring;
 pub mod store;
 pub mod ui;

@@ -94,6 +94,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::image::{ImageKey, MAX_IMAGE_BYTES, MAX_KEY_LEN};
+use crate::metrics::{Part, StoreMetrics};
 use envelope::Envelope;
 
 /// A node's item size limit under the CachePool defaults (`cache.maxItemSizeKiB` = 16384).
@@ -404,6 +405,9 @@ pub struct ImageCache {
     /// Keys for tombstone ids: random per process, so ids from different web servers differ.
     tombstone_ids: RandomState,
     invalidations: AtomicU64,
+    /// Latency histograms of pool requests, once the site's metrics are attached
+    /// ([`ImageCache::attach_metrics`]; the cache is shared before the metrics exist).
+    metrics: OnceLock<StoreMetrics>,
 }
 
 /// Counts a caller in [`ImageCache::waiting`] for as long as it lives, however its wait
@@ -436,7 +440,25 @@ impl ImageCache {
             waiting: AtomicUsize::new(0),
             tombstone_ids: RandomState::new(),
             invalidations: AtomicU64::new(0),
+            metrics: OnceLock::new(),
         })
+    }
+
+    /// Records the latency of every pool request in `metrics` (by operation: `get`, `add`,
+    /// `set`, `flush_all`). Only the first call takes effect.
+    pub fn attach_metrics(&self, metrics: StoreMetrics) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Runs one pool request, timing it when metrics are attached.
+    async fn timed<T>(&self, operation: &'static str, call: impl Future<Output = T>) -> T {
+        let Some(metrics) = self.metrics.get() else {
+            return call.await;
+        };
+        let started = Instant::now();
+        let out = call.await;
+        metrics.observe(Part::Pool, operation, started.elapsed());
+        out
     }
 
     /// The pool client.
@@ -528,17 +550,20 @@ impl ImageCache {
         }
         let seq = self.invalidations.fetch_add(1, Ordering::Relaxed);
         let tombstone = envelope::encode_tombstone(self.tombstone_ids.hash_one(seq));
-        self.pool
-            .set(&pool_key, &tombstone, 0, self.config.tombstone_ttl_secs)
-            .await
-            .map_err(|source| {
-                bump(&self.counters.pool_errors);
-                CacheError::Invalidate {
-                    key: key.to_string(),
-                    source,
-                    ttl_secs: self.config.ttl_secs,
-                }
-            })
+        self.timed(
+            "set",
+            self.pool
+                .set(&pool_key, &tombstone, 0, self.config.tombstone_ttl_secs),
+        )
+        .await
+        .map_err(|source| {
+            bump(&self.counters.pool_errors);
+            CacheError::Invalidate {
+                key: key.to_string(),
+                source,
+                ttl_secs: self.config.ttl_secs,
+            }
+        })
     }
 
     /// Empties the pool (every node, not only images) and detaches every running fill. For
@@ -549,10 +574,12 @@ impl ImageCache {
         for (_, flight) in lock(&self.flights).drain() {
             flight.stale.store(true, Ordering::Release);
         }
-        self.pool.flush_all().await.map_err(|err| {
-            bump(&self.counters.pool_errors);
-            CacheError::Flush(err)
-        })
+        self.timed("flush_all", self.pool.flush_all())
+            .await
+            .map_err(|err| {
+                bump(&self.counters.pool_errors);
+                CacheError::Flush(err)
+            })
     }
 
     /// A snapshot of the counters.
@@ -587,7 +614,7 @@ impl ImageCache {
 
     /// The image the pool holds under `pool_key`, or what it holds instead.
     async fn read(&self, pool_key: &str) -> Lookup {
-        let value = match self.pool.get(pool_key).await {
+        let value = match self.timed("get", self.pool.get(pool_key)).await {
             Ok(Some(value)) => value,
             Ok(None) => return Lookup::Miss(None),
             Err(err) => {
@@ -682,8 +709,10 @@ impl ImageCache {
             return skip("the fill took longer than the store deadline");
         }
         match self
-            .pool
-            .add(pool_key, &value, 0, self.config.ttl_secs)
+            .timed(
+                "add",
+                self.pool.add(pool_key, &value, 0, self.config.ttl_secs),
+            )
             .await
         {
             Ok(true) => bump(&self.counters.stored),

@@ -31,6 +31,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use crate::metrics::{Part, StoreMetrics};
+
 pub use codec::etag_of;
 pub use db::{Backend, Database, DeletedRows, NewImage, Upserted};
 pub use objects::{LocalStore, Object, ObjectInfo, ObjectStore, S3Config};
@@ -268,6 +270,9 @@ pub struct Storage {
     db: Database,
     objects: ObjectStore,
     orphan_grace: Duration,
+    /// Latency histograms of every database and object store call, when the site's
+    /// metrics are attached.
+    metrics: Option<StoreMetrics>,
 }
 
 impl Storage {
@@ -278,7 +283,32 @@ impl Storage {
             db,
             objects,
             orphan_grace: DEFAULT_ORPHAN_GRACE,
+            metrics: None,
         }
+    }
+
+    /// Records the latency of every database and object store call in `metrics` (by part
+    /// and operation): the split of the miss path's time that `/metrics` shows.
+    pub fn with_metrics(mut self, metrics: StoreMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs one store call, timing it when metrics are attached. Failed calls are timed
+    /// too: a timeout is latency the visitor waited through.
+    async fn timed<T>(
+        &self,
+        part: Part,
+        operation: &'static str,
+        call: impl std::future::Future<Output = T>,
+    ) -> T {
+        let Some(metrics) = &self.metrics else {
+            return call.await;
+        };
+        let started = std::time::Instant::now();
+        let out = call.await;
+        metrics.observe(part, operation, started.elapsed());
+        out
     }
 
     /// Sets how old an unreferenced object must be before [`Storage::sweep`] and
@@ -313,7 +343,12 @@ impl Storage {
         let object = codec::object_name(key, rand::random());
         let size = bytes.len() as u64;
 
-        self.objects.put(&object, bytes, content_type).await?;
+        self.timed(
+            Part::Objects,
+            "put",
+            self.objects.put(&object, bytes, content_type),
+        )
+        .await?;
 
         let new = NewImage {
             key,
@@ -323,7 +358,10 @@ impl Storage {
             uploaded_at: SystemTime::now(),
             object: &object,
         };
-        let upserted = match self.db.upsert(&new).await {
+        let upserted = match self
+            .timed(Part::Database, "upsert", self.db.upsert(&new))
+            .await
+        {
             Ok(upserted) => upserted,
             Err(err) => {
                 self.discard_new_object(key, &object).await;
@@ -333,7 +371,9 @@ impl Storage {
 
         if let Some(replaced) = upserted.replaced_object.as_deref()
             && replaced != object
-            && let Err(err) = self.objects.delete(replaced).await
+            && let Err(err) = self
+                .timed(Part::Objects, "delete", self.objects.delete(replaced))
+                .await
         {
             // Unreferenced already: the next sweep removes it.
             tracing::warn!(key, object = replaced, error = %err, "cannot delete the replaced image's object");
@@ -348,7 +388,7 @@ impl Storage {
     /// row does point at it (a failure reported after the commit, such as a connection lost
     /// before the reply) or cannot say (then the sweep decides later).
     async fn discard_new_object(&self, key: &str, object: &str) {
-        match self.db.get(key).await {
+        match self.timed(Part::Database, "get", self.db.get(key)).await {
             Ok(Some(row)) if row.object == object => {
                 tracing::warn!(
                     key,
@@ -357,7 +397,10 @@ impl Storage {
                 );
             }
             Ok(_) => {
-                if let Err(err) = self.objects.delete(object).await {
+                if let Err(err) = self
+                    .timed(Part::Objects, "delete", self.objects.delete(object))
+                    .await
+                {
                     tracing::warn!(key, object, error = %err, "cannot delete the object of a failed upload; the sweep will");
                 }
             }
@@ -371,10 +414,13 @@ impl Storage {
     pub async fn get_image(&self, key: &str) -> Result<Option<Image>> {
         let mut last_missing = None;
         for _ in 0..READ_ATTEMPTS {
-            let Some(meta) = self.db.get(key).await? else {
+            let Some(meta) = self.timed(Part::Database, "get", self.db.get(key)).await? else {
                 return Ok(None);
             };
-            if let Some(object) = self.objects.get(&meta.object).await? {
+            if let Some(object) = self
+                .timed(Part::Objects, "get", self.objects.get(&meta.object))
+                .await?
+            {
                 return Ok(Some(Image {
                     meta,
                     bytes: object.bytes,
@@ -396,26 +442,39 @@ impl Storage {
 
     /// The metadata of the image under `key`, without its bytes.
     pub async fn get_meta(&self, key: &str) -> Result<Option<ImageMeta>> {
-        self.db.get(key).await
+        self.timed(Part::Database, "get", self.db.get(key)).await
     }
 
     /// Up to `limit` images, newest first, after `cursor` (the `next` of the previous page).
     pub async fn list(&self, limit: u32, cursor: Option<&str>) -> Result<Page> {
-        self.db.list(limit, cursor).await
+        self.timed(Part::Database, "list", self.db.list(limit, cursor))
+            .await
     }
 
     /// Number of images.
     pub async fn count(&self) -> Result<u64> {
-        self.db.count().await
+        self.timed(Part::Database, "count", self.db.count()).await
     }
 
     /// Deletes every image: rows first (from then on no read finds them), then the objects
     /// they named, then unreferenced objects past the grace period. An upload racing with
     /// this either survives whole or is deleted whole.
     pub async fn delete_all(&self) -> Result<Deleted> {
-        let named = self.db.delete_all().await?;
-        self.objects.delete_many(&named.objects).await?;
-        self.objects.delete_many(&named.replaced).await?;
+        let named = self
+            .timed(Part::Database, "delete_all", self.db.delete_all())
+            .await?;
+        self.timed(
+            Part::Objects,
+            "delete_many",
+            self.objects.delete_many(&named.objects),
+        )
+        .await?;
+        self.timed(
+            Part::Objects,
+            "delete_many",
+            self.objects.delete_many(&named.replaced),
+        )
+        .await?;
         let swept = self.sweep().await?;
         Ok(Deleted {
             rows: named.rows,
@@ -434,8 +493,7 @@ impl Storage {
             .checked_sub(self.orphan_grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let candidates: Vec<ObjectInfo> = self
-            .objects
-            .list()
+            .timed(Part::Objects, "list", self.objects.list())
             .await?
             .into_iter()
             .filter(|info| info.modified <= cutoff)
@@ -443,13 +501,24 @@ impl Storage {
         if candidates.is_empty() {
             return Ok(0);
         }
-        let referenced = self.db.referenced_objects().await?;
+        let referenced = self
+            .timed(
+                Part::Database,
+                "referenced_objects",
+                self.db.referenced_objects(),
+            )
+            .await?;
         let orphans: Vec<String> = candidates
             .into_iter()
             .map(|info| info.key)
             .filter(|key| !referenced.contains(key))
             .collect();
-        self.objects.delete_many(&orphans).await?;
+        self.timed(
+            Part::Objects,
+            "delete_many",
+            self.objects.delete_many(&orphans),
+        )
+        .await?;
         if !orphans.is_empty() {
             tracing::info!(count = orphans.len(), "removed unreferenced objects");
         }

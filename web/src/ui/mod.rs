@@ -19,7 +19,6 @@ pub mod forms;
 pub mod operator;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use askama::Template;
 use axum::extract::{DefaultBodyLimit, FromRef, Multipart, Path, Query, Request, State};
@@ -399,7 +398,7 @@ async fn upload(
             Err((status, field, message)) => (status, field, message, fields.key),
         },
     };
-    state.app.counters.rejected.fetch_add(1, Ordering::Relaxed);
+    state.app.metrics.rejected();
     let (jar, visitor) = auth.visitor(jar.clone());
     let mut errors = FieldErrors::new();
     let mut form_error = None;
@@ -461,7 +460,7 @@ async fn store_upload(state: &UiState, fields: &UploadFields) -> Result<ImageKey
     {
         error!(key = key.as_str(), error = %e, "invalidating the cached image failed");
     }
-    state.app.counters.uploads.fetch_add(1, Ordering::Relaxed);
+    state.app.metrics.uploaded();
     info!(
         key = key.as_str(),
         size = outcome.meta.size,
