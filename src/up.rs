@@ -3,7 +3,8 @@
 //! Everything lives under one data directory: the pool manifests (`pools/`, seeded with the
 //! local example pool on first run), the operator's state and the nodes' files, and the
 //! generated credentials (`credentials.json`, mode 0600, kept so that scripts and bookmarks
-//! keep working across runs). The URLs and credentials are printed one per line, then it runs
+//! keep working across runs; the manager's password only as its argon2 hash, so it is printed
+//! once, when generated). The URLs and credentials are printed one per line, then it runs
 //! until Ctrl-C or SIGTERM and stops every process it started. The site follows the default
 //! pool `default/local`; its database is SQLite and its images a directory, both under
 //! `web/` in the data directory.
@@ -41,6 +42,11 @@ pub struct UpArgs {
     /// Port of the operator's API (0: any free port).
     #[arg(long, env = "CACHEPOOL_API_PORT", default_value_t = 7070)]
     pub api_port: u16,
+
+    /// Set the manager's password (stored hashed; default: generated on the first run and
+    /// printed once).
+    #[arg(long, env = "CACHEPOOL_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -48,7 +54,16 @@ pub struct UpArgs {
 struct Credentials {
     api_token: String,
     api_read_token: String,
-    admin_password: String,
+    /// The manager's password as an argon2 PHC string; the password itself is never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin_password_hash: Option<String>,
+    /// The plain password earlier versions stored: hashed and dropped from the file on the
+    /// next run.
+    #[serde(default, skip_serializing)]
+    admin_password: Option<String>,
+    /// What the site's session cookies are signed with, so sessions survive a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session_secret: Option<String>,
 }
 
 impl UpArgs {
@@ -59,7 +74,12 @@ impl UpArgs {
         };
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let credentials = credentials(&data_dir)?;
+        let (credentials, password_line) = {
+            let data_dir = data_dir.clone();
+            let given = self.admin_password.clone();
+            // argon2 hashing is deliberately slow: off the runtime's threads.
+            tokio::task::spawn_blocking(move || credentials(&data_dir, given.as_deref())).await??
+        };
         let pools = data_dir.join("pools");
         seed_pools(&pools)?;
         let args = RunArgs {
@@ -84,6 +104,11 @@ impl UpArgs {
             operator_token: credentials.api_read_token.clone(),
             pool: "default/local".into(),
             admin_token: credentials.api_token.clone(),
+            operator_admin_token: Some(credentials.api_token.clone()),
+            admin_password: None,
+            admin_password_hash: credentials.admin_password_hash.clone(),
+            session_secret: credentials.session_secret.clone(),
+            secure_cookies: false,
         };
         let web = match Web::start(&web_args).await {
             Ok(web) => web,
@@ -93,10 +118,11 @@ impl UpArgs {
             }
         };
         println!("site: {}", web.url());
+        println!("manager: {}/manager", web.url());
         println!("api: {}", operator.api_url());
         println!("api token: {}", credentials.api_token);
         println!("api read token: {}", credentials.api_read_token);
-        println!("admin password: {}", credentials.admin_password);
+        println!("admin password: {password_line}");
         println!("pools: {}", pools.display());
         let api = operator.api_url();
         let token = credentials.api_token.clone();
@@ -122,30 +148,77 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/cachepool"))
 }
 
-/// The stored credentials, generated on first run.
-fn credentials(data_dir: &Path) -> anyhow::Result<Credentials> {
+/// The stored credentials, generated on first run, and what to print after `admin password:`.
+///
+/// The manager's password is stored only as its argon2 hash, so it is printed once: when it
+/// is generated. A password given in the configuration replaces the stored hash.
+fn credentials(data_dir: &Path, given: Option<&str>) -> anyhow::Result<(Credentials, String)> {
     let path = data_dir.join("credentials.json");
-    if let Ok(bytes) = std::fs::read(&path) {
-        return serde_json::from_slice(&bytes).with_context(|| {
+    let stored: Option<Credentials> = match std::fs::read(&path) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| {
             format!(
                 "{} is not valid; delete it to generate new credentials",
                 path.display()
             )
-        });
-    }
-    let credentials = Credentials {
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let fresh = stored.is_none();
+    let mut credentials = stored.unwrap_or_else(|| Credentials {
         api_token: secret(),
         api_read_token: secret(),
-        admin_password: secret(),
+        admin_password_hash: None,
+        admin_password: None,
+        session_secret: None,
+    });
+    let mut changed = fresh;
+    let hash = |plain: &str| cachepool_web::ui::auth::hash_password(plain);
+    let line = if let Some(plain) = given {
+        credentials.admin_password_hash = Some(hash(plain)?);
+        changed = true;
+        "(from CACHEPOOL_ADMIN_PASSWORD / --admin-password)".to_owned()
+    } else if credentials
+        .admin_password_hash
+        .as_ref()
+        .is_some_and(|h| !h.is_empty())
+    {
+        "(unchanged; set CACHEPOOL_ADMIN_PASSWORD to change it)".to_owned()
+    } else {
+        // A plain password of an earlier version's file is kept as the password, now hashed.
+        let plain = credentials.admin_password.take().unwrap_or_else(secret);
+        credentials.admin_password_hash = Some(hash(&plain)?);
+        changed = true;
+        plain
     };
+    if credentials.admin_password.take().is_some() {
+        changed = true;
+    }
+    if credentials.session_secret.is_none() {
+        credentials.session_secret = Some(format!("{}{}", secret(), secret()));
+        changed = true;
+    }
+    if changed {
+        write_private(&path, &serde_json::to_vec_pretty(&credentials)?)?;
+    }
+    Ok((credentials, line))
+}
+
+/// Replaces `path` with `bytes` through a 0600 temporary file and a rename, so the file is
+/// never readable by others nor half-written.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(&serde_json::to_vec_pretty(&credentials)?)?;
-    Ok(credentials)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
 }
 
 /// 128 random bits, hex.

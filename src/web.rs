@@ -1,5 +1,6 @@
 //! `cachepool web`: the site's command line and its assembly (database, object store, the
-//! pool client following the operator's ring, the HTTP server), shared with `cachepool up`.
+//! pool client following the operator's ring, the JSON API and the pages and manager, the HTTP
+//! server), shared with `cachepool up`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +12,9 @@ use cachepool_web::app::{self, AppState, Counters};
 use cachepool_web::cache::{CacheConfig, ImageCache};
 use cachepool_web::ring::RingSource;
 use cachepool_web::store::{Database, ObjectStore, Storage};
+use cachepool_web::ui::auth::hash_password;
+use cachepool_web::ui::operator::OperatorClient;
+use cachepool_web::ui::{Ui, UiConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
@@ -70,6 +74,34 @@ pub struct WebArgs {
     /// Bearer token that may delete all application data through the site's API.
     #[arg(long, env = "CACHEPOOL_WEB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: String,
+
+    /// A token of the operator's API that may write, for the manager's forms and buttons
+    /// (default: --operator-token, which then must be an admin token for them to work).
+    #[arg(long, env = "CACHEPOOL_OPERATOR_ADMIN_TOKEN", hide_env_values = true)]
+    pub operator_admin_token: Option<String>,
+
+    /// The manager's password; hashed with argon2 at start, the plain text is not kept.
+    #[arg(
+        long,
+        env = "CACHEPOOL_ADMIN_PASSWORD",
+        hide_env_values = true,
+        conflicts_with = "admin_password_hash"
+    )]
+    pub admin_password: Option<String>,
+
+    /// The manager's password as an argon2 PHC string ($argon2id$v=19$...). Without this or
+    /// --admin-password nobody can log in to the manager.
+    #[arg(long, env = "CACHEPOOL_ADMIN_PASSWORD_HASH", hide_env_values = true)]
+    pub admin_password_hash: Option<String>,
+
+    /// Secret (at least 32 characters) the session cookies are signed with; give every replica
+    /// the same one (default: random per process, so a restart logs everybody out).
+    #[arg(long, env = "CACHEPOOL_SESSION_SECRET", hide_env_values = true)]
+    pub session_secret: Option<String>,
+
+    /// Mark the cookies Secure (set when the site is served over https).
+    #[arg(long, env = "CACHEPOOL_SECURE_COOKIES")]
+    pub secure_cookies: bool,
 }
 
 /// A running site.
@@ -119,12 +151,19 @@ impl Web {
         let cache = Arc::new(ImageCache::new(pool.clone(), CacheConfig::default())?);
         let (stop, stopped) = watch::channel(false);
         let follower = tokio::spawn(source.follow(pool, stopped.clone()));
-        let router = app::router(AppState {
+        let state = AppState {
             storage,
             cache,
             admin_token: args.admin_token.as_str().into(),
             counters: Arc::new(Counters::default()),
-        });
+        };
+        let ui = manager_ui(args, namespace, name).await?;
+        let router = app::router(state.clone())
+            .layer(axum::middleware::from_fn_with_state(
+                ui.clone(),
+                Ui::authorize_api,
+            ))
+            .merge(ui.router(state));
         let listener = TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding the site to {}", args.listen))?;
@@ -162,6 +201,35 @@ impl Web {
     }
 }
 
+/// The pages and the manager: the password hashed (argon2 is slow, so off the runtime's
+/// threads), the session key, the operator client with a token that may write.
+async fn manager_ui(args: &WebArgs, namespace: &str, name: &str) -> anyhow::Result<Ui> {
+    let password_hash = match (&args.admin_password, &args.admin_password_hash) {
+        (Some(plain), _) => {
+            let plain = plain.clone();
+            Some(tokio::task::spawn_blocking(move || hash_password(&plain)).await??)
+        }
+        (None, Some(hash)) => Some(hash.clone()),
+        (None, None) => {
+            tracing::warn!(
+                "no admin password configured (--admin-password or --admin-password-hash): nobody can log in to the manager"
+            );
+            None
+        }
+    };
+    let token = args
+        .operator_admin_token
+        .as_deref()
+        .unwrap_or(&args.operator_token);
+    let operator = OperatorClient::new(&args.operator_api, token, namespace, name)?;
+    Ok(Ui::new(UiConfig {
+        password_hash,
+        session_secret: args.session_secret.clone(),
+        secure_cookies: args.secure_cookies,
+        operator,
+    })?)
+}
+
 #[cfg(feature = "s3")]
 async fn s3_store(args: &WebArgs, bucket: &str) -> anyhow::Result<ObjectStore> {
     ObjectStore::s3(cachepool_web::store::S3Config {
@@ -188,6 +256,8 @@ impl WebArgs {
     /// Runs the site until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let web = Web::start(&self).await?;
+        // The plain admin password is hashed by now; do not keep it for the process's life.
+        drop(self);
         println!("site: {}", web.url());
         shutdown.await;
         web.stop().await;

@@ -268,14 +268,17 @@ async fn list_images(
 
 async fn delete_data(
     State(state): State<AppState>,
+    manager: Option<axum::Extension<crate::ui::ManagerAuthorized>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // A manager session with its CSRF token (checked by `ui::Ui::authorize_api`) may too.
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
+        _ if manager.is_some() => {}
         Some(token) if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) => {}
         Some(_) => {
             return Err(ApiError::new(

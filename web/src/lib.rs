@@ -2,6 +2,7 @@
 //! database and an object store (issue "The web app").
 //!
 //! - [`app`]: the site's HTTP API over the three below.
+//! - [`ui`]: the HTML pages and the manager UI (sessions, CSRF, charts, the operator client).
 //! - [`ring`]: the pool's ring, followed from the operator's API.
 //! - [`image`]: what an upload may be: keys and image formats, judged by their bytes.
 //! - [`cache`]: cache-aside reads through the pool client, one fill per key at a time.
@@ -13,3 +14,4 @@ pub mod cache;
 pub mod image;
 pub mod ring;
 pub mod store;
+pub mod ui;
