@@ -305,6 +305,25 @@ impl Stack {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
     }
 
+    /// POST of a JSON body to the operator's API with the admin token; the JSON answer.
+    pub async fn api_post(&self, path: &str, body: Value) -> Value {
+        let url = format!("{}{path}", self.api);
+        let response = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&self.api_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: reading the body: {e}"));
+        assert!(status.is_success(), "POST {url} {body}: {status}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {url}: not JSON ({e}): {text}"))
+    }
+
     /// The site's pool as the operator's API shows it.
     pub async fn pool(&self) -> Value {
         self.api_get("/api/v1/pools/default/local").await
@@ -595,6 +614,36 @@ impl Browser {
         if let Err(e) = element.click().await {
             self.fail(&format!("clicking {what}: {e}")).await;
         }
+    }
+
+    /// Clicks a button or link that leaves the page, and waits (up to [`WAIT`]) until the
+    /// next page has loaded: until then the old page's elements would still match, and a
+    /// check could pass or fail on the page the click left.
+    pub async fn submit(&self, element: &Element, what: &str) {
+        let old = match self.client.find(Locator::Css("html")).await {
+            Ok(old) => old,
+            Err(e) => {
+                self.fail(&format!("finding the page before clicking {what}: {e}"))
+                    .await
+            }
+        };
+        self.click(element, what).await;
+        self.until(
+            &format!("the page after clicking {what}"),
+            WAIT,
+            async || {
+                // The old document's root goes stale once the new page replaced it.
+                if old.tag_name().await.is_ok() {
+                    return None;
+                }
+                let state = self
+                    .client
+                    .execute("return document.readyState", vec![])
+                    .await;
+                (state.ok()?.as_str()? == "complete").then_some(())
+            },
+        )
+        .await;
     }
 
     /// Clears an input and types `text` into it.

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use fantoccini::Locator;
+
 use crate::harness::{Browser, Driver, Stack, make_png, manual_pool, run};
 
 /// How long the dashboard may take to show a change on its own: a node's start-up, the
@@ -20,7 +22,7 @@ async fn log_in(browser: &Browser, password: &str) {
     );
     browser.fill(&field, password, "the password field").await;
     let submit = browser.id("login-submit", "the login button").await;
-    browser.click(&submit, "the login button").await;
+    browser.submit(&submit, "the login button").await;
     browser.id("node-count", "the dashboard's node count").await;
     assert_eq!(browser.path().await, "/manager", "where a login lands");
 }
@@ -71,7 +73,7 @@ fn log_in_switch_policy_and_grow() {
             .fill(&field, "not-the-password", "the password field")
             .await;
         let submit = browser.id("login-submit", "the login button").await;
-        browser.click(&submit, "the login button").await;
+        browser.submit(&submit, "the login button").await;
         let error = browser
             .id("login-error", "the wrong password's message")
             .await;
@@ -107,7 +109,7 @@ fn log_in_switch_policy_and_grow() {
         let save = browser
             .id("capacity-submit", "the cache form's button")
             .await;
-        browser.click(&save, "the cache form's button").await;
+        browser.submit(&save, "the cache form's button").await;
         flash(&browser, "changing the policy").await;
         assert_eq!(browser.path().await, "/manager");
         assert_eq!(browser.text("policy-current", "the policy").await, "lru");
@@ -119,7 +121,7 @@ fn log_in_switch_policy_and_grow() {
 
         // Grow by one, then watch the page follow without reloading it.
         let grow = browser.id("grow", "the grow button").await;
-        browser.click(&grow, "the grow button").await;
+        browser.submit(&grow, "the grow button").await;
         flash(&browser, "growing the pool").await;
         let before = (
             text_now(&browser, "node-count").await,
@@ -170,6 +172,39 @@ fn log_in_switch_policy_and_grow() {
         }
         browser.shot("dashboard").await;
 
+        // A change the page did not make, shown without reloading it: shrink through the
+        // operator's API and watch the open dashboard follow.
+        let page = match browser.client.find(Locator::Css("html")).await {
+            Ok(page) => page,
+            Err(e) => {
+                browser
+                    .fail(&format!("finding the dashboard's root: {e}"))
+                    .await
+            }
+        };
+        stack
+            .api_post(
+                "/api/v1/pools/default/local/scale",
+                serde_json::json!({"delta": -1}),
+            )
+            .await;
+        browser
+            .until(
+                "#node-count 1 and #chart-nodes data-latest 1 after a shrink through the API",
+                FOLLOW,
+                async || {
+                    let count = text_now(&browser, "node-count").await?;
+                    let latest = latest_now(&browser, "chart-nodes").await?;
+                    (count == "1" && latest.parse::<f64>().ok() == Some(1.0)).then_some(())
+                },
+            )
+            .await;
+        assert!(
+            page.tag_name().await.is_ok(),
+            "the dashboard was reloaded rather than updated in place"
+        );
+        browser.shot("dashboard-after-shrink").await;
+
         browser.close().await;
         drop(driver);
         stack.stop();
@@ -191,7 +226,7 @@ fn an_invalid_auto_threshold_is_shown_next_to_its_field() {
         let max = browser.id("max-miss-rate", "the max miss rate field").await;
         browser.fill(&max, "1.5", "the max miss rate field").await;
         let submit = browser.id("mode-submit", "the scaling form's button").await;
-        browser.click(&submit, "the scaling form's button").await;
+        browser.submit(&submit, "the scaling form's button").await;
 
         let error = browser
             .css(
@@ -226,7 +261,7 @@ fn an_invalid_auto_threshold_is_shown_next_to_its_field() {
         let min = browser.id("min-miss-rate", "the min miss rate field").await;
         browser.fill(&min, "0.5", "the min miss rate field").await;
         let submit = browser.id("mode-submit", "the scaling form's button").await;
-        browser.click(&submit, "the scaling form's button").await;
+        browser.submit(&submit, "the scaling form's button").await;
         browser
             .css(
                 r#".field-error[data-field="minMissRate"], .field-error[data-field="maxMissRate"]"#,
@@ -268,7 +303,7 @@ fn delete_all_data_empties_the_listing() {
                     .await;
             }
             let submit = browser.id("upload-submit", "the upload button").await;
-            browser.click(&submit, "the upload button").await;
+            browser.submit(&submit, "the upload button").await;
             browser.id("image", "the uploaded image").await;
         }
         browser.goto("/").await;
@@ -277,7 +312,7 @@ fn delete_all_data_empties_the_listing() {
 
         log_in(&browser, &stack.admin_password).await;
         let delete = browser.id("delete-all", "the delete-all link").await;
-        browser.click(&delete, "the delete-all link").await;
+        browser.submit(&delete, "the delete-all link").await;
         let confirm = browser
             .id("confirm-delete", "the confirmation button")
             .await;
@@ -290,7 +325,7 @@ fn delete_all_data_empties_the_listing() {
             Some(2),
             "{listing}"
         );
-        browser.click(&confirm, "the confirmation button").await;
+        browser.submit(&confirm, "the confirmation button").await;
         let said = flash(&browser, "deleting all data").await;
         assert_eq!(browser.path().await, "/manager");
         assert!(

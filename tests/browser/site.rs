@@ -64,7 +64,7 @@ fn upload_through_the_form_then_view_and_list() {
         let link = browser
             .id("upload-link", "the link to the upload form")
             .await;
-        browser.click(&link, "the upload link").await;
+        browser.submit(&link, "the upload link").await;
         let key_input = browser.id("key", "the key field").await;
         browser.shot("upload-form").await;
         browser.fill(&key_input, "sunset-1", "the key field").await;
@@ -76,7 +76,7 @@ fn upload_through_the_form_then_view_and_list() {
                 .await;
         }
         let submit = browser.id("upload-submit", "the upload button").await;
-        browser.click(&submit, "the upload button").await;
+        browser.submit(&submit, "the upload button").await;
 
         // The view page.
         let view = browser.id("image", "the uploaded image on its page").await;
@@ -203,7 +203,7 @@ fn a_text_file_is_refused_next_to_the_image_field() {
                 .await;
         }
         let submit = browser.id("upload-submit", "the upload button").await;
-        browser.click(&submit, "the upload button").await;
+        browser.submit(&submit, "the upload button").await;
 
         let error = browser
             .css(
