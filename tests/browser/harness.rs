@@ -479,6 +479,8 @@ impl Driver {
                 "--window-size=1280,1000",
             ],
         });
+        // A failure screenshot from an earlier run would describe a run that is gone.
+        let _ = std::fs::remove_file(artifacts().join(format!("failure-{test}.png")));
         let mut capabilities = serde_json::Map::new();
         capabilities.insert("browserName".into(), "chrome".into());
         capabilities.insert("goog:chromeOptions".into(), options);
@@ -699,12 +701,27 @@ impl Browser {
         }
     }
 
-    /// Saves a screenshot of the whole window as `target/browser-artifacts/NAME.png`.
+    /// Saves a screenshot of the whole page (not only what the window shows) as
+    /// `target/browser-artifacts/NAME.png`.
     pub async fn shot(&self, name: &str) -> PathBuf {
-        let png = match self.client.screenshot().await {
-            Ok(png) => png,
-            Err(e) => panic!("screenshot {name}: {e}"),
-        };
+        // WebDriver screenshots the viewport: grow the window to the page's height for the
+        // shot (bounded, so an endless page cannot ask for a giant image), then restore it.
+        let size = self
+            .js(
+                "return [document.documentElement.scrollHeight,
+                         window.outerHeight - window.innerHeight];",
+                vec![],
+            )
+            .await;
+        let page = size.get(0).and_then(Value::as_u64).unwrap_or(0);
+        let chrome = size.get(1).and_then(Value::as_u64).unwrap_or(0);
+        let tall = u32::try_from((page + chrome).clamp(1000, 4000)).unwrap_or(1000);
+        let resized = tall > 1000 && self.client.set_window_size(1280, tall).await.is_ok();
+        let png = self.client.screenshot().await;
+        if resized && let Err(e) = self.client.set_window_size(1280, 1000).await {
+            panic!("restoring the window's size after screenshot {name}: {e}");
+        }
+        let png = png.unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
         let path = artifacts().join(format!("{name}.png"));
         std::fs::write(&path, png)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
