@@ -426,6 +426,8 @@ pub struct Driver {
 
 impl Driver {
     pub async fn start() -> Driver {
+        // Both programs are checked before anything starts, for a clear message.
+        chromium();
         let port = free_port();
         let log = artifacts().join("chromedriver.log");
         let log = std::fs::File::create(&log)

@@ -356,3 +356,76 @@ fn delete_all_data_empties_the_listing() {
         stack.stop();
     });
 }
+
+/// A manager form with a tampered CSRF token changes nothing; clearing the cache says so;
+/// after logging out the manager asks for the password again.
+#[test]
+fn forged_csrf_clear_cache_and_log_out() {
+    run(async {
+        let stack = Stack::start("logout", Some(&manual_pool(1, 2, "lru"))).await;
+        let driver = Driver::start().await;
+        let browser = driver.browser("logout", &stack.site).await;
+        log_in(&browser, &stack.admin_password).await;
+
+        // The cache form with its token replaced.
+        let policy = browser.id("policy", "the policy select").await;
+        browser.select(&policy, "random", "the policy select").await;
+        let replaced = browser
+            .js(
+                "const field = document.querySelector('#capacity-form input[name=csrf]');
+                 if (!field) return false;
+                 field.value = 'forged-token';
+                 return true;",
+                vec![],
+            )
+            .await;
+        assert_eq!(
+            replaced,
+            serde_json::Value::Bool(true),
+            "the cache form has no csrf field"
+        );
+        let save = browser
+            .id("capacity-submit", "the cache form's button")
+            .await;
+        browser.submit(&save, "the cache form's button").await;
+        let status = browser
+            .js(
+                "const nav = performance.getEntriesByType('navigation')[0];
+                 return nav ? nav.responseStatus : null;",
+                vec![],
+            )
+            .await;
+        assert_eq!(status, 403, "the answer to a forged token");
+        let pool = stack.pool().await;
+        assert_eq!(
+            pool["spec"]["cache"]["policy"], "lru",
+            "a forged form changed the pool: {pool}"
+        );
+
+        // Clear the cache.
+        browser.goto("/manager").await;
+        let clear = browser.id("clear-cache", "the clear-cache button").await;
+        browser.submit(&clear, "the clear-cache button").await;
+        flash(&browser, "clearing the cache").await;
+        assert_eq!(browser.path().await, "/manager");
+
+        // Log out.
+        let logout = browser.id("logout", "the logout button").await;
+        browser.submit(&logout, "the logout button").await;
+        browser.goto("/manager").await;
+        browser.id("password", "the password field").await;
+        assert_eq!(
+            browser.path().await,
+            "/manager/login",
+            "the manager after logging out"
+        );
+        assert!(
+            !browser.exists("#node-count").await,
+            "the dashboard after logging out"
+        );
+
+        browser.close().await;
+        drop(driver);
+        stack.stop();
+    });
+}

@@ -250,3 +250,111 @@ fn a_text_file_is_refused_next_to_the_image_field() {
         stack.stop();
     });
 }
+
+/// A key outside the allowed characters is refused next to the key field; a form whose CSRF
+/// token was tampered with is refused as a whole; neither upload is listed.
+#[test]
+fn a_bad_key_or_a_forged_csrf_token_is_refused() {
+    run(async {
+        let stack = Stack::start("bad-key", None).await;
+        let driver = Driver::start().await;
+        let browser = driver.browser("bad-key", &stack.site).await;
+        let files = stack.files();
+        let image = make_png(&browser, &files, "fine.png", 32, 32).await;
+        let path = image.to_str().unwrap_or_else(|| panic!("non-UTF-8 path"));
+
+        // A key with a space and a slash.
+        browser.goto("/upload").await;
+        let key_input = browser.id("key", "the key field").await;
+        browser
+            .fill(&key_input, "my photo/1", "the key field")
+            .await;
+        let file_input = browser.id("file", "the image field").await;
+        if let Err(e) = file_input.send_keys(path).await {
+            browser
+                .fail(&format!("choosing the file {path}: {e}"))
+                .await;
+        }
+        let submit = browser.id("upload-submit", "the upload button").await;
+        browser.submit(&submit, "the upload button").await;
+        let error = browser
+            .css(
+                r#".field-error[data-field="key"]"#,
+                "the error next to the key field",
+            )
+            .await;
+        let message = browser.text_of(&error, "the key's error").await;
+        assert!(
+            message.contains("letters") && message.contains("digits"),
+            "the message should say which characters a key may hold: {message:?}"
+        );
+        let kept = browser.id("key", "the key field").await;
+        assert_eq!(
+            browser
+                .prop(&kept, "value", "the key field")
+                .await
+                .as_deref(),
+            Some("my photo/1"),
+            "the key the user typed is kept"
+        );
+        browser.shot("upload-bad-key").await;
+
+        // A valid upload whose CSRF token was replaced.
+        browser.goto("/upload").await;
+        let key_input = browser.id("key", "the key field").await;
+        browser.fill(&key_input, "forged", "the key field").await;
+        let file_input = browser.id("file", "the image field").await;
+        if let Err(e) = file_input.send_keys(path).await {
+            browser
+                .fail(&format!("choosing the file {path}: {e}"))
+                .await;
+        }
+        let replaced = browser
+            .js(
+                "const field = document.querySelector('#upload-form input[name=csrf]');
+                 if (!field) return false;
+                 field.value = 'forged-token';
+                 return true;",
+                vec![],
+            )
+            .await;
+        assert_eq!(
+            replaced,
+            serde_json::Value::Bool(true),
+            "the upload form has no csrf field"
+        );
+        let submit = browser.id("upload-submit", "the upload button").await;
+        browser.submit(&submit, "the upload button").await;
+        let error = browser.id("form-error", "the form-level error").await;
+        assert!(
+            !browser.text_of(&error, "the form error").await.is_empty(),
+            "the CSRF error says nothing"
+        );
+
+        let listing = stack.site_images().await;
+        assert_eq!(
+            listing["items"].as_array().map(Vec::len),
+            Some(0),
+            "a refused upload is listed: {listing}"
+        );
+        browser.goto("/").await;
+        browser.id("empty", "the empty listing's message").await;
+
+        // An unknown key has no image page.
+        browser.goto("/images/forged").await;
+        browser.css("body", "the not-found page").await;
+        assert!(
+            !browser.exists("#image").await,
+            "an image page for an unknown key"
+        );
+        let status = reqwest::get(format!("{}/images/forged", stack.site))
+            .await
+            .unwrap_or_else(|e| panic!("GET an unknown image page: {e}"))
+            .status();
+        assert_eq!(status, 404, "the page of an unknown key");
+
+        browser.close().await;
+        drop(driver);
+        stack.stop();
+    });
+}
