@@ -357,8 +357,9 @@ fn delete_all_data_empties_the_listing() {
     });
 }
 
-/// A manager form with a tampered CSRF token changes nothing; clearing the cache says so;
-/// after logging out the manager asks for the password again.
+/// A manager form with a tampered CSRF token changes nothing, the same form with its own
+/// token changes the capacity; clearing the cache says so; after logging out the manager
+/// asks for the password again.
 #[test]
 fn forged_csrf_clear_cache_and_log_out() {
     run(async {
@@ -400,6 +401,22 @@ fn forged_csrf_clear_cache_and_log_out() {
         assert_eq!(
             pool["spec"]["cache"]["policy"], "lru",
             "a forged form changed the pool: {pool}"
+        );
+
+        // The same form with its own token: the capacity changes.
+        browser.goto("/manager").await;
+        let capacity = browser.id("capacity", "the capacity field").await;
+        browser.fill(&capacity, "48", "the capacity field").await;
+        let save = browser
+            .id("capacity-submit", "the cache form's button")
+            .await;
+        browser.submit(&save, "the cache form's button").await;
+        flash(&browser, "changing the capacity").await;
+        assert_eq!(browser.text("capacity-current", "the capacity").await, "48");
+        let pool = stack.pool().await;
+        assert_eq!(
+            pool["spec"]["cache"]["capacityMiB"], 48,
+            "the operator's API disagrees with the page: {pool}"
         );
 
         // Clear the cache.

@@ -358,3 +358,62 @@ fn a_bad_key_or_a_forged_csrf_token_is_refused() {
         stack.stop();
     });
 }
+
+/// More images than a page holds: the listing shows the newest first and links to the next
+/// page, which holds the rest and no further link.
+#[test]
+fn the_listing_pages_newest_first() {
+    run(async {
+        let stack = Stack::start("pages", None).await;
+        let driver = Driver::start().await;
+        let browser = driver.browser("pages", &stack.site).await;
+        let files = stack.files();
+        let image = make_png(&browser, &files, "tile.png", 24, 24).await;
+        let png = std::fs::read(&image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+
+        // One after the other, through the JSON API, so their upload times are ordered.
+        let http = reqwest::Client::new();
+        let total = 30;
+        for i in 0..total {
+            let url = format!("{}/api/v1/images/tile-{i:02}", stack.site);
+            let response = http
+                .put(&url)
+                .header("content-type", "image/png")
+                .body(png.clone())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+            assert!(
+                response.status().is_success(),
+                "PUT {url}: {}",
+                response.status()
+            );
+        }
+
+        let mut seen = Vec::new();
+        browser.goto("/").await;
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            browser.css("li.image", "the listed images").await;
+            for item in browser.all("li.image").await {
+                let key = browser.attr(&item, "data-key", "a listed image").await;
+                seen.push(key.unwrap_or_default());
+            }
+            let next = browser.all("#next-page").await;
+            let Some(next) = next.first() else { break };
+            if pages == 1 {
+                browser.shot("listing-first-page").await;
+            }
+            assert!(pages < 10, "the listing does not end: {seen:?}");
+            browser.submit(next, "the next-page link").await;
+        }
+        let expected: Vec<String> = (0..total).rev().map(|i| format!("tile-{i:02}")).collect();
+        assert_eq!(seen, expected, "every image once, newest first");
+        assert!(pages >= 2, "{total} images fit on one page");
+
+        browser.close().await;
+        drop(driver);
+        stack.stop();
+    });
+}
