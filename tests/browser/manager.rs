@@ -147,9 +147,23 @@ fn log_in_switch_policy_and_grow() {
             "the operator's API disagrees with the page: {pool}"
         );
 
-        // At maxReplicas: grow disabled, shrink enabled.
-        browser.goto("/manager").await;
-        browser.id("node-count", "the dashboard").await;
+        // At maxReplicas: two nodes in the table, grow disabled, shrink enabled. The table is
+        // drawn by the server, so reload until both nodes are Ready.
+        browser
+            .until("two Ready nodes in #nodes", FOLLOW, async || {
+                browser.goto("/manager").await;
+                browser.id("nodes", "the node table").await;
+                let mut states = Vec::new();
+                for state in browser.all("#nodes tr.node td.node-state").await {
+                    states.push(state.text().await.ok()?.trim().to_owned());
+                }
+                let addresses = browser.all("#nodes tr.node td.node-address").await;
+                (states.len() == 2
+                    && addresses.len() == 2
+                    && states.iter().all(|s| s.eq_ignore_ascii_case("ready")))
+                .then_some(())
+            })
+            .await;
         assert!(
             is_disabled(&browser, "grow").await,
             "#grow enabled at maxReplicas 2"
