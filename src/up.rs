@@ -270,3 +270,55 @@ async fn first_ring(api: &str, token: &str) -> Option<Vec<String>> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_password_is_printed_once_and_stored_only_hashed() {
+        let dir = std::env::temp_dir().join(format!(
+            "cachepool-up-credentials-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (first, line) = credentials(&dir, None).unwrap();
+        assert_eq!(line.len(), 32, "a generated password: {line}");
+        let file = std::fs::read_to_string(dir.join("credentials.json")).unwrap();
+        assert!(!file.contains(&line), "the password itself is not stored");
+        let hash = first.admin_password_hash.clone().unwrap();
+        assert!(hash.starts_with("$argon2id$") && file.contains(&hash));
+        let secret = first.session_secret.clone().unwrap();
+        assert_eq!(secret.len(), 64);
+
+        let (again, line) = credentials(&dir, None).unwrap();
+        assert!(line.starts_with("(unchanged;"), "{line}");
+        assert_eq!(again.admin_password_hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(again.session_secret.as_deref(), Some(secret.as_str()));
+        assert_eq!(again.api_token, first.api_token);
+
+        let (given, line) = credentials(&dir, Some("a new password")).unwrap();
+        assert!(line.contains("CACHEPOOL_ADMIN_PASSWORD"), "{line}");
+        assert_ne!(given.admin_password_hash.as_deref(), Some(hash.as_str()));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join("credentials.json"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A file of an earlier version with the plain password: kept as the password, hashed.
+        std::fs::write(
+            dir.join("credentials.json"),
+            r#"{"apiToken":"a","apiReadToken":"b","adminPassword":"old-plain"}"#,
+        )
+        .unwrap();
+        let (old, line) = credentials(&dir, None).unwrap();
+        assert_eq!(line, "old-plain");
+        assert!(old.admin_password_hash.is_some());
+        let file = std::fs::read_to_string(dir.join("credentials.json")).unwrap();
+        assert!(!file.contains("old-plain"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -51,10 +51,10 @@ impl Stack {
             .unwrap_or_else(|| panic!("no stdout of cachepool up"));
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Read to the end even after the test stopped listening: a closed pipe would make
+            // the stack's later lines (`memcached: …`) fail.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         let mut stack = Stack {
@@ -507,8 +507,9 @@ async fn manager_login_csrf_and_pool_controls() {
         .expect(303, "flush");
 
     // The JSON API's delete-all with the session: only with the page's token.
+    let http = browser.http.clone();
     let delete = |token: Option<&str>| {
-        let mut r = browser.http.delete(format!("{}/api/v1/data", stack.site));
+        let mut r = http.delete(format!("{}/api/v1/data", stack.site));
         if let Some(t) = token {
             r = r.header("x-csrf-token", t);
         }
