@@ -5,7 +5,7 @@
 //! its own `chromedriver` and Chromium session, so tests are independent; they run one at a
 //! time (`harness::run`) because a stack and a browser each want more than one of the
 //! machine's two cores. Elements are found by the ids and classes of the page contract
-//! (`docs/architecture.md`, "Browser tests"), never by layout or wording, and every wait is
+//! (`docs/ui-contract.md`), never by layout or wording, and every wait is
 //! bounded and fails with a screenshot and the page's source.
 //!
 //! Screenshots of the main pages are written to `target/browser-artifacts/` on every run:

@@ -139,7 +139,8 @@ fn log_in_switch_policy_and_grow() {
             )
             .await;
         eprintln!(
-            "after pressing grow the page showed (node count, chart latest) {before:?}, then reached 2 on its own"
+            "after pressing grow the page showed (node count, chart latest) {before:?}, \
+             then reached 2 on its own"
         );
         let pool = stack.pool().await;
         assert_eq!(
