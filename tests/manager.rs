@@ -269,6 +269,17 @@ impl Browser {
             .await;
         done.expect(303, "login");
         assert_eq!(done.location, "/manager");
+        let session = done
+            .headers
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("cachepool_session="))
+            .unwrap_or_else(|| panic!("no session cookie set"))
+            .to_owned();
+        for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(session.contains(attribute), "{attribute} in {session}");
+        }
         self.get("/manager").await.expect(200, "dashboard").csrf()
     }
 }
@@ -324,6 +335,7 @@ async fn manager_login_csrf_and_pool_controls() {
     );
     assert_eq!(login.headers["x-frame-options"], "DENY");
     assert_eq!(login.headers["x-content-type-options"], "nosniff");
+    assert_eq!(login.headers["cache-control"], "no-store");
     let csrf = login.csrf();
 
     let page = browser
@@ -501,6 +513,22 @@ async fn manager_login_csrf_and_pool_controls() {
         .await;
     page.expect(422, "capacity not a number");
     assert!(page.has("data-field=\"capacityMiB\""));
+    // Refused by the operator (below the 16 MiB item limit): its 422 field is mapped onto
+    // the form's capacity field, the typed value kept.
+    let page = browser
+        .post(
+            "/manager/cache",
+            &[("capacityMiB", "8"), ("policy", "lru"), ("csrf", &csrf)],
+        )
+        .await;
+    page.expect(422, "capacity below the item size limit");
+    assert!(
+        page.has("<p class=\"field-error\" data-field=\"capacityMiB\">cache.maxItemSizeKiB: 16384 KiB exceeds"),
+        "{}",
+        page.body
+    );
+    assert!(page.has("name=\"capacityMiB\" type=\"number\" value=\"8\""));
+    assert_eq!(stack.pool().await["spec"]["cache"]["capacityMiB"], 32);
     browser
         .post("/manager/flush", &[("csrf", &csrf)])
         .await

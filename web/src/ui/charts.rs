@@ -38,7 +38,8 @@ struct Metric {
     title: &'static str,
     value: fn(&HistoryPoint) -> Option<f64>,
     label: fn(f64) -> String,
-    /// The y axis always reaches at least this far (rates: 1).
+    /// The y axis always reaches at least this far (rates: 1; counts: 4, so that an idle
+    /// pool's axis has whole-number labels).
     floor: f64,
 }
 
@@ -48,7 +49,7 @@ const METRICS: [Metric; 6] = [
         title: "Nodes",
         value: |p| Some(f64::from(p.nodes)),
         label: |v| format!("{v:.0}"),
-        floor: 1.0,
+        floor: 4.0,
     },
     Metric {
         id: "chart-miss-rate",
@@ -69,7 +70,7 @@ const METRICS: [Metric; 6] = [
         title: "Items",
         value: |p| Some(p.items as f64),
         label: |v| format!("{v:.0}"),
-        floor: 1.0,
+        floor: 4.0,
     },
     Metric {
         id: "chart-bytes",
@@ -84,7 +85,7 @@ const METRICS: [Metric; 6] = [
         title: "Requests per minute",
         value: |p| Some(p.requests_per_minute),
         label: |v| format!("{v:.0}"),
-        floor: 1.0,
+        floor: 4.0,
     },
 ];
 

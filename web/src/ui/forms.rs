@@ -223,6 +223,9 @@ pub fn form_field(operator_field: &str) -> Option<&'static str> {
         .unwrap_or(operator_field);
     Some(match path {
         "cache.capacityMiB" => "capacityMiB",
+        // Not on the form: a too-large item limit is refused because the capacity the form
+        // just lowered is below it, so the message belongs next to the capacity.
+        "cache.maxItemSizeKiB" => "capacityMiB",
         "cache.policy" => "policy",
         "scaling.mode" => "mode",
         "scaling.minReplicas" => "minReplicas",
@@ -339,6 +342,7 @@ mod tests {
         assert_eq!(form_field("spec.scaling.minReplicas"), Some("minReplicas"));
         assert_eq!(form_field("spec.cache.capacityMiB"), Some("capacityMiB"));
         assert_eq!(form_field("scaling.auto.shrinkRatio"), Some("shrinkRatio"));
+        assert_eq!(form_field("spec.cache.maxItemSizeKiB"), Some("capacityMiB"));
         assert_eq!(form_field("spec.scaling.replicas"), None);
         assert_eq!(form_field("spec.provider"), None);
     }

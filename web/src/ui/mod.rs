@@ -126,6 +126,8 @@ impl Ui {
             .route("/images/{key}", get(image_page))
             .route("/static/site.css", get(stylesheet))
             .route("/static/manager.js", get(script))
+            // Browsers ask for it on every site; there is none, and a 404 would fill the logs.
+            .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
             .route("/manager", get(manager))
             .route("/manager/login", get(login_form).post(login))
             .route("/manager/logout", post(logout))
@@ -184,6 +186,9 @@ async fn security_headers(mut response: Response) -> Response {
         header::REFERRER_POLICY,
         HeaderValue::from_static("same-origin"),
     );
+    // Pages carry CSRF tokens and change with every upload: never from a cache.
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
     response
 }
 
@@ -601,19 +606,34 @@ struct CsrfForm {
     csrf: String,
 }
 
-/// The session and a checked CSRF token, or the answer: 303 to the login page without a
+/// Why a manager POST is not carried out.
+enum Refused {
+    /// No session: to the login page.
+    NoSession,
+    /// A missing or wrong CSRF token.
+    BadToken,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::NoSession => see_other("/manager/login"),
+            Refused::BadToken => error_page(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "The form's security token is missing or stale: nothing was changed. Reload the page and try again.",
+            ),
+        }
+    }
+}
+
+/// The session and a checked CSRF token, or why not: 303 to the login page without a
 /// session, 403 with a wrong or missing token.
-fn authorise_post(state: &UiState, jar: &SignedCookieJar, csrf: &str) -> Result<Session, Response> {
+fn authorise_post(state: &UiState, jar: &SignedCookieJar, csrf: &str) -> Result<Session, Refused> {
     let auth = &state.ui.inner.auth;
-    let session = auth
-        .session(jar)
-        .ok_or_else(|| see_other("/manager/login"))?;
+    let session = auth.session(jar).ok_or(Refused::NoSession)?;
     if !auth.check_csrf("session", &session.id, csrf) {
-        return Err(error_page(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            "The form's security token is missing or stale: nothing was changed. Reload the page and try again.",
-        ));
+        return Err(Refused::BadToken);
     }
     Ok(session)
 }
@@ -625,7 +645,7 @@ async fn logout(
 ) -> Response {
     let session = match authorise_post(&state, &jar, &form.csrf) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     state.ui.inner.auth.revoke(&session);
     info!("manager logout");
@@ -701,7 +721,8 @@ struct Dashboard {
     pool: PoolView,
     cache: CacheForm,
     scaling: ScalingForm,
-    policies: &'static [&'static str],
+    /// The policies the CRD accepts, and whether each is the form's.
+    policies: Vec<(&'static str, bool)>,
     charts: Vec<Chart>,
 }
 
@@ -729,21 +750,25 @@ async fn dashboard(
     let pool = pool.ok();
     let history = history.unwrap_or_default();
     let now = jiff::Timestamp::now().as_second();
+    let cache = again
+        .cache
+        .or_else(|| pool.as_ref().map(CacheForm::from_pool))
+        .unwrap_or_default();
     Dashboard {
         csrf: state.ui.inner.auth.session_csrf(session),
         flash,
         form_error,
         errors: again.errors,
-        cache: again
-            .cache
-            .or_else(|| pool.as_ref().map(CacheForm::from_pool))
-            .unwrap_or_default(),
+        policies: CachePolicy::NAMES
+            .iter()
+            .map(|name| (*name, cache.policy.trim() == *name))
+            .collect(),
+        cache,
         scaling: again
             .scaling
             .or_else(|| pool.as_ref().map(ScalingForm::from_pool))
             .unwrap_or_default(),
         pool: PoolView::of(pool.as_ref()),
-        policies: &CachePolicy::NAMES,
         charts: charts::charts(&history, now),
     }
 }
@@ -829,7 +854,7 @@ async fn cache_settings(
 ) -> Response {
     let session = match authorise_post(&state, &jar, &form.csrf) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let again = |errors| Rerender {
         cache: Some(form.clone()),
@@ -875,7 +900,7 @@ async fn scaling_settings(
 ) -> Response {
     let session = match authorise_post(&state, &jar, &form.csrf) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let again = |errors| Rerender {
         scaling: Some(form.clone()),
@@ -913,7 +938,7 @@ async fn scaling_settings(
 async fn scale(state: UiState, jar: SignedCookieJar, form: CsrfForm, delta: i32) -> Response {
     let session = match authorise_post(&state, &jar, &form.csrf) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     match state.ui.inner.operator.scale(delta).await {
         Ok(pool) => {
@@ -952,7 +977,7 @@ async fn flush(
 ) -> Response {
     let session = match authorise_post(&state, &jar, &form.csrf) {
         Ok(s) => s,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     match state.ui.inner.operator.flush().await {
         Ok(_) => {
@@ -994,8 +1019,8 @@ async fn delete_all(
     jar: SignedCookieJar,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(response) = authorise_post(&state, &jar, &form.csrf) {
-        return response;
+    if let Err(refused) = authorise_post(&state, &jar, &form.csrf) {
+        return refused.into_response();
     }
     let deleted = match state.app.storage.delete_all().await {
         Ok(d) => d,
