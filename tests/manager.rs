@@ -595,6 +595,24 @@ async fn upload_form_listing_and_delete_all() {
         page.body
     );
 
+    // Over the limit: just over (read whole, refused by the upload rules) and far over
+    // (refused while the form is read); both say the limit, neither stores anything.
+    for (size, what) in [
+        (10 * 1024 * 1024 + 1, "just over 10 MiB"),
+        (24 << 20, "far over"),
+    ] {
+        let mut big = gif();
+        big.resize(size, 0);
+        let page = browser.upload("big.gif", &big, Some(&csrf)).await;
+        page.expect(413, what);
+        assert!(
+            page.has("<p class=\"field-error\" data-field=\"image\">") && page.has("10 MiB"),
+            "{what}: {}",
+            page.body
+        );
+    }
+    assert!(browser.get("/").await.has("id=\"empty\""), "nothing stored");
+
     let page = browser
         .upload("<script>alert(1)</script>", &gif(), Some(&csrf))
         .await;

@@ -120,7 +120,7 @@ impl Ui {
                 "/upload",
                 get(upload_form)
                     .post(upload)
-                    .layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES + (64 << 10))),
+                    .layer(DefaultBodyLimit::max(UPLOAD_FORM_LIMIT)),
             )
             .route("/images/{key}", get(image_page))
             .route("/static/site.css", get(stylesheet))
@@ -333,11 +333,21 @@ async fn upload_form(State(state): State<UiState>, jar: SignedCookieJar) -> Resp
     (jar, page(StatusCode::OK, &form)).into_response()
 }
 
+/// Largest upload form read to its end. An image over [`MAX_IMAGE_BYTES`] is read on and
+/// discarded up to this size so that the browser, still sending, gets the page saying the
+/// limit: answering early makes the server close the connection under the sender, which a
+/// browser shows as a reset. Beyond this size the form is cut off (and the browser may show
+/// that reset) rather than read for nothing.
+const UPLOAD_FORM_LIMIT: usize = 4 * MAX_IMAGE_BYTES;
+
 /// The fields of the upload form.
 #[derive(Default)]
 struct UploadFields {
     key: String,
+    /// The image, when it is within [`MAX_IMAGE_BYTES`].
     image: Option<bytes::Bytes>,
+    /// The image's size, when it is over [`MAX_IMAGE_BYTES`] (its bytes were discarded).
+    too_large: Option<usize>,
     csrf: String,
 }
 
@@ -348,7 +358,8 @@ async fn read_upload(mut multipart: Multipart) -> Result<UploadFields, (StatusCo
             (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
-                    "the image is larger than the limit of {}",
+                    "the form is larger than {}, and the image's limit is {}",
+                    human_size(UPLOAD_FORM_LIMIT as u64),
                     human_size(MAX_IMAGE_BYTES as u64)
                 ),
             )
@@ -359,11 +370,25 @@ async fn read_upload(mut multipart: Multipart) -> Result<UploadFields, (StatusCo
             )
         }
     };
-    while let Some(field) = multipart.next_field().await.map_err(failed)? {
+    while let Some(mut field) = multipart.next_field().await.map_err(failed)? {
         match field.name() {
             Some("key") => fields.key = field.text().await.map_err(failed)?,
             Some("csrf") => fields.csrf = field.text().await.map_err(failed)?,
-            Some("image") => fields.image = Some(field.bytes().await.map_err(failed)?),
+            Some("image") => {
+                let mut image = bytes::BytesMut::new();
+                let mut size = 0;
+                while let Some(chunk) = field.chunk().await.map_err(failed)? {
+                    size += chunk.len();
+                    if size <= MAX_IMAGE_BYTES {
+                        image.extend_from_slice(&chunk);
+                    }
+                }
+                if size > MAX_IMAGE_BYTES {
+                    fields.too_large = Some(size);
+                } else {
+                    fields.image = Some(image.freeze());
+                }
+            }
             _ => {}
         }
     }
@@ -428,6 +453,17 @@ async fn store_upload(state: &UiState, fields: &UploadFields) -> Result<ImageKey
             e.to_string(),
         )
     })?;
+    if let Some(size) = fields.too_large {
+        let refusal = image::ImageError::TooLarge {
+            size,
+            limit: MAX_IMAGE_BYTES,
+        };
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("image"),
+            refusal.to_string(),
+        ));
+    }
     let Some(body) = fields.image.clone().filter(|b| !b.is_empty()) else {
         return Err((
             StatusCode::BAD_REQUEST,
