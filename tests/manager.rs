@@ -2,126 +2,33 @@
 //! of its own (operator, node processes, site), driven over HTTP as a browser would, with the
 //! cookies kept by hand.
 //!
-//! Each test starts its own stack on port 0 in a throwaway data directory; [`Stack`]'s drop
-//! SIGTERMs `cachepool up` (which stops its nodes), SIGKILLs it if it lingers, and removes the
-//! directory, whether the test passed or panicked.
+//! Each test starts its own stack on free ports in a throwaway data directory
+//! (`tests/support/stack.rs`, shared with `tests/browser`) and stops it at the end, asserting a
+//! clean exit; if the test panics, the stack's drop stops what is left.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// How long `cachepool up` may take to print its lines (nodes start, the site joins the pool).
-const START_LIMIT: Duration = Duration::from_secs(90);
+#[path = "support/stack.rs"]
+#[allow(
+    dead_code,
+    reason = "the fixture is shared with tests/browser, which uses the parts this file does not"
+)]
+mod stack;
 
-/// A running `cachepool up`.
-struct Stack {
-    child: Child,
-    dir: PathBuf,
-    site: String,
-    api: String,
-    api_token: String,
-    password: String,
-}
+use stack::Stack;
 
-impl Stack {
-    fn start(test: &str) -> Stack {
-        let dir = std::env::temp_dir().join(format!(
-            "cachepool-manager-{test}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cachepool"))
-            .args(["up", "--site-port", "0", "--api-port", "0", "--data-dir"])
-            .arg(&dir)
-            .env_remove("CACHEPOOL_ADMIN_PASSWORD")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting cachepool up: {e}"));
-        let stdout = child
-            .stdout
-            .take()
-            .unwrap_or_else(|| panic!("no stdout of cachepool up"));
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Read to the end even after the test stopped listening: a closed pipe would make
-            // the stack's later lines (`memcached: …`) fail.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut stack = Stack {
-            child,
-            dir,
-            site: String::new(),
-            api: String::new(),
-            api_token: String::new(),
-            password: String::new(),
-        };
-        let mut lines = BTreeMap::new();
-        let deadline = Instant::now() + START_LIMIT;
-        while !["site", "api", "api token", "admin password"]
-            .iter()
-            .all(|k| lines.contains_key(*k))
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|e| panic!("cachepool up printed {lines:?}, then: {e}"));
-            if let Some((k, v)) = line.split_once(": ") {
-                lines.insert(k.to_owned(), v.to_owned());
-            }
-        }
-        stack.site = lines["site"].clone();
-        stack.api = lines["api"].clone();
-        stack.api_token = lines["api token"].clone();
-        stack.password = lines["admin password"].clone();
-        assert!(
-            !stack.password.starts_with('('),
-            "a fresh data directory gets a new password, printed: {}",
-            stack.password
-        );
-        stack
-    }
-
-    /// The pool as the operator has it.
-    async fn pool(&self) -> Value {
-        reqwest::Client::new()
-            .get(format!("{}/api/v1/pools/default/local", self.api))
-            .bearer_auth(&self.api_token)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("operator: {e}"))
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("operator's answer: {e}"))
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: signalling our own child by its pid.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `cachepool up` on a fresh data directory, which gets a newly generated admin password.
+async fn start(test: &str) -> Stack {
+    let stack = Stack::start(test, None).await;
+    assert!(
+        !stack.admin_password.starts_with('('),
+        "a fresh data directory gets a new password, printed: {}",
+        stack.admin_password
+    );
+    stack
 }
 
 /// A browser: one site, its cookies, no redirects followed.
@@ -308,7 +215,7 @@ async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_login_csrf_and_pool_controls() {
-    let stack = Stack::start("controls");
+    let stack = start("controls").await;
     let mut browser = Browser::new(&stack.site);
 
     // No session: every manager page sends to the login page.
@@ -344,12 +251,12 @@ async fn manager_login_csrf_and_pool_controls() {
     page.expect(401, "wrong password");
     assert!(page.has("id=\"login-error\""));
     let page = browser
-        .post("/manager/login", &[("password", &stack.password)])
+        .post("/manager/login", &[("password", &stack.admin_password)])
         .await;
     page.expect(403, "login without its CSRF token");
     assert!(!browser.cookies.contains_key("cachepool_session"));
 
-    let csrf = browser.login(&stack.password).await;
+    let csrf = browser.login(&stack.admin_password).await;
     let set = browser
         .cookies
         .get("cachepool_session")
@@ -560,11 +467,12 @@ async fn manager_login_csrf_and_pool_controls() {
         (page.status, page.location.as_str()),
         (303, "/manager/login")
     );
+    stack.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_form_listing_and_delete_all() {
-    let stack = Stack::start("upload");
+    let stack = start("upload").await;
     let mut browser = Browser::new(&stack.site);
 
     let listing = browser.get("/").await;
@@ -645,7 +553,7 @@ async fn upload_form_listing_and_delete_all() {
         .expect(404, "unknown key");
 
     // Delete all through the confirmation page.
-    browser.login(&stack.password).await;
+    browser.login(&stack.admin_password).await;
     let confirm = browser.get("/manager/delete").await;
     confirm.expect(200, "confirmation");
     assert!(confirm.has("id=\"confirm-delete-form\""));
@@ -661,4 +569,5 @@ async fn upload_form_listing_and_delete_all() {
     );
     assert!(browser.get("/").await.has("id=\"empty\""));
     assert_eq!(browser.get("/api/v1/images/cat.gif").await.status, 404);
+    stack.stop();
 }

@@ -14,4 +14,8 @@
 
 mod harness;
 mod manager;
+#[path = "../support/serial.rs"]
+mod serial;
 mod site;
+#[path = "../support/stack.rs"]
+mod stack;

@@ -52,22 +52,9 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 /// grace before SIGKILL).
 const STOP_LIMIT: Duration = Duration::from_secs(20);
 
-/// Runs one test: alone, on its own two-worker runtime, within `TEST_LIMIT`. The runtime is
-/// dropped when the test ends or panics, and with it every task the test spawned.
+/// Runs one test: alone, on its own runtime, within [`TEST_LIMIT`] (`tests/support/serial.rs`).
 pub fn run(test: impl Future<Output = ()>) {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("runtime: {e}"));
-    runtime.block_on(async {
-        if tokio::time::timeout(TEST_LIMIT, test).await.is_err() {
-            panic!("test not done within {TEST_LIMIT:?}");
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    crate::serial::run(TEST_LIMIT, test);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

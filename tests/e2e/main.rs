@@ -26,3 +26,5 @@ mod invalid;
 #[path = "../../operator/tests/resize/load.rs"]
 mod load;
 mod manual;
+#[path = "../support/serial.rs"]
+mod serial;
