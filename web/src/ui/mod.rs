@@ -891,41 +891,18 @@ async fn cache_settings(
         Ok(s) => s,
         Err(refused) => return refused.into_response(),
     };
+    let saved = format!(
+        "Cache settings saved: {} MiB per node, policy {}.",
+        form.capacity_mib.trim(),
+        form.policy.trim()
+    );
+    let patch = form.patch();
     let again = |errors| Rerender {
-        cache: Some(form.clone()),
+        cache: Some(form),
         errors,
         ..Rerender::default()
     };
-    let patch = match form.patch() {
-        Ok(p) => p,
-        Err(errors) => {
-            return refused(
-                &state,
-                &session,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                again(errors),
-            )
-            .await;
-        }
-    };
-    match state.ui.inner.operator.patch(&patch).await {
-        Ok(_) => {
-            info!(capacity_mib = %form.capacity_mib, policy = %form.policy, "cache settings changed");
-            done(
-                &state,
-                jar,
-                &format!(
-                    "Cache settings saved: {} MiB per node, policy {}.",
-                    form.capacity_mib.trim(),
-                    form.policy.trim()
-                ),
-            )
-        }
-        Err(e) => {
-            let (status, again) = operator_refusal(e, again(FieldErrors::new()));
-            refused(&state, &session, status, again).await
-        }
-    }
+    save_settings(&state, jar, &session, patch, again, &saved).await
 }
 
 async fn scaling_settings(
@@ -937,17 +914,33 @@ async fn scaling_settings(
         Ok(s) => s,
         Err(refused) => return refused.into_response(),
     };
+    let saved = format!("Scaling settings saved: {} mode.", form.mode.trim());
+    let patch = form.patch();
     let again = |errors| Rerender {
-        scaling: Some(form.clone()),
+        scaling: Some(form),
         errors,
         ..Rerender::default()
     };
-    let patch = match form.patch() {
+    save_settings(&state, jar, &session, patch, again, &saved).await
+}
+
+/// Sends a settings form's merge patch to the operator: back to the dashboard saying `saved`,
+/// or the form again (built by `again` with its field errors) when the form's own checks or
+/// the operator refuse it.
+async fn save_settings(
+    state: &UiState,
+    jar: SignedCookieJar,
+    session: &Session,
+    patch: Result<serde_json::Value, FieldErrors>,
+    again: impl FnOnce(FieldErrors) -> Rerender,
+    saved: &str,
+) -> Response {
+    let patch = match patch {
         Ok(p) => p,
         Err(errors) => {
             return refused(
-                &state,
-                &session,
+                state,
+                session,
                 StatusCode::UNPROCESSABLE_ENTITY,
                 again(errors),
             )
@@ -956,16 +949,12 @@ async fn scaling_settings(
     };
     match state.ui.inner.operator.patch(&patch).await {
         Ok(_) => {
-            info!(mode = %form.mode, "scaling settings changed");
-            done(
-                &state,
-                jar,
-                &format!("Scaling settings saved: {} mode.", form.mode.trim()),
-            )
+            info!(settings = saved, "pool settings changed");
+            done(state, jar, saved)
         }
         Err(e) => {
             let (status, again) = operator_refusal(e, again(FieldErrors::new()));
-            refused(&state, &session, status, again).await
+            refused(state, session, status, again).await
         }
     }
 }
