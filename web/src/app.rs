@@ -277,6 +277,29 @@ fn rfc3339(at: std::time::SystemTime) -> String {
     jiff::Timestamp::try_from(at).map_or_else(|_| String::new(), |t| t.to_string())
 }
 
+/// Why an upload's body could not be read: over the limit (413) or broken off (400).
+fn body_refusal(state: &AppState, e: &BytesRejection) -> ApiError {
+    state.metrics.rejected();
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the image is larger than the limit of {MAX_IMAGE_BYTES} bytes (10 MiB): \
+                 upload a smaller or more compressed image"
+            ),
+        )
+        .field("image")
+    } else {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("cannot read the request body: {e}"),
+        )
+        .field("image")
+    }
+}
+
 /// Stores the body under the key, replacing any image the key held; the bytes decide the
 /// format, never the name or `Content-Type`.
 #[utoipa::path(
@@ -299,27 +322,19 @@ pub(crate) async fn upload_image(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&state, &key)?;
-    let body = body.map_err(|e| {
-        state.metrics.rejected();
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "the image is larger than the limit of {MAX_IMAGE_BYTES} bytes (10 MiB): \
-                     upload a smaller or more compressed image"
-                ),
-            )
-            .field("image")
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("cannot read the request body: {e}"),
-            )
-            .field("image")
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => {
+            // The rest of the body is still on its way: the server closes the connection
+            // after answering, and says so, so that the client does not send its next
+            // request on a connection about to close.
+            let mut refused = body_refusal(&state, &e).into_response();
+            refused
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(refused);
         }
-    })?;
+    };
     let info = image::check_upload(&body).map_err(|e| {
         state.metrics.rejected();
         ApiError::new(

@@ -6,123 +6,40 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use cache_node::client::{ClientOptions, PoolClient};
-use cache_node::store::Policy;
-use cache_node::{Node, NodeConfig};
-use cachepool_crds::ring::Ring;
-use cachepool_web::app::{self, AppState};
-use cachepool_web::cache::{CacheConfig, ImageCache};
-use cachepool_web::store::{Database, ObjectStore, Storage};
 use serde_json::Value;
 
-const ADMIN: &str = "site-admin-token";
+// The site fixture of the API tests and the store tests' server fixtures, included by path
+// rather than copied; this target uses only part of them. This file stays a target of its own
+// (not a module of `tests/api`): its log test must not run beside tests it does not serialise.
+#[cfg(test)]
+#[allow(
+    dead_code,
+    reason = "shared with the store tests, which use the rest of the fixtures"
+)]
+#[path = "store/servers.rs"]
+mod servers;
+#[cfg(test)]
+#[allow(
+    dead_code,
+    reason = "shared with the API tests, which use the rest of the fixture"
+)]
+#[path = "api/site.rs"]
+mod site;
+#[cfg(test)]
+#[allow(
+    dead_code,
+    unused_macros,
+    reason = "shared with the store tests, which use the rest of the fixtures"
+)]
+#[path = "store/support.rs"]
+mod support;
+
+use site::{ADMIN, Site, gif};
+use support::{Db, Objects};
 
 /// Serialises the tests of this file: `tracing` caches per call site whether anyone listens,
 /// and a test running beside the log test could settle that for the log test's events.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A one-pixel GIF whose palette's first colour is `shade`: distinct bytes per shade.
-fn gif(shade: u8) -> Vec<u8> {
-    let mut out = b"GIF89a".to_vec();
-    out.extend_from_slice(&[1, 0, 1, 0, 0x80, 0, 0]);
-    out.extend_from_slice(&[shade, shade, shade, 0, 0, 0]);
-    out.extend_from_slice(&[0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0]);
-    out.extend_from_slice(&[2, 2, 0x44, 0x01, 0]);
-    out.push(0x3B);
-    out
-}
-
-struct Site {
-    url: String,
-    http: reqwest::Client,
-    nodes: Vec<Node>,
-    server: tokio::task::JoinHandle<()>,
-    dir: std::path::PathBuf,
-}
-
-impl Site {
-    async fn start() -> Site {
-        let dir = std::env::temp_dir().join(format!(
-            "cachepool-site-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("site set-up: {e}"));
-        let mut nodes = Vec::new();
-        for _ in 0..2 {
-            nodes.push(
-                Node::start(NodeConfig::ephemeral(64, Policy::Lru, None))
-                    .await
-                    .unwrap_or_else(|e| panic!("site set-up: {e}")),
-            );
-        }
-        let ring = Ring::from_addresses(1, nodes.iter().map(|n| n.addr.to_string()))
-            .unwrap_or_else(|e| panic!("site set-up: {e}"));
-        let pool = Arc::new(
-            PoolClient::from_ring(ring, ClientOptions::default())
-                .unwrap_or_else(|e| panic!("site set-up: {e}")),
-        );
-        let db = Database::connect(&format!("sqlite://{}", dir.join("web.db").display()))
-            .await
-            .unwrap_or_else(|e| panic!("site set-up: {e}"));
-        db.migrate()
-            .await
-            .unwrap_or_else(|e| panic!("site set-up: {e}"));
-        let objects =
-            ObjectStore::local(dir.join("images")).unwrap_or_else(|e| panic!("site set-up: {e}"));
-        let cache = Arc::new(
-            ImageCache::new(pool, CacheConfig::default())
-                .unwrap_or_else(|e| panic!("site set-up: {e}")),
-        );
-        let router = app::router(AppState::new(Storage::new(db, objects), cache, ADMIN));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("site set-up: {e}"));
-        let url = format!(
-            "http://{}",
-            listener
-                .local_addr()
-                .unwrap_or_else(|e| panic!("site set-up: {e}"))
-        );
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        Site {
-            url,
-            http: reqwest::Client::new(),
-            nodes,
-            server,
-            dir,
-        }
-    }
-
-    async fn put(&self, key: &str, body: Vec<u8>) -> (u16, Value) {
-        let r = self
-            .http
-            .put(format!("{}/api/v1/images/{key}", self.url))
-            .body(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, key: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}/api/v1/images/{key}", self.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {key}: {e}"))
-    }
-
-    async fn stop(self) {
-        self.server.abort();
-        for node in self.nodes {
-            node.shutdown().await;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn header(r: &reqwest::Response, name: &str) -> String {
     r.headers()
@@ -174,7 +91,7 @@ fn refs(value: &Value, out: &mut Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_is_3_1_and_lists_exactly_the_served_api_routes() {
     let _serial = SERIAL.lock().await;
-    let site = Site::start().await;
+    let site = Site::start(Db::Sqlite, Objects::Local).await;
     let r = site
         .http
         .get(format!("{}/api/v1/openapi.json", site.url))
@@ -291,7 +208,7 @@ fn sample(samples: &[(String, f64)], series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_by_route_template_never_by_key() {
     let _serial = SERIAL.lock().await;
-    let site = Site::start().await;
+    let site = Site::start(Db::Sqlite, Objects::Local).await;
     let scrape = || async {
         let r = site
             .http
@@ -396,7 +313,7 @@ async fn every_request_is_logged_once_with_route_status_and_reason_never_the_tok
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    let site = Site::start().await;
+    let site = Site::start(Db::Sqlite, Objects::Local).await;
     assert_eq!(site.put("cat.gif", gif(1)).await.0, 201);
     assert_eq!(site.get("cat.gif").await.status(), 200);
     assert_eq!(site.put("x.gif", b"plain text".to_vec()).await.0, 415);

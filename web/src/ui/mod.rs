@@ -409,6 +409,9 @@ async fn upload(
             format!("send the form as multipart/form-data: {e}"),
         )),
     };
+    // A form that could not be read to its end (over UPLOAD_FORM_LIMIT, or broken off): the
+    // connection closes after the answer, and the answer says so.
+    let cut_off = read.is_err();
     let (status, field, message, key) = match read {
         Err((status, message)) => (status, Some("image"), message, String::new()),
         Ok(fields) if !csrf_ok(&fields) => (
@@ -439,7 +442,13 @@ async fn upload(
         errors,
         form_error,
     };
-    (jar, page(status, &form)).into_response()
+    let mut response = (jar, page(status, &form)).into_response();
+    if cut_off {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 type UploadError = (StatusCode, Option<&'static str>, String);
