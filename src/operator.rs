@@ -1,22 +1,13 @@
-//! `cachepool operator`: the operator's command line and its assembly (state directory,
-//! process provider, pool drivers, HTTP API), shared with `cachepool up`.
+//! `cachepool operator`: the operator's command line. The operator itself (front end,
+//! providers, drivers, API) is `cachepool_operator::run`; this module only turns flags into its
+//! `Config`, and `cachepool up` reuses the flags.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use cachepool_operator::api::{self, ApiState, Tokens};
 use cachepool_operator::driver::DriverOptions;
-use cachepool_operator::metrics::OperatorMetrics;
-use cachepool_operator::provider::Provider as _;
-use cachepool_operator::provider::process::{ProcessOptions, ProcessProvider};
-use cachepool_operator::standalone::{self, Registry, StandaloneOptions};
-use cachepool_operator::state::StateDir;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use cachepool_operator::run::{Config, NodeBackend, Operator};
 
 /// `cachepool operator` flags.
 #[derive(Debug, clap::Args)]
@@ -74,6 +65,34 @@ pub struct RunArgs {
     pub keep_nodes: bool,
 }
 
+impl RunArgs {
+    /// The driver's timing from the flags.
+    fn driver(&self) -> DriverOptions {
+        DriverOptions {
+            probe_interval: Duration::from_millis(self.probe_interval_ms),
+            sample_interval: Duration::from_millis(self.sample_interval_ms),
+            node_timeout: Duration::from_secs(self.node_timeout_secs),
+            ..DriverOptions::default()
+        }
+    }
+
+    /// The operator's configuration for a standalone operator over `dir` whose nodes are
+    /// children of this executable.
+    pub fn config(&self, dir: &Path, admin_token: String) -> anyhow::Result<Config> {
+        let binary = std::env::current_exe().context("finding the cachepool executable")?;
+        let mut config = Config::standalone(
+            dir,
+            NodeBackend::Process { binary },
+            self.listen.clone(),
+            admin_token,
+        );
+        config.tokens.read = self.api_read_token.clone();
+        config.driver = self.driver();
+        config.keep_nodes = self.keep_nodes;
+        Ok(config)
+    }
+}
+
 impl OperatorArgs {
     /// Runs the operator until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
@@ -86,121 +105,9 @@ impl OperatorArgs {
         let Some(token) = self.run.api_token.clone() else {
             bail!("--api-token (or CACHEPOOL_API_TOKEN) is required: the API changes pools");
         };
-        let operator = Operator::start(&dir, &self.run, token).await?;
+        let operator = Operator::start(self.run.config(&dir, token)?).await?;
         println!("api: {}", operator.api_url());
-        operator.run_until(shutdown).await
-    }
-}
-
-/// A running standalone operator: API server, pool drivers and their nodes.
-pub struct Operator {
-    api_addr: SocketAddr,
-    keep_nodes: bool,
-    stop: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
-    standalone: tokio::task::JoinHandle<()>,
-    provider: Arc<ProcessProvider>,
-}
-
-impl Operator {
-    /// Opens the state directory, adopts the nodes a previous operator left, starts the API and
-    /// the pool drivers.
-    pub async fn start(
-        dir: &std::path::Path,
-        args: &RunArgs,
-        admin_token: String,
-    ) -> anyhow::Result<Operator> {
-        let state = StateDir::open(dir)
-            .with_context(|| format!("opening the state directory {}", dir.display()))?;
-        let binary = std::env::current_exe().context("finding the cachepool executable")?;
-        let provider = Arc::new(
-            ProcessProvider::open(ProcessOptions::new(binary, state.run_dir()))
-                .await
-                .context("opening the process provider's run directory")?,
-        );
-        let registry = Arc::new(Registry::default());
-        let metrics = OperatorMetrics::new();
-        let listener = TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding the API to {}", args.listen))?;
-        let api_addr = listener.local_addr()?;
-        let router = api::router(ApiState {
-            registry: registry.clone(),
-            tokens: Tokens {
-                admin: admin_token,
-                read: args.api_read_token.clone(),
-            },
-            metrics: metrics.clone(),
-        });
-        let (stop, stopped) = watch::channel(false);
-        let mut server_stop = stopped.clone();
-        let server = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = server_stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "the API server failed");
-            }
-        });
-        let options = StandaloneOptions {
-            driver: DriverOptions {
-                probe_interval: Duration::from_millis(args.probe_interval_ms),
-                sample_interval: Duration::from_millis(args.sample_interval_ms),
-                node_timeout: Duration::from_secs(args.node_timeout_secs),
-                ..DriverOptions::default()
-            },
-            ..StandaloneOptions::default()
-        };
-        let standalone = tokio::spawn(standalone::run(
-            state.clone(),
-            provider.clone(),
-            registry,
-            metrics,
-            options,
-            stopped,
-        ));
-        info!(api = %api_addr, dir = %state.path().display(), "operator started");
-        Ok(Operator {
-            api_addr,
-            keep_nodes: args.keep_nodes,
-            stop,
-            server,
-            standalone,
-            provider,
-        })
-    }
-
-    /// The API's base URL.
-    pub fn api_url(&self) -> String {
-        format!("http://{}", self.api_addr)
-    }
-
-    /// Runs until `shutdown` resolves, then stops the drivers, the API and (unless kept)
-    /// every node.
-    pub async fn run_until(
-        self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
-        shutdown.await;
-        self.stop().await
-    }
-
-    /// Stops everything this operator started.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(true);
-        let _ = self.standalone.await;
-        let _ = self.server.await;
-        if self.keep_nodes {
-            info!("leaving the nodes running for the next operator to adopt");
-            return Ok(());
-        }
-        self.provider
-            .terminate_all()
-            .await
-            .context("stopping the nodes")?;
-        info!("every node stopped");
+        operator.run_until(shutdown).await?;
         Ok(())
     }
 }

@@ -17,7 +17,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::operator::{Operator, RunArgs};
+use cachepool_operator::Operator;
+
+use crate::operator::RunArgs;
 use crate::web::{Web, WebArgs};
 
 /// The pool `cachepool up` creates when its pool directory has none.
@@ -91,7 +93,7 @@ impl UpArgs {
             node_timeout_secs: 10,
             keep_nodes: false,
         };
-        let operator = Operator::start(&pools, &args, credentials.api_token.clone()).await?;
+        let operator = Operator::start(args.config(&pools, credentials.api_token.clone())?).await?;
         let web_args = WebArgs {
             listen: format!("{}:{}", self.host, self.site_port),
             database_url: None,
@@ -134,7 +136,8 @@ impl UpArgs {
         shutdown.await;
         announce.abort();
         web.stop().await;
-        operator.stop().await
+        operator.stop().await?;
+        Ok(())
     }
 }
 

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cachepool_crds::pool::{ProcessProvider as ProcessSpec, ProviderSpec};
 use cachepool_operator::provider::process::{ProcessOptions, ProcessProvider};
-use cachepool_operator::provider::{LaunchSpec, PoolRef, Provider, ProviderNode};
+use cachepool_operator::provider::{AdminToken, LaunchSpec, PoolRef, Provider, ProviderNode};
 use cachepool_operator::rebalance::AdminClient;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -121,11 +122,20 @@ impl Drop for RunDir {
     }
 }
 
-fn spec() -> LaunchSpec {
+fn spec(pool: &PoolRef, slot: u32) -> LaunchSpec {
     LaunchSpec {
+        pool: pool.clone(),
+        uid: "test-uid".into(),
+        slot,
+        tags: LaunchSpec::standard_tags(pool, slot, "test"),
+        provider: ProviderSpec {
+            process: Some(ProcessSpec::default()),
+            ..ProviderSpec::default()
+        },
         capacity_mib: 8,
         policy: "lru".into(),
         max_item_size_kib: 1024,
+        admin_token: AdminToken::generate(),
     }
 }
 
@@ -186,8 +196,8 @@ async fn launched_nodes_serve_and_terminate_stops_them() {
     let dir = RunDir::new("launch");
     let provider = ProcessProvider::open(dir.options()).await.unwrap();
     let pool = PoolRef::new("default", "web");
-    let a = provider.launch(&pool, 0, &spec()).await.unwrap();
-    let b = provider.launch(&pool, 1, &spec()).await.unwrap();
+    let a = provider.launch(&spec(&pool, 0)).await.unwrap();
+    let b = provider.launch(&spec(&pool, 1)).await.unwrap();
     assert_eq!((a.slot, b.slot), (0, 1));
     assert_ne!(a.address, b.address);
     assert_ne!(a.admin_token, b.admin_token);
@@ -252,7 +262,7 @@ async fn launched_nodes_serve_and_terminate_stops_them() {
     provider.terminate(&pool, &a.id).await.unwrap();
     provider.terminate(&pool, "pid-1").await.unwrap();
 
-    provider.terminate_all().await.unwrap();
+    provider.stop_all().await.unwrap();
     assert!(dir.processes().is_empty());
     assert!(provider.list(&pool).await.unwrap().is_empty());
     // Nodes that stopped on request leave no file behind: no record, address file or log.
@@ -268,8 +278,8 @@ async fn killed_node_is_listed_dead_and_reaped() {
     let dir = RunDir::new("crash");
     let provider = ProcessProvider::open(dir.options()).await.unwrap();
     let pool = PoolRef::new("default", "crash");
-    let victim = provider.launch(&pool, 0, &spec()).await.unwrap();
-    let survivor = provider.launch(&pool, 1, &spec()).await.unwrap();
+    let victim = provider.launch(&spec(&pool, 0)).await.unwrap();
+    let survivor = provider.launch(&spec(&pool, 1)).await.unwrap();
     wait_ready(&victim).await;
     let pid = pid_of(&victim);
     // SAFETY: plain integers; the pid is a node this test started.
@@ -291,7 +301,7 @@ async fn killed_node_is_listed_dead_and_reaped() {
     provider.terminate(&pool, &victim.id).await.unwrap();
     assert_eq!(dir.records(&pool).len(), 1);
     assert_eq!(dir.files(&pool, ".log").len(), 2);
-    provider.terminate_all().await.unwrap();
+    provider.stop_all().await.unwrap();
     assert!(dir.processes().is_empty());
     assert_eq!(dir.files(&pool, ".log").len(), 1);
 }
@@ -304,9 +314,9 @@ async fn reopened_provider_adopts_survivors_and_forgets_the_dead() {
     let first = ProcessProvider::open(dir.options()).await.unwrap();
     let mut launched = Vec::new();
     for slot in 0..3 {
-        launched.push(first.launch(&web, slot, &spec()).await.unwrap());
+        launched.push(first.launch(&spec(&web, slot)).await.unwrap());
     }
-    let lone = first.launch(&other, 0, &spec()).await.unwrap();
+    let lone = first.launch(&spec(&other, 0)).await.unwrap();
     for node in launched.iter().chain([&lone]) {
         wait_ready(node).await;
     }
@@ -346,7 +356,7 @@ async fn reopened_provider_adopts_survivors_and_forgets_the_dead() {
     assert_eq!(second.list(&web).await.unwrap(), launched);
     assert_eq!(dir.records(&web).len(), 1);
 
-    second.terminate_all().await.unwrap();
+    second.stop_all().await.unwrap();
     assert!(dir.processes().is_empty());
     assert!(second.list(&web).await.unwrap().is_empty());
     assert!(second.list(&other).await.unwrap().is_empty());
@@ -374,8 +384,8 @@ async fn record_of_a_reused_pid_is_neither_adopted_nor_signalled() {
     let dir = RunDir::new("reuse");
     let pool = PoolRef::new("default", "reuse");
     let first = ProcessProvider::open(dir.options()).await.unwrap();
-    let a = first.launch(&pool, 0, &spec()).await.unwrap();
-    let b = first.launch(&pool, 1, &spec()).await.unwrap();
+    let a = first.launch(&spec(&pool, 0)).await.unwrap();
+    let b = first.launch(&spec(&pool, 1)).await.unwrap();
     for node in [&a, &b] {
         // SAFETY: plain integers; the pid is a node this test started.
         assert_eq!(
@@ -405,7 +415,7 @@ async fn record_of_a_reused_pid_is_neither_adopted_nor_signalled() {
         .terminate(&pool, &format!("pid-{stranger}"))
         .await
         .unwrap();
-    second.terminate_all().await.unwrap();
+    second.stop_all().await.unwrap();
     assert!(running(stranger), "an unrelated process was signalled");
     assert_eq!(proc_stat(stranger).map(|(_, t)| t), Some(stranger_start));
 }
@@ -419,7 +429,7 @@ async fn launch_failures_name_their_cause() {
     let mut options = dir.options();
     options.binary = missing.clone();
     let err = ProcessProvider::new(options)
-        .launch(&pool, 0, &spec())
+        .launch(&spec(&pool, 0))
         .await
         .unwrap_err()
         .to_string();
@@ -428,32 +438,24 @@ async fn launch_failures_name_their_cause() {
     let provider = ProcessProvider::open(dir.options()).await.unwrap();
     let zero = LaunchSpec {
         capacity_mib: 0,
-        ..spec()
+        ..spec(&pool, 0)
     };
-    let err = provider
-        .launch(&pool, 0, &zero)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = provider.launch(&zero).await.unwrap_err().to_string();
     // The node's own complaint, from its log.
     assert!(err.contains("exited"), "{err}");
     assert!(err.contains("--capacity-mib"), "{err}");
 
     let bad_policy = LaunchSpec {
         policy: "fifo-ish".into(),
-        ..spec()
+        ..spec(&pool, 0)
     };
-    let err = provider
-        .launch(&pool, 0, &bad_policy)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = provider.launch(&bad_policy).await.unwrap_err().to_string();
     assert!(err.contains("fifo-ish"), "{err}");
 
     // Namespace and name become directories: nothing may climb out of the run directory.
     let escape = PoolRef::new("..", "etc");
     let err = provider
-        .launch(&escape, 0, &spec())
+        .launch(&spec(&escape, 0))
         .await
         .unwrap_err()
         .to_string();
@@ -500,7 +502,7 @@ async fn node_ignoring_sigterm_is_killed_after_the_grace() {
     // file busy" until that child execs; that passes within moments.
     let mut tries = 0;
     let node = loop {
-        match provider.launch(&pool, 0, &spec()).await {
+        match provider.launch(&spec(&pool, 0)).await {
             Ok(node) => break node,
             Err(err) if err.to_string().contains("busy") && tries < 50 => tries += 1,
             Err(err) => panic!("launching the stub failed: {err}"),

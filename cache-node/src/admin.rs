@@ -13,7 +13,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::handoff::{Handoff, HandoffRequest};
 use crate::metrics::{self, unix_now};
@@ -207,13 +206,33 @@ pub struct ConfigPatch {
     pub max_item_size_kib: Option<u64>,
 }
 
-fn current_config(shared: &Shared) -> serde_json::Value {
-    json!({
-        "capacityMiB": shared.store.limit() as u64 >> 20,
-        "capacityBytes": shared.store.limit(),
-        "policy": shared.store.policy(),
-        "maxItemSizeKiB": shared.max_item_size() as u64 >> 10,
-    })
+/// The live configuration, as `GET /config` and `PUT /config` answer it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigView {
+    #[serde(rename = "capacityMiB")]
+    pub capacity_mib: u64,
+    pub capacity_bytes: u64,
+    pub policy: String,
+    #[serde(rename = "maxItemSizeKiB")]
+    pub max_item_size_kib: u64,
+}
+
+/// What `POST /flush` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlushAnswer {
+    /// Items the store held before the flush.
+    pub flushed_items: u64,
+}
+
+fn current_config(shared: &Shared) -> ConfigView {
+    ConfigView {
+        capacity_mib: shared.store.limit() as u64 >> 20,
+        capacity_bytes: shared.store.limit() as u64,
+        policy: shared.store.policy().to_string(),
+        max_item_size_kib: shared.max_item_size() as u64 >> 10,
+    }
 }
 
 async fn get_config(State(state): State<AdminState>) -> Response {
@@ -280,7 +299,10 @@ async fn flush(State(state): State<AdminState>) -> Response {
     let before = state.shared.store.stats().curr_items;
     state.shared.store.flush_all(0, unix_now());
     state.shared.stats.cmd_flush.fetch_add(1, Ordering::Relaxed);
-    axum::Json(json!({ "flushedItems": before })).into_response()
+    axum::Json(FlushAnswer {
+        flushed_items: before,
+    })
+    .into_response()
 }
 
 async fn start_handoff(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {

@@ -44,7 +44,7 @@ use crate::metrics::unix_now;
 use crate::store::{OwnedItem, ScanCursor, Store};
 
 /// A hand-off request, as `POST /handoff` takes it.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HandoffRequest {
     /// The ring to conform to.
@@ -60,8 +60,21 @@ pub struct HandoffRequest {
     pub batch_bytes: usize,
 }
 
-fn default_batch_bytes() -> usize {
+/// Bytes of values copied out of the store per batch unless a request says otherwise.
+pub fn default_batch_bytes() -> usize {
     4 << 20
+}
+
+impl HandoffRequest {
+    /// A request to conform to `ring`, at an optional byte rate, in default batches.
+    pub fn new(ring: Ring, self_address: impl Into<String>, rate_bytes_per_sec: u64) -> Self {
+        HandoffRequest {
+            ring,
+            self_address: self_address.into(),
+            rate_bytes_per_sec,
+            batch_bytes: default_batch_bytes(),
+        }
+    }
 }
 
 /// Passes over the store before giving up on keys whose owner cannot be reached.

@@ -29,7 +29,7 @@ use serde_json::Value;
 use crate::driver::{CommandError, PoolHandle};
 use crate::metrics::{self, OperatorMetrics};
 use crate::provider::PoolRef;
-use crate::standalone::Registry;
+use crate::registry::Registry;
 
 /// Longest a ring long-poll waits.
 pub const RING_WAIT: Duration = Duration::from_secs(30);

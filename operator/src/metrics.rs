@@ -91,6 +91,7 @@ struct Inner {
     node_launches: Counters,
     node_replacements: Counters,
     sample_failures: Counters,
+    status_writes: Counters,
     nodes: IntGauges,
     ready_nodes: IntGauges,
     desired_nodes: IntGauges,
@@ -170,6 +171,14 @@ impl OperatorMetrics {
             sample_failures.clone(),
         );
 
+        let status_writes = Counters::default();
+        registry.register(
+            "cachepool_operator_status_writes",
+            "Pool records (status) written to the store, by pool: only meaningful changes, \
+             fast counters at most every status counter interval",
+            status_writes.clone(),
+        );
+
         let mut gauge = |name: &str, help: &str| {
             let family = IntGauges::default();
             registry.register(name, help, family.clone());
@@ -228,6 +237,7 @@ impl OperatorMetrics {
                 node_launches,
                 node_replacements,
                 sample_failures,
+                status_writes,
                 nodes,
                 ready_nodes,
                 desired_nodes,
@@ -306,6 +316,16 @@ impl OperatorMetrics {
             .node_replacements
             .get_or_create(&labels(pool))
             .inc();
+    }
+
+    /// Counts a write of `pool`'s record (status) to the store.
+    pub fn status_written(&self, pool: &str) {
+        self.inner.status_writes.get_or_create(&labels(pool)).inc();
+    }
+
+    /// Status writes of `pool` so far.
+    pub fn status_writes(&self, pool: &str) -> u64 {
+        self.inner.status_writes.get_or_create(&labels(pool)).get()
     }
 
     /// Counts a node of `pool` whose stats could not be sampled.
@@ -389,6 +409,7 @@ impl OperatorMetrics {
             &i.node_launches,
             &i.node_replacements,
             &i.sample_failures,
+            &i.status_writes,
         ] {
             family.remove(&labels);
         }

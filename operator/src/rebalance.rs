@@ -7,30 +7,22 @@
 //! 3. every node that may hold keys it no longer owns hands them off (`hand_off_all`);
 //! 4. the previous ring is dropped, and removed nodes may stop.
 //!
-//! This module does step 3 against the nodes' admin APIs and offers the admin client the
-//! operator uses for everything else it asks of a node.
+//! This module does step 3 against the nodes' admin APIs, through the node's own typed
+//! client ([`AdminClient`], re-exported from `cache_node::client`).
 
 use std::time::Duration;
 
 use cache_node::handoff::{HandoffStatus, State};
 use cachepool_crds::ring::Ring;
-use serde_json::{Value, json};
 use tracing::info;
 
-/// Errors talking to a node's admin API or handing off.
+pub use cache_node::client::{AdminClient, AdminError};
+
+/// Errors of a hand-off.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("admin API of {node}: {source}")]
-    Http {
-        node: String,
-        source: reqwest::Error,
-    },
-    #[error("admin API of {node} answered {status}: {body}")]
-    Status {
-        node: String,
-        status: u16,
-        body: String,
-    },
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     #[error("hand-off on {node} failed: {reason}")]
     HandoffFailed { node: String, reason: String },
     #[error("hand-off on {node} did not finish within {0:?}", .timeout)]
@@ -38,111 +30,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// A client of one node's admin HTTP API.
-#[derive(Clone, Debug)]
-pub struct AdminClient {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl AdminClient {
-    /// `admin_address` is `host:port` of the node's admin port.
-    pub fn new(admin_address: &str, token: Option<&str>) -> AdminClient {
-        Self::with_timeouts(admin_address, token, Duration::from_secs(10))
-    }
-
-    /// A client whose requests give up after `timeout` (probes want an answer quickly).
-    pub fn with_timeouts(
-        admin_address: &str,
-        token: Option<&str>,
-        timeout: Duration,
-    ) -> AdminClient {
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout.min(Duration::from_secs(2)))
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
-        AdminClient {
-            base: format!("http://{admin_address}"),
-            token: token.map(str::to_string),
-            http,
-        }
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, format!("{}{path}", self.base));
-        match &self.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        }
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
-        let node = self.base.clone();
-        let resp = req.send().await.map_err(|source| Error::Http {
-            node: node.clone(),
-            source,
-        })?;
-        let status = resp.status();
-        let body = resp.text().await.map_err(|source| Error::Http {
-            node: node.clone(),
-            source,
-        })?;
-        if !status.is_success() {
-            return Err(Error::Status {
-                node,
-                status: status.as_u16(),
-                body,
-            });
-        }
-        Ok(serde_json::from_str(&body).unwrap_or(Value::String(body)))
-    }
-
-    /// Whether the node answers `/readyz`.
-    pub async fn ready(&self) -> bool {
-        matches!(self.request(reqwest::Method::GET, "/readyz").send().await, Ok(r) if r.status().is_success())
-    }
-
-    pub async fn stats(&self) -> Result<Value> {
-        self.send(self.request(reqwest::Method::GET, "/stats"))
-            .await
-    }
-
-    /// `PUT /config` with the given fields (`capacityMiB`, `policy`, `maxItemSizeKiB`).
-    pub async fn put_config(&self, config: &Value) -> Result<Value> {
-        self.send(self.request(reqwest::Method::PUT, "/config").json(config))
-            .await
-    }
-
-    pub async fn flush(&self) -> Result<Value> {
-        self.send(self.request(reqwest::Method::POST, "/flush"))
-            .await
-    }
-
-    /// Starts (or restarts) a hand-off to `ring`; `self_address` is the node's data address
-    /// as the ring names it.
-    pub async fn start_handoff(
-        &self,
-        ring: &Ring,
-        self_address: &str,
-        rate_bytes_per_sec: u64,
-    ) -> Result<HandoffStatus> {
-        let body = json!({ "ring": ring, "selfAddress": self_address, "rateBytesPerSec": rate_bytes_per_sec });
-        let v = self
-            .send(self.request(reqwest::Method::POST, "/handoff").json(&body))
-            .await?;
-        Ok(serde_json::from_value(v).unwrap_or_default())
-    }
-
-    pub async fn handoff(&self) -> Result<HandoffStatus> {
-        let v = self
-            .send(self.request(reqwest::Method::GET, "/handoff"))
-            .await?;
-        Ok(serde_json::from_value(v).unwrap_or_default())
-    }
-}
 
 /// One node taking part in a hand-off: its data address (as in the ring) and admin client.
 #[derive(Clone, Debug)]

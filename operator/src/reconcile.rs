@@ -147,7 +147,21 @@ pub struct Input<'a> {
     /// Why the pool is to change size, when the autoscaler decided it (recorded in the status
     /// when the resize begins).
     pub scale_reason: Option<&'a str>,
+    /// Something the pool needs is not available (its provider or its metrics source):
+    /// the pool is `Degraded` with this reason and message.
+    pub unavailable: Option<Unavailable<'a>>,
     pub now: SystemTime,
+}
+
+/// Something a pool needs that the operator cannot give it.
+#[derive(Clone, Copy, Debug)]
+pub struct Unavailable<'a> {
+    /// The `Degraded` condition's reason (`ProviderUnavailable`, ...).
+    pub reason: &'a str,
+    pub message: &'a str,
+    /// Nothing may be started, stopped or published (the provider itself is missing); when
+    /// false the pool is reconciled as usual and only reported degraded.
+    pub halt: bool,
 }
 
 /// Output of [`plan`].
@@ -229,6 +243,8 @@ struct Planner<'a> {
     degraded: Option<(String, String)>,
     progressing: Option<(String, String)>,
     scaled: Option<String>,
+    /// Nothing was planned: what the pool needs is unavailable.
+    halted: bool,
 }
 
 impl<'a> Planner<'a> {
@@ -244,10 +260,21 @@ impl<'a> Planner<'a> {
             degraded: None,
             progressing: None,
             scaled: None,
+            halted: false,
         }
     }
 
     fn run(&mut self) {
+        if let Some(unavailable) = self.input.unavailable {
+            self.degraded = Some((
+                unavailable.reason.to_owned(),
+                unavailable.message.to_owned(),
+            ));
+            if unavailable.halt {
+                self.halted = true;
+                return;
+            }
+        }
         self.clean_up_dead();
         if self.ring.is_none() {
             self.first_ring();
@@ -688,6 +715,8 @@ impl<'a> Planner<'a> {
             && self.degraded.is_none();
         status.phase = Some(if invalid.is_some() {
             PoolPhase::Invalid
+        } else if self.halted {
+            PoolPhase::Degraded
         } else if self.ring.is_none() {
             PoolPhase::Pending
         } else if self.degraded.is_some() {
@@ -705,6 +734,8 @@ impl<'a> Planner<'a> {
                 "AllNodesReady",
                 "every node serves and the size matches the spec".to_owned(),
             )
+        } else if let (true, Some((reason, message))) = (self.halted, &self.degraded) {
+            (false, reason.as_str(), message.clone())
         } else if self.ring.is_none() {
             (false, "Pending", "the first nodes are starting".to_owned())
         } else {

@@ -1,79 +1,179 @@
 //! Standalone mode: the reconcile core over the CachePool manifests of a state directory,
 //! with no Kubernetes — what `cachepool up` and `cachepool operator --standalone` run.
 //!
-//! The directory is scanned about once a second (a handful of small files; polling needs no
-//! platform-specific watcher and sees edits made by any tool, editors that replace files
-//! included). A new manifest starts a pool driver, a changed one hands the driver the new spec
-//! (the driver validates it and keeps running on the last valid spec if it breaks a rule), a
-//! deleted one stops the pool's nodes and forgets it — the finalizer of Kubernetes mode.
-//! Nodes left by pools deleted while the operator was down are stopped at start-up.
+//! Two halves, one per seam of the driver:
+//! - [`StandaloneStore`] is the [`PoolStore`]: it plays the API server's part for the files,
+//!   giving each pool a uid and a generation that grows when its spec changes (kept in the
+//!   pool's record, so a restart does not reset them), writing API changes back to the
+//!   manifest and records to `.cachepool/pools/`.
+//! - [`run`] is the front end: the directory is scanned about once a second (a handful of
+//!   small files; polling needs no platform-specific watcher and sees edits made by any tool,
+//!   editors that replace files included). A new manifest starts a pool driver, a changed one
+//!   hands the driver the new generation (the driver validates it and keeps running on the
+//!   last valid spec if it breaks a rule), a deleted one stops the pool's nodes and forgets it
+//!   — the finalizer of Kubernetes mode. Nodes left by pools deleted while the operator was
+//!   down are stopped at start-up.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
+use cachepool_crds::pool::{CachePool, CachePoolSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::driver::{Driver, DriverOptions, PoolHandle};
-use crate::metrics::OperatorMetrics;
-use crate::provider::{PoolRef, Provider};
+use crate::driver::{Context, Driver, PoolHandle};
+use crate::provider::PoolRef;
+use crate::registry::Registry;
 use crate::state::StateDir;
+use crate::store::{self, BoxFuture, PoolRecord, PoolStore};
 
-/// The pools the operator runs, for the API.
-#[derive(Debug, Default)]
-pub struct Registry {
-    pools: RwLock<BTreeMap<PoolRef, Arc<PoolHandle>>>,
-    ready: AtomicBool,
+/// What the store knows of a pool it has seen.
+#[derive(Clone, Debug)]
+struct Known {
+    path: PathBuf,
+    generation: i64,
+    spec: CachePoolSpec,
+    uid: String,
+    created: Option<Time>,
 }
 
-impl Registry {
-    /// Every pool, by namespace and name.
-    pub fn list(&self) -> Vec<Arc<PoolHandle>> {
-        self.pools
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect()
+/// The state directory as a [`PoolStore`] (see the module documentation).
+#[derive(Debug)]
+pub struct StandaloneStore {
+    state: StateDir,
+    known: Mutex<BTreeMap<PoolRef, Known>>,
+}
+
+impl StandaloneStore {
+    /// A store over `state`.
+    pub fn new(state: StateDir) -> StandaloneStore {
+        StandaloneStore {
+            state,
+            known: Mutex::new(BTreeMap::new()),
+        }
     }
 
-    /// One pool.
-    pub fn get(&self, pool: &PoolRef) -> Option<Arc<PoolHandle>> {
-        self.pools
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(pool)
-            .cloned()
+    /// The state directory.
+    pub fn state(&self) -> &StateDir {
+        &self.state
     }
 
-    /// Whether the state directory has been read once (`/readyz`).
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+    /// The manifest at `path` declares `resource`: returns it with its generation, uid and
+    /// creation time (a new generation when the spec differs from the last one seen), and on
+    /// the first sight of the pool the record an earlier run kept.
+    pub fn observe(
+        &self,
+        pool: &PoolRef,
+        path: &Path,
+        mut resource: CachePool,
+    ) -> (CachePool, Option<PoolRecord>) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut first_record = None;
+        let entry = known.entry(pool.clone()).or_insert_with(|| {
+            let record = self.state.load_record(pool);
+            let entry = match &record {
+                Some(r) => Known {
+                    path: path.to_owned(),
+                    generation: r.generation,
+                    spec: r.spec.clone(),
+                    uid: r.uid.clone(),
+                    created: r.creation_timestamp.clone(),
+                },
+                None => Known {
+                    path: path.to_owned(),
+                    generation: 0,
+                    spec: resource.spec.clone(),
+                    uid: uuid::Builder::from_random_bytes(rand::random())
+                        .into_uuid()
+                        .to_string(),
+                    created: Some(crate::reconcile::time(SystemTime::now())),
+                },
+            };
+            first_record = record;
+            entry
+        });
+        entry.path = path.to_owned();
+        if entry.generation == 0 || entry.spec != resource.spec {
+            entry.generation += 1;
+            entry.spec = resource.spec.clone();
+        }
+        fill(&mut resource, entry);
+        (resource, first_record)
     }
 
-    fn insert(&self, handle: Arc<PoolHandle>) {
-        self.pools
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(handle.pool.clone(), handle);
-    }
-
-    fn remove(&self, pool: &PoolRef) {
-        self.pools
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Forgets what the store knows of a pool whose manifest is gone (its record stays until
+    /// the driver has stopped the nodes and called [`PoolStore::forget`]).
+    fn lose(&self, pool: &PoolRef) {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(pool);
     }
 }
 
-/// Settings of standalone mode.
+fn fill(resource: &mut CachePool, known: &Known) {
+    resource.metadata.generation = Some(known.generation);
+    resource.metadata.uid = Some(known.uid.clone());
+    resource.metadata.creation_timestamp = known.created.clone();
+}
+
+impl PoolStore for StandaloneStore {
+    fn load<'a>(&'a self, pool: &'a PoolRef) -> BoxFuture<'a, Option<PoolRecord>> {
+        Box::pin(async move { self.state.load_record(pool) })
+    }
+
+    fn write_spec<'a>(
+        &'a self,
+        pool: &'a PoolRef,
+        resource: &'a CachePool,
+    ) -> BoxFuture<'a, store::Result<CachePool>> {
+        Box::pin(async move {
+            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = known
+                .get_mut(pool)
+                .ok_or_else(|| store::Error::NotFound(pool.clone()))?;
+            self.state
+                .write_manifest(&entry.path, resource)
+                .map_err(|e| store::Error::Storage(e.to_string()))?;
+            if entry.spec != resource.spec {
+                entry.generation += 1;
+                entry.spec = resource.spec.clone();
+            }
+            let mut stored = resource.clone();
+            fill(&mut stored, entry);
+            Ok(stored)
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        pool: &'a PoolRef,
+        record: &'a PoolRecord,
+    ) -> BoxFuture<'a, store::Result<()>> {
+        Box::pin(async move {
+            self.state
+                .save_record(pool, record)
+                .map_err(|e| store::Error::Storage(e.to_string()))
+        })
+    }
+
+    fn forget<'a>(&'a self, pool: &'a PoolRef) -> BoxFuture<'a, store::Result<()>> {
+        Box::pin(async move {
+            self.lose(pool);
+            self.state
+                .remove_record(pool)
+                .map_err(|e| store::Error::Storage(e.to_string()))
+        })
+    }
+}
+
+/// Settings of standalone mode's front end.
 #[derive(Clone, Copy, Debug)]
 pub struct StandaloneOptions {
-    pub driver: DriverOptions,
     /// How often the state directory is read.
     pub scan_interval: Duration,
 }
@@ -81,7 +181,6 @@ pub struct StandaloneOptions {
 impl Default for StandaloneOptions {
     fn default() -> Self {
         Self {
-            driver: DriverOptions::default(),
             scan_interval: Duration::from_secs(1),
         }
     }
@@ -95,14 +194,14 @@ struct Running {
 
 /// Runs standalone mode until `shutdown` turns true; the pool drivers are stopped then (their
 /// nodes are the provider's to stop or keep).
-pub async fn run<P: Provider>(
-    state: StateDir,
-    provider: Arc<P>,
+pub async fn run(
+    store: Arc<StandaloneStore>,
+    ctx: Arc<Context>,
     registry: Arc<Registry>,
-    metrics: OperatorMetrics,
     options: StandaloneOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let state = store.state().clone();
     let mut seen: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
     let mut running: BTreeMap<PoolRef, Running> = BTreeMap::new();
     let mut first = true;
@@ -122,7 +221,7 @@ pub async fn run<P: Provider>(
                         Ok((pool, resource)) => {
                             if let Some(old) = owner.filter(|old| old != pool) {
                                 // The file now declares another pool: the old one is deleted.
-                                stop_pool(&registry, &mut running, &old).await;
+                                stop_pool(&store, &registry, &mut running, &old).await;
                             }
                             if let Some(r) = running.get(pool) {
                                 if r.path != *path {
@@ -130,19 +229,13 @@ pub async fn run<P: Provider>(
                                           "two manifests declare the same pool; ignoring this one");
                                     continue;
                                 }
-                                r.handle
-                                    .manifest_changed(path.clone(), resource.clone())
-                                    .await;
+                                let (resource, _) = store.observe(pool, path, resource.clone());
+                                r.handle.observed(resource).await;
                             } else {
-                                let (driver, handle) = Driver::new(
-                                    pool.clone(),
-                                    path.clone(),
-                                    resource.clone(),
-                                    provider.clone(),
-                                    state.clone(),
-                                    metrics.clone(),
-                                    options.driver,
-                                );
+                                let (resource, record) =
+                                    store.observe(pool, path, resource.clone());
+                                let (driver, handle) =
+                                    Driver::new(pool.clone(), resource, record, ctx.clone());
                                 info!(pool = %pool, file = %path.display(), "pool found");
                                 registry.insert(handle.clone());
                                 let task = tokio::spawn(driver.run(shutdown.clone()));
@@ -160,10 +253,7 @@ pub async fn run<P: Provider>(
                             Some(pool) => {
                                 if let Some(r) = running.get(&pool) {
                                     r.handle
-                                        .manifest_unreadable(format!(
-                                            "{}: {message}",
-                                            path.display()
-                                        ))
+                                        .unreadable(format!("{}: {message}", path.display()))
                                         .await;
                                 }
                             }
@@ -185,13 +275,13 @@ pub async fn run<P: Provider>(
                         .map(|(pool, _)| pool.clone());
                     if let Some(pool) = owner {
                         info!(pool = %pool, file = %path.display(), "manifest deleted");
-                        stop_pool(&registry, &mut running, &pool).await;
+                        stop_pool(&store, &registry, &mut running, &pool).await;
                     }
                 }
                 if first {
                     first = false;
-                    stop_orphans(&state, provider.as_ref(), &running).await;
-                    registry.ready.store(true, Ordering::Release);
+                    stop_orphans(&state, &ctx, &running).await;
+                    registry.set_ready();
                 }
             }
             Err(e) => warn!(error = %e, "reading the state directory failed"),
@@ -214,21 +304,27 @@ pub async fn run<P: Provider>(
 }
 
 /// Deletes a pool: its driver stops every node and ends.
-async fn stop_pool(registry: &Registry, running: &mut BTreeMap<PoolRef, Running>, pool: &PoolRef) {
+async fn stop_pool(
+    store: &StandaloneStore,
+    registry: &Registry,
+    running: &mut BTreeMap<PoolRef, Running>,
+    pool: &PoolRef,
+) {
     if let Some(r) = running.remove(pool) {
         r.handle.delete().await;
         let _ = r.task.await;
         registry.remove(pool);
     }
+    store.lose(pool);
 }
 
 /// Nodes recorded for pools that have no manifest any more (deleted while the operator was
 /// down) are stopped.
-async fn stop_orphans<P: Provider>(
-    state: &StateDir,
-    provider: &P,
-    running: &BTreeMap<PoolRef, Running>,
-) {
+async fn stop_orphans(state: &StateDir, ctx: &Context, running: &BTreeMap<PoolRef, Running>) {
+    // Only local processes leave records in the run directory.
+    let Some(provider) = &ctx.providers.process else {
+        return;
+    };
     let run_dir = state.run_dir();
     let Ok(namespaces) = std::fs::read_dir(&run_dir) else {
         return;

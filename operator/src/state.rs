@@ -12,9 +12,8 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use cachepool_crds::pool::{CachePool, CachePoolSpec, CachePoolStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use serde::{Deserialize, Serialize};
+use cachepool_crds::pool::{CachePool, CachePoolSpec};
+use serde::Serialize;
 
 use crate::provider::PoolRef;
 
@@ -57,22 +56,7 @@ pub struct Manifest {
     pub parsed: Result<(PoolRef, CachePool), String>,
 }
 
-/// What the operator keeps about a pool besides its manifest.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PoolRecord {
-    /// Grows by one whenever the spec changes.
-    pub generation: i64,
-    pub uid: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub creation_timestamp: Option<Time>,
-    /// The newest spec seen, valid or not.
-    pub spec: CachePoolSpec,
-    /// The newest valid spec: what the pool runs on.
-    pub valid_spec: Option<CachePoolSpec>,
-    #[serde(default)]
-    pub status: CachePoolStatus,
-}
+pub use crate::store::PoolRecord;
 
 /// The state directory.
 #[derive(Clone, Debug)]
@@ -95,6 +79,11 @@ impl StateDir {
     /// The manifests directory.
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// The event file of standalone mode (`crate::events::FileEvents`).
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.join(".cachepool").join("events.jsonl")
     }
 
     /// Where the process provider keeps node records and logs.

@@ -14,7 +14,9 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use super::report::{Table, median};
-use crate::operator::{Operator, RunArgs};
+use cachepool_operator::Operator;
+
+use crate::operator::RunArgs;
 
 /// `cachepool bench operator` flags.
 #[derive(Debug, clap::Args)]
@@ -58,7 +60,7 @@ async fn measure(args: OperatorBenchArgs) -> anyhow::Result<()> {
         node_timeout_secs: 10,
         keep_nodes: false,
     };
-    let operator = Operator::start(&dir, &run_args, TOKEN.into()).await?;
+    let operator = Operator::start(run_args.config(&dir, TOKEN.into())?).await?;
     let api = operator.api_url();
     let result = rounds(&api, &args).await;
     let reconcile = reconcile_latency(&api).await;

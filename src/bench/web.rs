@@ -45,7 +45,9 @@ use super::nginx::{Nginx, NginxConfig, find_binary};
 use super::procs;
 use super::report::{Table, median, thousands};
 use super::wrk::{self, WrkResult, WrkRun};
-use crate::operator::{Operator, RunArgs};
+use cachepool_operator::Operator;
+
+use crate::operator::RunArgs;
 use crate::web::{Web, WebArgs};
 
 /// `cachepool bench web` flags.
@@ -145,7 +147,7 @@ async fn measure(
         node_timeout_secs: 10,
         keep_nodes: false,
     };
-    let operator = Operator::start(&pools, &run_args, TOKEN.into())
+    let operator = Operator::start(run_args.config(&pools, TOKEN.into())?)
         .await
         .context("starting the operator")?;
     let result = with_operator(args, wrk, nginx, dir, &operator.api_url()).await;

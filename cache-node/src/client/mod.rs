@@ -8,10 +8,14 @@
 //!   a migration reads the previous owner on a miss and copies hits forward (see [`pool`] for
 //!   the rules and the race they leave open).
 //!
+//! - [`AdminClient`] is the typed client of a node's admin HTTP API, over the server's own
+//!   request and response types.
+//!
 //! Layout follows the node's: `codec` turns requests into bytes and bytes into replies without
 //! I/O (unit-tested on byte strings), `conn` runs one request over one socket and pools
 //! sockets, `node` is the per-node API, `pool` the ring-aware one.
 
+pub mod admin;
 mod codec;
 mod conn;
 mod node;
@@ -21,6 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use admin::{AdminClient, AdminError};
 pub use node::NodeClient;
 pub use pool::PoolClient;
 

@@ -44,7 +44,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{Error, LaunchSpec, PoolRef, Provider, ProviderNode, Result};
+use super::{
+    Error, LaunchSpec, PoolRef, Provider, ProviderKind, ProviderNode, Result, ShutdownPolicy,
+};
 
 /// How long a new node may take to bind its ports and write its address file. Binding takes
 /// milliseconds; the margin is for a machine busy compiling.
@@ -91,7 +93,7 @@ impl ProcessOptions {
 /// Runs nodes as local child processes (see the module documentation).
 ///
 /// Dropping it leaves every node running; [`ProcessProvider::open`] over the same run
-/// directory adopts them again, and [`Provider::terminate_all`] stops them.
+/// directory adopts them again, and [`Provider::stop_all`] stops them.
 pub struct ProcessProvider {
     opts: ProcessOptions,
     pools: Mutex<BTreeMap<PoolRef, BTreeMap<String, Entry>>>,
@@ -300,7 +302,8 @@ impl ProcessProvider {
         }
     }
 
-    async fn launch_node(&self, pool: &PoolRef, slot: u32, spec: &LaunchSpec) -> Result<Entry> {
+    async fn launch_node(&self, spec: &LaunchSpec) -> Result<Entry> {
+        let (pool, slot) = (&spec.pool, spec.slot);
         if !is_directory_name(&pool.namespace) || !is_directory_name(&pool.name) {
             return Err(Error::PoolName { pool: pool.clone() });
         }
@@ -318,7 +321,7 @@ impl ProcessProvider {
         let log_err = log
             .try_clone()
             .map_err(io_error("open the log file", &log_file))?;
-        let token = new_token();
+        let token = spec.admin_token.expose();
         let listen = SocketAddr::new(self.opts.host, 0).to_string();
 
         let mut command = Command::new(&self.opts.binary);
@@ -340,7 +343,7 @@ impl ProcessProvider {
                     .iter()
                     .any(|name| k.as_os_str() == OsStr::new(name))
             }))
-            .env("CACHEPOOL_ADMIN_TOKEN", &token)
+            .env("CACHEPOOL_ADMIN_TOKEN", token)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
@@ -380,7 +383,7 @@ impl ProcessProvider {
                 start_time: stat.start_time,
                 address: String::new(),
                 admin_address: String::new(),
-                admin_token: token,
+                admin_token: token.to_owned(),
                 launched_at_unix_ms: unix_ms(SystemTime::now()),
                 addr_file,
                 log_file,
@@ -510,6 +513,14 @@ impl ProcessProvider {
 }
 
 impl Provider for ProcessProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Process
+    }
+
+    fn shutdown_policy(&self) -> ShutdownPolicy {
+        ShutdownPolicy::StopNodes
+    }
+
     async fn list(&self, pool: &PoolRef) -> Result<Vec<ProviderNode>> {
         let mut nodes: Vec<ProviderNode> = self
             .lock()
@@ -520,8 +531,9 @@ impl Provider for ProcessProvider {
         Ok(nodes)
     }
 
-    async fn launch(&self, pool: &PoolRef, slot: u32, spec: &LaunchSpec) -> Result<ProviderNode> {
-        let entry = self.launch_node(pool, slot, spec).await?;
+    async fn launch(&self, spec: &LaunchSpec) -> Result<ProviderNode> {
+        let (pool, slot) = (&spec.pool, spec.slot);
+        let entry = self.launch_node(spec).await?;
         let node = entry.node();
         info!(%pool, slot, id = %node.id, address = %node.address,
               admin_address = %node.admin_address, "node launched");
@@ -546,7 +558,7 @@ impl Provider for ProcessProvider {
         }
     }
 
-    async fn terminate_all(&self) -> Result<()> {
+    async fn stop_all(&self) -> Result<()> {
         let entries: Vec<Entry> = self
             .lock()
             .values()
@@ -712,12 +724,6 @@ fn is_directory_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-/// 256 random bits, hex: the admin token of one node.
-fn new_token() -> String {
-    let bytes: [u8; 32] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -848,7 +854,11 @@ mod tests {
 
     #[test]
     fn tokens_are_long_and_distinct() {
-        let (a, b) = (new_token(), new_token());
+        let (a, b) = (
+            crate::provider::AdminToken::generate(),
+            crate::provider::AdminToken::generate(),
+        );
+        let (a, b) = (a.expose(), b.expose());
         assert_eq!(a.len(), 64);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);

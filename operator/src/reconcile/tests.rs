@@ -82,6 +82,7 @@ impl World {
             status: &self.status,
             nodes: &nodes,
             scale_reason: None,
+            unavailable: None,
             now: self.now,
         })
     }

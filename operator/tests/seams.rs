@@ -1,0 +1,284 @@
+//! The operator as a library, started in-process with nodes embedded in the test: a pool
+//! whose provider this operator does not serve starts nothing and says why; a served pool's
+//! resizes are told as events; the store sees status writes only on meaningful change.
+//!
+//! Each test starts its own operator over its own state directory on port 0, and stops it
+//! (which stops every embedded node) before it ends.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_node::client::PoolClient;
+use cachepool_crds::pool::{CachePool, PoolPhase};
+use cachepool_operator::driver::DriverOptions;
+use cachepool_operator::events::{RecordedEvents, reason};
+use cachepool_operator::provider::PoolRef;
+use cachepool_operator::provider::embedded::EmbeddedProvider;
+use cachepool_operator::run::{Config, NodeBackend, Operator};
+use cachepool_operator::standalone::StandaloneOptions;
+
+const TOKEN: &str = "seams-test-token";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A state directory that is removed when the test ends.
+struct StateDir(PathBuf);
+
+impl StateDir {
+    fn new(name: &str) -> StateDir {
+        let dir = std::env::temp_dir().join(format!(
+            "cachepool-seams-{name}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        StateDir(dir)
+    }
+
+    fn write(&self, file: &str, yaml: &str) {
+        std::fs::write(self.0.join(file), yaml).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Harness {
+    operator: Operator,
+    nodes: Arc<EmbeddedProvider>,
+    events: RecordedEvents,
+    _dir: StateDir,
+}
+
+async fn start(name: &str, manifest: &str) -> Harness {
+    let dir = StateDir::new(name);
+    dir.write("pool.yaml", manifest);
+    let nodes = Arc::new(EmbeddedProvider::new());
+    let events = RecordedEvents::new();
+    let mut config = Config::standalone(
+        &dir.0,
+        NodeBackend::Embedded(nodes.clone()),
+        "127.0.0.1:0",
+        TOKEN,
+    );
+    config.driver = DriverOptions {
+        probe_interval: Duration::from_millis(50),
+        sample_interval: Duration::from_millis(100),
+        ..DriverOptions::default()
+    };
+    config.standalone = StandaloneOptions {
+        scan_interval: Duration::from_millis(50),
+    };
+    config.events = vec![Arc::new(events.clone())];
+    let operator = Operator::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("starting the operator: {e}"));
+    Harness {
+        operator,
+        nodes,
+        events,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    /// Polls the pool's resource until `check` holds.
+    async fn until(
+        &self,
+        pool: &PoolRef,
+        what: &str,
+        check: impl Fn(&CachePool) -> bool,
+    ) -> CachePool {
+        let start = Instant::now();
+        loop {
+            if let Some(handle) = self.operator.registry().get(pool) {
+                let resource = handle.resource();
+                if check(&resource) {
+                    return resource;
+                }
+                assert!(
+                    start.elapsed() < TIMEOUT,
+                    "timed out waiting for {what}; status: {:?}",
+                    resource.status
+                );
+            } else {
+                assert!(
+                    start.elapsed() < TIMEOUT,
+                    "timed out waiting for {pool} to appear"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let nodes = self.nodes.clone();
+        self.operator
+            .stop()
+            .await
+            .unwrap_or_else(|e| panic!("stopping the operator: {e}"));
+        assert_eq!(nodes.running(), 0, "every embedded node is stopped");
+    }
+}
+
+fn phase(resource: &CachePool) -> Option<PoolPhase> {
+    resource.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition<'a>(
+    resource: &'a CachePool,
+    kind: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    resource
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+}
+
+const EC2_POOL: &str = "\
+apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {name: cloud}
+spec:
+  scaling: {mode: manual, replicas: 2}
+  provider:
+    ec2:
+      region: eu-west-1
+      imageId: ami-0123456789abcdef0
+      instanceType: r7g.large
+      subnetId: subnet-0123456789abcdef0
+      securityGroupIds: [sg-0123456789abcdef0]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_naming_a_provider_this_operator_cannot_serve_is_degraded_and_starts_nothing() {
+    let h = start("ec2", EC2_POOL).await;
+    let pool = PoolRef::new("default", "cloud");
+    let resource = h
+        .until(&pool, "Degraded", |r| phase(r) == Some(PoolPhase::Degraded))
+        .await;
+    let degraded = condition(&resource, "Degraded").expect("a Degraded condition");
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "ProviderUnavailable");
+    assert!(
+        degraded.message.contains("`ec2`") && degraded.message.contains("no node was started"),
+        "{}",
+        degraded.message
+    );
+    let ready = condition(&resource, "Ready").expect("a Ready condition");
+    assert_eq!(ready.status, "False");
+    // Several rounds later, still nothing started and the event was told once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.nodes.launches(),
+        0,
+        "no node may start for an unserved provider"
+    );
+    let told = h
+        .events
+        .reasons(&pool)
+        .into_iter()
+        .filter(|r| *r == reason::PROVIDER_UNAVAILABLE)
+        .count();
+    assert_eq!(told, 1, "the unserved provider is told once per generation");
+    h.stop().await;
+}
+
+const LOCAL_POOL: &str = "\
+apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {name: local}
+spec:
+  cache: {capacityMiB: 8, maxItemSizeKiB: 1024}
+  scaling: {mode: manual, replicas: 1}
+  provider: {process: {}}
+";
+
+/// Reads the ring from the registry and keeps a pool client on it.
+async fn client_for(h: &Harness, pool: &PoolRef) -> Arc<PoolClient> {
+    let handle = h
+        .operator
+        .registry()
+        .get(pool)
+        .unwrap_or_else(|| panic!("no pool {pool}"));
+    let ring = handle
+        .ring()
+        .borrow()
+        .clone()
+        .unwrap_or_else(|| panic!("{pool} has no ring"));
+    Arc::new(
+        PoolClient::new(ring, cache_node::client::ClientOptions::default())
+            .unwrap_or_else(|e| panic!("pool client: {e}")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_is_told_as_events_and_status_is_written_only_on_meaningful_change() {
+    let h = start("events", LOCAL_POOL).await;
+    let pool = PoolRef::new("default", "local");
+    h.until(&pool, "Ready", |r| phase(r) == Some(PoolPhase::Ready))
+        .await;
+    let handle = h.operator.registry().get(&pool).unwrap();
+
+    // A steady pool under traffic: samples change the traffic figures every 100 ms, but the
+    // store sees them at most once per status counter interval (15 s).
+    let client = client_for(&h, &pool).await;
+    let label = pool.to_string();
+    let before = h.operator.metrics().status_writes(&label);
+    let steady = Instant::now();
+    let mut i = 0u32;
+    while steady.elapsed() < Duration::from_secs(3) {
+        let key = format!("k{}", i % 200);
+        if client.get(key.as_bytes()).await.unwrap().is_none() {
+            client.set(key.as_bytes(), b"value", 0, 0).await.unwrap();
+        }
+        i += 1;
+    }
+    let steady_writes = h.operator.metrics().status_writes(&label) - before;
+    println!(
+        "steady pool: {steady_writes} status writes in {:?} ({i} requests, samples every 100 ms)",
+        steady.elapsed()
+    );
+    assert!(
+        steady_writes <= 1,
+        "a steady pool wrote its status {steady_writes} times in 3 s"
+    );
+
+    // Grow to 3 through the API path: every step of the resize is told.
+    let mut spec = handle.resource().spec;
+    spec.scaling.replicas = 3;
+    let resize = Instant::now();
+    let before = h.operator.metrics().status_writes(&label);
+    handle.set_spec(spec).await.unwrap();
+    h.until(&pool, "3 ready nodes", |r| {
+        phase(r) == Some(PoolPhase::Ready)
+            && r.status.as_ref().is_some_and(|s| s.ready_replicas == 3)
+    })
+    .await;
+    let resize_writes = h.operator.metrics().status_writes(&label) - before;
+    println!(
+        "grow 1 -> 3: {resize_writes} status writes in {:?}",
+        resize.elapsed()
+    );
+    let reasons = h.events.reasons(&pool);
+    for expected in [
+        reason::SCALED_UP,
+        reason::HANDOFF_STARTED,
+        reason::HANDOFF_FINISHED,
+    ] {
+        assert!(
+            reasons.contains(&expected),
+            "{expected} missing from {reasons:?}"
+        );
+    }
+    assert!(
+        resize_writes <= 12,
+        "a resize wrote its status {resize_writes} times"
+    );
+    h.stop().await;
+}
