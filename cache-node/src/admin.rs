@@ -12,6 +12,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use cachepool_crds::api::ErrorBody;
 use serde::{Deserialize, Serialize};
 
 use crate::handoff::{Handoff, HandoffRequest};
@@ -58,16 +59,13 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// A JSON error as the HTTP contract defines it, `{"error", "message", "field"?}`; the node's,
-/// the operator's and the site's APIs all answer with it (401 adds `WWW-Authenticate`).
-#[derive(Debug, Serialize)]
+/// A JSON error as the HTTP contract defines it, `{"error", "message", "field"?}` (the body
+/// is [`ErrorBody`], shared with every client); the node's, the operator's and the site's
+/// APIs all answer with it (401 adds `WWW-Authenticate`).
+#[derive(Debug)]
 pub struct ApiError {
-    #[serde(skip)]
     status: StatusCode,
-    error: &'static str,
-    message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<String>,
+    body: ErrorBody,
 }
 
 impl ApiError {
@@ -75,15 +73,17 @@ impl ApiError {
     pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
-            error,
-            message: message.into(),
-            field: None,
+            body: ErrorBody {
+                error: error.to_owned(),
+                message: message.into(),
+                field: None,
+            },
         }
     }
 
     /// Names the request field at fault.
     pub fn field(mut self, field: impl Into<String>) -> Self {
-        self.field = Some(field.into());
+        self.body.field = Some(field.into());
         self
     }
 
@@ -92,17 +92,22 @@ impl ApiError {
     }
 
     pub fn message(&self) -> &str {
-        &self.message
+        &self.body.message
     }
 
     pub fn field_name(&self) -> Option<&str> {
-        self.field.as_deref()
+        self.body.field.as_deref()
+    }
+
+    /// The body as it goes on the wire.
+    pub fn body(&self) -> &ErrorBody {
+        &self.body
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(&self)).into_response();
+        let mut resp = (self.status, axum::Json(&self.body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

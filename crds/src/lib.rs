@@ -5,10 +5,16 @@
 //!   is in while keys migrate. Pure functions over plain data, shared by the operator (which
 //!   moves keys) and every client (which routes requests).
 //!
+//! - [`api`]: the operator's HTTP API on the wire (paths, bodies, the error body); with the
+//!   `client` feature, [`client`](crate) holds its typed client.
+//!
 //! - [`pool`]: the CachePool custom resource (`cachepool.io/v1alpha1`): spec, status, defaults,
 //!   [`pool::validate`] (the rules the operator always enforces) and the CRD, whose schema
 //!   carries the same rules as bounds and CEL for the API server.
 
+pub mod api;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod pool;
 pub mod ring;
 

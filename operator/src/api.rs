@@ -21,9 +21,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cache_node::admin::{ApiError, constant_time_eq};
+use cachepool_crds::api::{HistoryPoint, PoolList, ScaleRequest};
 use cachepool_crds::pool::{CachePool, ScalingMode, SpecError};
 use cachepool_crds::ring::RingState;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::driver::{CommandError, PoolHandle};
@@ -207,20 +208,10 @@ fn pool(state: &ApiState, namespace: String, name: String) -> ApiResult<Arc<Pool
         .ok_or_else(|| ApiError::not_found(&pool))
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PoolList {
-    api_version: &'static str,
-    kind: &'static str,
-    items: Vec<CachePool>,
-}
-
 async fn list_pools(State(state): State<ApiState>) -> Json<PoolList> {
-    Json(PoolList {
-        api_version: "cachepool.io/v1alpha1",
-        kind: "CachePoolList",
-        items: state.registry.list().iter().map(|p| p.resource()).collect(),
-    })
+    Json(PoolList::new(
+        state.registry.list().iter().map(|p| p.resource()).collect(),
+    ))
 }
 
 async fn get_pool(
@@ -325,11 +316,6 @@ fn current_field(current: &CachePool, key: &str) -> Option<Value> {
     serde_json::to_value(current).ok()?.get(key).cloned()
 }
 
-#[derive(Deserialize)]
-struct ScaleRequest {
-    delta: i64,
-}
-
 async fn scale_pool(
     State(state): State<ApiState>,
     Path((namespace, name)): Path<(String, String)>,
@@ -426,7 +412,7 @@ async fn get_history(
     State(state): State<ApiState>,
     Path((namespace, name)): Path<(String, String)>,
     Query(query): Query<HistoryQuery>,
-) -> ApiResult<Json<Vec<crate::history::Point>>> {
+) -> ApiResult<Json<Vec<HistoryPoint>>> {
     let handle = pool(&state, namespace, name)?;
     let minutes = query.minutes.unwrap_or(30);
     if minutes == 0 || minutes > MAX_HISTORY_MINUTES {

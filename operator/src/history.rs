@@ -40,7 +40,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The least per-minute history a pool keeps: the manager's charts promise a day.
@@ -188,25 +187,8 @@ impl WindowTotals {
     }
 }
 
-/// One minute of history, as the operator API's `/history` serves it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Point {
-    /// Start of the minute, serialised as RFC 3339 UTC (`2026-11-26T01:02:00Z`).
-    pub t: Timestamp,
-    /// Ring size at the minute's last sample.
-    pub nodes: u32,
-    /// Misses / gets of the minute; `null` when it had no gets.
-    pub miss_rate: Option<f64>,
-    /// Hits / gets of the minute; `null` when it had no gets.
-    pub hit_rate: Option<f64>,
-    /// Items at the minute's last sample.
-    pub items: u64,
-    /// Bytes at the minute's last sample.
-    pub bytes: u64,
-    /// Requests of the minute, scaled to a full minute when only part of it was covered.
-    pub requests_per_minute: f64,
-}
+/// One minute of history, as the operator API's `/history` serves it (the wire type).
+pub use cachepool_crds::api::HistoryPoint as Point;
 
 /// The latest state of a pool, for its status and gauges.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

@@ -39,6 +39,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+pub use cachepool_crds::api::FlushReport;
+
 use crate::autoscaler::Autoscaler;
 use crate::events::{Event, EventSink, reason};
 use crate::history::{Point, PoolHistory};
@@ -140,17 +142,6 @@ enum Command {
     Unreadable { message: String },
     /// The pool was deleted: stop every node and end.
     Delete,
-}
-
-/// Result of a flush.
-#[derive(Clone, Debug, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FlushReport {
-    pub nodes: u32,
-    pub items_dropped: u64,
-    /// Nodes that could not be flushed, with the reason.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub failed: Vec<String>,
 }
 
 /// The face of a pool that the API and the front end hold.
