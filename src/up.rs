@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use cachepool_crds::client::OperatorClient;
 use serde::{Deserialize, Serialize};
 
 use cachepool_operator::Operator;
@@ -246,28 +247,27 @@ fn seed_pools(pools: &Path) -> anyhow::Result<()> {
 
 /// Waits (up to a minute) for the first pool's first ring and returns its addresses.
 async fn first_ring(api: &str, token: &str) -> Option<Vec<String>> {
-    let client = reqwest::Client::new();
-    for _ in 0..600 {
-        let pools: serde_json::Value = client
-            .get(format!("{api}/api/v1/pools"))
-            .bearer_auth(token)
-            .send()
+    let client = OperatorClient::new(api, token);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        let first = client
+            .pools()
             .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        let members = pools["items"]
-            .as_array()
-            .and_then(|items| items.first())
-            .and_then(|pool| pool["status"]["ring"]["members"].as_array().cloned());
-        if let Some(members) = members.filter(|m| !m.is_empty()) {
-            return Some(
-                members
-                    .iter()
-                    .filter_map(|m| m["address"].as_str().map(str::to_owned))
-                    .collect(),
-            );
+            .ok()
+            .and_then(|list| list.items.into_iter().next());
+        if let Some(pool) = first {
+            let namespace = pool.metadata.namespace.unwrap_or_default();
+            let name = pool.metadata.name.unwrap_or_default();
+            // 409 until the first nodes serve.
+            if let Ok(ring) = client.ring(&namespace, &name, None).await {
+                return Some(
+                    ring.current()
+                        .members()
+                        .iter()
+                        .map(|m| m.address.clone())
+                        .collect(),
+                );
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

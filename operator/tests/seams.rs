@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_node::client::PoolClient;
-use cachepool_crds::pool::{CachePool, PoolPhase};
+use cachepool_crds::pool::{CachePool, PoolPhase, ScalingMode};
 use cachepool_operator::driver::DriverOptions;
 use cachepool_operator::events::{RecordedEvents, reason};
 use cachepool_operator::provider::PoolRef;
@@ -54,6 +54,15 @@ struct Harness {
 }
 
 async fn start(name: &str, manifest: &str) -> Harness {
+    start_with(
+        name,
+        manifest,
+        DriverOptions::default().status_counter_interval,
+    )
+    .await
+}
+
+async fn start_with(name: &str, manifest: &str, status_counter_interval: Duration) -> Harness {
     let dir = StateDir::new(name);
     dir.write("pool.yaml", manifest);
     let nodes = Arc::new(EmbeddedProvider::new());
@@ -67,6 +76,7 @@ async fn start(name: &str, manifest: &str) -> Harness {
     config.driver = DriverOptions {
         probe_interval: Duration::from_millis(50),
         sample_interval: Duration::from_millis(100),
+        status_counter_interval,
         ..DriverOptions::default()
     };
     config.standalone = StandaloneOptions {
@@ -281,4 +291,153 @@ async fn a_resize_is_told_as_events_and_status_is_written_only_on_meaningful_cha
         "a resize wrote its status {resize_writes} times"
     );
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typed_client_speaks_the_operator_api() {
+    use cachepool_crds::client::OperatorClient;
+
+    let h = start("client", LOCAL_POOL).await;
+    let pool = PoolRef::new("default", "local");
+    h.until(&pool, "Ready", |r| phase(r) == Some(PoolPhase::Ready))
+        .await;
+    let client = OperatorClient::new(&h.operator.api_url(), TOKEN);
+
+    let list = client.pools().await.unwrap();
+    assert_eq!(list.kind, "CachePoolList");
+    assert_eq!(list.items.len(), 1);
+    let ring = client.ring("default", "local", None).await.unwrap();
+    let epoch = ring.current().epoch();
+
+    // A merge patch is validated like a new spec: the refusal keeps the operator's body whole.
+    let refused = client
+        .patch(
+            "default",
+            "local",
+            &serde_json::json!({"spec": {"scaling": {"minReplicas": 5, "maxReplicas": 2}}}),
+        )
+        .await
+        .unwrap_err();
+    let (status, body) = refused.refusal().expect("a refusal");
+    assert_eq!(status, 422);
+    assert_eq!(body.error, "invalid_spec");
+    assert!(
+        body.field
+            .as_deref()
+            .is_some_and(|f| f.starts_with("spec.scaling")),
+        "{body}"
+    );
+
+    // Grow by one; the long-poll answers with the next ring.
+    let grown = client.scale("default", "local", 1).await.unwrap();
+    assert_eq!(grown.spec.scaling.replicas, 2);
+    let next = client.ring("default", "local", Some(epoch)).await.unwrap();
+    assert!(next.current().epoch() > epoch);
+
+    let flushed = client.flush("default", "local").await.unwrap();
+    assert!(flushed.nodes >= 1, "{flushed:?}");
+    let history = client.history("default", "local", 5).await.unwrap();
+    assert!(history.len() <= 6, "{history:?}");
+
+    let missing = client.pool("default", "nope").await.unwrap_err();
+    assert_eq!(
+        missing.refusal().map(|(s, b)| (s, b.error.as_str())),
+        Some((404, "not_found"))
+    );
+    h.stop().await;
+}
+
+const STEADY_POOL: &str = "\
+apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {name: local}
+spec:
+  cache: {capacityMiB: 8, maxItemSizeKiB: 1024}
+  scaling:
+    mode: auto
+    minReplicas: 1
+    maxReplicas: 1
+    auto: {windowSeconds: 2}
+  provider: {process: {}}
+";
+
+/// Status writes of a pool under steady traffic and through a resize with keys to move,
+/// with fast counters held back (`interval`) or written on every change (`ZERO`, what the
+/// operator did before the status policy).
+async fn measure_status_writes(interval: Duration) -> (u64, Duration, u64, Duration) {
+    // Auto mode with a 2 s window, held at one node, so the status shows traffic figures within
+    // seconds (manual mode's are over a minute).
+    let h = start_with("writes", STEADY_POOL, interval).await;
+    let pool = PoolRef::new("default", "local");
+    h.until(&pool, "Ready", |r| phase(r) == Some(PoolPhase::Ready))
+        .await;
+    let handle = h.operator.registry().get(&pool).unwrap();
+    let client = client_for(&h, &pool).await;
+    let label = pool.to_string();
+    let value = vec![b'v'; 1024];
+    for i in 0..3000 {
+        client
+            .set(format!("key{i}").as_bytes(), &value, 0, 0)
+            .await
+            .unwrap();
+    }
+    let before = h.operator.metrics().status_writes(&label);
+    let steady = Instant::now();
+    let mut i = 0u32;
+    while steady.elapsed() < Duration::from_secs(3) {
+        let _ = client
+            .get(format!("key{}", i % 3000).as_bytes())
+            .await
+            .unwrap();
+        i += 1;
+    }
+    let steady_writes = h.operator.metrics().status_writes(&label) - before;
+    let steady_time = steady.elapsed();
+
+    let mut spec = handle.resource().spec;
+    spec.scaling.mode = ScalingMode::Manual;
+    spec.scaling.max_replicas = 3;
+    spec.scaling.replicas = 3;
+    let before = h.operator.metrics().status_writes(&label);
+    let resize = Instant::now();
+    handle.set_spec(spec).await.unwrap();
+    h.until(&pool, "3 ready nodes, idle", |r| {
+        r.status.as_ref().is_some_and(|s| {
+            s.ready_replicas == 3 && s.migration.is_none() && s.phase == Some(PoolPhase::Ready)
+        })
+    })
+    .await;
+    let resize_writes = h.operator.metrics().status_writes(&label) - before;
+    let resize_time = resize.elapsed();
+    h.stop().await;
+    (steady_writes, steady_time, resize_writes, resize_time)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holding_back_fast_counters_cuts_status_writes() {
+    let per_minute = |writes: u64, took: Duration| writes as f64 * 60.0 / took.as_secs_f64();
+    let (old_steady, old_steady_t, old_resize, old_resize_t) =
+        measure_status_writes(Duration::ZERO).await;
+    let (new_steady, new_steady_t, new_resize, new_resize_t) =
+        measure_status_writes(DriverOptions::default().status_counter_interval).await;
+    println!(
+        "status writes, every change written: steady {old_steady} in {old_steady_t:?} ({:.0}/min), \
+         grow 1->3 {old_resize} in {old_resize_t:?}",
+        per_minute(old_steady, old_steady_t)
+    );
+    println!(
+        "status writes, fast counters held back: steady {new_steady} in {new_steady_t:?} ({:.0}/min), \
+         grow 1->3 {new_resize} in {new_resize_t:?}",
+        per_minute(new_steady, new_steady_t)
+    );
+    // Samples every 100 ms change the traffic figures: writing every change writes often.
+    assert!(
+        old_steady >= 5,
+        "the measurement saw no traffic changes: {old_steady}"
+    );
+    assert!(
+        new_steady <= 1,
+        "{new_steady} writes of a steady pool in 3 s"
+    );
+    assert!(new_resize <= old_resize, "{new_resize} > {old_resize}");
 }
