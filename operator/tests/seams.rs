@@ -371,7 +371,11 @@ async fn measure_status_writes(interval: Duration) -> (u64, Duration, u64, Durat
     let pool = PoolRef::new("default", "local");
     h.until(&pool, "Ready", |r| phase(r) == Some(PoolPhase::Ready))
         .await;
-    let handle = h.operator.registry().get(&pool).unwrap();
+    let handle = h
+        .operator
+        .registry()
+        .get(&pool)
+        .unwrap_or_else(|| panic!("no pool {pool}"));
     let client = client_for(&h, &pool).await;
     let label = pool.to_string();
     let value = vec![b'v'; 1024];
@@ -379,7 +383,7 @@ async fn measure_status_writes(interval: Duration) -> (u64, Duration, u64, Durat
         client
             .set(format!("key{i}").as_bytes(), &value, 0, 0)
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("set: {e}"));
     }
     let before = h.operator.metrics().status_writes(&label);
     let steady = Instant::now();
@@ -388,7 +392,7 @@ async fn measure_status_writes(interval: Duration) -> (u64, Duration, u64, Durat
         let _ = client
             .get(format!("key{}", i % 3000).as_bytes())
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("get: {e}"));
         i += 1;
     }
     let steady_writes = h.operator.metrics().status_writes(&label) - before;
@@ -400,7 +404,10 @@ async fn measure_status_writes(interval: Duration) -> (u64, Duration, u64, Durat
     spec.scaling.replicas = 3;
     let before = h.operator.metrics().status_writes(&label);
     let resize = Instant::now();
-    handle.set_spec(spec).await.unwrap();
+    handle
+        .set_spec(spec)
+        .await
+        .unwrap_or_else(|e| panic!("set_spec: {e}"));
     h.until(&pool, "3 ready nodes, idle", |r| {
         r.status.as_ref().is_some_and(|s| {
             s.ready_replicas == 3 && s.migration.is_none() && s.phase == Some(PoolPhase::Ready)
