@@ -232,3 +232,42 @@ impl EventSink for Fanout {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_events_are_json_lines_and_rotate_at_the_limit() {
+        let dir = std::env::temp_dir().join(format!(
+            "cachepool-events-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let sink = FileEvents::new(dir.join("events.jsonl"));
+        let pool = PoolRef::new("default", "web");
+        sink.emit(&pool, Event::normal(reason::SCALED_UP, "1 -> 2"));
+        sink.emit(&pool, Event::warning(reason::PROVIDER_ERROR, "boom"));
+        let text = fs::read_to_string(sink.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["pool"], "default/web");
+        assert_eq!(lines[0]["type"], "Normal");
+        assert_eq!(lines[0]["reason"], "ScaledUp");
+        assert_eq!(lines[1]["type"], "Warning");
+        assert!(lines[1]["time"].as_str().unwrap().ends_with('Z'));
+
+        let big = "x".repeat(64 * 1024);
+        for _ in 0..20 {
+            sink.emit(&pool, Event::normal(reason::SCALED_UP, big.clone()));
+        }
+        let current = fs::metadata(sink.path()).unwrap().len();
+        assert!(current <= EVENT_FILE_LIMIT, "{current}");
+        assert!(dir.join("events.jsonl.1").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -674,6 +674,64 @@ fn invalid_spec_on_a_new_pool_starts_nothing() {
 }
 
 #[test]
+fn an_unavailable_provider_halts_the_pool_and_says_why() {
+    let w = World::new(spec(2));
+    let nodes = w.views();
+    let plan = plan(Input {
+        spec: &w.spec,
+        generation: Some(w.generation),
+        spec_errors: &w.errors,
+        status: &w.status,
+        nodes: &nodes,
+        scale_reason: None,
+        unavailable: Some(Unavailable {
+            reason: "ProviderUnavailable",
+            message: "this operator cannot run `ec2` nodes",
+            halt: true,
+        }),
+        now: w.now,
+    });
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.status.phase, Some(PoolPhase::Degraded));
+    let condition = |kind: &str| {
+        plan.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == kind)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(condition("Degraded").status, "True");
+    assert_eq!(condition("Degraded").reason, "ProviderUnavailable");
+    assert_eq!(condition("Ready").status, "False");
+    assert_eq!(condition("Ready").reason, "ProviderUnavailable");
+}
+
+#[test]
+fn an_unavailable_metrics_source_degrades_without_halting() {
+    let mut w = World::new(spec(2));
+    w.settle(10);
+    let nodes = w.views();
+    let plan = plan(Input {
+        spec: &w.spec,
+        generation: Some(w.generation),
+        spec_errors: &w.errors,
+        status: &w.status,
+        nodes: &nodes,
+        scale_reason: None,
+        unavailable: Some(Unavailable {
+            reason: "MetricsSourceUnavailable",
+            message: "no CloudWatch source",
+            halt: false,
+        }),
+        now: w.now,
+    });
+    assert_eq!(plan.status.phase, Some(PoolPhase::Degraded));
+    assert_eq!(plan.status.ring, w.status.ring, "the ring stays as it is");
+    assert_eq!(plan.status.ready_replicas, 2);
+}
+
+#[test]
 fn config_change_is_pushed_to_every_member_without_restarts() {
     let mut w = World::new(spec(3));
     w.settle(10);
