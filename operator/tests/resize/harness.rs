@@ -162,25 +162,27 @@ pub struct Resize {
     /// the final ring, no node left beside the ring's. `None` when the spec had moved on to
     /// another size meanwhile.
     pub settled: Option<Instant>,
-    /// Keys and value bytes moved, as the operator counted them (`HandoffFinished`).
+    /// Keys and value bytes moved, as the operator told them (`HandoffFinished`).
     pub reported_keys: u64,
     pub reported_bytes: u64,
     /// Previous-ring members the test killed (data addresses).
     pub dead: Vec<String>,
-    /// The operator's `NodeReplaced` messages during the resize.
+    /// The operator's `NodeReplaced` messages from the spec change until the pool settled
+    /// (a member that died mid-migration is replaced before or after the migration
+    /// completes, whichever comes first).
     pub replaced: Vec<String>,
     /// Items the removed nodes still held when the operator stopped them (a shrink).
     pub left_on_removed: u64,
 }
 
 impl Resize {
-    /// Keys moved, as the operator counted them.
+    /// Keys moved, as the participants counted them.
     pub fn keys_moved(&self) -> u64 {
-        self.reported_keys
+        self.statuses.iter().map(|s| s.keys_moved).sum()
     }
-    /// Value bytes moved, as the operator counted them.
+    /// Value bytes moved, as the participants counted them.
     pub fn bytes_moved(&self) -> u64 {
-        self.reported_bytes
+        self.statuses.iter().map(|s| s.bytes_moved).sum()
     }
     pub fn keys_skipped(&self) -> u64 {
         self.statuses.iter().map(|s| s.keys_skipped).sum()
@@ -204,8 +206,8 @@ impl Resize {
         let ms = |t: Instant| (t - self.asked).as_secs_f64() * 1000.0;
         format!(
             "{}->{} in {:?} (spec change -> migrating ring {:.1} ms -> completed ring {:.1} ms{}): \
-             hand-off of {} foreign keys: moved {} ({} bytes), skipped {}, retried (copy \
-             withdrawn) {}, dropped {}{}{}{}",
+             hand-off of {} foreign keys: moved {} ({} bytes; the operator told {} keys, {} \
+             bytes), skipped {}, retried (copy withdrawn) {}, dropped {}{}{}{}",
             self.from,
             self.to,
             self.elapsed(),
@@ -217,6 +219,8 @@ impl Resize {
             self.keys_total(),
             self.keys_moved(),
             self.bytes_moved(),
+            self.reported_keys,
+            self.reported_bytes,
             self.keys_skipped(),
             self.keys_retried(),
             self.keys_dropped(),
@@ -600,6 +604,11 @@ impl Pool {
         };
         let settled = (self.handle.resource().spec.scaling.replicas == asked.to)
             .then(Instant::now);
+        let told = if settled.is_some() {
+            self.timeline.since(asked.mark)
+        } else {
+            events[..done_at].to_vec()
+        };
         self.remember_nodes();
         let (completed, finish) = events[done_at].clone();
         let upto = &events[..done_at];
@@ -615,7 +624,7 @@ impl Pool {
             .unwrap_or_else(|| panic!("no scale event before {:?}", finish.message));
         let from = number_after(&scaled.message, " from ")
             .unwrap_or_else(|| panic!("no size in {:?}", scaled.message)) as u32;
-        let replaced = upto
+        let replaced = told
             .iter()
             .filter(|(_, e)| e.reason == reason::NODE_REPLACED)
             .map(|(_, e)| e.message.clone())
