@@ -77,12 +77,14 @@ async fn until_handing_off(pool: &mut Pool, slot: u32) -> HandoffStatus {
 /// completes, the migration completes, no read is stale, the pool ends clean, and the keys the
 /// dead node still held are misses.
 ///
-/// What the operator does differs from the harness this suite had before: that one completed
-/// the migration first and then put a fresh node in the slot with no previous ring. The
-/// operator replaces the dead member at once, in the migrating ring (the previous ring keeps
-/// the dead node, so writes of keys it owned there fail until the migration completes: write
-/// errors, never stale reads), restarts the survivor's hand-off towards the new epoch, and
-/// tells the replacement as a `NodeReplaced` event; that event is what reports the dead node.
+/// What the operator does differs from the harness this suite had before, which completed
+/// the migration and then put a fresh node in the slot with no previous ring, and reported the
+/// dead node as a hand-off error. The operator launches a replacement as soon as it sees the
+/// node dead and publishes it in the slot when it is ready: in the migrating ring if that comes
+/// first (the survivor's hand-off then restarts towards the new epoch), after the migration
+/// completed if the survivor finishes first (what this machine shows). Until then writes of the
+/// dead node's keys fail: write errors, never stale reads. The replacement is told as a
+/// `NodeReplaced` event naming the dead node; that event is what reports it now.
 #[test]
 fn grow_completes_without_a_source_node_that_dies_mid_handoff() {
     run(async {
@@ -202,7 +204,11 @@ fn a_resize_asked_for_during_a_migration_starts_after_it_completes() {
         load.until_window(3).await;
         let first = pool.ask(3).await;
         let during = pool.until_migrating_to(3).await;
-        assert_eq!(pool.state(), during, "the client follows the operator's ring");
+        assert_eq!(
+            pool.state(),
+            during,
+            "the client follows the operator's ring"
+        );
 
         let mut probe = during.clone();
         let next = during
@@ -232,7 +238,10 @@ fn a_resize_asked_for_during_a_migration_starts_after_it_completes() {
             if !state.is_migrating() {
                 break;
             }
-            assert_eq!(state, during, "the pool's ring changed during the migration");
+            assert_eq!(
+                state, during,
+                "the pool's ring changed during the migration"
+            );
             assert_eq!(pool.client().ring(), during, "the clients' ring changed");
             let slot3: Vec<_> = pool
                 .provider_nodes()
@@ -380,7 +389,11 @@ fn values_of_the_maximum_item_size_move_intact() {
                 .iter()
                 .filter(|k| moves(resize.from, to, k.as_bytes()))
                 .count() as u64;
-            assert_eq!(resize.keys_moved(), must_move, "the big keys the ring moves");
+            assert_eq!(
+                resize.keys_moved(),
+                must_move,
+                "the big keys the ring moves"
+            );
             for (flags, (name, value)) in (7u32..).zip(names.iter().zip(&values)) {
                 let owner = pool.ring().owner_slot(name.as_bytes()).unwrap_or_default();
                 let held = items(&pool.member(owner).shared);

@@ -602,8 +602,7 @@ impl Pool {
             );
             tokio::time::sleep(POLL).await;
         };
-        let settled = (self.handle.resource().spec.scaling.replicas == asked.to)
-            .then(Instant::now);
+        let settled = (self.handle.resource().spec.scaling.replicas == asked.to).then(Instant::now);
         let told = if settled.is_some() {
             self.timeline.since(asked.mark)
         } else {
@@ -844,7 +843,8 @@ async fn check_node(
         .store
         .check_invariants()
         .unwrap_or_else(|e| panic!("slot {slot}: store invariants: {e}"));
-    let client = NodeClient::new(addr.to_owned(), client_options()).unwrap_or_else(|e| panic!("{e}"));
+    let client =
+        NodeClient::new(addr.to_owned(), client_options()).unwrap_or_else(|e| panic!("{e}"));
     let stats = client
         .stats()
         .await

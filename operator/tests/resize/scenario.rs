@@ -225,7 +225,7 @@ fn placement(snapshot: &Snapshot) -> (HashMap<Vec<u8>, u32>, usize) {
 
 /// The pool a scenario resizes.
 enum Subject {
-    Operator(Pool),
+    Operator(Box<Pool>),
     Plain(PlainPool),
 }
 
@@ -249,7 +249,7 @@ impl Subject {
 /// anything (the prefill and the resize themselves succeeded).
 pub async fn run(s: Scenario) -> Outcome {
     let mut pool = if s.handoff {
-        Subject::Operator(Pool::start(s.from, CAPACITY_MIB).await)
+        Subject::Operator(Box::new(Pool::start(s.from, CAPACITY_MIB).await))
     } else {
         Subject::Plain(PlainPool::start(s.from, CAPACITY_MIB).await)
     };
