@@ -1,23 +1,26 @@
-//! A pool of real nodes, in-process on loopback, resized the way the operator resizes one.
+//! A pool run by the real operator, in-process, resized the way the API and the manager UI
+//! resize one.
 //!
-//! Grow `n -> m`: start nodes for slots `n..m`, `begin` the grown ring and publish it (clients
-//! read the new owner and fall back to the old one), have the old nodes hand off
-//! (`rebalance::hand_off_all`), `complete` and publish again. Shrink `n -> m`: `begin` the
-//! shrunk ring, publish, have the removed nodes hand everything off, `complete`, publish, stop
-//! the removed nodes. `handoff: false` skips the hand-off step, for the comparison.
+//! `Pool::start` writes a CachePool manifest (manual mode, `provider: {process: {}}`) to a
+//! fresh state directory and starts an [`Operator`] over it with the embedded provider, so the
+//! standalone front end, the pool driver, the reconcile core and the nodes' hand-offs all run
+//! as in production, with the nodes (`cache_node::Node`s) inside the test process. A resize is
+//! `PoolHandle::set_spec` with a new `scaling.replicas`, the API's path for a patch or a scale
+//! call; what happens next (launching, publishing the migrating ring, starting and watching the
+//! hand-offs, dropping the previous ring, stopping removed nodes, replacing a crashed node) is
+//! the operator's doing alone. The test's pool client follows the operator's ring: a task
+//! watches `PoolHandle::ring` and hands every new ring to `PoolClient::set_ring`, as an
+//! application long-polling the API's ring endpoint does (without the HTTP hop).
 //!
-//! Operator policies the harness fixes (and the tests hold it to):
-//! - **One migration at a time.** `RingState::begin` refuses while a migration runs, because
-//!   clients have a single fallback ring. A resize asked for during a migration waits for the
-//!   running one to finish its hand-off and complete, then starts (`grow_to`/`shrink_to`
-//!   settle first); `begin_grow`/`begin_shrink` called directly during a migration are refused
-//!   cleanly: the state is unchanged and any node started for it is stopped.
-//! - **A participant that dies mid hand-off** does not hold the migration up: its keys are lost
-//!   whatever the operator does. The others finish, the migration completes, and the dead node
-//!   is reported; `replace_dead` then puts a fresh node in its slot (`Ring::replaced`),
-//!   published without a previous ring since the dead node has nothing to hand over. A
-//!   participant that failed but still answers is not written off: the migration stays pending
-//!   and the error is returned.
+//! The harness only observes: the operator's events (with the instant each was told) give when
+//! a resize began and completed and the keys it moved; the nodes' `GET /handoff` (polled while
+//! a migration runs, since a removed node is stopped as soon as the migration completes) give
+//! each participant's hand-off counts; the embedded provider's stores give which keys each node
+//! holds.
+//!
+//! [`PlainPool`] is the comparison: plain nodes whose clients are switched straight to the new
+//! ring, with no previous ring and no hand-off, as a memcached client with the same hash does
+//! when a server is added or removed.
 //!
 //! Every test runs inside `run`: one test at a time (the hit-ratio windows mean nothing when
 //! two tests share the machine's two cores), on a fresh multi-threaded runtime that is dropped
@@ -25,23 +28,37 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use cache_node::client::{ClientOptions, NodeClient, PoolClient};
+use cache_node::client::{AdminClient, ClientOptions, NodeClient, PoolClient};
 use cache_node::handoff::{HandoffStatus, State};
 use cache_node::server::Shared;
 use cache_node::store::{Policy, item_cost};
 use cache_node::{Node, NodeConfig};
-use cachepool_crds::ring::{Ring, RingError, RingState};
-use cachepool_operator::rebalance::{self, AdminClient, HandoffOptions, Participant};
+use cachepool_crds::pool::{CachePool, PoolPhase};
+use cachepool_crds::ring::{Ring, RingState};
+use cachepool_operator::driver::{DriverOptions, PoolHandle};
+use cachepool_operator::events::{Event, EventSink, reason};
+use cachepool_operator::provider::PoolRef;
+use cachepool_operator::provider::embedded::EmbeddedProvider;
+use cachepool_operator::run::{Config, NodeBackend, Operator};
+use cachepool_operator::standalone::StandaloneOptions;
+use futures_util::future::join_all;
 use tokio::task::JoinHandle;
 
-/// Admin token of every node the harness starts.
-pub const TOKEN: &str = "resize-harness-token";
+/// Admin token of the operator's API (the nodes get random tokens from the operator).
+const TOKEN: &str = "resize-harness-token";
 
 /// A test that takes longer than this has hung.
 const TEST_LIMIT: Duration = Duration::from_secs(90);
+
+/// A resize (or the pool's start) that takes longer than this is stuck.
+const RESIZE_LIMIT: Duration = Duration::from_secs(30);
+
+/// How often the harness looks at the pool while it waits (status, ring, hand-offs).
+const POLL: Duration = Duration::from_millis(2);
 
 /// Runs one test: alone, on its own two-worker runtime, within `TEST_LIMIT`.
 pub fn run(test: impl Future<Output = ()>) {
@@ -70,101 +87,105 @@ pub fn client_options() -> ClientOptions {
     }
 }
 
-/// One node of the pool.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A state directory that is removed when the pool is dropped.
 #[derive(Debug)]
-pub struct Member {
-    pub slot: u32,
-    /// Data address, as the ring names it.
-    pub addr: String,
-    /// Admin address (`host:port`).
-    pub admin_addr: String,
-    pub admin: AdminClient,
-    /// The node's store and counters, readable even after the node stopped.
-    pub shared: Arc<Shared>,
-    node: Option<Node>,
-}
+struct StateDir(PathBuf);
 
-impl Member {
-    async fn start(slot: u32, capacity_mib: u64) -> Member {
-        let config = NodeConfig::ephemeral(capacity_mib, Policy::Lru, Some(TOKEN));
-        let node = Node::start(config)
-            .await
-            .unwrap_or_else(|e| panic!("node for slot {slot}: {e}"));
-        let admin = AdminClient::new(&node.admin_addr.to_string(), Some(TOKEN));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !admin.ready().await {
-            assert!(
-                Instant::now() < deadline,
-                "node for slot {slot} never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Member {
-            slot,
-            addr: node.addr.to_string(),
-            admin_addr: node.admin_addr.to_string(),
-            admin,
-            shared: node.shared.clone(),
-            node: Some(node),
-        }
-    }
-
-    fn participant(&self) -> Participant {
-        Participant {
-            address: self.addr.clone(),
-            admin: self.admin.clone(),
-        }
-    }
-
-    pub fn is_alive(&self) -> bool {
-        self.node.is_some()
-    }
-
-    async fn stop(&mut self) {
-        if let Some(node) = self.node.take() {
-            node.shutdown().await;
-        }
-    }
-
-    /// Every item the node's store holds: key -> value.
-    pub fn items(&self) -> HashMap<Vec<u8>, Vec<u8>> {
-        let mut out = HashMap::new();
-        self.shared.store.for_each(|item| {
-            out.insert(item.key().to_vec(), item.value().to_vec());
-        });
-        out
+impl StateDir {
+    fn new() -> StateDir {
+        let dir = std::env::temp_dir().join(format!(
+            "cachepool-resize-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        StateDir(dir)
     }
 }
 
-/// What one resize did.
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The operator's events, each with the instant it was told.
+#[derive(Debug, Default)]
+struct Timeline(Mutex<Vec<(Instant, Event)>>);
+
+impl EventSink for Timeline {
+    fn emit(&self, _pool: &PoolRef, event: Event) {
+        lock(&self.0).push((Instant::now(), event));
+    }
+}
+
+impl Timeline {
+    fn len(&self) -> usize {
+        lock(&self.0).len()
+    }
+
+    fn since(&self, mark: usize) -> Vec<(Instant, Event)> {
+        lock(&self.0)[mark..].to_vec()
+    }
+}
+
+/// The number after `prefix` in `text` (digits only).
+fn number_after(text: &str, prefix: &str) -> Option<u64> {
+    let rest = &text[text.find(prefix)? + prefix.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// What one resize did, as the operator told it and the nodes reported it.
 #[derive(Debug, Clone)]
 pub struct Resize {
     pub from: u32,
     pub to: u32,
-    /// Hand-off status of each participant that finished.
+    /// The final hand-off status (towards the migration's last ring) of each previous-ring
+    /// member that reported one; the node's last answer while it ran when it was stopped
+    /// before the harness saw it finish (a removed node, see `unfinished`).
     pub statuses: Vec<HandoffStatus>,
-    /// When the ring was begun, and when the completed ring was published.
+    /// Previous-ring members whose last status seen was not `done` (a removed node stopped
+    /// between two polls of the harness; the operator itself waits for `done`).
+    pub unfinished: Vec<String>,
+    /// When the spec change was asked for (`set_spec`).
+    pub asked: Instant,
+    /// When the operator published the migrating ring (`HandoffStarted`).
     pub began: Instant,
+    /// When the operator published the completed ring (`HandoffFinished`).
     pub completed: Instant,
-    /// From `begin` to the completed ring being published.
-    pub elapsed: Duration,
-    /// Participants that died during the hand-off (data addresses).
+    /// When the pool was settled at the new size: phase `Ready`, no migration, the clients on
+    /// the final ring, no node left beside the ring's. `None` when the spec had moved on to
+    /// another size meanwhile.
+    pub settled: Option<Instant>,
+    /// Keys and value bytes moved, as the operator told them (`HandoffFinished`).
+    pub reported_keys: u64,
+    pub reported_bytes: u64,
+    /// Previous-ring members the test killed (data addresses).
     pub dead: Vec<String>,
-    /// What `hand_off_all` answered, when it failed.
-    pub handoff_error: Option<String>,
-    /// Items the removed nodes still held when they were stopped (a shrink).
+    /// The operator's `NodeReplaced` messages from the spec change until the pool settled
+    /// (a member that died mid-migration is replaced before or after the migration
+    /// completes, whichever comes first).
+    pub replaced: Vec<String>,
+    /// Items the removed nodes still held when the operator stopped them (a shrink).
     pub left_on_removed: u64,
 }
 
 impl Resize {
+    /// Keys moved, as the participants counted them.
     pub fn keys_moved(&self) -> u64 {
         self.statuses.iter().map(|s| s.keys_moved).sum()
     }
-    pub fn keys_skipped(&self) -> u64 {
-        self.statuses.iter().map(|s| s.keys_skipped).sum()
-    }
+    /// Value bytes moved, as the participants counted them.
     pub fn bytes_moved(&self) -> u64 {
         self.statuses.iter().map(|s| s.bytes_moved).sum()
+    }
+    pub fn keys_skipped(&self) -> u64 {
+        self.statuses.iter().map(|s| s.keys_skipped).sum()
     }
     pub fn keys_total(&self) -> u64 {
         self.statuses.iter().map(|s| s.keys_total).sum()
@@ -176,16 +197,30 @@ impl Resize {
         self.statuses.iter().map(|s| s.keys_retried).sum()
     }
 
+    /// From the spec change to a settled pool (or to the completed ring).
+    pub fn elapsed(&self) -> Duration {
+        self.settled.unwrap_or(self.completed) - self.asked
+    }
+
     pub fn describe(&self) -> String {
+        let ms = |t: Instant| (t - self.asked).as_secs_f64() * 1000.0;
         format!(
-            "{}->{} in {:?}: hand-off of {} foreign keys: moved {} ({} bytes), skipped {}, \
-             retried (copy withdrawn) {}, dropped {}{}",
+            "{}->{} in {:?} (spec change -> migrating ring {:.1} ms -> completed ring {:.1} ms{}): \
+             hand-off of {} foreign keys: moved {} ({} bytes; the operator told {} keys, {} \
+             bytes), skipped {}, retried (copy withdrawn) {}, dropped {}{}{}{}",
             self.from,
             self.to,
-            self.elapsed,
+            self.elapsed(),
+            ms(self.began),
+            ms(self.completed),
+            self.settled
+                .map(|s| format!(" -> settled {:.1} ms", ms(s)))
+                .unwrap_or_default(),
             self.keys_total(),
             self.keys_moved(),
             self.bytes_moved(),
+            self.reported_keys,
+            self.reported_bytes,
             self.keys_skipped(),
             self.keys_retried(),
             self.keys_dropped(),
@@ -193,40 +228,30 @@ impl Resize {
                 String::new()
             } else {
                 format!("; dead: {:?}", self.dead)
-            }
+            },
+            if self.replaced.is_empty() {
+                String::new()
+            } else {
+                format!("; replaced: {:?}", self.replaced)
+            },
+            if self.unfinished.is_empty() {
+                String::new()
+            } else {
+                format!("; last status seen not done: {:?}", self.unfinished)
+            },
         )
     }
 }
 
-/// Why a resize did not happen or did not finish.
+/// A spec change asked for and not yet waited for.
 #[derive(Debug)]
-pub enum ResizeError {
-    /// The ring refused the change (e.g. a migration is still running).
-    Ring(RingError),
-    /// A participant that still answers failed its hand-off; the migration stays pending.
-    Handoff(rebalance::Error),
-}
-
-impl std::fmt::Display for ResizeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ResizeError::Ring(e) => write!(f, "ring: {e}"),
-            ResizeError::Handoff(e) => write!(f, "hand-off: {e}"),
-        }
-    }
-}
-
-type HandoffTask = JoinHandle<rebalance::Result<Vec<HandoffStatus>>>;
-
-/// A migration begun and not yet completed.
-#[derive(Debug)]
-struct Pending {
-    from: u32,
-    to: u32,
-    target: Ring,
-    participants: Vec<Participant>,
-    task: Option<HandoffTask>,
-    began: Instant,
+pub struct Asked {
+    pub to: u32,
+    pub at: Instant,
+    /// The resource as `set_spec` answered it.
+    pub answer: CachePool,
+    /// Events told before the change.
+    mark: usize,
 }
 
 /// Where every key is, per slot of the ring at the time.
@@ -256,320 +281,514 @@ pub struct Clean {
     pub bytes: u64,
 }
 
-/// A pool of in-process nodes and a pool client routing by its ring.
+/// Every item a node's store holds: key -> value.
+pub fn items(shared: &Shared) -> HashMap<Vec<u8>, Vec<u8>> {
+    let mut out = HashMap::new();
+    shared.store.for_each(|item| {
+        out.insert(item.key().to_vec(), item.value().to_vec());
+    });
+    out
+}
+
+/// A node of the operator's pool, as the embedded provider holds it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub slot: u32,
+    /// Data address, as the ring names it.
+    pub addr: String,
+    pub admin: AdminClient,
+    /// The node's store and counters, readable even after the node stopped.
+    pub shared: Arc<Shared>,
+    pub alive: bool,
+}
+
+/// A pool run by an in-process operator, and a pool client following its ring.
 #[derive(Debug)]
 pub struct Pool {
-    /// The current ring's nodes, in slot order.
-    members: Vec<Member>,
-    /// Removed by the pending shrink; stopped when it completes.
-    leaving: Vec<Member>,
-    state: RingState,
+    operator: Option<Operator>,
+    nodes: Arc<EmbeddedProvider>,
+    pool: PoolRef,
+    handle: Arc<PoolHandle>,
+    timeline: Arc<Timeline>,
     client: Arc<PoolClient>,
-    capacity_mib: u64,
-    /// Run the hand-off step of a resize (false: only publish the rings).
-    pub handoff: bool,
-    pub options: HandoffOptions,
-    pending: Option<Pending>,
-    /// Every resize completed, in order.
+    /// Every ring the client was given, with the instant.
+    rings: Arc<Mutex<Vec<(Instant, RingState)>>>,
+    follower: JoinHandle<()>,
+    /// Every node seen, by data address (kept after the operator stops it).
+    known: HashMap<String, Member>,
+    /// The latest hand-off status seen, by node address and target epoch.
+    handoffs: HashMap<(String, u64), HandoffStatus>,
+    /// Addresses of the nodes the test killed.
+    killed: Vec<String>,
+    /// Every resize waited for, in order.
     pub history: Vec<Resize>,
+    _dir: StateDir,
+}
+
+/// The manifest of the pool under test.
+fn manifest(replicas: u32, capacity_mib: u64) -> String {
+    format!(
+        "apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {{name: resize}}
+spec:
+  cache: {{capacityMiB: {capacity_mib}, policy: lru}}
+  scaling: {{mode: manual, replicas: {replicas}, maxReplicas: 8}}
+  provider: {{process: {{}}}}
+"
+    )
 }
 
 impl Pool {
-    /// `n` nodes of `capacity_mib` each, in ring epoch 1.
+    /// An operator running a pool of `n` nodes of `capacity_mib` each; returns once the pool
+    /// is `Ready` and the client follows its ring.
     pub async fn start(n: u32, capacity_mib: u64) -> Pool {
-        let mut members = Vec::new();
-        for slot in 0..n {
-            members.push(Member::start(slot, capacity_mib).await);
-        }
-        let ring = Ring::from_addresses(1, members.iter().map(|m| m.addr.clone()))
-            .unwrap_or_else(|e| panic!("ring: {e}"));
-        let state = RingState::new(ring);
-        let client = PoolClient::new(state.clone(), client_options())
-            .unwrap_or_else(|e| panic!("client: {e}"));
-        Pool {
-            members,
-            leaving: Vec::new(),
-            state,
-            client: Arc::new(client),
-            capacity_mib,
-            handoff: true,
-            options: HandoffOptions {
-                poll: Duration::from_millis(20),
-                timeout: Duration::from_secs(60),
-                ..HandoffOptions::default()
-            },
-            pending: None,
+        let dir = StateDir::new();
+        std::fs::write(dir.0.join("resize.yaml"), manifest(n, capacity_mib))
+            .unwrap_or_else(|e| panic!("manifest: {e}"));
+        let nodes = Arc::new(EmbeddedProvider::new());
+        let timeline = Arc::new(Timeline::default());
+        let mut config = Config::standalone(
+            &dir.0,
+            NodeBackend::Embedded(nodes.clone()),
+            "127.0.0.1:0",
+            TOKEN,
+        );
+        // The operator's own timing, except that a crash is noticed within 50 ms rather than
+        // 500 (the kill tests) and the state directory is read at once at start.
+        config.driver = DriverOptions {
+            probe_interval: Duration::from_millis(50),
+            ..DriverOptions::default()
+        };
+        config.standalone = StandaloneOptions {
+            scan_interval: Duration::from_millis(50),
+        };
+        config.events = vec![timeline.clone()];
+        let operator = Operator::start(config)
+            .await
+            .unwrap_or_else(|e| panic!("starting the operator: {e}"));
+        let pool = PoolRef::new("default", "resize");
+        let deadline = Instant::now() + RESIZE_LIMIT;
+        let handle = loop {
+            if let Some(handle) = operator.registry().get(&pool) {
+                break handle;
+            }
+            assert!(Instant::now() < deadline, "the operator never ran {pool}");
+            tokio::time::sleep(POLL).await;
+        };
+        let ring = loop {
+            let resource = handle.resource();
+            let ring = handle.ring().borrow().clone();
+            if let (Some(status), Some(ring)) = (&resource.status, ring)
+                && status.phase == Some(PoolPhase::Ready)
+                && status.ready_replicas == n
+                && !ring.is_migrating()
+                && ring.current().len() == n
+            {
+                break ring;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pool of {n} never became ready: {:?}",
+                resource.status
+            );
+            tokio::time::sleep(POLL).await;
+        };
+        let client = Arc::new(
+            PoolClient::new(ring, client_options()).unwrap_or_else(|e| panic!("client: {e}")),
+        );
+        let rings = Arc::new(Mutex::new(Vec::new()));
+        let follower = follow(&handle, client.clone(), rings.clone());
+        let mut pool = Pool {
+            operator: Some(operator),
+            nodes,
+            pool,
+            handle,
+            timeline,
+            client,
+            rings,
+            follower,
+            known: HashMap::new(),
+            handoffs: HashMap::new(),
+            killed: Vec::new(),
             history: Vec::new(),
-        }
+            _dir: dir,
+        };
+        pool.remember_nodes();
+        pool
     }
 
     pub fn client(&self) -> Arc<PoolClient> {
         self.client.clone()
     }
 
-    pub fn state(&self) -> &RingState {
-        &self.state
+    /// The operator's ring (what clients are told).
+    pub fn state(&self) -> RingState {
+        self.handle
+            .ring()
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| panic!("the pool has no ring"))
     }
 
-    pub fn ring(&self) -> &Ring {
-        self.state.current()
+    pub fn ring(&self) -> Ring {
+        self.state().current().clone()
     }
 
     pub fn len(&self) -> u32 {
-        self.state.current().len()
+        self.state().current().len()
     }
 
-    pub fn member(&self, slot: u32) -> &Member {
-        &self.members[slot as usize]
+    /// Every node the provider runs or ran for the pool (alive or not), by slot.
+    pub fn provider_nodes(&self) -> Vec<(u32, String, bool)> {
+        self.nodes
+            .stores(&self.pool)
+            .into_values()
+            .map(|(node, _)| (node.slot, node.address, node.alive))
+            .collect()
     }
 
-    fn publish(&self) {
-        assert!(
-            self.client.set_ring(self.state.clone()),
-            "the pool client refused the ring"
-        );
-    }
-
-    fn spawn_handoff(&self, participants: &[Participant], target: &Ring) -> Option<HandoffTask> {
-        if !self.handoff || participants.is_empty() {
-            return None;
+    /// Notes every node the provider lists, so that its store stays readable after it stops.
+    fn remember_nodes(&mut self) {
+        for (node, shared) in self.nodes.stores(&self.pool).into_values() {
+            let member = self
+                .known
+                .entry(node.address.clone())
+                .or_insert_with(|| Member {
+                    slot: node.slot,
+                    addr: node.address.clone(),
+                    admin: AdminClient::with_timeouts(
+                        &node.admin_address,
+                        Some(&node.admin_token),
+                        Duration::from_secs(2),
+                    ),
+                    shared,
+                    alive: node.alive,
+                });
+            member.alive = node.alive;
         }
-        let (participants, target, options) = (participants.to_vec(), target.clone(), self.options);
-        Some(tokio::spawn(async move {
-            rebalance::hand_off_all(&participants, &target, options).await
-        }))
-    }
-
-    /// Starts growing to `m` nodes: new nodes, the grown ring published, hand-off started.
-    pub async fn begin_grow(&mut self, m: u32) -> Result<(), ResizeError> {
-        let n = self.len();
-        assert!(m > n, "grow {n} -> {m}");
-        let mut added = Vec::new();
-        for slot in n..m {
-            added.push(Member::start(slot, self.capacity_mib).await);
-        }
-        let next = self
-            .state
-            .current()
-            .grown(added.iter().map(|a| a.addr.clone()));
-        if let Err(e) = next.and_then(|next| self.state.begin(next)) {
-            for mut node in added {
-                node.stop().await;
-            }
-            return Err(ResizeError::Ring(e));
-        }
-        self.members.extend(added);
-        self.publish();
-        let participants: Vec<_> = self.members[..n as usize]
-            .iter()
-            .map(Member::participant)
+        let listed: Vec<String> = self
+            .nodes
+            .stores(&self.pool)
+            .into_values()
+            .map(|(n, _)| n.address)
             .collect();
-        let target = self.state.current().clone();
-        let task = self.spawn_handoff(&participants, &target);
-        self.pending = Some(Pending {
-            from: n,
-            to: m,
-            target,
-            participants,
-            task,
-            began: Instant::now(),
-        });
-        Ok(())
-    }
-
-    /// Starts shrinking to `m` nodes: the shrunk ring published, the removed nodes handing off.
-    pub async fn begin_shrink(&mut self, m: u32) -> Result<(), ResizeError> {
-        let n = self.len();
-        assert!(m < n && m > 0, "shrink {n} -> {m}");
-        let next = self
-            .state
-            .current()
-            .shrunk(n - m)
-            .map_err(ResizeError::Ring)?;
-        self.state.begin(next).map_err(ResizeError::Ring)?;
-        self.publish();
-        self.leaving = self.members.split_off(m as usize);
-        let participants: Vec<_> = self.leaving.iter().map(Member::participant).collect();
-        let target = self.state.current().clone();
-        let task = self.spawn_handoff(&participants, &target);
-        self.pending = Some(Pending {
-            from: n,
-            to: m,
-            target,
-            participants,
-            task,
-            began: Instant::now(),
-        });
-        Ok(())
-    }
-
-    /// Whether a migration is pending (begun, not completed).
-    pub fn is_migrating(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// Waits for the pending migration's hand-off, completes the migration, publishes the ring
-    /// and stops the nodes a shrink removed. See the module documentation for dead nodes.
-    pub async fn finish(&mut self) -> Result<Resize, ResizeError> {
-        let Some(mut pending) = self.pending.take() else {
-            panic!("no migration to finish");
-        };
-        let outcome = match pending.task.take() {
-            Some(task) => task.await.unwrap_or_else(|e| panic!("hand-off task: {e}")),
-            None => Ok(Vec::new()),
-        };
-        let (statuses, dead, handoff_error) = match outcome {
-            Ok(statuses) => (statuses, Vec::new(), None),
-            Err(error) => {
-                let (statuses, dead, live_failure) = self.settle_participants(&pending).await;
-                if live_failure {
-                    self.pending = Some(pending);
-                    return Err(ResizeError::Handoff(error));
-                }
-                (statuses, dead, Some(error.to_string()))
+        for member in self.known.values_mut() {
+            if !listed.contains(&member.addr) {
+                member.alive = false;
             }
+        }
+    }
+
+    /// The node serving `slot` in the operator's current ring.
+    pub fn member(&mut self, slot: u32) -> Member {
+        self.remember_nodes();
+        let addr = self
+            .ring()
+            .member(slot)
+            .unwrap_or_else(|| panic!("no slot {slot}"))
+            .address
+            .clone();
+        self.known
+            .get(&addr)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node at {addr}"))
+    }
+
+    /// While a migration runs, asks each previous-ring member for its hand-off status.
+    async fn poll_handoffs(&mut self) {
+        let state = self.state();
+        let Some(previous) = state.previous() else {
+            return;
         };
-        self.state.complete();
-        self.publish();
+        self.remember_nodes();
+        let asks: Vec<_> = previous
+            .members()
+            .iter()
+            .filter_map(|m| self.known.get(&m.address))
+            .filter(|m| m.alive)
+            .map(|m| {
+                let (addr, admin) = (m.addr.clone(), m.admin.clone());
+                async move { (addr, admin.handoff().await) }
+            })
+            .collect();
+        for (addr, status) in join_all(asks).await {
+            if let Ok(status) = status
+                && let Some(epoch) = status.epoch
+            {
+                self.handoffs.insert((addr, epoch), status);
+            }
+        }
+    }
+
+    /// Sets `scaling.replicas` to `to` through the API's path (`set_spec`), and returns at once.
+    pub async fn ask(&mut self, to: u32) -> Asked {
+        let mark = self.timeline.len();
+        let mut spec = self.handle.resource().spec;
+        spec.scaling.replicas = to;
+        let at = Instant::now();
+        let answer = self
+            .handle
+            .set_spec(spec)
+            .await
+            .unwrap_or_else(|e| panic!("set_spec replicas {to}: {e}"));
+        Asked {
+            to,
+            at,
+            answer,
+            mark,
+        }
+    }
+
+    /// Whether the pool is settled at `n` nodes: phase `Ready`, no migration, the client on
+    /// the operator's ring, and no node beside the ring's.
+    fn settled_at(&self, n: u32) -> bool {
+        let resource = self.handle.resource();
+        let Some(status) = &resource.status else {
+            return false;
+        };
+        let state = self.state();
+        let live: Vec<String> = self
+            .provider_nodes()
+            .into_iter()
+            .filter(|(_, _, alive)| *alive)
+            .map(|(_, addr, _)| addr)
+            .collect();
+        let listed = self.nodes.stores(&self.pool).len();
+        status.phase == Some(PoolPhase::Ready)
+            && status.migration.is_none()
+            && status.replicas == n
+            && status.ready_replicas == n
+            && !state.is_migrating()
+            && state.current().len() == n
+            && self.client.ring() == state
+            && listed == n as usize
+            && live.len() == n as usize
+            && state
+                .current()
+                .members()
+                .iter()
+                .all(|m| live.contains(&m.address))
+    }
+
+    /// Waits for the resize `asked` to complete (and, when the spec still asks for its size,
+    /// for the pool to settle), and returns what it did.
+    pub async fn finish(&mut self, asked: Asked) -> Resize {
+        let deadline = Instant::now() + RESIZE_LIMIT;
+        let finished = |events: &[(Instant, Event)]| {
+            events.iter().position(|(_, e)| {
+                e.reason == reason::HANDOFF_FINISHED
+                    && e.message.ends_with(&format!("; {} nodes serve", asked.to))
+            })
+        };
+        let (events, done_at) = loop {
+            self.poll_handoffs().await;
+            let events = self.timeline.since(asked.mark);
+            if let Some(i) = finished(&events) {
+                let wanted = self.handle.resource().spec.scaling.replicas;
+                if wanted != asked.to {
+                    break (events, i);
+                }
+                if self.settled_at(asked.to) {
+                    break (events, i);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "resize to {} not done within {RESIZE_LIMIT:?}; status {:?}; events {:?}",
+                asked.to,
+                self.handle.resource().status,
+                events.iter().map(|(_, e)| &e.message).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(POLL).await;
+        };
+        let settled = (self.handle.resource().spec.scaling.replicas == asked.to).then(Instant::now);
+        let told = if settled.is_some() {
+            self.timeline.since(asked.mark)
+        } else {
+            events[..done_at].to_vec()
+        };
+        self.remember_nodes();
+        let (completed, finish) = events[done_at].clone();
+        let upto = &events[..done_at];
+        let last = |wanted: &[&str]| {
+            upto.iter()
+                .rev()
+                .find(|(_, e)| wanted.contains(&e.reason))
+                .cloned()
+        };
+        let (began, _) = last(&[reason::HANDOFF_STARTED])
+            .unwrap_or_else(|| panic!("no HandoffStarted before {:?}", finish.message));
+        let (_, scaled) = last(&[reason::SCALED_UP, reason::SCALED_DOWN])
+            .unwrap_or_else(|| panic!("no scale event before {:?}", finish.message));
+        let from = number_after(&scaled.message, " from ")
+            .unwrap_or_else(|| panic!("no size in {:?}", scaled.message)) as u32;
+        let replaced = told
+            .iter()
+            .filter(|(_, e)| e.reason == reason::NODE_REPLACED)
+            .map(|(_, e)| e.message.clone())
+            .collect();
+        let parse = |prefix: &str| {
+            number_after(&finish.message, prefix)
+                .unwrap_or_else(|| panic!("no {prefix:?} in {:?}", finish.message))
+        };
+        // The completed ring is the migrating ring's members at the next epoch.
+        let target = parse("ring epoch ") - 1;
+        let reported_keys = parse("(");
+        let reported_bytes = parse(" keys, ");
+        let previous: Vec<String> = lock(&self.rings)
+            .iter()
+            .filter(|(_, r)| r.current().epoch() == target)
+            .find_map(|(_, r)| r.previous().map(|p| p.members().to_vec()))
+            .unwrap_or_else(|| panic!("the client never saw the migrating ring of epoch {target}"))
+            .into_iter()
+            .map(|m| m.address)
+            .collect();
+        let current: Vec<String> = lock(&self.rings)
+            .iter()
+            .filter(|(_, r)| r.current().epoch() == target)
+            .flat_map(|(_, r)| r.current().members().to_vec())
+            .map(|m| m.address)
+            .collect();
+        let (mut statuses, mut unfinished, mut dead) = (Vec::new(), Vec::new(), Vec::new());
         let mut left_on_removed = 0;
-        for mut node in self.leaving.drain(..) {
-            left_on_removed += node.shared.store.stats().curr_items;
-            node.stop().await;
+        for addr in &previous {
+            if self.killed.contains(addr) {
+                dead.push(addr.clone());
+                continue;
+            }
+            let member = self.known.get(addr).cloned();
+            let mut status = self.handoffs.get(&(addr.clone(), target)).cloned();
+            if let Some(m) = &member
+                && m.alive
+                && let Ok(now) = m.admin.handoff().await
+                && now.epoch == Some(target)
+            {
+                status = Some(now);
+            }
+            match status {
+                Some(s) => {
+                    if s.state != State::Done {
+                        unfinished.push(addr.clone());
+                    }
+                    statuses.push(s);
+                }
+                None => unfinished.push(addr.clone()),
+            }
+            if !current.contains(addr)
+                && let Some(m) = member
+            {
+                left_on_removed += m.shared.store.stats().curr_items;
+            }
         }
         let resize = Resize {
-            from: pending.from,
-            to: pending.to,
+            from,
+            to: asked.to,
             statuses,
-            began: pending.began,
-            completed: Instant::now(),
-            elapsed: pending.began.elapsed(),
+            unfinished,
+            asked: asked.at,
+            began,
+            completed,
+            settled,
+            reported_keys,
+            reported_bytes,
             dead,
-            handoff_error,
+            replaced,
             left_on_removed,
         };
         self.history.push(resize.clone());
-        Ok(resize)
+        resize
     }
 
-    /// After `hand_off_all` failed: waits for every participant that still answers to end its
-    /// hand-off. Returns their statuses, the dead participants, and whether a live one failed.
-    async fn settle_participants(
-        &self,
-        pending: &Pending,
-    ) -> (Vec<HandoffStatus>, Vec<String>, bool) {
-        let (mut statuses, mut dead, mut live_failure) = (Vec::new(), Vec::new(), false);
-        for p in &pending.participants {
-            let deadline = Instant::now() + self.options.timeout;
-            loop {
-                match p.admin.handoff().await {
-                    Err(_) if !p.admin.ready().await => {
-                        dead.push(p.address.clone());
-                        break;
-                    }
-                    Ok(st)
-                        if st.epoch == Some(pending.target.epoch())
-                            && st.state != State::Running =>
-                    {
-                        live_failure |= st.state != State::Done;
-                        statuses.push(st);
-                        break;
-                    }
-                    _ if Instant::now() > deadline => {
-                        live_failure = true;
-                        break;
-                    }
-                    _ => tokio::time::sleep(self.options.poll).await,
-                }
+    /// Resizes to `to` nodes through the operator and waits until the pool is settled.
+    pub async fn resize_to(&mut self, to: u32) -> Resize {
+        let asked = self.ask(to).await;
+        self.finish(asked).await
+    }
+
+    /// Waits until the client routes by a migrating ring of `to` members.
+    pub async fn until_migrating_to(&self, to: u32) -> RingState {
+        let deadline = Instant::now() + RESIZE_LIMIT;
+        loop {
+            let state = self.client.ring();
+            if state.is_migrating() && state.current().len() == to {
+                return state;
             }
-        }
-        (statuses, dead, live_failure)
-    }
-
-    /// Completes a pending migration first (the one-at-a-time policy); returns what it did.
-    pub async fn settle(&mut self) -> Result<Option<Resize>, ResizeError> {
-        if self.pending.is_some() {
-            self.finish().await.map(Some)
-        } else {
-            Ok(None)
+            assert!(
+                Instant::now() < deadline,
+                "no migrating ring of {to} nodes reached the client; it has {state:?}"
+            );
+            tokio::time::sleep(POLL).await;
         }
     }
 
-    /// Grows to `m` nodes, after the pending migration if one runs.
-    pub async fn grow_to(&mut self, m: u32) -> Result<Resize, ResizeError> {
-        self.settle().await?;
-        self.begin_grow(m).await?;
-        self.finish().await
+    /// Kills the node serving `slot` as a crash would (`EmbeddedProvider::kill`); returns its
+    /// data address. The operator notices and replaces it.
+    pub async fn kill(&mut self, slot: u32) -> String {
+        self.remember_nodes();
+        let addr = self.member(slot).addr;
+        self.nodes
+            .kill(&self.pool, slot)
+            .await
+            .unwrap_or_else(|| panic!("no live node in slot {slot}"));
+        self.killed.push(addr.clone());
+        self.remember_nodes();
+        addr
     }
 
-    /// Shrinks to `m` nodes, after the pending migration if one runs.
-    pub async fn shrink_to(&mut self, m: u32) -> Result<Resize, ResizeError> {
-        self.settle().await?;
-        self.begin_shrink(m).await?;
-        self.finish().await
+    /// The store of the node at `addr` (kept after it stopped).
+    pub fn shared(&self, addr: &str) -> Arc<Shared> {
+        self.known
+            .get(addr)
+            .map(|m| m.shared.clone())
+            .unwrap_or_else(|| panic!("no node at {addr}"))
     }
 
-    /// Kills the node at `slot`: it stops answering on both ports and its hand-off stops.
-    ///
-    /// A killed process takes its hand-off task with it; an in-process `Node::shutdown` does
-    /// not (see `edge::node_shutdown_ends_its_running_hand_off`), so the hand-off is cancelled
-    /// first to make the in-process death look like a real one.
-    pub async fn kill(&mut self, slot: u32) {
-        let member = &mut self.members[slot as usize];
-        let url = format!("http://{}/handoff", member.admin_addr);
-        let _ = reqwest::Client::new()
-            .delete(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .await;
-        member.stop().await;
-    }
-
-    /// Stops the node at `slot` with `Node::shutdown` alone, as an embedding application would.
-    pub async fn stop_node(&mut self, slot: u32) {
-        self.members[slot as usize].stop().await;
-    }
-
-    /// Puts a fresh, empty node in the slot of a dead one. Not a migration: the dead node has
-    /// nothing to hand over, and naming it as a previous owner would only make every write of
-    /// its keys fail (writes delete on the previous owner first).
-    pub async fn replace_dead(&mut self, slot: u32) -> Result<(), ResizeError> {
-        assert!(
-            !self.is_migrating(),
-            "complete the migration before replacing a node"
-        );
-        assert!(
-            !self.members[slot as usize].is_alive(),
-            "slot {slot} is alive"
-        );
-        let fresh = Member::start(slot, self.capacity_mib).await;
-        let next = self
-            .state
-            .current()
-            .replaced(slot, fresh.addr.clone())
-            .map_err(ResizeError::Ring)?;
-        self.state = RingState::new(next);
-        self.members[slot as usize] = fresh;
-        self.publish();
-        Ok(())
+    /// The members of the operator's current ring, in slot order.
+    fn members(&mut self) -> Vec<Member> {
+        self.remember_nodes();
+        self.ring()
+            .members()
+            .iter()
+            .map(|m| {
+                self.known
+                    .get(&m.address)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("no node at {}", m.address))
+            })
+            .collect()
     }
 
     /// What every node of the current ring holds now.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&mut self) -> Snapshot {
         Snapshot {
-            slots: self.members.iter().map(Member::items).collect(),
+            slots: self.members().iter().map(|m| items(&m.shared)).collect(),
         }
     }
 
-    /// Asserts a clean end state: every key on its owner and only there, each node's
-    /// `curr_items` and `bytes` (asked over the memcached protocol) equal to what its store
-    /// holds, the stores' own invariants, and the totals adding up.
-    pub async fn check_clean(&self) -> Clean {
-        assert!(!self.is_migrating(), "a migration is still pending");
+    /// Asserts a clean end state: no migration, no node running beside the ring's, every key
+    /// on its owner and only there, each node's `curr_items` and `bytes` (asked over the
+    /// memcached protocol) equal to what its store holds, the stores' own invariants, and the
+    /// totals adding up.
+    pub async fn check_clean(&mut self) -> Clean {
+        let state = self.state();
+        assert!(!state.is_migrating(), "a migration is still pending");
+        let members = self.members();
+        let strays: Vec<(u32, String, bool)> = self
+            .provider_nodes()
+            .into_iter()
+            .filter(|(_, addr, _)| !members.iter().any(|m| m.addr == *addr))
+            .collect();
+        assert!(
+            strays.is_empty(),
+            "nodes outside the ring are still there: {strays:?}"
+        );
         let snapshot = self.snapshot();
+        let ring = state.current();
         let mut misplaced = Vec::new();
-        for (slot, items) in (0u32..).zip(&snapshot.slots) {
-            for key in items.keys() {
-                let owner = self.ring().owner_slot(key);
+        for (slot, held) in (0u32..).zip(&snapshot.slots) {
+            for key in held.keys() {
+                let owner = ring.owner_slot(key);
                 if owner != Some(slot) {
                     misplaced.push(format!(
                         "{} on slot {slot}, owner {owner:?}",
@@ -586,45 +805,11 @@ impl Pool {
         );
         let placement = snapshot.placement();
         let (mut items, mut bytes) = (0u64, 0u64);
-        for (m, held) in self.members.iter().zip(&snapshot.slots) {
-            if !m.is_alive() {
-                continue;
-            }
-            m.shared
-                .store
-                .check_invariants()
-                .unwrap_or_else(|e| panic!("slot {}: store invariants: {e}", m.slot));
-            let client =
-                NodeClient::new(m.addr.clone(), client_options()).unwrap_or_else(|e| panic!("{e}"));
-            let stats = client
-                .stats()
-                .await
-                .unwrap_or_else(|e| panic!("stats of slot {}: {e}", m.slot));
-            let stat = |name: &str| -> u64 {
-                stats
-                    .get(name)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("stat {name} of slot {}", m.slot))
-            };
-            let cost: u64 = held
-                .iter()
-                .map(|(k, v)| item_cost(k.len(), v.len()) as u64)
-                .sum();
-            assert_eq!(
-                stat("curr_items"),
-                held.len() as u64,
-                "curr_items of slot {}",
-                m.slot
-            );
-            assert_eq!(stat("bytes"), cost, "bytes of slot {}", m.slot);
-            assert_eq!(
-                stat("evictions"),
-                0,
-                "slot {} evicted: the test's capacity is too small",
-                m.slot
-            );
-            items += stat("curr_items");
-            bytes += stat("bytes");
+        for (m, held) in members.iter().zip(&snapshot.slots) {
+            assert!(m.alive, "slot {} is not alive", m.slot);
+            let (i, b) = check_node(m.slot, &m.addr, &m.shared, held).await;
+            items += i;
+            bytes += b;
         }
         assert_eq!(
             items,
@@ -634,15 +819,170 @@ impl Pool {
         Clean { items, bytes }
     }
 
-    /// Stops every node (a pending migration is abandoned).
+    /// Stops the operator, which stops every node (a pending migration is abandoned).
     pub async fn shutdown(mut self) {
-        if let Some(pending) = self.pending.take()
-            && let Some(task) = pending.task
-        {
-            task.abort();
+        self.follower.abort();
+        if let Some(operator) = self.operator.take() {
+            operator
+                .stop()
+                .await
+                .unwrap_or_else(|e| panic!("stopping the operator: {e}"));
         }
-        for m in self.members.iter_mut().chain(&mut self.leaving) {
-            m.stop().await;
+        assert_eq!(self.nodes.running(), 0, "every embedded node is stopped");
+    }
+}
+
+/// Checks one node against what its store holds; returns its `curr_items` and `bytes`.
+async fn check_node(
+    slot: u32,
+    addr: &str,
+    shared: &Shared,
+    held: &HashMap<Vec<u8>, Vec<u8>>,
+) -> (u64, u64) {
+    shared
+        .store
+        .check_invariants()
+        .unwrap_or_else(|e| panic!("slot {slot}: store invariants: {e}"));
+    let client =
+        NodeClient::new(addr.to_owned(), client_options()).unwrap_or_else(|e| panic!("{e}"));
+    let stats = client
+        .stats()
+        .await
+        .unwrap_or_else(|e| panic!("stats of slot {slot}: {e}"));
+    let stat = |name: &str| -> u64 {
+        stats
+            .get(name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("stat {name} of slot {slot}"))
+    };
+    let cost: u64 = held
+        .iter()
+        .map(|(k, v)| item_cost(k.len(), v.len()) as u64)
+        .sum();
+    assert_eq!(
+        stat("curr_items"),
+        held.len() as u64,
+        "curr_items of slot {slot}"
+    );
+    assert_eq!(stat("bytes"), cost, "bytes of slot {slot}");
+    assert_eq!(
+        stat("evictions"),
+        0,
+        "slot {slot} evicted: the test's capacity is too small"
+    );
+    (stat("curr_items"), stat("bytes"))
+}
+
+/// Hands every ring the operator publishes to `client`, and notes it with the instant.
+fn follow(
+    handle: &PoolHandle,
+    client: Arc<PoolClient>,
+    seen: Arc<Mutex<Vec<(Instant, RingState)>>>,
+) -> JoinHandle<()> {
+    let mut rings = handle.ring();
+    tokio::spawn(async move {
+        loop {
+            let ring = rings.borrow_and_update().clone();
+            if let Some(ring) = ring {
+                client.set_ring(ring.clone());
+                lock(&seen).push((Instant::now(), ring));
+            }
+            if rings.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// The comparison: plain nodes whose clients switch straight to the new ring, with no
+/// previous ring and no hand-off.
+#[derive(Debug)]
+pub struct PlainPool {
+    /// By slot; a removed slot's node is stopped.
+    nodes: Vec<(String, Arc<Shared>, Option<Node>)>,
+    client: Arc<PoolClient>,
+    capacity_mib: u64,
+}
+
+impl PlainPool {
+    pub async fn start(n: u32, capacity_mib: u64) -> PlainPool {
+        let mut pool = PlainPool {
+            nodes: Vec::new(),
+            client: Arc::new(
+                PoolClient::new(RingState::default(), client_options())
+                    .unwrap_or_else(|e| panic!("client: {e}")),
+            ),
+            capacity_mib,
+        };
+        for _ in 0..n {
+            pool.add_node().await;
+        }
+        let ring = Ring::from_addresses(1, pool.nodes.iter().map(|(a, _, _)| a.clone()))
+            .unwrap_or_else(|e| panic!("ring: {e}"));
+        pool.client = Arc::new(
+            PoolClient::new(RingState::new(ring), client_options())
+                .unwrap_or_else(|e| panic!("client: {e}")),
+        );
+        pool
+    }
+
+    async fn add_node(&mut self) -> String {
+        let node = Node::start(NodeConfig::ephemeral(self.capacity_mib, Policy::Lru, None))
+            .await
+            .unwrap_or_else(|e| panic!("node: {e}"));
+        let addr = node.addr.to_string();
+        self.nodes
+            .push((addr.clone(), node.shared.clone(), Some(node)));
+        addr
+    }
+
+    pub fn client(&self) -> Arc<PoolClient> {
+        self.client.clone()
+    }
+
+    pub fn ring(&self) -> Ring {
+        self.client.ring().current().clone()
+    }
+
+    /// Switches the clients to a ring of `to` nodes; keys stay where they are. Returns when
+    /// it switched.
+    pub async fn resize_to(&mut self, to: u32) -> Instant {
+        let ring = self.ring();
+        let n = ring.len();
+        let next = if to > n {
+            let mut added = Vec::new();
+            for _ in n..to {
+                added.push(self.add_node().await);
+            }
+            ring.grown(added)
+        } else {
+            ring.shrunk(n - to)
+        }
+        .unwrap_or_else(|e| panic!("ring: {e}"));
+        assert!(
+            self.client.set_ring(RingState::new(next)),
+            "the client refused the ring"
+        );
+        let at = Instant::now();
+        for (_, _, node) in self.nodes.drain(to as usize..).collect::<Vec<_>>() {
+            if let Some(node) = node {
+                node.shutdown().await;
+            }
+        }
+        at
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            slots: self.nodes.iter().map(|(_, s, _)| items(s)).collect(),
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for (_, _, node) in &mut self.nodes {
+            if let Some(node) = node.take() {
+                node.shutdown().await;
+            }
         }
     }
 }

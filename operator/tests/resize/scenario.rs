@@ -1,11 +1,17 @@
 //! One resize under load, measured: warm the pool, record the steady hit ratio, resize at a
 //! window boundary while readers and writers keep going, record the windows after, and keep
 //! where every key was before and after.
+//!
+//! The resize is the operator's (a spec change through `PoolHandle::set_spec`, see
+//! `harness`), or, for the comparison, a `PlainPool`'s switch to the new ring.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::harness::{Clean, Pool, Resize};
+use cache_node::client::PoolClient;
+
+use crate::harness::{Clean, PlainPool, Pool, Resize, Snapshot};
 use crate::load::{self, Checker, Keys, Load, LoadConfig, Verdict, Window};
 
 /// Per-node capacity: room for every key on one node several times over, so nothing is
@@ -43,6 +49,7 @@ impl Scenario {
         }
     }
 
+    /// The same ring change on a `PlainPool`: clients switch straight to the new ring.
     pub fn without_handoff(self) -> Scenario {
         Scenario {
             handoff: false,
@@ -57,9 +64,9 @@ impl Scenario {
             "shrink"
         };
         let handoff = if self.handoff {
-            "with hand-off"
+            "through the operator"
         } else {
-            "WITHOUT hand-off"
+            "plain nodes, clients switched to the new ring, WITHOUT hand-off"
         };
         format!("{kind} {}->{} {handoff}", self.from, self.to)
     }
@@ -74,7 +81,8 @@ pub struct Outcome {
     pub resize_began: usize,
     pub resize_ended: usize,
     pub steady_pct: f64,
-    pub resize: Resize,
+    /// What the operator's resize did (`None` for a plain pool).
+    pub resize: Option<Resize>,
     pub verdict: Verdict,
     /// Key -> slot, before the resize and after it (keys held by one node only).
     pub before: HashMap<Vec<u8>, u32>,
@@ -159,12 +167,15 @@ impl Outcome {
             self.cold.0,
             self.cold_pct()
         );
-        println!(
-            "   {} (from +{} to +{} ms)",
-            self.resize.describe(),
-            self.resize_ms.0,
-            self.resize_ms.1
-        );
+        match &self.resize {
+            Some(resize) => println!(
+                "   {} (migrating ring at +{} ms, completed ring at +{} ms)",
+                resize.describe(),
+                self.resize_ms.0,
+                self.resize_ms.1
+            ),
+            None => println!("   clients switched at +{} ms", self.resize_ms.0),
+        }
         let v = &self.verdict;
         println!(
             "   reads {} (hits {}), writes acked {}, deletes acked {}, stale {}, corrupt {}, in doubt {}, unexplained misses {}, write errors {}, read errors {}",
@@ -199,8 +210,7 @@ pub fn expected_share(from: u32, to: u32) -> f64 {
 }
 
 /// Key -> slot of the keys held by exactly one node, and how many were held by more.
-fn placement(pool: &Pool) -> (HashMap<Vec<u8>, u32>, usize) {
-    let snapshot = pool.snapshot();
+fn placement(snapshot: &Snapshot) -> (HashMap<Vec<u8>, u32>, usize) {
     let mut doubled = 0;
     let mut out = HashMap::new();
     for (key, slots) in snapshot.placement() {
@@ -213,11 +223,36 @@ fn placement(pool: &Pool) -> (HashMap<Vec<u8>, u32>, usize) {
     (out, doubled)
 }
 
+/// The pool a scenario resizes.
+enum Subject {
+    Operator(Box<Pool>),
+    Plain(PlainPool),
+}
+
+impl Subject {
+    fn client(&self) -> Arc<PoolClient> {
+        match self {
+            Subject::Operator(pool) => pool.client(),
+            Subject::Plain(pool) => pool.client(),
+        }
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        match self {
+            Subject::Operator(pool) => pool.snapshot(),
+            Subject::Plain(pool) => pool.snapshot(),
+        }
+    }
+}
+
 /// Runs `s` and returns what it measured; asserts only what must hold for the measure to mean
 /// anything (the prefill and the resize themselves succeeded).
 pub async fn run(s: Scenario) -> Outcome {
-    let mut pool = Pool::start(s.from, CAPACITY_MIB).await;
-    pool.handoff = s.handoff;
+    let mut pool = if s.handoff {
+        Subject::Operator(Box::new(Pool::start(s.from, CAPACITY_MIB).await))
+    } else {
+        Subject::Plain(PlainPool::start(s.from, CAPACITY_MIB).await)
+    };
     let checker = Arc::new(Checker::new(Keys::new(s.keys, s.pad.0, s.pad.1)));
     let failed = load::prefill(pool.client(), checker.clone(), 16).await;
     assert_eq!(failed, 0, "prefill writes failed");
@@ -225,24 +260,31 @@ pub async fn run(s: Scenario) -> Outcome {
     let load = Load::start(pool.client(), checker.clone(), LoadConfig::default());
     let resize_began = WARMUP + s.steady;
     load.until_window(resize_began).await;
-    let (before, doubled_before) = placement(&pool);
+    let (before, doubled_before) = placement(&pool.snapshot());
     checker.arm();
-    let resize = if s.to > s.from {
-        pool.grow_to(s.to).await
-    } else {
-        pool.shrink_to(s.to).await
+    let (resize, resize_ms) = match &mut pool {
+        Subject::Operator(p) => {
+            let resize = p.resize_to(s.to).await;
+            let ms = (checker.ms(resize.began), checker.ms(resize.completed));
+            (Some(resize), ms)
+        }
+        Subject::Plain(p) => {
+            let at: Instant = p.resize_to(s.to).await;
+            (None, (checker.ms(at), checker.ms(at)))
+        }
     };
-    let resize = resize.unwrap_or_else(|e| panic!("{}: {e}", s.name()));
     let resize_ended = load.window_now();
-    let (after, doubled_after) = placement(&pool);
+    let (after, doubled_after) = placement(&pool.snapshot());
     let windows = load.stop_at(resize_ended + 1 + s.after).await;
 
-    let clean = if s.handoff {
-        Some(pool.check_clean().await)
-    } else {
-        None
+    let clean = match &mut pool {
+        Subject::Operator(p) => Some(p.check_clean().await),
+        Subject::Plain(_) => None,
     };
-    pool.shutdown().await;
+    match pool {
+        Subject::Operator(p) => p.shutdown().await,
+        Subject::Plain(p) => p.shutdown().await,
+    }
     let steady_pct = load::hit_pct(&windows[WARMUP..resize_began]);
     let outcome = Outcome {
         scenario: s,
@@ -250,14 +292,14 @@ pub async fn run(s: Scenario) -> Outcome {
         resize_began,
         resize_ended,
         steady_pct,
-        resize: resize.clone(),
+        resize,
         verdict: checker.verdict(),
         before,
         after,
         doubled: doubled_before + doubled_after,
         clean,
         cold: checker.cold(),
-        resize_ms: (checker.ms(resize.began), checker.ms(resize.completed)),
+        resize_ms,
     };
     outcome.print();
     outcome
@@ -277,16 +319,30 @@ pub fn assert_lossless(o: &Outcome) {
     assert_eq!(v.corrupt, 0, "corrupt reads: {:?}", v.samples);
     assert_eq!(v.read_errors, 0, "read errors");
     assert_eq!(o.doubled, 0, "keys held by two nodes outside a migration");
+    let resize = o
+        .resize
+        .as_ref()
+        .unwrap_or_else(|| panic!("a lossless resize is the operator's"));
+    // The harness's own "hand-off error" is gone with its orchestrator: the operator completes
+    // a migration only once every live previous member reported its hand-off done, so a
+    // completed resize with no dead member and no replacement is the same check.
     assert!(
-        o.resize.dead.is_empty() && o.resize.handoff_error.is_none(),
+        resize.dead.is_empty() && resize.replaced.is_empty(),
         "{}",
-        o.resize.describe()
+        resize.describe()
     );
     assert_eq!(
-        o.resize.left_on_removed, 0,
-        "removed nodes still held items when stopped"
+        (resize.from, resize.to),
+        (s.from, s.to),
+        "the operator resized {} -> {}",
+        resize.from,
+        resize.to
     );
-    assert_eq!(o.resize.keys_dropped(), 0, "the hand-off dropped keys");
+    assert_eq!(
+        resize.left_on_removed, 0,
+        "removed nodes still held items when the operator stopped them"
+    );
+    assert_eq!(resize.keys_dropped(), 0, "the hand-off dropped keys");
 
     for (w, window) in o.windows.iter().enumerate().skip(o.resize_began) {
         let pct = window.hit_pct();
