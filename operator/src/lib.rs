@@ -18,7 +18,8 @@
 //!
 //! Around them: [`standalone`] (the state-directory front end), [`registry`] (the pools the
 //! API serves), [`api`] (the HTTP API), [`metrics`] (the operator's Prometheus metrics),
-//! [`rebalance`] (the hand-off step of a resize) and [`state`] (the state directory's files).
+//! [`rebalance`] (the node admin client, re-exported for the driver and the bench) and
+//! [`state`] (the state directory's files).
 
 pub mod api;
 pub mod autoscaler;

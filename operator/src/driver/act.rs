@@ -202,12 +202,21 @@ impl Driver {
             }
         }
         self.ring_changed_at = now;
-        let moved = self
-            .record
-            .status
-            .migration
+        // What the finished hand-off moved, from this round's probes of the nodes that handed
+        // off towards the migrating ring (the stored status lags a round behind).
+        let moved = before
             .as_ref()
-            .map(|m| (m.keys_moved, m.bytes_moved));
+            .filter(|_| change == RingChange::Complete)
+            .map(|migrating| {
+                let target = migrating.current().epoch();
+                self.nodes
+                    .values()
+                    .filter_map(|n| n.handoff.as_ref())
+                    .filter(|h| h.epoch == Some(target))
+                    .fold((0, 0), |(keys, bytes), h| {
+                        (keys + h.keys_moved, bytes + h.bytes_moved)
+                    })
+            });
         // The status, with this ring, is stored before any client hears of the ring.
         self.record.status = status.clone();
         self.save().await;
