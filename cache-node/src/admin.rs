@@ -116,10 +116,50 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Compares without an early exit, so response time does not reveal how much matched. Every
-/// bearer-token check of the project (node, operator and site APIs) uses it.
+/// Compares in constant time (`subtle`), so response time does not reveal how much of a
+/// token matched; only the length may differ in time. Every token check of the project
+/// goes through it (via [`check_bearer`] for bearer tokens).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// The token of an `Authorization: Bearer <token>` header, trimmed; `None` without one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// The one bearer-token check of every Cachepool HTTP API (node admin, operator, site): which
+/// of `accepted` the request presents (its index), or the 401 to answer — naming `what` token
+/// is expected when none was sent, and saying it is wrong otherwise.
+pub fn check_bearer(
+    headers: &axum::http::HeaderMap,
+    accepted: &[&str],
+    what: &str,
+) -> Result<usize, ApiError> {
+    let Some(presented) = bearer(headers) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("missing Authorization: Bearer <{what}>"),
+        ));
+    };
+    // Every accepted token is compared, so timing does not tell which one matched.
+    let matched = accepted.iter().enumerate().fold(None, |found, (i, token)| {
+        let same = constant_time_eq(presented.as_bytes(), token.as_bytes());
+        found.or(same.then_some(i))
+    });
+    matched.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong bearer token",
+        )
+    })
 }
 
 async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
@@ -135,25 +175,9 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
         }
         return next.run(req).await;
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(p) if constant_time_eq(p.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "wrong bearer token",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing Authorization: Bearer <admin token>",
-        )
-        .into_response(),
+    match check_bearer(req.headers(), &[token], "admin token") {
+        Ok(_) => next.run(req).await,
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -330,4 +354,48 @@ async fn handoff_status(State(state): State<AdminState>) -> Response {
 
 async fn cancel_handoff(State(state): State<AdminState>) -> Response {
     axum::Json(state.handoff.cancel()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn with(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn check_bearer_tells_which_token_was_presented() {
+        let accepted = ["admin-secret", "read-secret"];
+        assert_eq!(
+            check_bearer(&with("Bearer admin-secret"), &accepted, "token").unwrap(),
+            0
+        );
+        assert_eq!(
+            check_bearer(&with("Bearer  read-secret "), &accepted, "token").unwrap(),
+            1
+        );
+        let wrong = check_bearer(&with("Bearer admin-secreT"), &accepted, "token").unwrap_err();
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(wrong.message(), "wrong bearer token");
+        let basic = check_bearer(&with("Basic YWRtaW4="), &accepted, "admin token").unwrap_err();
+        assert_eq!(
+            basic.message(),
+            "missing Authorization: Bearer <admin token>"
+        );
+        let none = check_bearer(&HeaderMap::new(), &accepted, "token").unwrap_err();
+        assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_tokens() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
 }

@@ -20,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cache_node::admin::{ApiError, constant_time_eq};
+use cache_node::admin::{ApiError, check_bearer};
 use cachepool_crds::api::{HistoryPoint, PoolList, ScaleRequest};
 use cachepool_crds::pool::{CachePool, ScalingMode, SpecError};
 use cachepool_crds::ring::RingState;
@@ -133,34 +133,12 @@ impl From<CommandError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 async fn authorize(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(presented) = presented else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing Authorization: Bearer <token>",
-        )
-        .into_response();
+    let mut accepted = vec![state.tokens.admin.as_str()];
+    accepted.extend(state.tokens.read.as_deref());
+    let admin = match check_bearer(request.headers(), &accepted, "token") {
+        Ok(which) => which == 0,
+        Err(refused) => return refused.into_response(),
     };
-    let admin = constant_time_eq(presented.as_bytes(), state.tokens.admin.as_bytes());
-    let read = state
-        .tokens
-        .read
-        .as_deref()
-        .is_some_and(|t| constant_time_eq(presented.as_bytes(), t.as_bytes()));
-    if !admin && !read {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "wrong bearer token",
-        )
-        .into_response();
-    }
     if !admin && request.method() != Method::GET {
         return ApiError::new(
             StatusCode::FORBIDDEN,

@@ -318,6 +318,11 @@ impl OperatorMetrics {
             .inc();
     }
 
+    /// Reconciles of `pool` so far.
+    pub fn reconciles(&self, pool: &str) -> u64 {
+        self.inner.reconciles.get_or_create(&labels(pool)).get()
+    }
+
     /// Counts a write of `pool`'s record (status) to the store.
     pub fn status_written(&self, pool: &str) {
         self.inner.status_writes.get_or_create(&labels(pool)).inc();

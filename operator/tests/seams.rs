@@ -183,7 +183,13 @@ async fn a_pool_naming_a_provider_this_operator_cannot_serve_is_degraded_and_sta
     let ready = condition(&resource, "Ready").expect("a Ready condition");
     assert_eq!(ready.status, "False");
     // Several rounds later, still nothing started and the event was told once.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let label = pool.to_string();
+    let rounds = h.operator.metrics().reconciles(&label);
+    let start = Instant::now();
+    while h.operator.metrics().reconciles(&label) < rounds + 5 {
+        assert!(start.elapsed() < TIMEOUT, "the driver stopped reconciling");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         h.nodes.launches(),
         0,
@@ -385,15 +391,29 @@ async fn measure_status_writes(interval: Duration) -> (u64, Duration, u64, Durat
             .await
             .unwrap_or_else(|e| panic!("set: {e}"));
     }
-    let before = h.operator.metrics().status_writes(&label);
-    let steady = Instant::now();
+    // Half the keys asked for exist, so the miss rate moves from sample to sample. Measured once
+    // the status shows traffic figures (the window must be half covered first).
     let mut i = 0u32;
-    while steady.elapsed() < Duration::from_secs(3) {
+    let mut traffic = async || {
         let _ = client
-            .get(format!("key{}", i % 3000).as_bytes())
+            .get(format!("key{}", (i * 7919) % 6000).as_bytes())
             .await
             .unwrap_or_else(|e| panic!("get: {e}"));
         i += 1;
+    };
+    let warm = Instant::now();
+    while handle
+        .resource()
+        .status
+        .is_none_or(|s| s.requests_per_minute.is_none())
+    {
+        assert!(warm.elapsed() < TIMEOUT, "no traffic figures in the status");
+        traffic().await;
+    }
+    let before = h.operator.metrics().status_writes(&label);
+    let steady = Instant::now();
+    while steady.elapsed() < Duration::from_secs(3) {
+        traffic().await;
     }
     let steady_writes = h.operator.metrics().status_writes(&label) - before;
     let steady_time = steady.elapsed();

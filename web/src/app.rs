@@ -25,7 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get};
 use axum::{Json, Router};
-use cache_node::admin::{ApiError, constant_time_eq};
+use cache_node::admin::{ApiError, check_bearer};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 use utoipa::openapi::path::HttpMethod;
@@ -555,28 +555,8 @@ pub(crate) async fn delete_data(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     // A manager session with its CSRF token (checked by `ui::Ui::authorize_api`) may too.
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        _ if manager.is_some() => {}
-        Some(token) if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) => {}
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "wrong bearer token",
-            ));
-        }
-        None => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing Authorization: Bearer <admin token>",
-            ));
-        }
+    if manager.is_none() {
+        check_bearer(&headers, &[&state.admin_token], "admin token")?;
     }
     let deleted = state
         .storage

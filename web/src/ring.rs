@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_node::client::{ClientOptions, PoolClient};
+use cachepool_crds::client::{ClientError, OperatorClient};
 use cachepool_crds::ring::RingState;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -37,44 +38,24 @@ pub enum RingError {
 }
 
 impl RingSource {
-    fn url(&self, after: Option<u64>) -> String {
-        let base = format!(
-            "{}/api/v1/pools/{}/{}/ring",
-            self.api.trim_end_matches('/'),
-            self.namespace,
-            self.pool
-        );
-        match after {
-            Some(epoch) => format!("{base}?after={epoch}"),
-            None => base,
-        }
-    }
-
     async fn fetch(
         &self,
-        http: &reqwest::Client,
+        api: &OperatorClient,
         after: Option<u64>,
     ) -> Result<RingState, RingError> {
-        let url = self.url(after);
-        let fail = |message: String| RingError::Fetch {
-            url: url.clone(),
-            message,
-        };
-        let response = http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
+        api.ring(&self.namespace, &self.pool, after)
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(|e| fail(e.to_string()))?;
-        if !status.is_success() {
-            return Err(fail(format!(
-                "{status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            )));
-        }
-        serde_json::from_slice(&body).map_err(|e| RingError::Invalid(e.to_string()))
+            .map_err(|e| match e {
+                ClientError::Unexpected { message, .. } => RingError::Invalid(message),
+                other => RingError::Fetch {
+                    url: self.api.clone(),
+                    message: other.to_string(),
+                },
+            })
+    }
+
+    fn client(&self) -> OperatorClient {
+        OperatorClient::new(&self.api, &self.token)
     }
 
     /// Waits (retrying) until the pool has a ring, and builds a pool client on it.
@@ -83,7 +64,7 @@ impl RingSource {
         options: ClientOptions,
         patience: Duration,
     ) -> Result<PoolClient, RingError> {
-        let http = http_client();
+        let http = self.client();
         let deadline = tokio::time::Instant::now() + patience;
         let mut pause = Duration::from_millis(50);
         loop {
@@ -109,7 +90,7 @@ impl RingSource {
 
     /// Keeps `client` on the newest ring until `stop` turns true.
     pub async fn follow(self, client: Arc<PoolClient>, mut stop: watch::Receiver<bool>) {
-        let http = http_client();
+        let http = self.client();
         let mut pause = Duration::from_millis(100);
         loop {
             let epoch = client.ring().current().epoch();
@@ -135,13 +116,4 @@ impl RingSource {
             }
         }
     }
-}
-
-/// Long-polls last up to 30 s on the operator's side; the client waits a little longer.
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(40))
-        .build()
-        .unwrap_or_default()
 }

@@ -213,7 +213,18 @@ async fn a_newer_ring_mid_hand_off_takes_over_and_completes() {
         json!({ "rateBytesPerSec": 200_000, "batchBytes": 20_000 }),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... under way (some keys moved, most not) ...
+    eventually(
+        Duration::from_secs(10),
+        "the slow hand-off moves its first keys",
+        || async move {
+            let st = http(a.admin_addr, "GET", "/handoff", Some(TOKEN), None)
+                .await
+                .json();
+            st["keysMoved"].as_u64().is_some_and(|moved| moved > 0)
+        },
+    )
+    .await;
     // ... overtaken by a grow to three.
     let ring3 = Ring::from_addresses(3, addrs.iter().map(String::as_str)).unwrap();
     handoff(a.admin_addr, &ring3, &addrs[0], json!({})).await;

@@ -94,7 +94,7 @@ pub fn charts(history: &[HistoryPoint], now: i64) -> Vec<Chart> {
     let placed: Vec<(f64, &HistoryPoint)> = history
         .iter()
         .filter_map(|p| {
-            let t: jiff::Timestamp = p.t.parse().ok()?;
+            let t = p.t;
             let minutes = (t.as_second() - now) as f64 / 60.0;
             (minutes >= -f64::from(WINDOW_MINUTES) - 1.0).then_some((minutes, p))
         })
@@ -198,7 +198,7 @@ mod tests {
 
     fn point(t: &str, nodes: u32, miss: Option<f64>) -> HistoryPoint {
         HistoryPoint {
-            t: t.into(),
+            t: t.parse().unwrap(),
             nodes,
             miss_rate: miss,
             hit_rate: miss.map(|m| 1.0 - m),

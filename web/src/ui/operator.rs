@@ -1,27 +1,21 @@
-//! The manager's client of the operator's HTTP API: the pool, its history, and the calls that
-//! change it (merge PATCH, scale by one, flush).
+//! The manager's view of the operator: the shared typed client of the operator's HTTP API
+//! (`cachepool_crds::client`), bound to the one pool the manager steers.
 //!
 //! The manager talks to the operator only through this API (the design's rule), with a token
-//! that may write. The operator's JSON errors (`{"error", "message", "field"}`) are kept whole
+//! that may write. A refusal keeps the operator's error body (`{"error", "message", "field"}`)
 //! so that the forms can show a 422's message next to the field it names.
 
-use std::time::Duration;
-
+use cachepool_crds::api::FlushReport;
+use cachepool_crds::client::{ClientError, OperatorClient as ApiClient};
 use cachepool_crds::pool::CachePool;
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// How long one call to the operator may take (a scale answers once the spec is stored, not
-/// when the nodes are up).
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub use cachepool_crds::api::HistoryPoint;
 
-/// Where the operator is and which pool the manager steers.
+/// The operator's API, for the pool `namespace/pool`.
 #[derive(Clone, Debug)]
 pub struct OperatorClient {
-    http: reqwest::Client,
-    api: String,
-    token: String,
+    api: ApiClient,
     namespace: String,
     pool: String,
 }
@@ -42,123 +36,58 @@ pub enum OperatorError {
     },
 }
 
-/// One point of the operator's per-minute history.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryPoint {
-    /// Start of the minute, RFC 3339.
-    pub t: String,
-    pub nodes: u32,
-    pub miss_rate: Option<f64>,
-    pub hit_rate: Option<f64>,
-    pub items: u64,
-    pub bytes: u64,
-    pub requests_per_minute: f64,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
-    message: String,
-    field: Option<String>,
+impl From<ClientError> for OperatorError {
+    fn from(error: ClientError) -> Self {
+        match error {
+            ClientError::Refused { status, body, .. } => OperatorError::Refused {
+                status,
+                code: body.error,
+                message: body.message,
+                field: body.field,
+            },
+            other => OperatorError::Unreachable(other.to_string()),
+        }
+    }
 }
 
 impl OperatorClient {
     /// A client of the API at `api` (base URL) for the pool `namespace/pool`.
     pub fn new(api: &str, token: &str, namespace: &str, pool: &str) -> Result<Self, OperatorError> {
-        let http = reqwest::Client::builder()
-            .timeout(CALL_TIMEOUT)
-            .build()
-            .map_err(|e| OperatorError::Unreachable(e.to_string()))?;
         Ok(OperatorClient {
-            http,
-            api: api.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
+            api: ApiClient::new(api, token),
             namespace: namespace.to_owned(),
             pool: pool.to_owned(),
         })
     }
 
-    fn url(&self, tail: &str) -> String {
-        format!(
-            "{}/api/v1/pools/{}/{}{tail}",
-            self.api, self.namespace, self.pool
-        )
-    }
-
-    async fn call<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<T, OperatorError> {
-        let response = request
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| OperatorError::Unreachable(e.to_string()))?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| OperatorError::Unreachable(e.to_string()))?;
-        if status.is_success() {
-            return serde_json::from_slice(&body)
-                .map_err(|e| OperatorError::Unreachable(format!("unexpected answer: {e}")));
-        }
-        match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(e) => Err(OperatorError::Refused {
-                status: status.as_u16(),
-                code: e.error,
-                message: e.message,
-                field: e.field,
-            }),
-            Err(_) => Err(OperatorError::Unreachable(format!(
-                "status {status} without an error body"
-            ))),
-        }
-    }
-
     /// The pool resource.
     pub async fn pool(&self) -> Result<CachePool, OperatorError> {
-        self.call(self.http.get(self.url(""))).await
+        Ok(self.api.pool(&self.namespace, &self.pool).await?)
     }
 
     /// The last `minutes` of per-minute history.
     pub async fn history(&self, minutes: u32) -> Result<Vec<HistoryPoint>, OperatorError> {
-        self.call(
-            self.http
-                .get(self.url(&format!("/history?minutes={minutes}"))),
-        )
-        .await
+        Ok(self
+            .api
+            .history(&self.namespace, &self.pool, minutes)
+            .await?)
     }
 
     /// Applies a JSON merge patch to the pool.
     pub async fn patch(&self, patch: &Value) -> Result<CachePool, OperatorError> {
-        let body = serde_json::to_vec(patch)
-            .map_err(|e| OperatorError::Unreachable(format!("encoding the patch: {e}")))?;
-        self.call(
-            self.http
-                .patch(self.url(""))
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/merge-patch+json",
-                )
-                .body(body),
-        )
-        .await
+        Ok(self.api.patch(&self.namespace, &self.pool, patch).await?)
     }
 
     /// Grows (`1`) or shrinks (`-1`) the pool by one node.
     pub async fn scale(&self, delta: i32) -> Result<CachePool, OperatorError> {
-        self.call(
-            self.http
-                .post(self.url("/scale"))
-                .json(&serde_json::json!({ "delta": delta })),
-        )
-        .await
+        Ok(self
+            .api
+            .scale(&self.namespace, &self.pool, i64::from(delta))
+            .await?)
     }
 
     /// Empties every node of the pool.
-    pub async fn flush(&self) -> Result<Value, OperatorError> {
-        self.call(self.http.post(self.url("/flush"))).await
+    pub async fn flush(&self) -> Result<FlushReport, OperatorError> {
+        Ok(self.api.flush(&self.namespace, &self.pool).await?)
     }
 }
