@@ -42,7 +42,15 @@ pub const MAX_COOLDOWN_SECONDS: u32 = 86_400;
     printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
     printcolumn = r#"{"name": "Miss Rate", "type": "number", "jsonPath": ".status.missRate"}"#,
     printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
-    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name": "Nodes", "type": "integer", "jsonPath": ".status.replicas"}"#,
+    printcolumn = r#"{"name": "Epoch", "type": "integer", "jsonPath": ".status.ring.epoch", "priority": 1}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    // `kubectl scale cp/NAME --replicas=N`, and an HPA or KEDA, size a manual pool through it.
+    scale(
+        spec_replicas_path = ".spec.scaling.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    )
 )]
 #[serde(rename_all = "camelCase", default)]
 pub struct CachePoolSpec {
@@ -50,7 +58,7 @@ pub struct CachePoolSpec {
     pub cache: CacheSpec,
     /// How many nodes the pool runs, fixed or driven by the miss rate.
     pub scaling: ScalingSpec,
-    /// Where nodes run: exactly one of `process` or `ec2`.
+    /// Where nodes run: exactly one of `process`, `pod` or `ec2`.
     pub provider: ProviderSpec,
     /// Where the operator reads the pool's hit and miss counts.
     pub metrics: MetricsSpec,
@@ -254,12 +262,15 @@ impl Default for AutoScalingSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.process) != has(self.ec2)", "message": "provider must set exactly one of process or ec2"}
+    {"rule": "(has(self.process) ? 1 : 0) + (has(self.pod) ? 1 : 0) + (has(self.ec2) ? 1 : 0) == 1", "message": "provider must set exactly one of process, pod or ec2"}
 ]))]
 pub struct ProviderSpec {
     /// Nodes as local child processes of the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessProvider>,
+    /// Nodes as Pods in the pool's namespace (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodProvider>,
     /// Nodes as EC2 instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ec2: Option<Ec2Provider>,
@@ -268,6 +279,26 @@ pub struct ProviderSpec {
 /// Nodes as `cachepool node` child processes on loopback ports; nothing to configure.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ProcessProvider {}
+
+/// Nodes as Pods, one per slot, owned by the pool, running `cachepool node` from the
+/// operator's image unless `image` says otherwise.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodProvider {
+    /// Image of the node pods (default: the operator's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resources of the node container (default: a memory request and limit of the
+    /// capacity plus the node's overhead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Node selector of the node pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
+    /// Tolerations of the node pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
+}
 
 /// Nodes as EC2 instances, one per slot.
 ///
@@ -420,6 +451,10 @@ pub struct CachePoolStatus {
     /// Why the pool last changed size.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
+    /// Label selector of the pool's nodes (`cachepool.io/pool=<name>`), for the scale
+    /// subresource (an HPA reads it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -701,35 +736,56 @@ fn validate_scaling(scaling: &ScalingSpec, errors: &mut Vec<SpecError>) {
 }
 
 fn validate_provider(provider: &ProviderSpec, errors: &mut Vec<SpecError>) {
-    match (&provider.process, &provider.ec2) {
-        (None, None) => errors.push(SpecError::new(
+    let named = [
+        provider.process.is_some(),
+        provider.pod.is_some(),
+        provider.ec2.is_some(),
+    ]
+    .into_iter()
+    .filter(|set| *set)
+    .count();
+    match named {
+        0 => errors.push(SpecError::new(
             "provider",
-            "no provider: set exactly one of `process: {}` or `ec2: {...}`",
+            "no provider: set exactly one of `process: {}`, `pod: {...}` or `ec2: {...}`",
         )),
-        (Some(_), Some(_)) => errors.push(SpecError::new(
+        1 => {}
+        _ => errors.push(SpecError::new(
             "provider",
-            "two providers: set exactly one of `process` or `ec2`, not both",
+            "two providers or more: set exactly one of `process`, `pod` or `ec2`",
         )),
-        (Some(_), None) => {}
-        (None, Some(ec2)) => {
-            for (field, value) in [
-                ("provider.ec2.region", &ec2.region),
-                ("provider.ec2.imageId", &ec2.image_id),
-                ("provider.ec2.instanceType", &ec2.instance_type),
-                ("provider.ec2.subnetId", &ec2.subnet_id),
-            ] {
-                if value.trim().is_empty() {
-                    errors.push(SpecError::new(field, "is required by the ec2 provider"));
-                }
-            }
-            if ec2.security_group_ids.iter().all(|id| id.trim().is_empty()) {
-                errors.push(SpecError::new(
-                    "provider.ec2.securityGroupIds",
-                    "is required by the ec2 provider: list at least one security group",
-                ));
+    }
+    if let Some(ec2) = &provider.ec2 {
+        for (field, value) in [
+            ("provider.ec2.region", &ec2.region),
+            ("provider.ec2.imageId", &ec2.image_id),
+            ("provider.ec2.instanceType", &ec2.instance_type),
+            ("provider.ec2.subnetId", &ec2.subnet_id),
+        ] {
+            if value.trim().is_empty() {
+                errors.push(SpecError::new(field, "is required by the ec2 provider"));
             }
         }
+        if ec2.security_group_ids.iter().all(|id| id.trim().is_empty()) {
+            errors.push(SpecError::new(
+                "provider.ec2.securityGroupIds",
+                "is required by the ec2 provider: list at least one security group",
+            ));
+        }
     }
+    if let Some(image) = provider.pod.as_ref().and_then(|p| p.image.as_deref())
+        && image.trim().is_empty()
+    {
+        errors.push(SpecError::new(
+            "provider.pod.image",
+            "must name an image, or be left out to use the operator's own",
+        ));
+    }
+}
+
+/// The label selector of a pool's nodes, as `status.selector` shows it.
+pub fn selector_for(pool: &str) -> String {
+    format!("cachepool.io/pool={pool}")
 }
 
 /// The CachePool CustomResourceDefinition as YAML, ready for `kubectl apply -f -`.

@@ -616,7 +616,7 @@ fn spec_problem(scaling: &ScalingSpec) -> Option<String> {
         scaling: scaling.clone(),
         provider: ProviderSpec {
             process: Some(ProcessProvider {}),
-            ec2: None,
+            ..ProviderSpec::default()
         },
         ..CachePoolSpec::default()
     };

@@ -16,6 +16,7 @@ use crate::driver::{Context, DriverOptions};
 use crate::events::{EventSink, Fanout, FileEvents};
 use crate::metrics::OperatorMetrics;
 use crate::provider::embedded::EmbeddedProvider;
+use crate::provider::pod::PodProvider;
 use crate::provider::process::{ProcessOptions, ProcessProvider};
 use crate::provider::{PoolProvider, Providers, ShutdownPolicy};
 use crate::registry::Registry;
@@ -79,6 +80,8 @@ pub struct Config {
     pub traffic: Traffic,
     /// Identifies this operator on the nodes it starts (tag `cachepool.io/operator`).
     pub operator_id: String,
+    /// Serves `provider: {pod: …}` pools when set.
+    pub pods: Option<Arc<PodProvider>>,
 }
 
 impl Config {
@@ -104,6 +107,7 @@ impl Config {
             events: Vec::new(),
             traffic: Traffic::default(),
             operator_id: "standalone".to_owned(),
+            pods: None,
         }
     }
 }
@@ -138,7 +142,8 @@ impl Operator {
             )),
             NodeBackend::Embedded(provider) => PoolProvider::Embedded(provider.clone()),
         };
-        let providers = Providers::process_only(provider);
+        let mut providers = Providers::process_only(provider);
+        providers.pod = config.pods.clone().map(PoolProvider::Pod);
         let registry = Arc::new(Registry::default());
         let metrics = OperatorMetrics::new();
         let listener = TcpListener::bind(&config.listen)

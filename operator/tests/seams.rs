@@ -165,22 +165,38 @@ spec:
       securityGroupIds: [sg-0123456789abcdef0]
 ";
 
+const POD_POOL: &str = "\
+apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {name: cloud}
+spec:
+  provider: {pod: {}}
+";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_naming_a_provider_this_operator_cannot_serve_is_degraded_and_starts_nothing() {
-    let h = start("ec2", EC2_POOL).await;
+    for (manifest, kind) in [(EC2_POOL, "ec2"), (POD_POOL, "pod")] {
+        unserved_provider_is_refused(manifest, kind).await;
+    }
+}
+
+async fn unserved_provider_is_refused(manifest: &str, kind: &str) {
+    let h = start(kind, manifest).await;
     let pool = PoolRef::new("default", "cloud");
     let resource = h
         .until(&pool, "Degraded", |r| phase(r) == Some(PoolPhase::Degraded))
         .await;
-    let degraded = condition(&resource, "Degraded").expect("a Degraded condition");
+    let degraded =
+        condition(&resource, "Degraded").unwrap_or_else(|| panic!("no Degraded condition"));
     assert_eq!(degraded.status, "True");
     assert_eq!(degraded.reason, "ProviderUnavailable");
     assert!(
-        degraded.message.contains("`ec2`") && degraded.message.contains("no node was started"),
+        degraded.message.contains(&format!("`{kind}`"))
+            && degraded.message.contains("no node was started"),
         "{}",
         degraded.message
     );
-    let ready = condition(&resource, "Ready").expect("a Ready condition");
+    let ready = condition(&resource, "Ready").unwrap_or_else(|| panic!("no Ready condition"));
     assert_eq!(ready.status, "False");
     // Several rounds later, still nothing started and the event was told once.
     let label = pool.to_string();

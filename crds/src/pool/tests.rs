@@ -7,7 +7,7 @@ fn valid() -> CachePoolSpec {
     CachePoolSpec {
         provider: ProviderSpec {
             process: Some(ProcessProvider {}),
-            ec2: None,
+            ..ProviderSpec::default()
         },
         ..CachePoolSpec::default()
     }
@@ -124,6 +124,7 @@ fn the_default_spec_with_a_provider_is_valid() {
     assert_valid(&valid());
     let mut spec = valid();
     spec.provider = ProviderSpec {
+        pod: None,
         process: None,
         ec2: Some(ec2()),
     };
@@ -343,6 +344,7 @@ fn ec2_without_its_required_fields_names_each_one() {
     );
     let mut spec = valid();
     spec.provider = ProviderSpec {
+        pod: None,
         process: None,
         ec2: Some(Ec2Provider {
             security_group_ids: vec![" ".into()],
@@ -448,6 +450,7 @@ fn full_pool() -> CachePool {
         requests_per_minute: Some(12_000.0),
         last_scale_time: Some(at.clone()),
         last_scale_reason: Some("miss rate 0.45 > 0.40".into()),
+        selector: Some(selector_for("web-cache")),
         conditions: vec![Condition {
             type_: "Progressing".into(),
             status: "True".into(),
@@ -560,10 +563,22 @@ fn the_crd_has_the_printer_columns() {
         ("Ready", ".status.readyReplicas"),
         ("Miss Rate", ".status.missRate"),
         ("Phase", ".status.phase"),
+        ("Nodes", ".status.replicas"),
+        ("Epoch", ".status.ring.epoch"),
         ("Age", ".metadata.creationTimestamp"),
     ]
     .map(|(n, p)| (n.to_owned(), p.to_owned()));
     assert_eq!(columns, expected);
+}
+
+#[test]
+fn the_crd_serves_the_scale_subresource_on_the_manual_size() {
+    let crd = crd_value();
+    let scale = &crd["spec"]["versions"][0]["subresources"]["scale"];
+    assert_eq!(scale["specReplicasPath"], ".spec.scaling.replicas");
+    assert_eq!(scale["statusReplicasPath"], ".status.replicas");
+    assert_eq!(scale["labelSelectorPath"], ".status.selector");
+    assert_eq!(selector_for("web"), "cachepool.io/pool=web");
 }
 
 /// Each CEL rule in the CRD, where it sits, and a spec that breaks it: the same spec must be
@@ -606,7 +621,7 @@ fn the_crd_carries_a_cel_rule_for_each_rule_kubernetes_can_check() {
         ),
         (
             "/properties/provider",
-            "has(self.process) != has(self.ec2)",
+            "(has(self.process) ? 1 : 0) + (has(self.pod) ? 1 : 0) + (has(self.ec2) ? 1 : 0) == 1",
             |s| s.provider.process = None,
         ),
     ];

@@ -80,6 +80,7 @@ fn without_counters(status: &CachePoolStatus) -> CachePoolStatus {
 impl Driver {
     /// The plan's status keeps the traffic figures sampled since the last round.
     pub(super) fn keep_traffic(&self, status: &mut CachePoolStatus) {
+        status.selector = Some(cachepool_crds::pool::selector_for(&self.handle.pool.name));
         let sampled = &self.record.status;
         status.miss_rate = sampled.miss_rate;
         status.hit_rate = sampled.hit_rate;

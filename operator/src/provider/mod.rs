@@ -18,6 +18,7 @@
 //!   local processes die with their supervisor, pods and instances stay for the next leader.
 
 pub mod embedded;
+pub mod pod;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,8 @@ impl fmt::Display for PoolRef {
 pub enum ProviderKind {
     /// Local child processes (standalone mode).
     Process,
+    /// Pods in the pool's namespace (Kubernetes mode).
+    Pod,
     /// EC2 instances.
     Ec2,
 }
@@ -64,9 +67,10 @@ pub enum ProviderKind {
 impl ProviderKind {
     /// The kind a spec names, `None` when it names none or several (an invalid spec).
     pub fn of(spec: &ProviderSpec) -> Option<ProviderKind> {
-        match (&spec.process, &spec.ec2) {
-            (Some(_), None) => Some(ProviderKind::Process),
-            (None, Some(_)) => Some(ProviderKind::Ec2),
+        match (&spec.process, &spec.pod, &spec.ec2) {
+            (Some(_), None, None) => Some(ProviderKind::Process),
+            (None, Some(_), None) => Some(ProviderKind::Pod),
+            (None, None, Some(_)) => Some(ProviderKind::Ec2),
             _ => None,
         }
     }
@@ -75,6 +79,7 @@ impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Process => "process",
+            ProviderKind::Pod => "pod",
             ProviderKind::Ec2 => "ec2",
         }
     }
@@ -235,6 +240,8 @@ pub enum PoolProvider {
     Process(Arc<process::ProcessProvider>),
     /// Nodes inside the operator's own process (tests, benchmarks).
     Embedded(Arc<embedded::EmbeddedProvider>),
+    /// Pods.
+    Pod(Arc<pod::PodProvider>),
 }
 
 impl PoolProvider {
@@ -243,6 +250,7 @@ impl PoolProvider {
         match self {
             PoolProvider::Process(p) => p.kind(),
             PoolProvider::Embedded(p) => p.kind(),
+            PoolProvider::Pod(p) => p.kind(),
         }
     }
 
@@ -251,6 +259,7 @@ impl PoolProvider {
         match self {
             PoolProvider::Process(p) => p.shutdown_policy(),
             PoolProvider::Embedded(p) => p.shutdown_policy(),
+            PoolProvider::Pod(p) => p.shutdown_policy(),
         }
     }
 
@@ -258,6 +267,7 @@ impl PoolProvider {
         match self {
             PoolProvider::Process(p) => p.list(pool).await,
             PoolProvider::Embedded(p) => p.list(pool).await,
+            PoolProvider::Pod(p) => p.list(pool).await,
         }
     }
 
@@ -265,6 +275,7 @@ impl PoolProvider {
         match self {
             PoolProvider::Process(p) => p.launch(spec).await,
             PoolProvider::Embedded(p) => p.launch(spec).await,
+            PoolProvider::Pod(p) => p.launch(spec).await,
         }
     }
 
@@ -272,6 +283,7 @@ impl PoolProvider {
         match self {
             PoolProvider::Process(p) => p.terminate(pool, id).await,
             PoolProvider::Embedded(p) => p.terminate(pool, id).await,
+            PoolProvider::Pod(p) => p.terminate(pool, id).await,
         }
     }
 
@@ -279,6 +291,7 @@ impl PoolProvider {
         match self {
             PoolProvider::Process(p) => p.stop_all().await,
             PoolProvider::Embedded(p) => p.stop_all().await,
+            PoolProvider::Pod(p) => p.stop_all().await,
         }
     }
 }
@@ -298,6 +311,8 @@ pub struct Unserved {
 pub struct Providers {
     /// Serves `provider: {process: {}}`.
     pub process: Option<PoolProvider>,
+    /// Serves `provider: {pod: {...}}`.
+    pub pod: Option<PoolProvider>,
     /// Serves `provider: {ec2: ...}`.
     pub ec2: Option<PoolProvider>,
 }
@@ -321,6 +336,7 @@ impl Providers {
         };
         let served = match kind {
             ProviderKind::Process => self.process.clone(),
+            ProviderKind::Pod => self.pod.clone(),
             ProviderKind::Ec2 => self.ec2.clone(),
         };
         served.ok_or_else(|| Unserved {
@@ -345,7 +361,7 @@ impl Providers {
 
     /// Every provider, once each.
     pub fn all(&self) -> Vec<PoolProvider> {
-        [&self.process, &self.ec2]
+        [&self.process, &self.pod, &self.ec2]
             .into_iter()
             .flatten()
             .cloned()

@@ -1,0 +1,176 @@
+//! The CRD's CEL rules (`x-kubernetes-validations`), evaluated by a CEL interpreter the way the
+//! API server evaluates them, agree with [`validate`] on valid and invalid specs: a cluster
+//! refuses at `kubectl apply` what the operator would refuse, and accepts what it accepts.
+//!
+//! Each rule is evaluated with `self` bound to the object at the rule's place in the spec (a
+//! rule on an absent optional object does not run, as in Kubernetes). JSON integers are CEL
+//! `int`s and decimals `double`s, as the API server types them from the schema.
+
+use std::collections::HashMap;
+
+use cachepool_crds::pool::{CachePool, CachePoolSpec, PodProvider, ProviderSpec, validate};
+use cel::{Context, Program, Value};
+use kube::CustomResourceExt;
+use serde_json::Value as Json;
+
+/// Every CEL rule of the spec's schema: (path of the object inside the spec, rule).
+fn rules() -> Vec<(Vec<String>, String)> {
+    let crd = serde_json::to_value(CachePool::crd()).unwrap_or_else(|e| panic!("the CRD: {e}"));
+    let spec = crd
+        .pointer("/spec/versions/0/schema/openAPIV3Schema/properties/spec")
+        .unwrap_or_else(|| panic!("the CRD has no spec schema"))
+        .clone();
+    let mut out = Vec::new();
+    collect(&spec, &mut Vec::new(), &mut out);
+    out
+}
+
+fn collect(schema: &Json, path: &mut Vec<String>, out: &mut Vec<(Vec<String>, String)>) {
+    if let Some(rules) = schema
+        .get("x-kubernetes-validations")
+        .and_then(Json::as_array)
+    {
+        for rule in rules {
+            let text = rule["rule"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a rule without text: {rule}"));
+            out.push((path.clone(), text.to_owned()));
+        }
+    }
+    if let Some(properties) = schema.get("properties").and_then(Json::as_object) {
+        for (name, property) in properties {
+            path.push(name.clone());
+            collect(property, path, out);
+            path.pop();
+        }
+    }
+}
+
+/// A JSON value as the API server hands it to CEL.
+fn cel_value(json: &Json) -> Value {
+    match json {
+        Json::Null => Value::Null,
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => Value::String(s.clone().into()),
+        Json::Array(items) => Value::List(items.iter().map(cel_value).collect::<Vec<_>>().into()),
+        Json::Object(map) => Value::Map(
+            map.iter()
+                .map(|(k, v)| (k.clone(), cel_value(v)))
+                .collect::<HashMap<String, Value>>()
+                .into(),
+        ),
+    }
+}
+
+/// The rules `spec` breaks, as the API server would find them.
+fn cel_rejects(spec: &Json) -> Vec<String> {
+    let mut broken = Vec::new();
+    for (path, rule) in rules() {
+        let mut object = spec;
+        let mut present = true;
+        for part in &path {
+            match object.get(part) {
+                Some(next) => object = next,
+                None => {
+                    present = false;
+                    break;
+                }
+            }
+        }
+        if !present {
+            continue;
+        }
+        let program = Program::compile(&rule).unwrap_or_else(|e| panic!("{rule}: {e}"));
+        let mut context = Context::default();
+        context.add_variable_from_value("self", cel_value(object));
+        match program.execute(&context) {
+            Ok(Value::Bool(true)) => {}
+            Ok(Value::Bool(false)) => broken.push(rule),
+            other => panic!("{rule} on {object}: {other:?}"),
+        }
+    }
+    broken
+}
+
+fn valid() -> CachePoolSpec {
+    CachePoolSpec {
+        provider: ProviderSpec {
+            process: Some(Default::default()),
+            ..ProviderSpec::default()
+        },
+        ..CachePoolSpec::default()
+    }
+}
+
+/// Specs and whether they are valid; each invalid one breaks a rule the CRD states in CEL.
+fn cases() -> Vec<(&'static str, CachePoolSpec)> {
+    let mut cases = vec![("the default spec", valid())];
+    let mut add = |name, change: fn(&mut CachePoolSpec)| {
+        let mut spec = valid();
+        change(&mut spec);
+        cases.push((name, spec));
+    };
+    add("auto mode", |s| {
+        s.scaling.mode = cachepool_crds::pool::ScalingMode::Auto;
+        s.scaling.replicas = 100;
+    });
+    add("a pod provider", |s| {
+        s.provider = ProviderSpec {
+            pod: Some(PodProvider::default()),
+            ..ProviderSpec::default()
+        }
+    });
+    add("min > max replicas", |s| {
+        s.scaling.min_replicas = 5;
+        s.scaling.max_replicas = 2;
+    });
+    add("replicas above max in manual mode", |s| {
+        s.scaling.replicas = 9
+    });
+    add("replicas below min in manual mode", |s| {
+        s.scaling.min_replicas = 2;
+        s.scaling.replicas = 1;
+    });
+    add("minMissRate == maxMissRate", |s| {
+        s.scaling.auto.min_miss_rate = 0.4;
+    });
+    add("expandRatio == 1", |s| s.scaling.auto.expand_ratio = 1.0);
+    add("shrinkRatio == 0", |s| s.scaling.auto.shrink_ratio = 0.0);
+    add("shrinkRatio == 1", |s| s.scaling.auto.shrink_ratio = 1.0);
+    add("an item larger than a node", |s| {
+        s.cache.capacity_mib = 8;
+        s.cache.max_item_size_kib = 9 * 1024;
+    });
+    add("no provider", |s| s.provider = ProviderSpec::default());
+    add("two providers", |s| {
+        s.provider.pod = Some(PodProvider::default());
+    });
+    cases
+}
+
+#[test]
+fn cel_rules_agree_with_validate() {
+    let mut exercised = std::collections::BTreeSet::new();
+    for (name, spec) in cases() {
+        let json = serde_json::to_value(&spec).unwrap();
+        let broken = cel_rejects(&json);
+        let verdict = validate(&spec);
+        assert_eq!(
+            broken.is_empty(),
+            verdict.is_ok(),
+            "{name}: CEL broke {broken:?}, validate said {verdict:?}"
+        );
+        exercised.extend(broken);
+    }
+    // Every rule is shown to refuse something: a new rule needs a case here.
+    let all: std::collections::BTreeSet<String> = rules().into_iter().map(|(_, r)| r).collect();
+    let untested: Vec<_> = all.difference(&exercised).collect();
+    assert!(
+        untested.is_empty(),
+        "CEL rules no case breaks: {untested:?}"
+    );
+}
