@@ -1,6 +1,5 @@
 //! `cachepool`: one binary for every role of an elastic, memcached-compatible cache pool.
 
-mod bench;
 mod operator;
 mod up;
 mod web;
@@ -33,7 +32,15 @@ enum Command {
     /// Print the CachePool CustomResourceDefinition (YAML) for `kubectl apply -f -`.
     Crd,
     /// Benchmarks against Debian's memcached and between policies (see docs/benchmarks.md).
-    Bench(bench::BenchArgs),
+    #[cfg(feature = "bench")]
+    Bench(cachepool_bench::BenchArgs),
+    /// Benchmarks: not in this build (it was built without the `bench` feature).
+    #[cfg(not(feature = "bench"))]
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +48,7 @@ fn main() -> anyhow::Result<()> {
     // A benchmark's report is its output: the parts it starts in-process (operator, site) log
     // warnings only, unless RUST_LOG asks for more.
     let default_level = match cli.command {
+        #[cfg(feature = "bench")]
         Command::Bench(_) => "warn",
         _ => "info",
     };
@@ -63,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Web(args) => runtime()?.block_on(async {
             let stop = shutdown_signal_now()?;
-            args.run(stop).await
+            web::run(args, stop).await
         }),
         Command::Node(config) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -81,7 +89,13 @@ fn main() -> anyhow::Result<()> {
             print!("{}", cachepool_crds::pool::crd_yaml());
             Ok(())
         }
-        Command::Bench(args) => bench::run(args),
+        #[cfg(feature = "bench")]
+        Command::Bench(args) => cachepool_bench::run(args),
+        #[cfg(not(feature = "bench"))]
+        Command::Bench { .. } => anyhow::bail!(
+            "this cachepool was built without its benchmarks (a production build); build it \
+             with the default `bench` feature, e.g. `cargo build --release`, to run them"
+        ),
     }
 }
 

@@ -117,7 +117,7 @@ impl UpArgs {
             Ok(web) => web,
             Err(e) => {
                 let _ = operator.stop().await;
-                return Err(e.context("starting the site"));
+                return Err(anyhow::Error::new(e).context("starting the site"));
             }
         };
         println!("site: {}", web.url());

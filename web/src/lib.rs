@@ -5,6 +5,8 @@
 //!   [`metrics`] counts and times it.
 //! - [`ui`]: the HTML pages and the manager UI (sessions, CSRF, charts, the operator client).
 //! - [`ring`]: the pool's ring, followed from the operator's API.
+//! - [`serve`]: the whole site started from its flags ([`serve::WebArgs`]), for `cachepool web`,
+//!   `cachepool up` and the benchmarks.
 //! - [`image`]: what an upload may be: keys and image formats, judged by their bytes.
 //! - [`cache`]: cache-aside reads through the pool client, one fill per key at a time.
 //! - [`store`]: image metadata in SQL (SQLite or PostgreSQL) and image bytes in an object store
@@ -16,5 +18,6 @@ pub mod image;
 pub mod metrics;
 pub mod openapi;
 pub mod ring;
+pub mod serve;
 pub mod store;
 pub mod ui;

@@ -1,4 +1,6 @@
-//! Requests as bytes and replies from bytes, without I/O.
+//! Requests as bytes and replies from bytes, without I/O: the one memcached codec of the
+//! project, used by the pool client (one request at a time, strict) and by the benchmarks'
+//! load generator (pipelines of `get` and `set`, [`parse_pipelined`]).
 //!
 //! Replies are framed in two steps, as the node frames commands: each parser first checks that
 //! a whole reply is buffered (`Ok(None)` otherwise, never an error) and then parses it,
@@ -12,23 +14,25 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 /// Longest reply line accepted (a `VALUE` line with a 250-byte key is about 300 bytes).
-pub(crate) const MAX_LINE: usize = 4096;
+pub const MAX_LINE: usize = 4096;
 
 /// Why a reply was rejected.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ReplyError {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
     /// Not an answer to the request that was sent.
+    #[error("protocol error: {0}")]
     Protocol(String),
     /// The node's error line (`SERVER_ERROR ...`, `CLIENT_ERROR ...`, `ERROR`).
+    #[error("the server answered: {0}")]
     Server(String),
 }
 
 /// A complete reply and the bytes it used, `None` while more bytes are needed.
-pub(crate) type Parsed<T> = Result<Option<(T, usize)>, ReplyError>;
+pub type Parsed<T> = Result<Option<(T, usize)>, ReplyError>;
 
 /// The head of a value reply; `data` locates the value's bytes in the buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ValueHead {
+pub struct ValueHead {
     pub flags: u32,
     pub cas: u64,
     /// Remaining TTL in seconds, `None` when the item never expires (meta get only).
@@ -37,22 +41,22 @@ pub(crate) struct ValueHead {
 }
 
 /// `gets <key>`.
-pub(crate) fn encode_gets(out: &mut Vec<u8>, key: &[u8]) {
+pub fn encode_gets(out: &mut Vec<u8>, key: &[u8]) {
     command(out, &[b"gets", key]);
 }
 
 /// `mg <key> v f t c`: value, client flags, remaining TTL and CAS.
-pub(crate) fn encode_meta_get(out: &mut Vec<u8>, key: &[u8]) {
+pub fn encode_meta_get(out: &mut Vec<u8>, key: &[u8]) {
     command(out, &[b"mg", key, b"v", b"f", b"t", b"c"]);
 }
 
 /// `mg <key> c`: the CAS value alone.
-pub(crate) fn encode_meta_cas(out: &mut Vec<u8>, key: &[u8]) {
+pub fn encode_meta_cas(out: &mut Vec<u8>, key: &[u8]) {
     command(out, &[b"mg", key, b"c"]);
 }
 
 /// The line of a storage command (`set`, `add`); the data block follows it.
-pub(crate) fn encode_store(
+pub fn encode_store(
     out: &mut Vec<u8>,
     cmd: &[u8],
     key: &[u8],
@@ -78,7 +82,7 @@ pub(crate) fn encode_store(
 /// `ms <key> <len> F<flags> T<exptime> ME Z c`: an add that the node also refuses if the key
 /// was deleted there recently (Cachepool's `Z`), returning the stored copy's CAS value; the
 /// data block follows.
-pub(crate) fn encode_meta_add(out: &mut Vec<u8>, key: &[u8], flags: u32, exptime: u32, len: usize) {
+pub fn encode_meta_add(out: &mut Vec<u8>, key: &[u8], flags: u32, exptime: u32, len: usize) {
     let (mut l, mut f, mut e) = (
         itoa::Buffer::new(),
         itoa::Buffer::new(),
@@ -102,12 +106,12 @@ pub(crate) fn encode_meta_add(out: &mut Vec<u8>, key: &[u8], flags: u32, exptime
 }
 
 /// `md <key> Y`: delete without leaving a tombstone (Cachepool's extension).
-pub(crate) fn encode_meta_delete_untombstoned(out: &mut Vec<u8>, key: &[u8]) {
+pub fn encode_meta_delete_untombstoned(out: &mut Vec<u8>, key: &[u8]) {
     command(out, &[b"md", key, b"Y"]);
 }
 
 /// `md <key> C<cas>`: delete only that version of the item.
-pub(crate) fn encode_meta_delete_cas(out: &mut Vec<u8>, key: &[u8], cas: u64) {
+pub fn encode_meta_delete_cas(out: &mut Vec<u8>, key: &[u8], cas: u64) {
     let mut c = itoa::Buffer::new();
     command(
         out,
@@ -116,12 +120,12 @@ pub(crate) fn encode_meta_delete_cas(out: &mut Vec<u8>, key: &[u8], cas: u64) {
 }
 
 /// `delete <key>`.
-pub(crate) fn encode_delete(out: &mut Vec<u8>, key: &[u8]) {
+pub fn encode_delete(out: &mut Vec<u8>, key: &[u8]) {
     command(out, &[b"delete", key]);
 }
 
 /// `touch <key> <exptime>`.
-pub(crate) fn encode_touch(out: &mut Vec<u8>, key: &[u8], exptime: u32) {
+pub fn encode_touch(out: &mut Vec<u8>, key: &[u8], exptime: u32) {
     let mut e = itoa::Buffer::new();
     command(out, &[b"touch", key, e.format(exptime).as_bytes()]);
 }
@@ -136,8 +140,108 @@ fn command(out: &mut Vec<u8>, parts: &[&[u8]]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// `get <key>` (the load generator's read: no CAS, one key).
+pub fn encode_get(out: &mut Vec<u8>, key: &[u8]) {
+    command(out, &[b"get", key]);
+}
+
+/// One `get` naming every key of `keys`.
+pub fn encode_multi_get<'a>(out: &mut Vec<u8>, keys: impl IntoIterator<Item = &'a [u8]>) {
+    out.extend_from_slice(b"get");
+    for key in keys {
+        out.push(b' ');
+        out.extend_from_slice(key);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `set <key> 0 0 <len>` and its data block.
+pub fn encode_set(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    encode_store(out, b"set", key, 0, 0, value.len());
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A reply read off a pipeline of `get`s and `set`s, by a client that counts rather than
+/// keeps values (the benchmarks' load generator).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pipelined {
+    /// The answer to a `get`: how many keys were found, and their data bytes in total.
+    Get { hits: u32, value_bytes: usize },
+    /// `STORED`.
+    Stored,
+    /// A refusal or error line (`SERVER_ERROR ...`, `NOT_STORED`, ...): counted, not fatal.
+    Refused(String),
+}
+
+/// The reply at the front of a pipeline of `get`s and `set`s: `STORED`, `END`, `VALUE` blocks
+/// up to `END` (of any key, as many as a multi-get asks), or a refusal. Values are skipped
+/// without a size limit of their own: the node's item limit bounds them.
+pub fn parse_pipelined(buf: &[u8]) -> Parsed<Pipelined> {
+    let Some((first, mut end)) = line_at(buf, 0)? else {
+        return Ok(None);
+    };
+    match first {
+        b"STORED" => return Ok(Some((Pipelined::Stored, end))),
+        b"END" => {
+            return Ok(Some((
+                Pipelined::Get {
+                    hits: 0,
+                    value_bytes: 0,
+                },
+                end,
+            )));
+        }
+        _ if first.starts_with(b"VALUE ") => {}
+        _ if [
+            &b"SERVER_ERROR"[..],
+            b"CLIENT_ERROR",
+            b"ERROR",
+            b"NOT_STORED",
+            b"EXISTS",
+            b"NOT_FOUND",
+        ]
+        .iter()
+        .any(|p| first.starts_with(p)) =>
+        {
+            return Ok(Some((
+                Pipelined::Refused(String::from_utf8_lossy(first).into_owned()),
+                end,
+            )));
+        }
+        _ => return Err(unexpected("STORED, END, VALUE or a refusal", first)),
+    }
+    let (mut hits, mut value_bytes) = (0u32, 0usize);
+    let mut header = first;
+    loop {
+        let len = header
+            .split(|&b| b == b' ')
+            .nth(3)
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(|t| t.parse::<usize>().ok())
+            .ok_or_else(|| unexpected("VALUE <key> <flags> <bytes>", header))?;
+        let Some(block) = data_block(buf, end, len, usize::MAX - 2)? else {
+            return Ok(None);
+        };
+        end = block.end + 2;
+        hits += 1;
+        value_bytes += len;
+        let Some((next, after)) = line_at(buf, end)? else {
+            return Ok(None);
+        };
+        end = after;
+        if next == b"END" {
+            return Ok(Some((Pipelined::Get { hits, value_bytes }, end)));
+        }
+        if !next.starts_with(b"VALUE ") {
+            return Err(unexpected("VALUE or END", next));
+        }
+        header = next;
+    }
+}
+
 /// The reply to `gets <key>`: `VALUE <key> <flags> <len> <cas>`, the data, `END`; or `END`.
-pub(crate) fn parse_gets(buf: &[u8], key: &[u8], max_value: usize) -> Parsed<Option<ValueHead>> {
+pub fn parse_gets(buf: &[u8], key: &[u8], max_value: usize) -> Parsed<Option<ValueHead>> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
     };
@@ -186,7 +290,7 @@ pub(crate) fn parse_gets(buf: &[u8], key: &[u8], max_value: usize) -> Parsed<Opt
 }
 
 /// The reply to `mg <key> v f t c`: `VA <len> f<flags> t<ttl> c<cas>` and the data; or `EN`.
-pub(crate) fn parse_meta_get(buf: &[u8], max_value: usize) -> Parsed<Option<ValueHead>> {
+pub fn parse_meta_get(buf: &[u8], max_value: usize) -> Parsed<Option<ValueHead>> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
     };
@@ -245,7 +349,7 @@ pub(crate) fn parse_meta_get(buf: &[u8], max_value: usize) -> Parsed<Option<Valu
 }
 
 /// The reply to `mg <key> c`: `HD c<cas>`, or `EN`.
-pub(crate) fn parse_meta_cas(buf: &[u8]) -> Parsed<Option<u64>> {
+pub fn parse_meta_cas(buf: &[u8]) -> Parsed<Option<u64>> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
     };
@@ -259,7 +363,7 @@ pub(crate) fn parse_meta_cas(buf: &[u8]) -> Parsed<Option<u64>> {
 }
 
 /// The reply to a meta add: `HD c<cas>` (stored), or `NS` with any flags (not stored).
-pub(crate) fn parse_meta_add(buf: &[u8]) -> Parsed<Option<u64>> {
+pub fn parse_meta_add(buf: &[u8]) -> Parsed<Option<u64>> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
     };
@@ -273,7 +377,7 @@ pub(crate) fn parse_meta_add(buf: &[u8]) -> Parsed<Option<u64>> {
 }
 
 /// The reply to `md <key> C<cas>`: `HD` (deleted), `NF` or `EX` (not deleted).
-pub(crate) fn parse_meta_delete(buf: &[u8]) -> Parsed<bool> {
+pub fn parse_meta_delete(buf: &[u8]) -> Parsed<bool> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
     };
@@ -285,7 +389,7 @@ pub(crate) fn parse_meta_delete(buf: &[u8]) -> Parsed<bool> {
 }
 
 /// A one-line reply that is either `yes` (true) or `no` (false).
-pub(crate) fn parse_either(buf: &[u8], yes: &'static [u8], no: &'static [u8]) -> Parsed<bool> {
+pub fn parse_either(buf: &[u8], yes: &'static [u8], no: &'static [u8]) -> Parsed<bool> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
     };
@@ -299,7 +403,7 @@ pub(crate) fn parse_either(buf: &[u8], yes: &'static [u8], no: &'static [u8]) ->
 }
 
 /// A one-line reply that must be exactly `word`.
-pub(crate) fn parse_word(buf: &[u8], word: &'static [u8]) -> Parsed<()> {
+pub fn parse_word(buf: &[u8], word: &'static [u8]) -> Parsed<()> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
     };
@@ -311,7 +415,7 @@ pub(crate) fn parse_word(buf: &[u8], word: &'static [u8]) -> Parsed<()> {
 }
 
 /// The reply to `stats`: `STAT <name> <value>` lines, then `END`.
-pub(crate) fn parse_stats(buf: &[u8]) -> Parsed<HashMap<String, String>> {
+pub fn parse_stats(buf: &[u8]) -> Parsed<HashMap<String, String>> {
     let mut stats = HashMap::new();
     let Some((mut line, mut end)) = first_line(buf)? else {
         return Ok(None);
@@ -387,8 +491,8 @@ fn data_block(
             "the node announced a {len}-byte value, more than the client's limit of {max_value} bytes"
         )));
     }
-    let end = start + len;
-    if buf.len() < end + 2 {
+    let end = start.saturating_add(len);
+    if buf.len() < end.saturating_add(2) {
         return Ok(None);
     }
     if &buf[end..end + 2] != b"\r\n" {
@@ -586,5 +690,87 @@ mod tests {
         assert_eq!(stats["version"], "1.6.0 x");
         assert_eq!(parse_stats(&reply[..20]), Ok(None));
         assert!(parse_stats(b"STAT pid 12\r\nVALUE\r\n").is_err());
+    }
+}
+
+#[cfg(test)]
+mod pipelined_tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_encoded_as_memcached_expects() {
+        let mut out = Vec::new();
+        encode_get(&mut out, b"k1");
+        encode_set(&mut out, b"k2", b"abc");
+        encode_multi_get(&mut out, [&b"a"[..], b"b"]);
+        assert_eq!(out, b"get k1\r\nset k2 0 0 3\r\nabc\r\nget a b\r\n");
+    }
+
+    #[test]
+    fn a_hit_a_miss_and_a_store_parse_in_sequence() {
+        let buf = b"VALUE k1 0 3\r\nabc\r\nEND\r\nEND\r\nSTORED\r\n";
+        let (r, n) = parse_pipelined(buf).unwrap().unwrap();
+        assert_eq!(
+            r,
+            Pipelined::Get {
+                hits: 1,
+                value_bytes: 3
+            }
+        );
+        let (r, m) = parse_pipelined(&buf[n..]).unwrap().unwrap();
+        assert_eq!(
+            r,
+            Pipelined::Get {
+                hits: 0,
+                value_bytes: 0
+            }
+        );
+        let (r, k) = parse_pipelined(&buf[n + m..]).unwrap().unwrap();
+        assert_eq!(r, Pipelined::Stored);
+        assert_eq!(n + m + k, buf.len());
+    }
+
+    #[test]
+    fn every_prefix_of_a_pipelined_reply_is_incomplete_not_an_error() {
+        let buf = b"VALUE k1 0 3 77\r\nabc\r\nVALUE k2 5 2\r\nxy\r\nEND\r\n";
+        for i in 0..buf.len() {
+            assert_eq!(parse_pipelined(&buf[..i]), Ok(None), "prefix of {i} bytes");
+        }
+        assert_eq!(
+            parse_pipelined(buf),
+            Ok(Some((
+                Pipelined::Get {
+                    hits: 2,
+                    value_bytes: 5
+                },
+                buf.len()
+            )))
+        );
+    }
+
+    #[test]
+    fn data_containing_crlf_is_skipped_by_length() {
+        let buf = b"VALUE k 0 4\r\n\r\nEN\r\nEND\r\n";
+        assert_eq!(
+            parse_pipelined(buf),
+            Ok(Some((
+                Pipelined::Get {
+                    hits: 1,
+                    value_bytes: 4
+                },
+                buf.len()
+            )))
+        );
+    }
+
+    #[test]
+    fn error_lines_are_refusals_and_garbage_is_an_error() {
+        let (r, _) = parse_pipelined(b"SERVER_ERROR out of memory storing object\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(r, Pipelined::Refused(s) if s.starts_with("SERVER_ERROR")));
+        assert!(parse_pipelined(b"HELLO\r\n").is_err());
+        assert!(parse_pipelined(b"VALUE k 0 x\r\n").is_err());
+        assert!(parse_pipelined(b"VALUE k 0 1\r\nab\r\n").is_err());
     }
 }

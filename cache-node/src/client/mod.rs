@@ -16,7 +16,7 @@
 //! sockets, `node` is the per-node API, `pool` the ring-aware one.
 
 pub mod admin;
-mod codec;
+pub mod codec;
 mod conn;
 mod node;
 pub mod pool;

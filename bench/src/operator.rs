@@ -16,8 +16,6 @@ use serde_json::{Value, json};
 use super::report::{Table, median};
 use cachepool_operator::Operator;
 
-use crate::operator::RunArgs;
-
 /// `cachepool bench operator` flags.
 #[derive(Debug, clap::Args)]
 pub struct OperatorBenchArgs {
@@ -51,16 +49,7 @@ async fn measure(args: OperatorBenchArgs) -> anyhow::Result<()> {
          cache: {capacityMiB: 64}\n  scaling: {mode: manual, replicas: 1, minReplicas: 1, maxReplicas: 8}\n  \
          provider: {process: {}}\n",
     )?;
-    let run_args = RunArgs {
-        listen: "127.0.0.1:0".into(),
-        api_token: Some(TOKEN.into()),
-        api_read_token: None,
-        sample_interval_ms: 2000,
-        probe_interval_ms: 500,
-        node_timeout_secs: 10,
-        keep_nodes: false,
-    };
-    let operator = Operator::start(run_args.config(&dir, TOKEN.into())?).await?;
+    let operator = Operator::start(super::operator_config(&dir, TOKEN)?).await?;
     let api = operator.api_url();
     let result = rounds(&api, &args).await;
     let reconcile = reconcile_latency(&api).await;

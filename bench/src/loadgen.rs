@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::keys::{KeyDist, KeySampler, write_key};
-use super::wire::{self, Reply};
+use cache_node::client::codec::{self as wire, Pipelined as Reply};
 
 /// One measured load.
 #[derive(Clone, Debug)]
@@ -175,7 +175,7 @@ async fn drive(
         let mut done = 0;
         let mut now = sent;
         while done < load.depth {
-            match wire::parse_reply(&input[pos..]).map_err(anyhow::Error::msg)? {
+            match wire::parse_pipelined(&input[pos..])? {
                 Some((reply, used)) => {
                     pos += used;
                     if measured {
@@ -318,7 +318,7 @@ async fn read_replies(
     let mut replies = Vec::with_capacity(n);
     let mut pos = 0;
     while replies.len() < n {
-        match wire::parse_reply(&input[pos..]).map_err(anyhow::Error::msg)? {
+        match wire::parse_pipelined(&input[pos..])? {
             Some((reply, used)) => {
                 pos += used;
                 replies.push(reply);

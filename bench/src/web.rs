@@ -3,7 +3,7 @@
 //!
 //! The stack is the one `cachepool up` runs, built from the same parts: a standalone operator
 //! (in this process, on the control runtime) whose pool's nodes are `cachepool node` children,
-//! and the site (`crate::web::Web`, on SQLite and a local image directory) on a runtime of its
+//! and the site (`cachepool_web::serve::Web`, on SQLite and a local image directory) on a runtime of its
 //! own with `--threads` workers, so that it gets the same thread budget as nginx's
 //! `worker_processes`. The site runs in-process rather than as a child so that the miss path
 //! can be timed against the very same database file, image directory and pool.
@@ -47,8 +47,7 @@ use super::report::{Table, median, thousands};
 use super::wrk::{self, WrkResult, WrkRun};
 use cachepool_operator::Operator;
 
-use crate::operator::RunArgs;
-use crate::web::{Web, WebArgs};
+use cachepool_web::serve::{Web, WebArgs};
 
 /// `cachepool bench web` flags.
 #[derive(Debug, clap::Args)]
@@ -138,16 +137,7 @@ async fn measure(
             args.nodes
         ),
     )?;
-    let run_args = RunArgs {
-        listen: "127.0.0.1:0".into(),
-        api_token: Some(TOKEN.into()),
-        api_read_token: None,
-        sample_interval_ms: 2000,
-        probe_interval_ms: 500,
-        node_timeout_secs: 10,
-        keep_nodes: false,
-    };
-    let operator = Operator::start(run_args.config(&pools, TOKEN.into())?)
+    let operator = Operator::start(super::operator_config(&pools, TOKEN)?)
         .await
         .context("starting the operator")?;
     let result = with_operator(args, wrk, nginx, dir, &operator.api_url()).await;
@@ -848,7 +838,8 @@ impl SiteThread {
                     let web = match Web::start(&args).await {
                         Ok(web) => web,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(e.context("starting the site")));
+                            let _ = ready_tx
+                                .send(Err(anyhow::Error::new(e).context("starting the site")));
                             return;
                         }
                     };

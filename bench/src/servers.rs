@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use super::wire;
+use cache_node::client::codec as wire;
 
 /// How the measured servers are configured; both get the same threads and memory.
 #[derive(Clone, Debug)]
@@ -147,8 +147,8 @@ impl ServerProcess {
         stream.write_all(b"stats\r\n").await?;
         let mut buf = Vec::with_capacity(8192);
         loop {
-            if let Some((stats, _)) = wire::parse_stats(&buf).map_err(anyhow::Error::msg)? {
-                return Ok(stats.into_iter().collect());
+            if let Some((stats, _)) = wire::parse_stats(&buf)? {
+                return Ok(stats);
             }
             if stream.read_buf(&mut buf).await? == 0 {
                 bail!("{} closed the connection during stats", self.name);

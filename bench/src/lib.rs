@@ -3,8 +3,14 @@
 //! client's routing, of the operator's reaction times, and of the web site's image GET against
 //! nginx (results and commands in docs/benchmarks.md).
 //!
-//! Layout: `keys` and `wire` are pure (key naming, key distributions, request encoding and
-//! reply parsing, all unit-tested); `servers` and `admin_node` start and stop the measured
+//! A crate of its own so that the production binary carries none of it: the `cachepool`
+//! binary links it only with its default `bench` feature (`cachepool bench …`), and an image
+//! built with `--no-default-features --features production` has no benchmark code. It is a
+//! harness whose product is a report, so it uses `anyhow` the way a binary does.
+//!
+//! Layout: `keys` is pure (key naming, key distributions, unit-tested); requests and replies go
+//! through the node client's own codec (`cache_node::client::codec`: `encode_get`,
+//! `encode_set`, `parse_pipelined`, `parse_stats`); `servers` and `admin_node` start and stop the measured
 //! processes; `loadgen` is the closed-loop client; `node`, `memory`, `policies`, `handoff`
 //! and `routing` each run one subcommand; `report` formats tables. `web` runs the site's
 //! benchmark with `wrk` (script and output parsing), `nginx` (configuration and process) and
@@ -28,7 +34,6 @@ mod report;
 mod routing;
 mod servers;
 mod web;
-mod wire;
 mod wrk;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +65,22 @@ enum BenchCommand {
     /// The site's cached image GET under wrk against nginx serving the same files, and the
     /// miss path broken down (pool, database, object store, fill).
     Web(web::WebBenchArgs),
+}
+
+/// A standalone operator over `dir` whose nodes are children of this executable (its `node`
+/// subcommand), API on any free loopback port with admin token `token`, and the default
+/// timing of `cachepool operator`.
+fn operator_config(
+    dir: &std::path::Path,
+    token: &str,
+) -> anyhow::Result<cachepool_operator::Config> {
+    let binary = std::env::current_exe().context("finding the cachepool executable")?;
+    Ok(cachepool_operator::Config::standalone(
+        dir,
+        cachepool_operator::run::NodeBackend::Process { binary },
+        "127.0.0.1:0",
+        token,
+    ))
 }
 
 /// Runs the selected benchmark.
