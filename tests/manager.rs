@@ -3,7 +3,7 @@
 //! cookies kept by hand.
 //!
 //! Each test starts its own stack on free ports in a throwaway data directory
-//! (`tests/support/stack.rs`, shared with `tests/browser`) and stops it at the end, asserting a
+//! (`cachepool_test_support::stack`, shared with `tests/browser`) and stops it at the end, asserting a
 //! clean exit; if the test panics, the stack's drop stops what is left.
 
 use std::collections::BTreeMap;
@@ -11,14 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-#[path = "support/stack.rs"]
-#[allow(
-    dead_code,
-    reason = "the fixture is shared with tests/browser, which uses the parts this file does not"
-)]
-mod stack;
-
-use stack::Stack;
+use cachepool_test_support::stack::Stack;
 
 /// `cachepool up` on a fresh data directory, which gets a newly generated admin password.
 async fn start(test: &str) -> Stack {

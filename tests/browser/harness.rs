@@ -1,7 +1,7 @@
 //! The stack and the browser a browser test drives, each a process of its own behind a guard.
 //!
 //! - [`Stack`] is `cachepool up` (the real binary) on a fresh data directory
-//!   (`tests/support/stack.rs`, shared with `tests/manager.rs`).
+//!   (`cachepool_test_support::stack`, shared with `tests/manager.rs`).
 //! - [`Driver`] is `chromedriver` on a free port, in a process group of its own so that
 //!   dropping it also ends the Chromium it started, even when the WebDriver session was never
 //!   closed because a test panicked.
@@ -26,8 +26,8 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::Value;
 
-use crate::stack::{START_LIMIT, signal, wait_bounded};
-pub use crate::stack::{Stack, manual_pool};
+use cachepool_test_support::stack::{START_LIMIT, signal, wait_bounded};
+pub use cachepool_test_support::stack::{Stack, manual_pool};
 
 /// A test that takes longer than this has hung.
 const TEST_LIMIT: Duration = Duration::from_secs(240);
@@ -42,9 +42,9 @@ const INSTALL_HINT: &str = "the browser tests need Chromium and chromedriver: `s
      installs them (Debian packages `chromium` and `chromium-driver`); set CHROMIUM to use \
      another browser binary";
 
-/// Runs one test: alone, on its own runtime, within [`TEST_LIMIT`] (`tests/support/serial.rs`).
+/// Runs one test: alone, on its own runtime, within [`TEST_LIMIT`] (`cachepool_test_support::serial`).
 pub fn run(test: impl Future<Output = ()>) {
-    crate::serial::run(TEST_LIMIT, test);
+    cachepool_test_support::serial::run(TEST_LIMIT, test);
 }
 
 /// `target/browser-artifacts/`, created on first use.

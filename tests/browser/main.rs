@@ -14,8 +14,4 @@
 
 mod harness;
 mod manager;
-#[path = "../support/serial.rs"]
-mod serial;
 mod site;
-#[path = "../support/stack.rs"]
-mod stack;

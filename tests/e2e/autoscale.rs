@@ -24,7 +24,7 @@ use crate::harness::{
     Manifest, RingFollower, TIMEOUT, TestDir, apply_and_start, pool_client, ring_epoch, run,
     settled, shutdown,
 };
-use crate::load::{Checker, Keys, Load, LoadConfig};
+use cachepool_test_support::load::{Checker, Keys, Load, LoadConfig};
 
 const POOL: &str = "auto";
 const WINDOW: Duration = Duration::from_secs(2);

@@ -15,7 +15,7 @@ use crate::harness::{
     items_per_node, pid_of, pool_client, ring_epoch, run, settled, shutdown, status_members,
     status_pids,
 };
-use crate::load::{self, Checker, Keys};
+use cachepool_test_support::load::{self, Checker, Keys};
 
 fn kill(pid: u32) {
     // SAFETY: plain integers; the pid is a node of this test, alive in the census just read.

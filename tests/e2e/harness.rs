@@ -52,9 +52,9 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 /// grace before SIGKILL).
 const STOP_LIMIT: Duration = Duration::from_secs(20);
 
-/// Runs one test: alone, on its own runtime, within [`TEST_LIMIT`] (`tests/support/serial.rs`).
+/// Runs one test: alone, on its own runtime, within [`TEST_LIMIT`] (`cachepool_test_support::serial`).
 pub fn run(test: impl Future<Output = ()>) {
-    crate::serial::run(TEST_LIMIT, test);
+    cachepool_test_support::serial::run(TEST_LIMIT, test);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

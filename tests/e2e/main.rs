@@ -8,7 +8,7 @@
 //! asserts that no process is left); a guard SIGKILLs whatever is left if it panics.
 //!
 //! The resize and autoscaling tests run the resize suite's load generator and stale-read
-//! checker (`operator/tests/resize/load.rs`) and print what they measured (times from an API
+//! checker (`cachepool_test_support::load`, a copy of `operator/tests/resize/load.rs`) and print what they measured (times from an API
 //! call to the new ring and to a Ready pool, per-second hit ratios): run with
 //! `cargo test -p cachepool --test e2e -- --nocapture`. Tests run one at a time
 //! (`harness::run`). A failing test keeps its directory (manifests, the operator's log, node
@@ -19,12 +19,4 @@ mod autoscale;
 mod failure;
 mod harness;
 mod invalid;
-#[expect(
-    dead_code,
-    reason = "`Keys::index` and `Checker::touched_since` serve the resize suite only"
-)]
-#[path = "../../operator/tests/resize/load.rs"]
-mod load;
 mod manual;
-#[path = "../support/serial.rs"]
-mod serial;

@@ -18,7 +18,7 @@ use crate::harness::{
     Api, Manifest, RingFollower, TIMEOUT, TestDir, apply_and_start, pool_client, ring_epoch, run,
     shutdown, status_members, status_pids,
 };
-use crate::load::{self, Checker, Keys, Load, LoadConfig, Window};
+use cachepool_test_support::load::{self, Checker, Keys, Load, LoadConfig, Window};
 
 const POOL: &str = "web";
 

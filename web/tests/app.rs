@@ -8,34 +8,11 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-// The site fixture of the API tests and the store tests' server fixtures, included by path
-// rather than copied; this target uses only part of them. This file stays a target of its own
-// (not a module of `tests/api`): its log test must not run beside tests it does not serialise.
-#[cfg(test)]
-#[allow(
-    dead_code,
-    reason = "shared with the store tests, which use the rest of the fixtures"
-)]
-#[path = "store/servers.rs"]
-mod servers;
-#[cfg(test)]
-#[allow(
-    dead_code,
-    reason = "shared with the API tests, which use the rest of the fixture"
-)]
-#[path = "api/site.rs"]
-mod site;
-#[cfg(test)]
-#[allow(
-    dead_code,
-    unused_macros,
-    reason = "shared with the store tests, which use the rest of the fixtures"
-)]
-#[path = "store/support.rs"]
-mod support;
-
-use site::{ADMIN, Site, gif};
-use support::{Db, Objects};
+// The API tests' site fixture (crate cachepool-test-support). This file stays a target of its
+// own (not a module of `tests/api`): its log test must not run beside tests it does not
+// serialise.
+use cachepool_test_support::site::{ADMIN, Site, gif};
+use cachepool_test_support::store::{Db, Objects};
 
 /// Serialises the tests of this file: `tracing` caches per call site whether anyone listens,
 /// and a test running beside the log test could settle that for the log test's events.

@@ -1,8 +1,9 @@
 //! What the API does with good requests, on every backend: upload, re-upload, view (miss,
 //! hit, revalidation), list in pages, and delete all data.
 
-use crate::site::{ADMIN, Site, gif, header, keys_of};
-use crate::support::{Db, Objects};
+use cachepool_test_support::matrix;
+use cachepool_test_support::site::{ADMIN, Site, gif, header, keys_of};
+use cachepool_test_support::store::{Db, Objects};
 
 matrix!(upload_view_replace_list_and_delete_all:
     upload_view_replace_list_and_delete_all_on_sqlite_and_local_dir => (Db::Sqlite, Objects::Local),

@@ -5,24 +5,8 @@
 //! in-process cache nodes and is called over HTTP; the servers each test starts are stopped
 //! when it ends, also when it fails (their guards drop).
 //!
-//! The server fixtures are the store tests' own (`tests/store/servers.rs` and `support.rs`),
-//! included by path rather than copied; this target uses only part of them.
-
-#[cfg(test)]
-#[allow(
-    dead_code,
-    reason = "shared with the store tests, which use the rest of the fixtures"
-)]
-#[path = "../store/servers.rs"]
-mod servers;
-#[cfg(test)]
-#[allow(
-    dead_code,
-    reason = "shared with the store tests, which use the rest of the fixtures"
-)]
-#[macro_use]
-#[path = "../store/support.rs"]
-mod support;
+//! The fixtures (the site, the store tests' servers and storages, `matrix!`) live in the crate
+//! cachepool-test-support (`site`, `servers`, `store`).
 
 #[cfg(test)]
 mod images;
@@ -30,5 +14,3 @@ mod images;
 mod metrics;
 #[cfg(test)]
 mod rejections;
-#[cfg(test)]
-mod site;

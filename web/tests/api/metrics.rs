@@ -2,8 +2,9 @@
 //! a miss and a hit appear under their operations, and the pool's hits and misses are
 //! counted.
 
-use crate::site::{Site, gif};
-use crate::support::{Db, Objects};
+use cachepool_test_support::matrix;
+use cachepool_test_support::site::{Site, gif};
+use cachepool_test_support::store::{Db, Objects};
 
 matrix!(metrics_show_store_latency_and_pool_hits:
     metrics_show_store_latency_and_pool_hits_on_sqlite_and_local_dir => (Db::Sqlite, Objects::Local),

@@ -1,8 +1,9 @@
 //! Every request the API refuses, on every backend, with its status code, error code, field
 //! and message; and that none of them stored or deleted anything.
 
-use crate::site::{ADMIN, Site, assert_error, gif, header};
-use crate::support::{Db, Objects};
+use cachepool_test_support::matrix;
+use cachepool_test_support::site::{ADMIN, Site, assert_error, gif, header};
+use cachepool_test_support::store::{Db, Objects};
 
 use cachepool_web::image::MAX_IMAGE_BYTES;
 

@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cachepool_web::store::{Database, MAX_LIST_LIMIT, NewImage, StoreError};
 
-use crate::support::{Db, TestDb};
+use cachepool_test_support::matrix;
+use cachepool_test_support::store::{Db, TestDb};
 
 /// A row for `key` uploaded `secs` seconds after the epoch, naming object `object`.
 fn row<'a>(key: &'a str, secs: u64, object: &'a str) -> NewImage<'a> {
@@ -314,7 +315,7 @@ matrix!(connection_errors_say_where_without_the_password:
 #[cfg(feature = "postgres-tls")]
 #[tokio::test]
 async fn postgres_tls_connections_verify_the_server_certificate() {
-    let server = crate::servers::Postgres::start_tls();
+    let server = cachepool_test_support::servers::Postgres::start_tls();
     let db = Database::connect(server.url())
         .await
         .unwrap_or_else(|e| panic!("TLS connection: {e}"));

@@ -3,20 +3,15 @@
 //! the bytes. Each test starts the servers it needs and stops them when it ends; without
 //! PostgreSQL or moto installed the tests fail and say to run `scripts/test`.
 //!
-//! One test binary with a module per part (as in cache-node's tests), so the suite links once
-//! and the fixtures are shared. The test bodies are plain async functions that a `matrix!`
+//! One test binary with a module per part (as in cache-node's tests), so the suite links once.
+//! The fixtures (`servers`, `store` and `matrix!`) live in the crate cachepool-test-support,
+//! shared with the API tests. The test bodies are plain async functions that a `matrix!`
 //! line instantiates per database and object store; the modules are `cfg(test)` so that
 //! clippy treats those bodies, which are not `#[test]` functions themselves, as test code.
-
-#[cfg(test)]
-#[macro_use]
-mod support;
 
 #[cfg(test)]
 mod database;
 #[cfg(test)]
 mod objects;
-#[cfg(test)]
-mod servers;
 #[cfg(test)]
 mod storage;

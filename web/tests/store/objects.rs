@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use cachepool_web::store::{ObjectStore, StoreError};
 
-use crate::support::{BUCKET, Objects, PREFIX, TestObjects, all_bucket_keys, raw_s3, s3_config};
+use cachepool_test_support::matrix;
+use cachepool_test_support::store::{
+    BUCKET, Objects, PREFIX, TestObjects, all_bucket_keys, raw_s3, s3_config,
+};
 
 /// Every file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<PathBuf> {

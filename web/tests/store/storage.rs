@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use cachepool_web::store::{Database, ObjectStore, Storage, StoreError, etag_of};
 
-use crate::support::{Db, Objects, TestStorage, image_bytes, s3_config};
+use cachepool_test_support::matrix;
+use cachepool_test_support::store::{Db, Objects, TestStorage, image_bytes, s3_config};
 
 async fn upload_then_reupload_replaces_row_and_object(db: Db, objects: Objects) {
     let test = TestStorage::start(db, objects).await;

@@ -91,7 +91,8 @@ impl TestObjects {
         let dir = TempDir::new("objects");
         match kind {
             Objects::Local => Self {
-                store: ObjectStore::local(dir.path().join("store")).expect("open local store"),
+                store: ObjectStore::local(dir.path().join("store"))
+                    .unwrap_or_else(|e| panic!("open local store: {e}")),
                 kind,
                 dir,
                 moto: None,
@@ -119,7 +120,9 @@ impl TestObjects {
 
     /// The moto server (panics for a local store).
     pub fn moto(&self) -> &Moto {
-        self.moto.as_ref().expect("an S3 fixture")
+        self.moto
+            .as_ref()
+            .unwrap_or_else(|| panic!("an S3 fixture"))
     }
 }
 
@@ -193,7 +196,7 @@ impl TestStorage {
             .objects()
             .list()
             .await
-            .expect("list objects")
+            .unwrap_or_else(|e| panic!("list objects: {e}"))
             .into_iter()
             .map(|info| info.key)
             .collect();
@@ -214,7 +217,9 @@ pub fn image_bytes(n: usize) -> bytes::Bytes {
 }
 
 /// Expands to one `#[tokio::test]` per listed fixture combination, each calling `$body`
-/// with the combination's arguments.
+/// with the combination's arguments. The calling crate needs `tokio` with its `macros` and
+/// multi-threaded runtime.
+#[macro_export]
 macro_rules! matrix {
     ($body:ident: $($name:ident => ($($arg:expr),*)),+ $(,)?) => {
         $(

@@ -1,4 +1,5 @@
-//! A running site on one backend and the HTTP calls the cases make.
+//! A running site on one backend and the HTTP calls the cases make (cachepool-web's API and
+//! app tests).
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use cachepool_web::app::{self, AppState};
 use cachepool_web::cache::{CacheConfig, ImageCache};
 use serde_json::Value;
 
-use crate::support::{Db, Objects, TestStorage};
+use crate::store::{Db, Objects, TestStorage};
 
 /// The admin token of every test site.
 pub const ADMIN: &str = "site-admin-token";
@@ -27,6 +28,7 @@ pub fn gif(shade: u8) -> Vec<u8> {
 }
 
 /// The site over a fresh database and object store, two cache nodes, and a loopback port.
+#[derive(Debug)]
 pub struct Site {
     pub url: String,
     pub http: reqwest::Client,

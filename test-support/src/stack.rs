@@ -1,6 +1,10 @@
 //! `cachepool up` — the real binary — as a test fixture, shared by the root crate's test
 //! targets that drive the whole local stack (`tests/browser`, `tests/manager.rs`).
 //!
+//! The binary is the one cargo built for the calling test target (see [`cachepool_binary`]):
+//! a library cannot name it with `env!("CARGO_BIN_EXE_cachepool")`, which only an integration
+//! test of the root crate is compiled with.
+//!
 //! [`Stack`] starts it on a fresh data directory with the site and the operator's API on free
 //! ports and reads the printed `site:`, `api:`, `api token:` and `admin password:` lines. A
 //! test stops it with [`Stack::stop`] (SIGTERM, asserting a clean exit and no process left);
@@ -23,6 +27,28 @@ pub const START_LIMIT: Duration = Duration::from_secs(60);
 pub const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// Polling interval of the waits for the stack.
 const POLL: Duration = Duration::from_millis(200);
+
+/// The `cachepool` binary: `$CARGO_BIN_EXE_cachepool`, which cargo sets when it runs an
+/// integration test of the root crate, or else `cachepool` in the profile directory above the
+/// `deps/` directory the test binary sits in, where cargo builds the package's binaries for its
+/// integration tests.
+pub fn cachepool_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CARGO_BIN_EXE_cachepool") {
+        return PathBuf::from(path);
+    }
+    let test = std::env::current_exe().unwrap_or_else(|e| panic!("the test's own path: {e}"));
+    test.parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join("cachepool"))
+        .filter(|binary| binary.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no `cachepool` binary beside {}: run the test with `cargo test -p cachepool`, \
+                 which builds it",
+                test.display()
+            )
+        })
+}
 
 /// A fresh directory under the system's temporary directory.
 fn scratch_dir(test: &str) -> PathBuf {
@@ -130,7 +156,7 @@ impl Stack {
         }
         let log = std::fs::File::create(dir.join("up.log"))
             .unwrap_or_else(|e| panic!("cannot create the stack's log: {e}"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cachepool"))
+        let mut child = Command::new(cachepool_binary())
             .arg("up")
             .arg("--data-dir")
             .arg(&dir)

@@ -1,4 +1,4 @@
-//! The real servers the store tests run against, each started by the test that needs it and
+//! The real servers the store and API tests of cachepool-web run against, each started by the test that needs it and
 //! stopped when its guard drops (also when the test panics): a throwaway PostgreSQL cluster
 //! and a moto S3 server. Neither uses a fixed port: PostgreSQL listens on a Unix socket inside
 //! its own directory (and, for the TLS test, on a port the kernel chose), moto on a port the
@@ -244,7 +244,8 @@ impl Postgres {
         // socket-only server has no port to collide on (5432 only names the socket file).
         for _ in 0..3 {
             let port = if tls { free_port() } else { 5432 };
-            let log_file = fs::File::create(&log).expect("create the PostgreSQL log");
+            let log_file =
+                fs::File::create(&log).unwrap_or_else(|e| panic!("create the PostgreSQL log: {e}"));
             give(&log);
             let mut server = Command::new(bin.join("postgres"));
             server.arg("-D").arg(&data).arg("-k").arg(dir.path());
@@ -261,10 +262,16 @@ impl Postgres {
             server
                 .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
                 .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("log handle"))
+                .stdout(
+                    log_file
+                        .try_clone()
+                        .unwrap_or_else(|e| panic!("log handle: {e}")),
+                )
                 .stderr(log_file);
             as_account(&mut server);
-            let mut child = server.spawn().expect("start postgres");
+            let mut child = server
+                .spawn()
+                .unwrap_or_else(|e| panic!("start postgres: {e}"));
 
             let ready = bin.join("pg_isready");
             let answered = poll_until("PostgreSQL", &mut child, &log, || {
@@ -313,7 +320,7 @@ impl Postgres {
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .expect("pick a free port")
+        .unwrap_or_else(|e| panic!("pick a free port: {e}"))
         .port()
 }
 
@@ -358,7 +365,8 @@ fn make_certificates(dir: &Path) {
         &["-keyout", "server.key", "-out", "server.csr"],
     ]
     .concat());
-    fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("write san.cnf");
+    fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n")
+        .unwrap_or_else(|e| panic!("write san.cnf: {e}"));
     run(&[
         "x509",
         "-req",
@@ -378,7 +386,7 @@ fn make_certificates(dir: &Path) {
     ]);
     // PostgreSQL refuses a key that others can read.
     fs::set_permissions(dir.join("server.key"), fs::Permissions::from_mode(0o600))
-        .expect("restrict server.key");
+        .unwrap_or_else(|e| panic!("restrict server.key: {e}"));
 }
 
 impl Drop for Postgres {
@@ -429,13 +437,18 @@ impl Moto {
         for _ in 0..3 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
-                .expect("pick a free port")
+                .unwrap_or_else(|e| panic!("pick a free port: {e}"))
                 .port();
-            let log_file = fs::File::create(&log).expect("create the moto log");
+            let log_file =
+                fs::File::create(&log).unwrap_or_else(|e| panic!("create the moto log: {e}"));
             let mut child = Command::new(&binary)
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("log handle"))
+                .stdout(
+                    log_file
+                        .try_clone()
+                        .unwrap_or_else(|e| panic!("log handle: {e}")),
+                )
                 .stderr(log_file)
                 .spawn()
                 .unwrap_or_else(|e| {

@@ -1,0 +1,25 @@
+//! Fixtures shared by Cachepool's integration tests, in one library rather than included into
+//! each test target by path: a fixture that only some targets use is simply `pub` here, so no
+//! target needs a blanket `dead_code` allowance, and each fixture is compiled once.
+//!
+//! - [`serial`] and [`stack`]: one test at a time on its own runtime, and `cachepool up` (the
+//!   real binary) as a fixture; for the root crate's `tests/browser`, `tests/manager.rs` and
+//!   `tests/e2e`.
+//! - [`load`]: the resize suite's load generator and stale-read checker, for `tests/e2e` (a
+//!   copy of `operator/tests/resize/load.rs`, which the resize suite still includes itself).
+//! - With the `web` feature, the fixtures of cachepool-web's tests: [`servers`] (throwaway
+//!   PostgreSQL clusters and moto S3 servers), [`store`] (databases, object stores and
+//!   storages over them, and the `matrix!` macro) and [`site`] (the site in-process on one
+//!   backend).
+//!
+//! A dev-dependency only; never published.
+
+pub mod load;
+pub mod serial;
+#[cfg(feature = "web")]
+pub mod servers;
+#[cfg(feature = "web")]
+pub mod site;
+pub mod stack;
+#[cfg(feature = "web")]
+pub mod store;
