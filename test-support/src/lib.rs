@@ -5,8 +5,8 @@
 //! - [`serial`] and [`stack`]: one test at a time on its own runtime, and `cachepool up` (the
 //!   real binary) as a fixture; for the root crate's `tests/browser`, `tests/manager.rs` and
 //!   `tests/e2e`.
-//! - [`load`]: the resize suite's load generator and stale-read checker, for `tests/e2e` (a
-//!   copy of `operator/tests/resize/load.rs`, which the resize suite still includes itself).
+//! - [`load`]: the load generator and stale-read checker of the resize suite
+//!   (`operator/tests/resize`) and `tests/e2e`.
 //! - With the `web` feature, the fixtures of cachepool-web's tests: [`servers`] (throwaway
 //!   PostgreSQL clusters and moto S3 servers), [`store`] (databases, object stores and
 //!   storages over them, and the `matrix!` macro) and [`site`] (the site in-process on one

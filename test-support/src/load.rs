@@ -1,6 +1,5 @@
-//! The traffic a resize runs under, and the checker that judges every read of it: the resize
-//! suite's load generator (a copy of `operator/tests/resize/load.rs`, which that suite still
-//! includes as its own module; change both together), used here by `tests/e2e`.
+//! The traffic a resize runs under, and the checker that judges every read of it: the load
+//! generator of the resize suite (`operator/tests/resize`) and of `tests/e2e`.
 //!
 //! - **Readers** draw keys from a Zipf(0.99) distribution (inverse CDF over a precomputed
 //!   cumulative table, seeded RNG) and behave as a cache-aside application: a miss is filled

@@ -13,6 +13,7 @@ mod contrast;
 mod edge;
 mod grow;
 mod harness;
-mod load;
 mod scenario;
 mod shrink;
+
+use cachepool_test_support::load;
