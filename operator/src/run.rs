@@ -152,7 +152,10 @@ impl Operator {
         #[cfg(feature = "ec2")]
         {
             use crate::provider::ec2::Ec2Pool;
-            providers.ec2 = config.ec2.clone().map(|p| PoolProvider::Ec2(Ec2Pool::new(p)));
+            providers.ec2 = config
+                .ec2
+                .clone()
+                .map(|p| PoolProvider::Ec2(Ec2Pool::new(p)));
         }
         let registry = Arc::new(Registry::default());
         let metrics = OperatorMetrics::new();

@@ -497,8 +497,16 @@ async fn settled(
 /// Every tag the design asks for, IMDSv2 and the `ClientToken`.
 fn check_instance(instance: &Instance, pool: &PoolRef, uid: &str, slot: u32) {
     let id = instance.instance_id().unwrap();
-    assert_eq!(tag(instance, tags::POOL), Some(pool.to_string().as_str()), "{id}");
-    assert_eq!(tag(instance, tags::SLOT), Some(slot.to_string().as_str()), "{id}");
+    assert_eq!(
+        tag(instance, tags::POOL),
+        Some(pool.to_string().as_str()),
+        "{id}"
+    );
+    assert_eq!(
+        tag(instance, tags::SLOT),
+        Some(slot.to_string().as_str()),
+        "{id}"
+    );
     assert_eq!(tag(instance, tags::OPERATOR), Some(OPERATOR_ID), "{id}");
     assert_eq!(
         tag(instance, "Name"),
@@ -524,7 +532,10 @@ fn print_calls(step: &str, before: &BTreeMap<String, u64>, after: &BTreeMap<Stri
         .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, v)| *v > 0)
         .collect();
-    println!("AWS API calls for {step}: {diff:?} (total {})", diff.values().sum::<u64>());
+    println!(
+        "AWS API calls for {step}: {diff:?} (total {})",
+        diff.values().sum::<u64>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -556,9 +567,14 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
         check_instance(instance, &pool, &uid, *slot);
         // The node got its settings from user data and its token from SSM, and user data does
         // not carry the token.
-        let (user_data, token) = instances.user_data(instance.instance_id().unwrap()).unwrap();
+        let (user_data, token) = instances
+            .user_data(instance.instance_id().unwrap())
+            .unwrap();
         assert!(user_data.contains("--capacity-mib 8") && user_data.contains("--policy sieve"));
-        assert!(!user_data.contains(&token), "the admin token is in the user data");
+        assert!(
+            !user_data.contains(&token),
+            "the admin token is in the user data"
+        );
     }
     // Volumes are tagged as the instance is.
     let volumes = cloud
@@ -573,7 +589,10 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
         .send()
         .await
         .unwrap();
-    assert!(!volumes.volumes().is_empty(), "the instance's volumes carry the pool tag");
+    assert!(
+        !volumes.volumes().is_empty(),
+        "the instance's volumes carry the pool tag"
+    );
 
     // Grow 1 → 3.
     let before = provider.api_calls();
@@ -609,7 +628,11 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
     })
     .await;
     check_instance(&replaced, &pool, &uid, 1);
-    assert_eq!(tag(&replaced, ATTEMPT_TAG), Some("1"), "the replacement is attempt 1");
+    assert_eq!(
+        tag(&replaced, ATTEMPT_TAG),
+        Some("1"),
+        "the replacement is attempt 1"
+    );
     let three = settled(&operator, &cloud, &pool, 3).await;
 
     // Shrink 3 → 1: the leaving instances are terminated after their hand-off, their token
@@ -624,7 +647,9 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
         }
         let id = instance.instance_id().unwrap();
         let gone = cloud
-            .instances(vec![Filter::builder().name("instance-id").values(id).build()])
+            .instances(vec![
+                Filter::builder().name("instance-id").values(id).build(),
+            ])
             .await;
         let state = gone[0].state().and_then(|s| s.name()).cloned();
         assert!(
@@ -634,11 +659,16 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
             ),
             "{id} left the pool but is {state:?}"
         );
-        let parameter = tag(instance, cachepool_operator::provider::ec2::TOKEN_PARAMETER_TAG)
-            .unwrap();
+        let parameter = tag(
+            instance,
+            cachepool_operator::provider::ec2::TOKEN_PARAMETER_TAG,
+        )
+        .unwrap();
         let read = cloud.ssm.get_parameter().name(parameter).send().await;
         assert_eq!(
-            read.err().and_then(|e| e.code().map(str::to_owned)).as_deref(),
+            read.err()
+                .and_then(|e| e.code().map(str::to_owned))
+                .as_deref(),
             Some("ParameterNotFound"),
             "the token parameter of {id} is deleted"
         );
@@ -693,7 +723,12 @@ impl Intercept for DropRunInstances {
     }
 }
 
-fn launch_spec(pool: &PoolRef, uid: &str, slot: u32, settings: &(String, String, String)) -> LaunchSpec {
+fn launch_spec(
+    pool: &PoolRef,
+    uid: &str,
+    slot: u32,
+    settings: &(String, String, String),
+) -> LaunchSpec {
     let spec: CachePool = serde_norway::from_str(&manifest(1, settings)).unwrap();
     LaunchSpec {
         pool: pool.clone(),
@@ -741,7 +776,11 @@ async fn a_launch_repeated_after_a_lost_answer_creates_one_instance() {
 
     let lost = handle.launch(&first).await;
     assert!(lost.is_err(), "the first answer is lost: {lost:?}");
-    assert_eq!(cloud.live(&pool).await.len(), 1, "moto started the instance");
+    assert_eq!(
+        cloud.live(&pool).await.len(),
+        1,
+        "moto started the instance"
+    );
 
     // The driver launches again for the same slot (a fresh token, as it mints one per launch).
     drop.store(false, Ordering::Relaxed);
@@ -751,7 +790,11 @@ async fn a_launch_repeated_after_a_lost_answer_creates_one_instance() {
         .await
         .unwrap_or_else(|e| panic!("the repeated launch failed: {e}"));
     let live = cloud.live(&pool).await;
-    assert_eq!(live.len(), 1, "a repeated launch creates one instance, not two");
+    assert_eq!(
+        live.len(),
+        1,
+        "a repeated launch creates one instance, not two"
+    );
     assert_eq!(live[0].instance_id(), Some(node.id.as_str()));
     assert_eq!(
         live[0].client_token(),
@@ -763,10 +806,16 @@ async fn a_launch_repeated_after_a_lost_answer_creates_one_instance() {
 
     // Listing finds it too, and terminating twice is fine.
     let listed = handle.list(&pool).await.unwrap();
-    assert_eq!(listed.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), vec![node.id.as_str()]);
+    assert_eq!(
+        listed.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+        vec![node.id.as_str()]
+    );
     handle.terminate(&pool, &node.id).await.unwrap();
     handle.terminate(&pool, &node.id).await.unwrap();
-    handle.terminate(&pool, "i-00000000000000000").await.unwrap();
+    handle
+        .terminate(&pool, "i-00000000000000000")
+        .await
+        .unwrap();
     assert!(cloud.live(&pool).await.is_empty());
     instances.shutdown().await;
     watcher.await.unwrap();
@@ -798,19 +847,32 @@ async fn instances_no_pool_knows_are_collected_after_the_grace_period() {
         .collect_garbage(REGION, OPERATOR_ID, &pools, Duration::from_secs(3600))
         .await
         .unwrap();
-    assert!(young.is_empty(), "nothing is collected within the grace period: {young:?}");
+    assert!(
+        young.is_empty(),
+        "nothing is collected within the grace period: {young:?}"
+    );
     let other = provider
         .collect_garbage(REGION, "another-operator", &[], Duration::ZERO)
         .await
         .unwrap();
-    assert!(other.is_empty(), "another operator's instances are not ours: {other:?}");
+    assert!(
+        other.is_empty(),
+        "another operator's instances are not ours: {other:?}"
+    );
     let collected = provider
         .collect_garbage(REGION, OPERATOR_ID, &pools, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(collected.len(), 1, "{collected:?}");
-    assert!(cloud.live(&gone).await.is_empty(), "the unknown pool's instance is terminated");
-    assert_eq!(cloud.live(&kept).await.len(), 1, "the known pool's instance stays");
+    assert!(
+        cloud.live(&gone).await.is_empty(),
+        "the unknown pool's instance is terminated"
+    );
+    assert_eq!(
+        cloud.live(&kept).await.len(),
+        1,
+        "the known pool's instance stays"
+    );
     instances.shutdown().await;
     watcher.await.unwrap();
 }
@@ -871,7 +933,10 @@ async fn without_credentials_an_ec2_pool_is_degraded_and_nothing_starts() {
         (operator.metrics().reconciles(&label) >= rounds + 5).then_some(())
     })
     .await;
-    assert!(cloud.instances(Vec::new()).await.is_empty(), "no instance may start");
+    assert!(
+        cloud.instances(Vec::new()).await.is_empty(),
+        "no instance may start"
+    );
     assert_eq!(provider.api_calls(), BTreeMap::new(), "no EC2 call is made");
     operator.stop().await.unwrap();
 }

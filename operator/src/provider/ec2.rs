@@ -35,7 +35,9 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
-use aws_sdk_ec2::config::{ProvideCredentials, Region, SharedCredentialsProvider, SharedInterceptor};
+use aws_sdk_ec2::config::{
+    ProvideCredentials, Region, SharedCredentialsProvider, SharedInterceptor,
+};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, Instance,
@@ -80,7 +82,8 @@ pub struct InstanceAddresses {
 }
 
 /// Maps an instance to its node's `(data, admin)` addresses; `None` while it has none yet.
-pub type AddressResolver = Arc<dyn Fn(&InstanceAddresses) -> Option<(String, String)> + Send + Sync>;
+pub type AddressResolver =
+    Arc<dyn Fn(&InstanceAddresses) -> Option<(String, String)> + Send + Sync>;
 
 /// Production's resolver: the private IP (the public one with `usePublicIp`) and the design's
 /// ports.
@@ -137,7 +140,10 @@ impl fmt::Debug for Ec2Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ec2Options")
             .field("endpoint", &self.endpoint)
-            .field("credentials", &self.credentials.as_ref().map(|_| "<provider>"))
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<provider>"),
+            )
             .field("interceptors", &self.interceptors.len())
             .field("parameter_prefix", &self.parameter_prefix)
             .field("node_binary", &self.node_binary)
@@ -334,7 +340,10 @@ impl Ec2Provider {
             Some(addresses) => addresses,
             // A dead instance without an address is still reported (as dead), under a name
             // no client can reach.
-            None if !alive => (format!("{id}.invalid:{DATA_PORT}"), format!("{id}.invalid:{ADMIN_PORT}")),
+            None if !alive => (
+                format!("{id}.invalid:{DATA_PORT}"),
+                format!("{id}.invalid:{ADMIN_PORT}"),
+            ),
             None => return None,
         };
         Some(ProviderNode {
@@ -439,7 +448,9 @@ impl Ec2Provider {
         let region = settings.region.as_str();
         let clients = self.clients(region)?;
         // Whatever happens here, the pool's next list describes afresh.
-        self.lock().listed.remove(&format!("{region} {}", spec.pool));
+        self.lock()
+            .listed
+            .remove(&format!("{region} {}", spec.pool));
         let slot_filters = vec![
             tag_filter(tags::POOL, &spec.pool.to_string()),
             tag_filter(tags::SLOT, &spec.slot.to_string()),
@@ -452,7 +463,10 @@ impl Ec2Provider {
             existing
                 .iter()
                 .filter(|i| is_alive(i))
-                .filter(|i| i.instance_id().is_some_and(|id| !state.known.contains_key(id)))
+                .filter(|i| {
+                    i.instance_id()
+                        .is_some_and(|id| !state.known.contains_key(id))
+                })
                 .max_by_key(|i| i.launch_time().map(|t| (t.secs(), t.subsec_nanos())))
                 .cloned()
         };
@@ -502,14 +516,24 @@ impl Ec2Provider {
     }
 
     /// Stores the token, then starts one instance for `spec` at `attempt`.
-    async fn run_instance(&self, clients: &Clients, spec: &LaunchSpec, attempt: u32) -> Result<Instance> {
+    async fn run_instance(
+        &self,
+        clients: &Clients,
+        spec: &LaunchSpec,
+        attempt: u32,
+    ) -> Result<Instance> {
         let Some(settings) = spec.provider.ec2.as_ref() else {
             return Err(Error::Config {
                 provider: ProviderKind::Ec2,
                 message: "the pool's spec.provider has no ec2 settings".to_owned(),
             });
         };
-        let parameter = token_parameter(&self.options.parameter_prefix, &spec.uid, spec.slot, attempt);
+        let parameter = token_parameter(
+            &self.options.parameter_prefix,
+            &spec.uid,
+            spec.slot,
+            attempt,
+        );
         self.count("PutParameter");
         clients
             .ssm
@@ -541,8 +565,18 @@ impl Ec2Provider {
             .iter()
             .map(|(k, v)| Tag::builder().key(k).value(v).build())
             .collect();
-        instance_tags.push(Tag::builder().key(ATTEMPT_TAG).value(attempt.to_string()).build());
-        instance_tags.push(Tag::builder().key(TOKEN_PARAMETER_TAG).value(&parameter).build());
+        instance_tags.push(
+            Tag::builder()
+                .key(ATTEMPT_TAG)
+                .value(attempt.to_string())
+                .build(),
+        );
+        instance_tags.push(
+            Tag::builder()
+                .key(TOKEN_PARAMETER_TAG)
+                .value(&parameter)
+                .build(),
+        );
         instance_tags.push(
             Tag::builder()
                 .key(ADDRESS_TAG)
@@ -552,7 +586,10 @@ impl Ec2Provider {
         instance_tags.push(
             Tag::builder()
                 .key("Name")
-                .value(format!("cachepool-{}-{}-{}", spec.pool.namespace, spec.pool.name, spec.slot))
+                .value(format!(
+                    "cachepool-{}-{}-{}",
+                    spec.pool.namespace, spec.pool.name, spec.slot
+                ))
                 .build(),
         );
         let tag_spec = |kind: ResourceType| {
@@ -616,16 +653,25 @@ impl Ec2Provider {
                 return Err(api_error("RunInstances", &e));
             }
         };
-        answer.instances().first().cloned().ok_or_else(|| Error::Api {
-            provider: ProviderKind::Ec2,
-            action: "RunInstances",
-            message: "the answer holds no instance".to_owned(),
-        })
+        answer
+            .instances()
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Api {
+                provider: ProviderKind::Ec2,
+                action: "RunInstances",
+                message: "the answer holds no instance".to_owned(),
+            })
     }
 
     /// Returns the node once the instance has an address, describing it again (with back-off)
     /// while it has none. This waits for an address, not for readiness.
-    async fn await_address(&self, clients: &Clients, mut instance: Instance, token: &str) -> Result<ProviderNode> {
+    async fn await_address(
+        &self,
+        clients: &Clients,
+        mut instance: Instance,
+        token: &str,
+    ) -> Result<ProviderNode> {
         let id = instance.instance_id().unwrap_or_default().to_owned();
         let deadline = tokio::time::Instant::now() + self.options.address_timeout;
         let mut pause = Duration::from_millis(50);
@@ -647,7 +693,10 @@ impl Ec2Provider {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
             let described = self
-                .describe(clients, vec![Filter::builder().name("instance-id").values(&id).build()])
+                .describe(
+                    clients,
+                    vec![Filter::builder().name("instance-id").values(&id).build()],
+                )
                 .await?;
             if let Some(fresh) = described.into_iter().next() {
                 instance = fresh;
@@ -671,9 +720,19 @@ impl Ec2Provider {
             .map_or_else(|| region.to_owned(), |k| k.region.clone());
         let clients = self.clients(&region)?;
         self.count("TerminateInstances");
-        match clients.ec2.terminate_instances().instance_ids(id).send().await {
+        match clients
+            .ec2
+            .terminate_instances()
+            .instance_ids(id)
+            .send()
+            .await
+        {
             Ok(_) => {}
-            Err(e) if matches!(e.code(), Some("InvalidInstanceID.NotFound" | "InvalidInstanceID.Malformed")) => {}
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("InvalidInstanceID.NotFound" | "InvalidInstanceID.Malformed")
+                ) => {}
             Err(e) => return Err(api_error("TerminateInstances", &e)),
         }
         if let Some(parameter) = known.and_then(|k| k.parameter) {
@@ -682,7 +741,9 @@ impl Ec2Provider {
         let mut state = self.lock();
         state.known.remove(id);
         state.forgotten.insert(id.to_owned());
-        state.listed.retain(|key, _| !key.starts_with(&format!("{region} ")));
+        state
+            .listed
+            .retain(|key, _| !key.starts_with(&format!("{region} ")));
         info!(instance = %id, "instance terminated");
         Ok(())
     }
@@ -719,7 +780,8 @@ impl Ec2Provider {
         let now = SystemTime::now();
         let mut collected = Vec::new();
         for instance in instances {
-            let (Some(id), Some(pool)) = (instance.instance_id(), tag(&instance, tags::POOL)) else {
+            let (Some(id), Some(pool)) = (instance.instance_id(), tag(&instance, tags::POOL))
+            else {
                 continue;
             };
             if known.contains(pool) {
@@ -734,7 +796,13 @@ impl Ec2Provider {
             }
             warn!(instance = %id, pool, "terminating an instance no pool knows");
             self.count("TerminateInstances");
-            match clients.ec2.terminate_instances().instance_ids(id).send().await {
+            match clients
+                .ec2
+                .terminate_instances()
+                .instance_ids(id)
+                .send()
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => continue,
                 Err(e) => return Err(api_error("TerminateInstances", &e)),
@@ -966,7 +1034,10 @@ fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
 }
 
 fn tag_filter(key: &str, value: &str) -> Filter {
-    Filter::builder().name(format!("tag:{key}")).values(value).build()
+    Filter::builder()
+        .name(format!("tag:{key}"))
+        .values(value)
+        .build()
 }
 
 /// Pending or running; `stopping|stopped|shutting-down|terminated` count as dead.
@@ -1089,7 +1160,11 @@ mod tests {
         ] {
             assert!(is_config_code(code), "{code}");
         }
-        for code in ["InsufficientInstanceCapacity", "RequestLimitExceeded", "InternalError"] {
+        for code in [
+            "InsufficientInstanceCapacity",
+            "RequestLimitExceeded",
+            "InternalError",
+        ] {
             assert!(!is_config_code(code), "{code}");
         }
     }
