@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use aws_credential_types::provider::error::CredentialsError;
@@ -243,7 +243,7 @@ impl Instances {
     fn resolver(&self) -> cachepool_operator::provider::ec2::AddressResolver {
         let booted = self.booted.clone();
         Arc::new(move |instance: &InstanceAddresses| {
-            let booted = booted.lock().unwrap();
+            let booted = booted.lock().unwrap_or_else(PoisonError::into_inner);
             booted
                 .get(&instance.id)
                 .map(|b| (b.data.clone(), b.admin.clone()))
@@ -264,15 +264,22 @@ impl Instances {
                         state,
                         Some(InstanceStateName::Pending | InstanceStateName::Running)
                     );
-                    let known = this.booted.lock().unwrap().contains_key(&id);
+                    let known = this
+                        .booted
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .contains_key(&id);
                     if alive && !known {
                         let booted = boot(&cloud, &id).await;
-                        this.booted.lock().unwrap().insert(id, booted);
+                        this.booted
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(id, booted);
                     } else if !alive && known {
                         let node = this
                             .booted
                             .lock()
-                            .unwrap()
+                            .unwrap_or_else(PoisonError::into_inner)
                             .get_mut(&id)
                             .and_then(|b| b.node.take());
                         if let Some(node) = node {
@@ -288,7 +295,7 @@ impl Instances {
     fn user_data(&self, id: &str) -> Option<(String, String)> {
         self.booted
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(id)
             .map(|b| (b.user_data.clone(), b.token.clone()))
     }
@@ -298,7 +305,7 @@ impl Instances {
         let nodes: Vec<Node> = self
             .booted
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .values_mut()
             .filter_map(|b| b.node.take())
             .collect();
@@ -351,10 +358,15 @@ async fn boot(cloud: &Cloud, id: &str) -> Booted {
         .and_then(|p| p.value())
         .unwrap_or_else(|| panic!("parameter {parameter} has no value"))
         .to_owned();
-    let capacity: u64 = flag(&user_data, "--capacity-mib").parse().unwrap();
-    let policy = Policy::from_str(flag(&user_data, "--policy")).unwrap();
+    let capacity: u64 = flag(&user_data, "--capacity-mib")
+        .parse()
+        .unwrap_or_else(|e| panic!("--capacity-mib in the user data: {e}"));
+    let policy = Policy::from_str(flag(&user_data, "--policy"))
+        .unwrap_or_else(|e| panic!("--policy in the user data: {e}"));
     let mut config = NodeConfig::ephemeral(capacity, policy, Some(&token));
-    config.max_item_size_kib = flag(&user_data, "--max-item-size-kib").parse().unwrap();
+    config.max_item_size_kib = flag(&user_data, "--max-item-size-kib")
+        .parse()
+        .unwrap_or_else(|e| panic!("--max-item-size-kib in the user data: {e}"));
     config.threads = 1;
     let node = Node::start(config)
         .await
@@ -378,19 +390,20 @@ impl StateDir {
             std::process::id(),
             rand::random::<u32>()
         ));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         StateDir(dir)
     }
 
     fn write(&self, yaml: &str) {
         // Written aside and renamed, so the front end never reads half a manifest.
         let tmp = self.0.join(".pool.yaml.tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, self.0.join("pool.yaml")).unwrap();
+        std::fs::write(&tmp, yaml).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+        std::fs::rename(&tmp, self.0.join("pool.yaml"))
+            .unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
     }
 
     fn remove(&self) {
-        std::fs::remove_file(self.0.join("pool.yaml")).unwrap();
+        std::fs::remove_file(self.0.join("pool.yaml")).unwrap_or_else(|e| panic!("pool.yaml: {e}"));
     }
 }
 
@@ -487,7 +500,12 @@ async fn settled(
         let live = cloud.live(pool).await;
         (live.len() == n as usize).then(|| {
             live.into_iter()
-                .map(|i| (tag(&i, tags::SLOT).unwrap().parse().unwrap(), i))
+                .map(|i| {
+                    let slot = tag(&i, tags::SLOT)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| panic!("{:?} has no slot tag", i.instance_id()));
+                    (slot, i)
+                })
                 .collect()
         })
     })
@@ -496,7 +514,7 @@ async fn settled(
 
 /// Every tag the design asks for, IMDSv2 and the `ClientToken`.
 fn check_instance(instance: &Instance, pool: &PoolRef, uid: &str, slot: u32) {
-    let id = instance.instance_id().unwrap();
+    let id = instance.instance_id().unwrap_or_default();
     assert_eq!(
         tag(instance, tags::POOL),
         Some(pool.to_string().as_str()),
@@ -513,7 +531,9 @@ fn check_instance(instance: &Instance, pool: &PoolRef, uid: &str, slot: u32) {
         Some(format!("cachepool-{}-{}-{slot}", pool.namespace, pool.name).as_str()),
         "{id}"
     );
-    let attempt: u32 = tag(instance, ATTEMPT_TAG).unwrap().parse().unwrap();
+    let attempt: u32 = tag(instance, ATTEMPT_TAG)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{id} has no attempt tag"));
     assert_eq!(
         instance.client_token(),
         Some(client_token(uid, slot, attempt).as_str()),
@@ -729,7 +749,8 @@ fn launch_spec(
     slot: u32,
     settings: &(String, String, String),
 ) -> LaunchSpec {
-    let spec: CachePool = serde_norway::from_str(&manifest(1, settings)).unwrap();
+    let spec: CachePool = serde_norway::from_str(&manifest(1, settings))
+        .unwrap_or_else(|e| panic!("the test manifest: {e}"));
     LaunchSpec {
         pool: pool.clone(),
         uid: uid.to_owned(),

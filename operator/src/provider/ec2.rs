@@ -476,12 +476,12 @@ impl Ec2Provider {
             let token = self.know(&clients, region, &instance).await?;
             return self.await_address(&clients, instance, &token).await;
         }
-        let mut attempt = existing
+        let first = existing
             .iter()
             .filter_map(|i| tag(i, ATTEMPT_TAG)?.parse::<u32>().ok())
             .max()
             .map_or(0, |a| a + 1);
-        for _ in 0..FRESH_ATTEMPTS {
+        for attempt in first..first + FRESH_ATTEMPTS {
             let instance = self.run_instance(&clients, spec, attempt).await?;
             if is_alive(&instance) {
                 let parameter = tag(&instance, TOKEN_PARAMETER_TAG).map(str::to_owned);
@@ -503,7 +503,6 @@ impl Ec2Provider {
             // ago. Take the next attempt.
             warn!(pool = %spec.pool, slot = spec.slot, attempt,
                   "EC2 answered the launch with a terminated instance; launching a new attempt");
-            attempt += 1;
         }
         Err(Error::Api {
             provider: ProviderKind::Ec2,
