@@ -82,6 +82,9 @@ pub struct Config {
     pub operator_id: String,
     /// Serves `provider: {pod: …}` pools when set.
     pub pods: Option<Arc<PodProvider>>,
+    /// Serves `provider: {ec2: …}` pools when set (built with `Ec2Provider::new`).
+    #[cfg(feature = "ec2")]
+    pub ec2: Option<Arc<crate::provider::ec2::Ec2Provider>>,
 }
 
 impl Config {
@@ -108,6 +111,8 @@ impl Config {
             traffic: Traffic::default(),
             operator_id: "standalone".to_owned(),
             pods: None,
+            #[cfg(feature = "ec2")]
+            ec2: None,
         }
     }
 }
@@ -144,6 +149,14 @@ impl Operator {
         };
         let mut providers = Providers::process_only(provider);
         providers.pod = config.pods.clone().map(PoolProvider::Pod);
+        #[cfg(feature = "ec2")]
+        {
+            use crate::provider::ec2::Ec2Pool;
+            providers.ec2 = config
+                .ec2
+                .clone()
+                .map(|p| PoolProvider::Ec2(Ec2Pool::new(p)));
+        }
         let registry = Arc::new(Registry::default());
         let metrics = OperatorMetrics::new();
         let listener = TcpListener::bind(&config.listen)
@@ -186,6 +199,18 @@ impl Operator {
             options: config.driver,
             operator_id: config.operator_id.clone(),
         });
+        #[cfg(feature = "ec2")]
+        if let Some(ec2) = &config.ec2 {
+            use crate::provider::ec2::{GC_GRACE, GC_INTERVAL, collect_periodically};
+            tokio::spawn(collect_periodically(
+                ec2.clone(),
+                registry.clone(),
+                config.operator_id.clone(),
+                GC_INTERVAL,
+                GC_GRACE,
+                stopped.clone(),
+            ));
+        }
         let front_end = tokio::spawn(standalone::run(
             store,
             ctx,

@@ -17,6 +17,8 @@
 //! - What happens to the nodes when the operator stops is the provider's [`ShutdownPolicy`]:
 //!   local processes die with their supervisor, pods and instances stay for the next leader.
 
+#[cfg(feature = "ec2")]
+pub mod ec2;
 pub mod embedded;
 pub mod pod;
 pub mod process;
@@ -242,6 +244,9 @@ pub enum PoolProvider {
     Embedded(Arc<embedded::EmbeddedProvider>),
     /// Pods.
     Pod(Arc<pod::PodProvider>),
+    /// EC2 instances (bound to a pool spec's region by [`Providers::resolve`]).
+    #[cfg(feature = "ec2")]
+    Ec2(ec2::Ec2Pool),
 }
 
 impl PoolProvider {
@@ -251,6 +256,8 @@ impl PoolProvider {
             PoolProvider::Process(p) => p.kind(),
             PoolProvider::Embedded(p) => p.kind(),
             PoolProvider::Pod(p) => p.kind(),
+            #[cfg(feature = "ec2")]
+            PoolProvider::Ec2(p) => p.kind(),
         }
     }
 
@@ -260,6 +267,8 @@ impl PoolProvider {
             PoolProvider::Process(p) => p.shutdown_policy(),
             PoolProvider::Embedded(p) => p.shutdown_policy(),
             PoolProvider::Pod(p) => p.shutdown_policy(),
+            #[cfg(feature = "ec2")]
+            PoolProvider::Ec2(p) => p.shutdown_policy(),
         }
     }
 
@@ -268,6 +277,8 @@ impl PoolProvider {
             PoolProvider::Process(p) => p.list(pool).await,
             PoolProvider::Embedded(p) => p.list(pool).await,
             PoolProvider::Pod(p) => p.list(pool).await,
+            #[cfg(feature = "ec2")]
+            PoolProvider::Ec2(p) => p.list(pool).await,
         }
     }
 
@@ -276,6 +287,8 @@ impl PoolProvider {
             PoolProvider::Process(p) => p.launch(spec).await,
             PoolProvider::Embedded(p) => p.launch(spec).await,
             PoolProvider::Pod(p) => p.launch(spec).await,
+            #[cfg(feature = "ec2")]
+            PoolProvider::Ec2(p) => p.launch(spec).await,
         }
     }
 
@@ -284,6 +297,8 @@ impl PoolProvider {
             PoolProvider::Process(p) => p.terminate(pool, id).await,
             PoolProvider::Embedded(p) => p.terminate(pool, id).await,
             PoolProvider::Pod(p) => p.terminate(pool, id).await,
+            #[cfg(feature = "ec2")]
+            PoolProvider::Ec2(p) => p.terminate(pool, id).await,
         }
     }
 
@@ -292,6 +307,8 @@ impl PoolProvider {
             PoolProvider::Process(p) => p.stop_all().await,
             PoolProvider::Embedded(p) => p.stop_all().await,
             PoolProvider::Pod(p) => p.stop_all().await,
+            #[cfg(feature = "ec2")]
+            PoolProvider::Ec2(p) => p.stop_all().await,
         }
     }
 }
@@ -337,7 +354,14 @@ impl Providers {
         let served = match kind {
             ProviderKind::Process => self.process.clone(),
             ProviderKind::Pod => self.pod.clone(),
-            ProviderKind::Ec2 => self.ec2.clone(),
+            ProviderKind::Ec2 => match &self.ec2 {
+                // Bound to the spec's region; refused when the provider has no credentials.
+                #[cfg(feature = "ec2")]
+                Some(PoolProvider::Ec2(p)) => {
+                    return p.provider().for_spec(spec).map(PoolProvider::Ec2);
+                }
+                other => other.clone(),
+            },
         };
         served.ok_or_else(|| Unserved {
             kind: Some(kind),

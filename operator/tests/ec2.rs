@@ -1,0 +1,963 @@
+//! The EC2 provider end to end against moto: the real operator (in-process) drives a
+//! `provider: {ec2: …}` pool through moto's EC2 and SSM, and a harness plays the instances'
+//! boot.
+//!
+//! moto's instances run nothing, so the harness watches moto for new instances and starts, for
+//! each, an embedded `cache_node::Node` with the capacity, policy and item size read from the
+//! user data the provider really sent, and the admin token read from the SSM parameter that user
+//! data names (the token itself is never in user data). The provider under test resolves an
+//! instance id to that node's loopback addresses through the resolver the harness supplies;
+//! production resolves to the instance's IP.
+//!
+//! Each test starts its own moto on a free loopback port and stops it when it ends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::future::ProvideCredentials as CredentialsFuture;
+use aws_sdk_ec2::config::interceptors::{
+    AfterDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
+};
+use aws_sdk_ec2::config::{
+    ConfigBag, Credentials, Intercept, ProvideCredentials, RuntimeComponents,
+    SharedCredentialsProvider, SharedInterceptor,
+};
+use aws_sdk_ec2::error::{BoxError, ProvideErrorMetadata};
+use aws_sdk_ec2::types::{Filter, HttpTokensState, Instance, InstanceStateName};
+use base64::Engine as _;
+use cache_node::store::Policy;
+use cache_node::{Node, NodeConfig};
+use cachepool_crds::pool::{CachePool, PoolPhase, ProviderSpec};
+use cachepool_operator::driver::DriverOptions;
+use cachepool_operator::provider::ec2::{
+    ATTEMPT_TAG, Ec2Options, Ec2Pool, Ec2Provider, InstanceAddresses, client_token,
+};
+use cachepool_operator::provider::embedded::EmbeddedProvider;
+use cachepool_operator::provider::{AdminToken, LaunchSpec, PoolRef, Provider as _, tags};
+use cachepool_operator::run::{Config, NodeBackend, Operator};
+use cachepool_operator::standalone::StandaloneOptions;
+
+const REGION: &str = "us-east-1";
+const OPERATOR_ID: &str = "ec2-test";
+const TIMEOUT: Duration = Duration::from_secs(90);
+const POLL: Duration = Duration::from_millis(50);
+
+/// The moto binary: `$MOTO_SERVER`, the virtualenv `scripts/test` makes, or `PATH`.
+fn moto_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    let venv =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/moto/bin/moto_server");
+    if venv.is_file() {
+        return venv;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("moto_server"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("moto_server not found ($MOTO_SERVER, target/test-tools/moto, PATH): run scripts/test, which installs it"))
+}
+
+/// A moto server on a loopback port, stopped on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("free port: {e}"))
+            .port();
+        let mut child = Command::new(moto_binary())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting moto_server: {e}"));
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("moto_server exited at start: {status}");
+            }
+            assert!(start.elapsed() < TIMEOUT, "moto did not start");
+            std::thread::sleep(POLL);
+        }
+        Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn static_credentials() -> SharedCredentialsProvider {
+    SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "test"))
+}
+
+/// The test's own view of moto (not the provider's clients).
+struct Cloud {
+    moto: Moto,
+    ec2: aws_sdk_ec2::Client,
+    ssm: aws_sdk_ssm::Client,
+}
+
+impl Cloud {
+    async fn start() -> Cloud {
+        let moto = Moto::start();
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new(REGION))
+            .credentials_provider(static_credentials())
+            .endpoint_url(&moto.endpoint)
+            .load()
+            .await;
+        Cloud {
+            ec2: aws_sdk_ec2::Client::new(&shared),
+            ssm: aws_sdk_ssm::Client::new(&shared),
+            moto,
+        }
+    }
+
+    /// Every instance moto knows of, with `filters`.
+    async fn instances(&self, filters: Vec<Filter>) -> Vec<Instance> {
+        let out = self
+            .ec2
+            .describe_instances()
+            .set_filters(Some(filters))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DescribeInstances: {e:?}"));
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances().iter().cloned())
+            .collect()
+    }
+
+    /// The live (pending or running) instances of a pool.
+    async fn live(&self, pool: &PoolRef) -> Vec<Instance> {
+        self.instances(vec![
+            Filter::builder()
+                .name(format!("tag:{}", tags::POOL))
+                .values(pool.to_string())
+                .build(),
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        ])
+        .await
+    }
+
+    /// Settings moto accepts: one of its AMIs, a default subnet and the default group.
+    async fn ec2_settings(&self) -> (String, String, String) {
+        let image = self
+            .ec2
+            .describe_images()
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DescribeImages: {e:?}"))
+            .images()
+            .first()
+            .and_then(|i| i.image_id())
+            .unwrap_or_else(|| panic!("moto has no image"))
+            .to_owned();
+        let subnet = self
+            .ec2
+            .describe_subnets()
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DescribeSubnets: {e:?}"))
+            .subnets()
+            .first()
+            .and_then(|s| s.subnet_id())
+            .unwrap_or_else(|| panic!("moto has no subnet"))
+            .to_owned();
+        let group = self
+            .ec2
+            .describe_security_groups()
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DescribeSecurityGroups: {e:?}"))
+            .security_groups()
+            .iter()
+            .find(|g| g.group_name() == Some("default"))
+            .and_then(|g| g.group_id())
+            .unwrap_or_else(|| panic!("moto has no default group"))
+            .to_owned();
+        (image, subnet, group)
+    }
+}
+
+fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
+    instance
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+/// What the harness read from an instance's user data, and the node it started.
+struct Booted {
+    node: Option<Node>,
+    data: String,
+    admin: String,
+    user_data: String,
+    token: String,
+}
+
+/// Plays the boot of moto's instances (see the module documentation).
+#[derive(Clone)]
+struct Instances {
+    booted: Arc<Mutex<HashMap<String, Booted>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Instances {
+    fn new() -> Instances {
+        Instances {
+            booted: Arc::new(Mutex::new(HashMap::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The resolver the provider under test gets: instance id → its node's loopback ports.
+    fn resolver(&self) -> cachepool_operator::provider::ec2::AddressResolver {
+        let booted = self.booted.clone();
+        Arc::new(move |instance: &InstanceAddresses| {
+            let booted = booted.lock().unwrap_or_else(PoisonError::into_inner);
+            booted
+                .get(&instance.id)
+                .map(|b| (b.data.clone(), b.admin.clone()))
+        })
+    }
+
+    /// Watches moto until stopped: boots new instances, stops the nodes of gone ones.
+    fn watch(&self, cloud: Arc<Cloud>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            while !this.stop.load(Ordering::Relaxed) {
+                for instance in cloud.instances(Vec::new()).await {
+                    let Some(id) = instance.instance_id().map(str::to_owned) else {
+                        continue;
+                    };
+                    let state = instance.state().and_then(|s| s.name()).cloned();
+                    let alive = matches!(
+                        state,
+                        Some(InstanceStateName::Pending | InstanceStateName::Running)
+                    );
+                    let known = this
+                        .booted
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .contains_key(&id);
+                    if alive && !known {
+                        let booted = boot(&cloud, &id).await;
+                        this.booted
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(id, booted);
+                    } else if !alive && known {
+                        let node = this
+                            .booted
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_mut(&id)
+                            .and_then(|b| b.node.take());
+                        if let Some(node) = node {
+                            node.shutdown().await;
+                        }
+                    }
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        })
+    }
+
+    fn user_data(&self, id: &str) -> Option<(String, String)> {
+        self.booted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .map(|b| (b.user_data.clone(), b.token.clone()))
+    }
+
+    async fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let nodes: Vec<Node> = self
+            .booted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values_mut()
+            .filter_map(|b| b.node.take())
+            .collect();
+        for node in nodes {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// The value following `flag` in the user data.
+fn flag<'a>(user_data: &'a str, flag: &str) -> &'a str {
+    user_data
+        .split_whitespace()
+        .skip_while(|w| *w != flag)
+        .nth(1)
+        .unwrap_or_else(|| panic!("{flag} missing from the user data:\n{user_data}"))
+}
+
+/// Boots instance `id` as cloud-init would: reads its user data and its token parameter from
+/// moto, and starts the node they describe.
+async fn boot(cloud: &Cloud, id: &str) -> Booted {
+    let attribute = cloud
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("DescribeInstanceAttribute: {e:?}"));
+    let encoded = attribute
+        .user_data()
+        .and_then(|v| v.value())
+        .unwrap_or_else(|| panic!("instance {id} has no user data"));
+    let user_data = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap_or_else(|e| panic!("user data is not base64: {e}")),
+    )
+    .unwrap_or_else(|e| panic!("user data is not UTF-8: {e}"));
+    let parameter = flag(&user_data, "--name");
+    let token = cloud
+        .ssm
+        .get_parameter()
+        .name(parameter)
+        .with_decryption(true)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GetParameter {parameter}: {e:?}"))
+        .parameter()
+        .and_then(|p| p.value())
+        .unwrap_or_else(|| panic!("parameter {parameter} has no value"))
+        .to_owned();
+    let capacity: u64 = flag(&user_data, "--capacity-mib")
+        .parse()
+        .unwrap_or_else(|e| panic!("--capacity-mib in the user data: {e}"));
+    let policy = Policy::from_str(flag(&user_data, "--policy"))
+        .unwrap_or_else(|e| panic!("--policy in the user data: {e}"));
+    let mut config = NodeConfig::ephemeral(capacity, policy, Some(&token));
+    config.max_item_size_kib = flag(&user_data, "--max-item-size-kib")
+        .parse()
+        .unwrap_or_else(|e| panic!("--max-item-size-kib in the user data: {e}"));
+    config.threads = 1;
+    let node = Node::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("starting the node of {id}: {e}"));
+    Booted {
+        data: node.addr.to_string(),
+        admin: node.admin_addr.to_string(),
+        node: Some(node),
+        user_data,
+        token,
+    }
+}
+
+/// A state directory removed when the test ends.
+struct StateDir(PathBuf);
+
+impl StateDir {
+    fn new(name: &str) -> StateDir {
+        let dir = std::env::temp_dir().join(format!(
+            "cachepool-ec2-{name}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        StateDir(dir)
+    }
+
+    fn write(&self, yaml: &str) {
+        // Written aside and renamed, so the front end never reads half a manifest.
+        let tmp = self.0.join(".pool.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+        std::fs::rename(&tmp, self.0.join("pool.yaml"))
+            .unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    }
+
+    fn remove(&self) {
+        std::fs::remove_file(self.0.join("pool.yaml")).unwrap_or_else(|e| panic!("pool.yaml: {e}"));
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn manifest(replicas: u32, (image, subnet, group): &(String, String, String)) -> String {
+    format!(
+        "\
+apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {{name: cloud}}
+spec:
+  cache: {{capacityMiB: 8, policy: sieve, maxItemSizeKiB: 512}}
+  scaling: {{mode: manual, replicas: {replicas}}}
+  provider:
+    ec2:
+      region: {REGION}
+      imageId: {image}
+      instanceType: t3.micro
+      subnetId: {subnet}
+      securityGroupIds: [{group}]
+"
+    )
+}
+
+async fn start_operator(dir: &StateDir, ec2: Arc<Ec2Provider>) -> Operator {
+    let mut config = Config::standalone(
+        &dir.0,
+        NodeBackend::Embedded(Arc::new(EmbeddedProvider::new())),
+        "127.0.0.1:0",
+        "ec2-test-token",
+    );
+    config.driver = DriverOptions {
+        probe_interval: Duration::from_millis(50),
+        sample_interval: Duration::from_millis(100),
+        ..DriverOptions::default()
+    };
+    config.standalone = StandaloneOptions {
+        scan_interval: Duration::from_millis(50),
+    };
+    config.operator_id = OPERATOR_ID.to_owned();
+    config.ec2 = Some(ec2);
+    Operator::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("starting the operator: {e}"))
+}
+
+/// Polls `check` (async) until it yields `Some`.
+async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn resource(operator: &Operator, pool: &PoolRef) -> Option<CachePool> {
+    operator.registry().get(pool).map(|h| h.resource())
+}
+
+fn ready_with(resource: &CachePool, n: u32) -> bool {
+    resource.status.as_ref().is_some_and(|s| {
+        s.phase == Some(PoolPhase::Ready)
+            && s.ready_replicas == n
+            && s.replicas == n
+            && s.migration.is_none()
+    })
+}
+
+/// Waits until the pool is Ready with `n` nodes and moto holds exactly `n` live instances for
+/// it; returns them by slot.
+async fn settled(
+    operator: &Operator,
+    cloud: &Cloud,
+    pool: &PoolRef,
+    n: u32,
+) -> BTreeMap<u32, Instance> {
+    until(&format!("{pool} Ready with {n} instances"), || async {
+        let resource = resource(operator, pool)?;
+        if !ready_with(&resource, n) {
+            return None;
+        }
+        let live = cloud.live(pool).await;
+        (live.len() == n as usize).then(|| {
+            live.into_iter()
+                .map(|i| {
+                    let slot = tag(&i, tags::SLOT)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| panic!("{:?} has no slot tag", i.instance_id()));
+                    (slot, i)
+                })
+                .collect()
+        })
+    })
+    .await
+}
+
+/// Every tag the design asks for, IMDSv2 and the `ClientToken`.
+fn check_instance(instance: &Instance, pool: &PoolRef, uid: &str, slot: u32) {
+    let id = instance.instance_id().unwrap_or_default();
+    assert_eq!(
+        tag(instance, tags::POOL),
+        Some(pool.to_string().as_str()),
+        "{id}"
+    );
+    assert_eq!(
+        tag(instance, tags::SLOT),
+        Some(slot.to_string().as_str()),
+        "{id}"
+    );
+    assert_eq!(tag(instance, tags::OPERATOR), Some(OPERATOR_ID), "{id}");
+    assert_eq!(
+        tag(instance, "Name"),
+        Some(format!("cachepool-{}-{}-{slot}", pool.namespace, pool.name).as_str()),
+        "{id}"
+    );
+    let attempt: u32 = tag(instance, ATTEMPT_TAG)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{id} has no attempt tag"));
+    assert_eq!(
+        instance.client_token(),
+        Some(client_token(uid, slot, attempt).as_str()),
+        "{id}: ClientToken"
+    );
+    assert_eq!(
+        instance.metadata_options().and_then(|m| m.http_tokens()),
+        Some(&HttpTokensState::Required),
+        "{id}: IMDSv2 required"
+    );
+}
+
+fn print_calls(step: &str, before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) {
+    let diff: BTreeMap<&str, u64> = after
+        .iter()
+        .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    println!(
+        "AWS API calls for {step}: {diff:?} (total {})",
+        diff.values().sum::<u64>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_deleted() {
+    let cloud = Arc::new(Cloud::start().await);
+    let instances = Instances::new();
+    let watcher = instances.watch(cloud.clone());
+    let provider = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint.clone()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    assert_eq!(provider.unavailable(), None);
+    let settings = cloud.ec2_settings().await;
+    let dir = StateDir::new("resize");
+    dir.write(&manifest(1, &settings));
+    let operator = start_operator(&dir, provider.clone()).await;
+    let pool = PoolRef::new("default", "cloud");
+
+    let one = settled(&operator, &cloud, &pool, 1).await;
+    let uid = resource(&operator, &pool)
+        .and_then(|r| r.metadata.uid)
+        .unwrap_or_else(|| panic!("the pool has no uid"));
+    for (slot, instance) in &one {
+        check_instance(instance, &pool, &uid, *slot);
+        // The node got its settings from user data and its token from SSM, and user data does
+        // not carry the token.
+        let (user_data, token) = instances
+            .user_data(instance.instance_id().unwrap())
+            .unwrap();
+        assert!(user_data.contains("--capacity-mib 8") && user_data.contains("--policy sieve"));
+        assert!(
+            !user_data.contains(&token),
+            "the admin token is in the user data"
+        );
+    }
+    // Volumes are tagged as the instance is.
+    let volumes = cloud
+        .ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::POOL))
+                .values(pool.to_string())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !volumes.volumes().is_empty(),
+        "the instance's volumes carry the pool tag"
+    );
+
+    // Grow 1 → 3.
+    let before = provider.api_calls();
+    dir.write(&manifest(3, &settings));
+    let three = settled(&operator, &cloud, &pool, 3).await;
+    print_calls("grow 1→3", &before, &provider.api_calls());
+    assert_eq!(three.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+    for (slot, instance) in &three {
+        check_instance(instance, &pool, &uid, *slot);
+    }
+
+    // An instance terminated behind the operator's back is replaced in its slot.
+    let lost = three[&1].instance_id().unwrap().to_owned();
+    cloud
+        .ec2
+        .terminate_instances()
+        .instance_ids(&lost)
+        .send()
+        .await
+        .unwrap();
+    let replaced = until("slot 1 replaced", || async {
+        let resource = resource(&operator, &pool)?;
+        if !ready_with(&resource, 3) {
+            return None;
+        }
+        let live = cloud.live(&pool).await;
+        let slot1: Vec<Instance> = live
+            .into_iter()
+            .filter(|i| tag(i, tags::SLOT) == Some("1"))
+            .collect();
+        (slot1.len() == 1 && slot1[0].instance_id() != Some(lost.as_str()))
+            .then(|| slot1[0].clone())
+    })
+    .await;
+    check_instance(&replaced, &pool, &uid, 1);
+    assert_eq!(
+        tag(&replaced, ATTEMPT_TAG),
+        Some("1"),
+        "the replacement is attempt 1"
+    );
+    let three = settled(&operator, &cloud, &pool, 3).await;
+
+    // Shrink 3 → 1: the leaving instances are terminated after their hand-off, their token
+    // parameters deleted.
+    let before = provider.api_calls();
+    dir.write(&manifest(1, &settings));
+    let one = settled(&operator, &cloud, &pool, 1).await;
+    print_calls("shrink 3→1", &before, &provider.api_calls());
+    for (slot, instance) in &three {
+        if one.contains_key(slot) {
+            continue;
+        }
+        let id = instance.instance_id().unwrap();
+        let gone = cloud
+            .instances(vec![
+                Filter::builder().name("instance-id").values(id).build(),
+            ])
+            .await;
+        let state = gone[0].state().and_then(|s| s.name()).cloned();
+        assert!(
+            matches!(
+                state,
+                Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown)
+            ),
+            "{id} left the pool but is {state:?}"
+        );
+        let parameter = tag(
+            instance,
+            cachepool_operator::provider::ec2::TOKEN_PARAMETER_TAG,
+        )
+        .unwrap();
+        let read = cloud.ssm.get_parameter().name(parameter).send().await;
+        assert_eq!(
+            read.err()
+                .and_then(|e| e.code().map(str::to_owned))
+                .as_deref(),
+            Some("ParameterNotFound"),
+            "the token parameter of {id} is deleted"
+        );
+    }
+
+    // Deleting the pool leaves no live instance tagged for it.
+    dir.remove();
+    until("every instance of the deleted pool terminated", || async {
+        cloud.live(&pool).await.is_empty().then_some(())
+    })
+    .await;
+    operator.stop().await.unwrap();
+    instances.shutdown().await;
+    watcher.await.unwrap();
+}
+
+/// Fails every `RunInstances` answer while `drop` is set, after moto has started the instance:
+/// what a lost answer looks like to the caller.
+#[derive(Debug)]
+struct DropRunInstances {
+    drop: Arc<AtomicBool>,
+    running: AtomicBool,
+}
+
+impl Intercept for DropRunInstances {
+    fn name(&self) -> &'static str {
+        "DropRunInstances"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let body = context.request().body().bytes().unwrap_or_default();
+        let run = String::from_utf8_lossy(body).contains("Action=RunInstances");
+        self.running.store(run, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn read_after_deserialization(
+        &self,
+        _context: &AfterDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if self.running.load(Ordering::Relaxed) && self.drop.load(Ordering::Relaxed) {
+            return Err("the RunInstances answer was lost".into());
+        }
+        Ok(())
+    }
+}
+
+fn launch_spec(
+    pool: &PoolRef,
+    uid: &str,
+    slot: u32,
+    settings: &(String, String, String),
+) -> LaunchSpec {
+    let spec: CachePool = serde_norway::from_str(&manifest(1, settings))
+        .unwrap_or_else(|e| panic!("the test manifest: {e}"));
+    LaunchSpec {
+        pool: pool.clone(),
+        uid: uid.to_owned(),
+        slot,
+        tags: LaunchSpec::standard_tags(pool, slot, OPERATOR_ID),
+        provider: spec.spec.provider.clone(),
+        capacity_mib: 8,
+        policy: "lru".to_owned(),
+        max_item_size_kib: 512,
+        admin_token: AdminToken::generate(),
+    }
+}
+
+fn bind(provider: &Arc<Ec2Provider>, spec: &ProviderSpec) -> Ec2Pool {
+    provider
+        .for_spec(spec)
+        .unwrap_or_else(|e| panic!("the provider refused the spec: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_launch_repeated_after_a_lost_answer_creates_one_instance() {
+    let cloud = Arc::new(Cloud::start().await);
+    let instances = Instances::new();
+    let watcher = instances.watch(cloud.clone());
+    let drop = Arc::new(AtomicBool::new(true));
+    let provider = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint.clone()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            interceptors: vec![SharedInterceptor::new(DropRunInstances {
+                drop: drop.clone(),
+                running: AtomicBool::new(false),
+            })],
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    let settings = cloud.ec2_settings().await;
+    let pool = PoolRef::new("default", "retried");
+    let uid = "7b1e6f0e-1111-4222-8333-444455556666";
+    let first = launch_spec(&pool, uid, 0, &settings);
+    let handle = bind(&provider, &first.provider);
+
+    let lost = handle.launch(&first).await;
+    assert!(lost.is_err(), "the first answer is lost: {lost:?}");
+    assert_eq!(
+        cloud.live(&pool).await.len(),
+        1,
+        "moto started the instance"
+    );
+
+    // The driver launches again for the same slot (a fresh token, as it mints one per launch).
+    drop.store(false, Ordering::Relaxed);
+    let again = launch_spec(&pool, uid, 0, &settings);
+    let node = handle
+        .launch(&again)
+        .await
+        .unwrap_or_else(|e| panic!("the repeated launch failed: {e}"));
+    let live = cloud.live(&pool).await;
+    assert_eq!(
+        live.len(),
+        1,
+        "a repeated launch creates one instance, not two"
+    );
+    assert_eq!(live[0].instance_id(), Some(node.id.as_str()));
+    assert_eq!(
+        live[0].client_token(),
+        Some(client_token(uid, 0, 0).as_str())
+    );
+    // The adopted node keeps the token it booted with (read back from SSM).
+    assert_eq!(node.admin_token, first.admin_token.expose());
+    assert_eq!(provider.api_calls().get("RunInstances"), Some(&1));
+
+    // Listing finds it too, and terminating twice is fine.
+    let listed = handle.list(&pool).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+        vec![node.id.as_str()]
+    );
+    handle.terminate(&pool, &node.id).await.unwrap();
+    handle.terminate(&pool, &node.id).await.unwrap();
+    handle
+        .terminate(&pool, "i-00000000000000000")
+        .await
+        .unwrap();
+    assert!(cloud.live(&pool).await.is_empty());
+    instances.shutdown().await;
+    watcher.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_no_pool_knows_are_collected_after_the_grace_period() {
+    let cloud = Arc::new(Cloud::start().await);
+    let instances = Instances::new();
+    let watcher = instances.watch(cloud.clone());
+    let provider = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint.clone()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    let settings = cloud.ec2_settings().await;
+    let kept = PoolRef::new("default", "kept");
+    let gone = PoolRef::new("default", "gone");
+    for pool in [&kept, &gone] {
+        let spec = launch_spec(pool, &format!("uid-{}", pool.name), 0, &settings);
+        bind(&provider, &spec.provider).launch(&spec).await.unwrap();
+    }
+    let pools = [kept.clone()];
+    let young = provider
+        .collect_garbage(REGION, OPERATOR_ID, &pools, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(
+        young.is_empty(),
+        "nothing is collected within the grace period: {young:?}"
+    );
+    let other = provider
+        .collect_garbage(REGION, "another-operator", &[], Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        other.is_empty(),
+        "another operator's instances are not ours: {other:?}"
+    );
+    let collected = provider
+        .collect_garbage(REGION, OPERATOR_ID, &pools, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(collected.len(), 1, "{collected:?}");
+    assert!(
+        cloud.live(&gone).await.is_empty(),
+        "the unknown pool's instance is terminated"
+    );
+    assert_eq!(
+        cloud.live(&kept).await.len(),
+        1,
+        "the known pool's instance stays"
+    );
+    instances.shutdown().await;
+    watcher.await.unwrap();
+}
+
+/// A credential chain that yields nothing.
+#[derive(Debug)]
+struct NoCredentials;
+
+impl ProvideCredentials for NoCredentials {
+    fn provide_credentials<'a>(&'a self) -> CredentialsFuture<'a>
+    where
+        Self: 'a,
+    {
+        CredentialsFuture::ready(Err(CredentialsError::not_loaded(
+            "no credentials in this test's chain",
+        )))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_an_ec2_pool_is_degraded_and_nothing_starts() {
+    let cloud = Cloud::start().await;
+    let provider = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint.clone()),
+            credentials: Some(SharedCredentialsProvider::new(NoCredentials)),
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    assert!(provider.unavailable().is_some());
+    let settings = cloud.ec2_settings().await;
+    let dir = StateDir::new("nocreds");
+    dir.write(&manifest(2, &settings));
+    let operator = start_operator(&dir, provider.clone()).await;
+    let pool = PoolRef::new("default", "cloud");
+    let degraded = until("Degraded", || async {
+        let resource = resource(&operator, &pool)?;
+        let status = resource.status?;
+        (status.phase == Some(PoolPhase::Degraded)).then_some(status)
+    })
+    .await;
+    let condition = degraded
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap_or_else(|| panic!("no Degraded condition"));
+    assert!(
+        condition.message.contains("no AWS credentials")
+            && condition.message.contains("no node was started"),
+        "{}",
+        condition.message
+    );
+    // Several rounds later, still nothing in EC2.
+    let label = pool.to_string();
+    let rounds = operator.metrics().reconciles(&label);
+    until("five more rounds", || async {
+        (operator.metrics().reconciles(&label) >= rounds + 5).then_some(())
+    })
+    .await;
+    assert!(
+        cloud.instances(Vec::new()).await.is_empty(),
+        "no instance may start"
+    );
+    assert_eq!(provider.api_calls(), BTreeMap::new(), "no EC2 call is made");
+    operator.stop().await.unwrap();
+}
