@@ -7,16 +7,16 @@
 //!   `tests/e2e`.
 //! - [`load`]: the load generator and stale-read checker of the resize suite
 //!   (`operator/tests/resize`) and `tests/e2e`.
-//! - With the `web` feature, the fixtures of cachepool-web's tests: [`servers`] (throwaway
-//!   PostgreSQL clusters and moto S3 servers), [`store`] (databases, object stores and
-//!   storages over them, and the `matrix!` macro) and [`site`] (the site in-process on one
-//!   backend).
+//! - [`servers`]: throwaway PostgreSQL clusters and moto servers (S3 for the web's tests;
+//!   EC2, SSM and CloudWatch for the operator's), with nothing but std and libc.
+//! - With the `web` feature, the fixtures of cachepool-web's tests: [`store`] (databases,
+//!   object stores and storages over them, and the `matrix!` macro) and [`site`] (the site
+//!   in-process on one backend).
 //!
 //! A dev-dependency only; never published.
 
 pub mod load;
 pub mod serial;
-#[cfg(feature = "web")]
 pub mod servers;
 #[cfg(feature = "web")]
 pub mod site;

@@ -59,6 +59,10 @@ impl Keys {
         self.names.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
     pub fn name(&self, i: usize) -> &str {
         &self.names[i]
     }
