@@ -45,6 +45,9 @@ pub mod reason {
     pub const PROVIDER_ERROR: &str = "ProviderError";
     /// The pool names a provider (or metrics source) this operator cannot serve.
     pub const PROVIDER_UNAVAILABLE: &str = "ProviderUnavailable";
+    /// A launched node did not become ready within the start timeout: it was terminated and
+    /// its slot is launched again after a back-off.
+    pub const NODE_NOT_READY: &str = "NodeNotReady";
 }
 
 /// One event about one pool.

@@ -9,14 +9,13 @@
 //! instance id to that node's loopback addresses through the resolver the harness supplies;
 //! production resolves to the instance's IP.
 //!
-//! Each test starts its own moto on a free loopback port and stops it when it ends.
+//! Each test starts its own moto (the `cachepool-test-support` fixture) on a free loopback
+//! port and stops it when it ends.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -43,71 +42,12 @@ use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::provider::{AdminToken, LaunchSpec, PoolRef, Provider as _, tags};
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
+use cachepool_test_support::servers::Moto;
 
 const REGION: &str = "us-east-1";
 const OPERATOR_ID: &str = "ec2-test";
 const TIMEOUT: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(50);
-
-/// The moto binary: `$MOTO_SERVER`, the virtualenv `scripts/test` makes, or `PATH`.
-fn moto_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("MOTO_SERVER") {
-        return PathBuf::from(path);
-    }
-    let venv =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/moto/bin/moto_server");
-    if venv.is_file() {
-        return venv;
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("moto_server"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| panic!("moto_server not found ($MOTO_SERVER, target/test-tools/moto, PATH): run scripts/test, which installs it"))
-}
-
-/// A moto server on a loopback port, stopped on drop.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap_or_else(|e| panic!("free port: {e}"))
-            .port();
-        let mut child = Command::new(moto_binary())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting moto_server: {e}"));
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("moto_server exited at start: {status}");
-            }
-            assert!(start.elapsed() < TIMEOUT, "moto did not start");
-            std::thread::sleep(POLL);
-        }
-        Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn static_credentials() -> SharedCredentialsProvider {
     SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "test"))
@@ -126,7 +66,7 @@ impl Cloud {
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_sdk_ec2::config::Region::new(REGION))
             .credentials_provider(static_credentials())
-            .endpoint_url(&moto.endpoint)
+            .endpoint_url(moto.endpoint())
             .load()
             .await;
         Cloud {
@@ -229,6 +169,9 @@ struct Booted {
 struct Instances {
     booted: Arc<Mutex<HashMap<String, Booted>>>,
     stop: Arc<AtomicBool>,
+    /// How many of the next new instances never boot: they get addresses where nothing
+    /// listens (an AMI that does not start the node).
+    duds: Arc<AtomicUsize>,
 }
 
 impl Instances {
@@ -236,6 +179,7 @@ impl Instances {
         Instances {
             booted: Arc::new(Mutex::new(HashMap::new())),
             stop: Arc::new(AtomicBool::new(false)),
+            duds: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -270,7 +214,15 @@ impl Instances {
                         .unwrap_or_else(PoisonError::into_inner)
                         .contains_key(&id);
                     if alive && !known {
-                        let booted = boot(&cloud, &id).await;
+                        let dud = this
+                            .duds
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        let booted = if dud {
+                            never_boot()
+                        } else {
+                            boot(&cloud, &id).await
+                        };
                         this.booted
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
@@ -380,6 +332,25 @@ async fn boot(cloud: &Cloud, id: &str) -> Booted {
     }
 }
 
+/// An instance whose node never starts: loopback addresses where nothing listens.
+fn never_boot() -> Booted {
+    let closed = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("a free port: {e}"));
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("its address: {e}"))
+            .to_string()
+    };
+    Booted {
+        node: None,
+        data: closed(),
+        admin: closed(),
+        user_data: String::new(),
+        token: String::new(),
+    }
+}
+
 /// A state directory removed when the test ends.
 struct StateDir(PathBuf);
 
@@ -433,18 +404,30 @@ spec:
     )
 }
 
+fn driver_options() -> DriverOptions {
+    DriverOptions {
+        probe_interval: Duration::from_millis(50),
+        sample_interval: Duration::from_millis(100),
+        ..DriverOptions::default()
+    }
+}
+
 async fn start_operator(dir: &StateDir, ec2: Arc<Ec2Provider>) -> Operator {
+    start_operator_with(dir, ec2, driver_options()).await
+}
+
+async fn start_operator_with(
+    dir: &StateDir,
+    ec2: Arc<Ec2Provider>,
+    driver: DriverOptions,
+) -> Operator {
     let mut config = Config::standalone(
         &dir.0,
         NodeBackend::Embedded(Arc::new(EmbeddedProvider::new())),
         "127.0.0.1:0",
         "ec2-test-token",
     );
-    config.driver = DriverOptions {
-        probe_interval: Duration::from_millis(50),
-        sample_interval: Duration::from_millis(100),
-        ..DriverOptions::default()
-    };
+    config.driver = driver;
     config.standalone = StandaloneOptions {
         scan_interval: Duration::from_millis(50),
     };
@@ -565,7 +548,7 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
     let watcher = instances.watch(cloud.clone());
     let provider = Arc::new(
         Ec2Provider::new(Ec2Options {
-            endpoint: Some(cloud.moto.endpoint.clone()),
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
             credentials: Some(static_credentials()),
             resolver: instances.resolver(),
             ..Ec2Options::default()
@@ -778,7 +761,7 @@ async fn a_launch_repeated_after_a_lost_answer_creates_one_instance() {
     let drop = Arc::new(AtomicBool::new(true));
     let provider = Arc::new(
         Ec2Provider::new(Ec2Options {
-            endpoint: Some(cloud.moto.endpoint.clone()),
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
             credentials: Some(static_credentials()),
             resolver: instances.resolver(),
             interceptors: vec![SharedInterceptor::new(DropRunInstances {
@@ -849,7 +832,7 @@ async fn instances_no_pool_knows_are_collected_after_the_grace_period() {
     let watcher = instances.watch(cloud.clone());
     let provider = Arc::new(
         Ec2Provider::new(Ec2Options {
-            endpoint: Some(cloud.moto.endpoint.clone()),
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
             credentials: Some(static_credentials()),
             resolver: instances.resolver(),
             ..Ec2Options::default()
@@ -918,7 +901,7 @@ async fn without_credentials_an_ec2_pool_is_degraded_and_nothing_starts() {
     let cloud = Cloud::start().await;
     let provider = Arc::new(
         Ec2Provider::new(Ec2Options {
-            endpoint: Some(cloud.moto.endpoint.clone()),
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
             credentials: Some(SharedCredentialsProvider::new(NoCredentials)),
             ..Ec2Options::default()
         })
@@ -960,4 +943,114 @@ async fn without_credentials_an_ec2_pool_is_degraded_and_nothing_starts() {
     );
     assert_eq!(provider.api_calls(), BTreeMap::new(), "no EC2 call is made");
     operator.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_launch_that_never_becomes_ready_is_terminated_and_retried_with_back_off() {
+    let cloud = Arc::new(Cloud::start().await);
+    let instances = Instances::new();
+    // The first two instances never start their node; the third does.
+    instances.duds.store(2, Ordering::SeqCst);
+    let watcher = instances.watch(cloud.clone());
+    let provider = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    let settings = cloud.ec2_settings().await;
+    let dir = StateDir::new("never-ready");
+    dir.write(&manifest(1, &settings));
+    let backoff = Duration::from_secs(1);
+    let operator = start_operator_with(
+        &dir,
+        provider.clone(),
+        DriverOptions {
+            start_timeout: Duration::from_secs(1),
+            launch_backoff: backoff,
+            ..driver_options()
+        },
+    )
+    .await;
+    let pool = PoolRef::new("default", "cloud");
+
+    // Follows moto: when each instance was first seen alive and first seen gone, and whether
+    // the status said why while the slot waited.
+    let started = Instant::now();
+    let mut launched: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut gone: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut told = None;
+    loop {
+        for instance in cloud
+            .instances(vec![
+                Filter::builder()
+                    .name(format!("tag:{}", tags::POOL))
+                    .values(pool.to_string())
+                    .build(),
+            ])
+            .await
+        {
+            let id = instance.instance_id().unwrap_or_default().to_owned();
+            launched.entry(id.clone()).or_insert_with(Instant::now);
+            let alive = matches!(
+                instance.state().and_then(|s| s.name()),
+                Some(InstanceStateName::Pending | InstanceStateName::Running)
+            );
+            if !alive {
+                gone.entry(id).or_insert_with(Instant::now);
+            }
+        }
+        let resource = resource(&operator, &pool);
+        if let Some(degraded) = resource
+            .as_ref()
+            .and_then(|r| r.status.as_ref())
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+            .filter(|c| c.status == "True" && c.reason == "NodeNotReady")
+        {
+            told.get_or_insert_with(|| degraded.message.clone());
+        }
+        if launched.len() == 3 && resource.as_ref().is_some_and(|r| ready_with(r, 1)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "timed out: launched {launched:?}, gone {gone:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let mut order: Vec<(&String, &Instant)> = launched.iter().collect();
+    order.sort_by_key(|(_, at)| **at);
+    let ids: Vec<&String> = order.iter().map(|(id, _)| *id).collect();
+    // The two duds were terminated; the third serves, the only live instance of the pool.
+    for dud in &ids[..2] {
+        assert!(gone.contains_key(*dud), "{dud} was terminated");
+    }
+    let live = cloud.live(&pool).await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].instance_id(), Some(ids[2].as_str()));
+    assert_eq!(
+        tag(&live[0], ATTEMPT_TAG),
+        Some("2"),
+        "the third attempt of slot 0"
+    );
+    // Each relaunch waited the back-off after the termination, doubled the second time. The
+    // observation lags the termination by at most a poll and a DescribeInstances.
+    let slack = Duration::from_millis(300);
+    let first = launched[ids[1]].duration_since(gone[ids[0]]);
+    let second = launched[ids[2]].duration_since(gone[ids[1]]);
+    println!("relaunched after {first:?}, then after {second:?} (back-off {backoff:?})");
+    assert!(first + slack >= backoff, "first relaunch after {first:?}");
+    assert!(
+        second + slack >= backoff * 2,
+        "second relaunch after {second:?}"
+    );
+    let told = told.unwrap_or_else(|| panic!("the status never said why the slot waited"));
+    assert!(told.contains("not ready within"), "{told}");
+
+    operator.stop().await.unwrap();
+    instances.shutdown().await;
+    watcher.await.unwrap();
 }

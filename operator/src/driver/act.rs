@@ -8,7 +8,10 @@ use cachepool_crds::pool::{CachePoolSpec, CachePoolStatus};
 use cachepool_crds::ring::RingState;
 use tracing::{info, warn};
 
-use super::{Driver, FlushReport, NodeMemory, PROVIDER_EVENT_INTERVAL, join_all};
+use super::{
+    Driver, FlushReport, MAX_LAUNCH_BACKOFF, NodeMemory, PROVIDER_EVENT_INTERVAL, StartFailures,
+    join_all,
+};
 use crate::events::{Event, reason};
 use crate::provider::{self, AdminToken, LaunchSpec, PoolProvider, ProviderNode};
 use crate::rebalance::AdminClient;
@@ -127,6 +130,36 @@ impl Driver {
             }
             Err(e) => self.provider_error(&format!("stopping node {id}"), &e),
         }
+    }
+
+    /// Node `id` of `slot` never became ready and was terminated: the slot's next launch waits
+    /// `launch_backoff`, doubled for each such node in a row (at most [`MAX_LAUNCH_BACKOFF`]),
+    /// and the status and an event say why.
+    pub(super) fn start_failed(&mut self, slot: u32, id: &str) {
+        let options = self.options();
+        let count = self.start_failures.get(&slot).map_or(1, |f| f.count + 1);
+        let pause = options
+            .launch_backoff
+            .saturating_mul(2u32.saturating_pow(count - 1))
+            .min(MAX_LAUNCH_BACKOFF);
+        let message = format!(
+            "the node launched for slot {slot} ({id}) was not ready within {:?} and was \
+             terminated ({count} in a row); the slot is launched again in {pause:?}",
+            options.start_timeout
+        );
+        warn!(pool = %self.handle.pool, slot, node = %id, failures = count, retry_in = ?pause,
+              "a node never became ready");
+        self.metrics()
+            .reconcile_failed(&self.label(), "start_timeout");
+        self.event(Event::warning(reason::NODE_NOT_READY, message.clone()));
+        self.start_failures.insert(
+            slot,
+            StartFailures {
+                count,
+                retry_at: Instant::now() + pause,
+                message,
+            },
+        );
     }
 
     /// Counts a provider failure under its kind, logs it and tells it as an event: the same

@@ -68,11 +68,29 @@ pub struct DriverOptions {
     pub node_timeout: Duration,
     /// A new node that is not ready within this long is replaced.
     pub start_timeout: Duration,
+    /// After a node that never became ready is terminated, its slot is launched again only
+    /// after this pause, doubled for each further such node in a row (at most
+    /// [`MAX_LAUNCH_BACKOFF`]): an AMI that does not boot, or a node that cannot start, must not
+    /// become a launch loop.
+    pub launch_backoff: Duration,
     /// Timeout of one probe request.
     pub probe_timeout: Duration,
     /// A status that differs from the stored one only in fast counters (keys moved, traffic
     /// figures) is written at most this often; every other change is written at once.
     pub status_counter_interval: Duration,
+}
+
+/// The longest pause between launches of a slot whose nodes never become ready.
+pub const MAX_LAUNCH_BACKOFF: Duration = Duration::from_secs(300);
+
+/// A slot whose launched nodes did not become ready, in a row.
+#[derive(Clone, Debug)]
+struct StartFailures {
+    count: u32,
+    /// No launch for the slot before this.
+    retry_at: Instant,
+    /// For the status (`Degraded`, reason `NodeNotReady`) and the event.
+    message: String,
 }
 
 impl Default for DriverOptions {
@@ -84,6 +102,7 @@ impl Default for DriverOptions {
             sample_interval: Duration::from_secs(2),
             node_timeout: Duration::from_secs(10),
             start_timeout: Duration::from_secs(30),
+            launch_backoff: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(1),
             status_counter_interval: Duration::from_secs(15),
         }
@@ -262,6 +281,8 @@ pub struct Driver {
     provider_event: Option<(String, Instant)>,
     /// Why the autoscaler has no window (the pool's metrics source is unavailable).
     traffic_unavailable: Option<String>,
+    /// Slots whose launched nodes never became ready, and when each may be launched again.
+    start_failures: BTreeMap<u32, StartFailures>,
     deleted: bool,
 }
 
@@ -326,6 +347,7 @@ impl Driver {
             status_policy,
             provider_event: None,
             traffic_unavailable: None,
+            start_failures: BTreeMap::new(),
             deleted: false,
         };
         driver.accept(&resource);
@@ -556,6 +578,10 @@ impl Driver {
         let Some(spec) = self.record.valid_spec.clone() else {
             return self.options().probe_interval;
         };
+        // A slot whose node answers again starts its back-off afresh next time.
+        for view in views.iter().filter(|v| v.health == Health::Ready) {
+            self.start_failures.remove(&view.slot);
+        }
         let plan = reconcile::plan(Input {
             spec: &spec,
             generation: Some(self.record.generation),
@@ -570,6 +596,13 @@ impl Driver {
                     reason: "MetricsSourceUnavailable",
                     message,
                     halt: false,
+                })
+                .or_else(|| {
+                    self.start_failures.values().next().map(|f| Unavailable {
+                        reason: reason::NODE_NOT_READY,
+                        message: &f.message,
+                        halt: false,
+                    })
                 }),
             now,
         });
@@ -584,9 +617,34 @@ impl Driver {
                     Action::Launch { .. } | Action::Publish { .. } | Action::StartHandoff { .. }
                 )
             });
+        // Nodes that never became ready and go now: their slots back off before anything
+        // runs, since the plan may launch the slot's next node ahead of the termination.
+        let never_ready: Vec<(u32, String)> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Terminate { id, .. } => views
+                    .iter()
+                    .find(|v| v.id == *id && v.health == Health::Unresponsive)
+                    .filter(|_| self.nodes.get(id).is_some_and(|m| m.last_ok.is_none()))
+                    .map(|v| (v.slot, id.clone())),
+                _ => None,
+            })
+            .collect();
+        for (slot, id) in never_ready {
+            self.start_failed(slot, &id);
+        }
         for action in plan.actions {
             match action {
-                Action::Launch { slot } => self.launch(&provider, slot, &spec).await,
+                Action::Launch { slot } => {
+                    let backing_off = self
+                        .start_failures
+                        .get(&slot)
+                        .is_some_and(|f| Instant::now() < f.retry_at);
+                    if !backing_off {
+                        self.launch(&provider, slot, &spec).await;
+                    }
+                }
                 Action::Terminate { id, reason } => {
                     self.terminate(&provider, &id, &reason).await;
                 }
