@@ -190,6 +190,22 @@ impl WindowTotals {
 /// One minute of history, as the operator API's `/history` serves it (the wire type).
 pub use cachepool_crds::api::HistoryPoint as Point;
 
+/// A closed minute as the traffic sinks get it: the point the API serves and the counts behind
+/// its rates, so a metrics system can be given sums that a source adds up again over any
+/// window (a rate cannot be averaged over minutes of different traffic).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedMinute {
+    pub point: Point,
+    /// Retrievals that found an item in the minute.
+    pub hits: u64,
+    /// Retrievals that found nothing.
+    pub misses: u64,
+    /// Every command of the minute (not scaled to a full minute).
+    pub requests: u64,
+    /// How much of the minute the samples covered.
+    pub covered: Duration,
+}
+
 /// The latest state of a pool, for its status and gauges.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Summary {
@@ -456,6 +472,14 @@ impl PoolHistory {
     /// Per-minute points with minute start in `[from, to)`, oldest first. Minutes without
     /// data are absent, and so is a minute whose only sample was a baseline (it covers no time).
     pub fn points(&self, from: SystemTime, to: SystemTime) -> Vec<Point> {
+        self.closed_minutes(from, to)
+            .into_iter()
+            .map(|m| m.point)
+            .collect()
+    }
+
+    /// The minutes of [`PoolHistory::points`] with their counts.
+    pub fn closed_minutes(&self, from: SystemTime, to: SystemTime) -> Vec<ClosedMinute> {
         let from = unix_millis(from);
         let to = unix_millis(to);
         let first = self.minutes.partition_point(|m| m.index * MINUTE_MS < from);
@@ -463,7 +487,15 @@ impl PoolHistory {
             .range(first..)
             .take_while(|m| m.index * MINUTE_MS < to)
             .filter(|m| m.covered_ms > 0)
-            .filter_map(point)
+            .filter_map(|m| {
+                Some(ClosedMinute {
+                    point: point(m)?,
+                    hits: m.counts.hits,
+                    misses: m.counts.misses,
+                    requests: m.counts.requests,
+                    covered: Duration::from_millis(m.covered_ms),
+                })
+            })
             .collect()
     }
 

@@ -14,15 +14,21 @@
 //!   Kubernetes Events next);
 //! - [`provider`]: where nodes run, chosen per pool from `spec.provider` (local processes, or
 //!   in-process nodes for tests; EC2 and pods next);
-//! - [`traffic`]: the autoscaler's windows and the per-minute points (direct; CloudWatch next).
+//! - [`traffic`]: the autoscaler's windows and the per-minute points (direct, or CloudWatch
+//!   through `cloudwatch` with the `cloudwatch` feature).
 //!
 //! Around them: [`standalone`] (the state-directory front end), [`registry`] (the pools the
 //! API serves), [`api`] (the HTTP API), [`metrics`] (the operator's Prometheus metrics),
-//! [`rebalance`] (the node admin client, re-exported for the driver and the bench) and
-//! [`state`] (the state directory's files).
+//! [`rebalance`] (the node admin client, re-exported for the driver and the bench),
+//! [`state`] (the state directory's files) and, with the `ec2` or `cloudwatch` feature, `aws`
+//! (what the AWS clients share: configuration, call metrics).
 
 pub mod api;
 pub mod autoscaler;
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "cloudwatch")]
+pub mod cloudwatch;
 pub mod driver;
 pub mod events;
 pub mod history;

@@ -10,6 +10,10 @@
 //!
 //! Names carry the `cachepool_` prefix and their unit (`_seconds`, `_bytes`, `_total`, the
 //! latter added by the encoder to counters).
+//!
+//! Calls to AWS (EC2, SSM, CloudWatch) are counted by [`AwsCalls`], a handle of its own: the
+//! providers and metrics sinks that make the calls are built before the operator (they come in
+//! its `Config`), so they share one `AwsCalls` with it and the operator registers it here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
@@ -75,6 +79,124 @@ type IntGauges = Family<PoolLabels, Gauge>;
 type FloatGauges = Family<PoolLabels, Gauge<f64, AtomicU64>>;
 type Counters = Family<PoolLabels, Counter>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct AwsCallLabels {
+    service: String,
+    api: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AwsApiLabels {
+    service: String,
+    api: String,
+}
+
+/// AWS call latencies from 5 ms to ~80 s: a call answered at once, or one that the SDK retried
+/// with back-off (its standard retry waits up to 20 s between attempts).
+fn aws_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// Outcome label of a call that succeeded.
+pub const AWS_OK: &str = "ok";
+
+/// Counts and times calls to AWS APIs, by service (`ec2`, `ssm`, `cloudwatch`), API
+/// (`RunInstances`, `PutMetricData`, …) and outcome (`ok`, or the AWS error code such as
+/// `Throttling`; `timeout`, `unreachable` or `other` when there is no code). A call is what
+/// the operator asked for: the SDK's retries of it are inside one count and one latency.
+/// Clones share the same series.
+#[derive(Clone, Debug)]
+pub struct AwsCalls {
+    calls: Family<AwsCallLabels, Counter>,
+    duration: Family<AwsApiLabels, Histogram, fn() -> Histogram>,
+    /// The same counts, readable (a `Family` cannot be iterated): tests and `api_calls()`.
+    seen: Arc<Mutex<BTreeMap<AwsCallLabels, u64>>>,
+}
+
+impl Default for AwsCalls {
+    fn default() -> AwsCalls {
+        AwsCalls::new()
+    }
+}
+
+impl AwsCalls {
+    /// No call counted yet.
+    pub fn new() -> AwsCalls {
+        AwsCalls {
+            calls: Family::default(),
+            duration: Family::new_with_constructor(aws_duration_histogram),
+            seen: Arc::default(),
+        }
+    }
+
+    /// Records one call of `service`'s `api` that ended with `outcome` after `took`.
+    pub fn record(&self, service: &str, api: &str, outcome: &str, took: Duration) {
+        let labels = AwsCallLabels {
+            service: service.to_owned(),
+            api: api.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.calls.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&AwsApiLabels {
+                service: service.to_owned(),
+                api: api.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+        *self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels)
+            .or_default() += 1;
+    }
+
+    /// Calls made to `service`, by API, whatever their outcome.
+    pub fn by_api(&self, service: &str) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for (labels, n) in self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(l, _)| l.service == service)
+        {
+            *counts.entry(labels.api.clone()).or_default() += n;
+        }
+        counts
+    }
+
+    /// Calls of `service`'s `api` that ended with `outcome`.
+    pub fn count(&self, service: &str, api: &str, outcome: &str) -> u64 {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&AwsCallLabels {
+                service: service.to_owned(),
+                api: api.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cachepool_operator_aws_calls",
+            "Calls to AWS APIs, by service, API and outcome (ok or the AWS error code); \
+             SDK retries are inside one call",
+            self.calls.clone(),
+        );
+        registry.register_with_unit(
+            "cachepool_operator_aws_call_duration",
+            "Time one AWS call took, SDK retries included, by service and API",
+            Unit::Seconds,
+            self.duration.clone(),
+        );
+    }
+}
+
 /// Reconcile durations from 1 ms to ~33 s: a reconcile that waits on a node launch or a
 /// hand-off step is long, a steady-state one is a few milliseconds.
 fn duration_histogram() -> Histogram {
@@ -106,6 +228,7 @@ struct Inner {
     bytes_moved: IntGauges,
     /// Error kinds seen per pool, so `forget_pool` can remove each of their series.
     error_kinds: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    aws: AwsCalls,
 }
 
 /// The operator's metrics. Clones share the same series.
@@ -123,7 +246,14 @@ impl Default for OperatorMetrics {
 impl OperatorMetrics {
     /// Every metric registered, no series yet.
     pub fn new() -> OperatorMetrics {
+        OperatorMetrics::with_aws_calls(AwsCalls::new())
+    }
+
+    /// Every metric registered, the AWS calls counted by `aws` among them (the handle the
+    /// operator's EC2 provider and CloudWatch client were built with).
+    pub fn with_aws_calls(aws: AwsCalls) -> OperatorMetrics {
         let mut registry = Registry::default();
+        aws.register(&mut registry);
         let reconciles = Counters::default();
         registry.register(
             "cachepool_operator_reconciles",
@@ -251,6 +381,7 @@ impl OperatorMetrics {
                 keys_moved,
                 bytes_moved,
                 error_kinds: Mutex::new(BTreeMap::new()),
+                aws,
             }),
         }
     }
@@ -453,6 +584,11 @@ impl OperatorMetrics {
                 kind,
             });
         }
+    }
+
+    /// The AWS calls counted in these metrics.
+    pub fn aws_calls(&self) -> &AwsCalls {
+        &self.inner.aws
     }
 
     /// Every metric as OpenMetrics text, ending in `# EOF`.

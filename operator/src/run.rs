@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::api::{self, ApiState, Tokens};
 use crate::driver::{Context, DriverOptions};
 use crate::events::{EventSink, Fanout, FileEvents};
-use crate::metrics::OperatorMetrics;
+use crate::metrics::{AwsCalls, OperatorMetrics};
 use crate::provider::embedded::EmbeddedProvider;
 use crate::provider::pod::PodProvider;
 use crate::provider::process::{ProcessOptions, ProcessProvider};
@@ -85,6 +85,9 @@ pub struct Config {
     /// Serves `provider: {ec2: …}` pools when set (built with `Ec2Provider::new`).
     #[cfg(feature = "ec2")]
     pub ec2: Option<Arc<crate::provider::ec2::Ec2Provider>>,
+    /// Counts the AWS calls shown on `/metrics`: give the EC2 provider and the CloudWatch
+    /// client this same handle.
+    pub aws_calls: AwsCalls,
 }
 
 impl Config {
@@ -113,6 +116,7 @@ impl Config {
             pods: None,
             #[cfg(feature = "ec2")]
             ec2: None,
+            aws_calls: AwsCalls::new(),
         }
     }
 }
@@ -158,7 +162,7 @@ impl Operator {
                 .map(|p| PoolProvider::Ec2(Ec2Pool::new(p)));
         }
         let registry = Arc::new(Registry::default());
-        let metrics = OperatorMetrics::new();
+        let metrics = OperatorMetrics::with_aws_calls(config.aws_calls.clone());
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -201,13 +205,13 @@ impl Operator {
         });
         #[cfg(feature = "ec2")]
         if let Some(ec2) = &config.ec2 {
-            use crate::provider::ec2::{GC_GRACE, GC_INTERVAL, collect_periodically};
+            use crate::provider::ec2::collect_periodically;
             tokio::spawn(collect_periodically(
                 ec2.clone(),
                 registry.clone(),
                 config.operator_id.clone(),
-                GC_INTERVAL,
-                GC_GRACE,
+                ec2.options().gc_interval,
+                ec2.options().gc_grace,
                 stopped.clone(),
             ));
         }

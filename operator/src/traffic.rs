@@ -1,16 +1,21 @@
 //! Where a pool's traffic figures come from and where they go: the seam between the driver's
-//! sampling and the autoscaler on one side, and metrics systems (CloudWatch next) on the
-//! other.
+//! sampling and the autoscaler on one side, and metrics systems (CloudWatch, in
+//! [`crate::cloudwatch`]) on the other.
 //!
 //! - **Source** (`spec.metrics.source`): the gets and misses of the autoscaler's windows.
 //!   `direct` is the pool's own history, which the driver fills by sampling every node's
 //!   `/stats`; any other source is a [`TrafficSource`] given to the operator at start-up
 //!   ([`Traffic::cloudwatch`]). A pool naming a source the operator does not have keeps its
 //!   nodes and manual size, and its autoscaler holds (the status says why).
+//!   A source whose data arrives late (CloudWatch ingests for a minute or two) says which
+//!   window it can answer at an instant ([`TrafficSource::span`]); the driver judges that
+//!   window, so a window is only called steady when no resize touched *it*.
 //! - **Sinks**: every closed per-minute point of every pool (nodes, miss and hit rate, items,
-//!   bytes, requests per minute) is offered to each [`TrafficSink`], which decides from the
-//!   pool's `spec.metrics` whether to publish it. The Prometheus gauges are not a sink: they
-//!   show the latest sample, not closed minutes.
+//!   bytes, requests per minute, and the hit and miss counts behind the rates) is offered to
+//!   each [`TrafficSink`], which decides from the pool's `spec.metrics` whether to publish it.
+//!   The driver awaits `publish` inside its round, so a sink that talks to a remote system
+//!   queues and returns. The Prometheus gauges are not a sink: they show the latest sample,
+//!   not closed minutes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use cachepool_crds::pool::MetricsSpec;
 
-use crate::history::{Point, WindowTotals};
+use crate::history::{ClosedMinute, Point, WindowTotals};
 use crate::provider::PoolRef;
 use crate::store::BoxFuture;
 
@@ -42,16 +47,27 @@ pub trait TrafficSource: Send + Sync + fmt::Debug + 'static {
         end: SystemTime,
         length: Duration,
     ) -> BoxFuture<'a, Result<Option<WindowTotals>, Error>>;
+
+    /// The window `[start, end)` of length about `length` that a decision at `now` should
+    /// judge. The default is `[now - length, now)`; a source that ingests late answers an
+    /// earlier one.
+    fn span(&self, now: SystemTime, length: Duration) -> (SystemTime, SystemTime) {
+        (
+            now.checked_sub(length).unwrap_or(SystemTime::UNIX_EPOCH),
+            now,
+        )
+    }
 }
 
 /// Somewhere closed per-minute points are published.
 pub trait TrafficSink: Send + Sync + fmt::Debug + 'static {
-    /// Publishes the closed minutes `points` of `pool` (oldest first) if `spec` asks for it.
+    /// Publishes the closed minutes `minutes` of `pool` (oldest first) if `spec` asks for it.
+    /// It must not wait on a remote system: the driver's round awaits it.
     fn publish<'a>(
         &'a self,
         pool: &'a PoolRef,
         spec: &'a MetricsSpec,
-        points: &'a [Point],
+        minutes: &'a [ClosedMinute],
     ) -> BoxFuture<'a, Result<(), Error>>;
 }
 
@@ -90,13 +106,13 @@ impl TrafficSink for RecordedPoints {
         &'a self,
         pool: &'a PoolRef,
         _spec: &'a MetricsSpec,
-        points: &'a [Point],
+        minutes: &'a [ClosedMinute],
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             self.points
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend(points.iter().map(|p| (pool.clone(), p.clone())));
+                .extend(minutes.iter().map(|m| (pool.clone(), m.point.clone())));
             Ok(())
         })
     }

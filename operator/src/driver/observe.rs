@@ -206,7 +206,20 @@ impl Driver {
             return;
         }
         self.next_window = Some(now + length);
-        let totals = match self.window_totals(&spec, now, length).await {
+        // The window judged: the last `length` for the pool's own history; for a source that
+        // ingests late (CloudWatch), an earlier, aligned one. Steadiness and "began after the
+        // pool settled" are judged against that window, so data from before a resize that
+        // arrives after it never counts as the new size's.
+        let (window_start, window_end) = match (&spec.metrics.source, &self.ctx.traffic.cloudwatch)
+        {
+            (MetricsSource::Cloudwatch, Some(source)) => source.span(now, length),
+            _ => (
+                now.checked_sub(length).unwrap_or(SystemTime::UNIX_EPOCH),
+                now,
+            ),
+        };
+        let length = window_end.duration_since(window_start).unwrap_or(length);
+        let totals = match self.window_totals(&spec, window_end, length).await {
             Ok(totals) => totals,
             Err(message) => {
                 // The autoscaler holds; the status says why (`Degraded`).
@@ -222,9 +235,8 @@ impl Driver {
             }
         };
         self.traffic_unavailable = None;
-        let window_start = now.checked_sub(length).unwrap_or(SystemTime::UNIX_EPOCH);
         let window = Window {
-            end: now,
+            end: window_end,
             length,
             gets: totals.map_or(0, |t| t.gets),
             misses: totals.map_or(0, |t| t.misses),
@@ -308,7 +320,7 @@ impl Driver {
             .history
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .points(from, this_minute);
+            .closed_minutes(from, this_minute);
         self.published_minute = Some(this_minute - MINUTE);
         if points.is_empty() {
             return;

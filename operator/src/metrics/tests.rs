@@ -358,3 +358,62 @@ fn clones_share_series() {
     );
     assert_eq!(m.encode(), other.encode());
 }
+
+#[test]
+fn aws_calls_are_counted_by_service_api_and_outcome_with_latency() {
+    let aws = AwsCalls::new();
+    let m = OperatorMetrics::with_aws_calls(aws.clone());
+    aws.record("ec2", "RunInstances", AWS_OK, Duration::from_millis(30));
+    aws.record(
+        "ec2",
+        "RunInstances",
+        "InsufficientInstanceCapacity",
+        Duration::from_millis(40),
+    );
+    aws.record(
+        "cloudwatch",
+        "PutMetricData",
+        AWS_OK,
+        Duration::from_millis(3),
+    );
+    let text = m.encode();
+    let calls = |service: &str, api: &str, outcome: &str| {
+        value(
+            &text,
+            "cachepool_operator_aws_calls_total",
+            &[("service", service), ("api", api), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("ec2", "RunInstances", AWS_OK), Some(1.0));
+    assert_eq!(
+        calls("ec2", "RunInstances", "InsufficientInstanceCapacity"),
+        Some(1.0)
+    );
+    assert_eq!(calls("cloudwatch", "PutMetricData", AWS_OK), Some(1.0));
+    assert_eq!(
+        value(
+            &text,
+            "cachepool_operator_aws_call_duration_seconds_count",
+            &[("service", "ec2"), ("api", "RunInstances")]
+        ),
+        Some(2.0)
+    );
+    // The 5 ms bucket holds the 3 ms call only.
+    assert_eq!(
+        value(
+            &text,
+            "cachepool_operator_aws_call_duration_seconds_bucket",
+            &[
+                ("service", "cloudwatch"),
+                ("api", "PutMetricData"),
+                ("le", "0.005")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        aws.by_api("ec2"),
+        BTreeMap::from([("RunInstances".to_owned(), 2)])
+    );
+    assert_eq!(aws.count("ec2", "RunInstances", AWS_OK), 1);
+}

@@ -33,11 +33,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use aws_config::retry::RetryConfig;
-use aws_config::{BehaviorVersion, SdkConfig};
-use aws_sdk_ec2::config::{
-    ProvideCredentials, Region, SharedCredentialsProvider, SharedInterceptor,
-};
+use aws_config::SdkConfig;
+use aws_sdk_ec2::config::{Region, SharedCredentialsProvider, SharedInterceptor};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, Instance,
@@ -49,6 +46,8 @@ use aws_sdk_ssm::types::ParameterType;
 use base64::Engine as _;
 use cachepool_crds::pool::ProviderSpec;
 use tracing::{info, warn};
+
+use crate::metrics::AwsCalls;
 
 use super::{
     Error, LaunchSpec, PoolRef, Provider, ProviderKind, ProviderNode, Result, ShutdownPolicy,
@@ -119,6 +118,13 @@ pub struct Ec2Options {
     /// 10 ms while a node starts), EC2's API is rate-limited per account. A launch or terminate
     /// through this provider refreshes the pool's list at once.
     pub list_interval: Duration,
+    /// Counts and times every EC2 and SSM call; give the operator the same handle
+    /// (`Config::aws_calls`) so `/metrics` shows them.
+    pub calls: AwsCalls,
+    /// How often the operator looks for instances no pool knows ([`GC_INTERVAL`]).
+    pub gc_interval: Duration,
+    /// How old such an instance must be before it is terminated ([`GC_GRACE`]).
+    pub gc_grace: Duration,
 }
 
 impl Default for Ec2Options {
@@ -132,6 +138,9 @@ impl Default for Ec2Options {
             node_binary: "/usr/local/bin/cachepool".to_owned(),
             address_timeout: Duration::from_secs(120),
             list_interval: Duration::from_secs(1),
+            calls: AwsCalls::new(),
+            gc_interval: GC_INTERVAL,
+            gc_grace: GC_GRACE,
         }
     }
 }
@@ -149,6 +158,8 @@ impl fmt::Debug for Ec2Options {
             .field("node_binary", &self.node_binary)
             .field("address_timeout", &self.address_timeout)
             .field("list_interval", &self.list_interval)
+            .field("gc_interval", &self.gc_interval)
+            .field("gc_grace", &self.gc_grace)
             .finish_non_exhaustive()
     }
 }
@@ -174,8 +185,6 @@ struct State {
     known: HashMap<String, Known>,
     /// Instances terminated through this provider: no longer listed.
     forgotten: HashSet<String>,
-    /// API calls made, by action.
-    calls: BTreeMap<&'static str, u64>,
     /// The last description of each pool's instances (`<region> <pool>`), and when.
     listed: HashMap<String, (tokio::time::Instant, Vec<Instance>)>,
 }
@@ -205,23 +214,8 @@ impl Ec2Provider {
     /// (no request to EC2 is made). Without credentials the provider still exists, but every
     /// pool resolves to [`Unserved`] saying so.
     pub async fn new(options: Ec2Options) -> Ec2Provider {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(5));
-        if let Some(credentials) = &options.credentials {
-            loader = loader.credentials_provider(credentials.clone());
-        }
-        let base = loader.load().await;
-        let unavailable = match base.credentials_provider() {
-            None => Some("no AWS credentials provider is configured".to_owned()),
-            Some(chain) => match chain.provide_credentials().await {
-                Ok(_) => None,
-                Err(e) => Some(format!(
-                    "no AWS credentials: {}; give the operator credentials (environment \
-                     variables, a profile, web identity or an instance role)",
-                    DisplayErrorContext(&e)
-                )),
-            },
-        };
+        let base = crate::aws::sdk_config(options.credentials.clone(), None).await;
+        let unavailable = crate::aws::credentials_problem(&base).await;
         if let Some(why) = &unavailable {
             warn!(reason = %why, "the EC2 provider cannot serve pools");
         }
@@ -234,26 +228,44 @@ impl Ec2Provider {
         }
     }
 
+    /// The options it was built with.
+    pub fn options(&self) -> &Ec2Options {
+        &self.options
+    }
+
     /// Why this provider cannot serve any pool, if it cannot.
     pub fn unavailable(&self) -> Option<&str> {
         self.unavailable.as_deref()
     }
 
-    /// API calls made so far, by action (`RunInstances`, `DescribeInstances`, …).
+    /// EC2 and SSM calls made so far through this provider's [`AwsCalls`], by action
+    /// (`RunInstances`, `DescribeInstances`, `PutParameter`, …), whatever their outcome.
     pub fn api_calls(&self) -> BTreeMap<String, u64> {
-        self.lock()
-            .calls
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), *v))
-            .collect()
+        let mut calls = self.options.calls.by_api("ec2");
+        calls.extend(self.options.calls.by_api("ssm"));
+        calls
+    }
+
+    /// Where this provider counts its calls (shared with the operator's metrics).
+    pub fn calls(&self) -> &AwsCalls {
+        &self.options.calls
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn count(&self, action: &'static str) {
-        *self.lock().calls.entry(action).or_default() += 1;
+    /// Runs one call, counted in the options' [`AwsCalls`].
+    async fn call<T, E, R>(
+        &self,
+        service: &'static str,
+        api: &'static str,
+        call: impl std::future::Future<Output = std::result::Result<T, SdkError<E, R>>>,
+    ) -> std::result::Result<T, SdkError<E, R>>
+    where
+        E: ProvideErrorMetadata,
+    {
+        crate::aws::observe(&self.options.calls, service, api, call).await
     }
 
     fn clients(&self, region: &str) -> Result<Clients> {
@@ -306,13 +318,17 @@ impl Ec2Provider {
         let mut instances = Vec::new();
         let mut next = None;
         loop {
-            self.count("DescribeInstances");
-            let page = clients
-                .ec2
-                .describe_instances()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(next)
-                .send()
+            let page = self
+                .call(
+                    "ec2",
+                    "DescribeInstances",
+                    clients
+                        .ec2
+                        .describe_instances()
+                        .set_filters(Some(filters.clone()))
+                        .set_next_token(next)
+                        .send(),
+                )
                 .await
                 .map_err(|e| api_error("DescribeInstances", &e))?;
             for reservation in page.reservations() {
@@ -362,13 +378,17 @@ impl Ec2Provider {
 
     /// The admin token of an instance launched by an earlier operator, from its parameter.
     async fn read_token(&self, clients: &Clients, parameter: &str) -> Result<String> {
-        self.count("GetParameter");
-        let answer = clients
-            .ssm
-            .get_parameter()
-            .name(parameter)
-            .with_decryption(true)
-            .send()
+        let answer = self
+            .call(
+                "ssm",
+                "GetParameter",
+                clients
+                    .ssm
+                    .get_parameter()
+                    .name(parameter)
+                    .with_decryption(true)
+                    .send(),
+            )
             .await
             .map_err(|e| api_error("GetParameter", &e))?;
         Ok(answer
@@ -533,17 +553,20 @@ impl Ec2Provider {
             spec.slot,
             attempt,
         );
-        self.count("PutParameter");
-        clients
-            .ssm
-            .put_parameter()
-            .name(&parameter)
-            .value(spec.admin_token.expose())
-            .r#type(ParameterType::SecureString)
-            .overwrite(true)
-            .send()
-            .await
-            .map_err(|e| api_error("PutParameter", &e))?;
+        self.call(
+            "ssm",
+            "PutParameter",
+            clients
+                .ssm
+                .put_parameter()
+                .name(&parameter)
+                .value(spec.admin_token.expose())
+                .r#type(ParameterType::SecureString)
+                .overwrite(true)
+                .send(),
+        )
+        .await
+        .map_err(|e| api_error("PutParameter", &e))?;
         let vars = TemplateVars {
             pool: spec.pool.to_string(),
             slot: spec.slot,
@@ -640,8 +663,7 @@ impl Ec2Provider {
         if let Some(key) = &settings.key_name {
             request = request.key_name(key);
         }
-        self.count("RunInstances");
-        let answer = match request.send().await {
+        let answer = match self.call("ec2", "RunInstances", request.send()).await {
             Ok(answer) => answer,
             Err(e) => {
                 // A refusal started nothing: its parameter goes. Any other failure may have
@@ -704,8 +726,13 @@ impl Ec2Provider {
     }
 
     async fn delete_parameter(&self, clients: &Clients, parameter: &str) {
-        self.count("DeleteParameter");
-        if let Err(e) = clients.ssm.delete_parameter().name(parameter).send().await
+        if let Err(e) = self
+            .call(
+                "ssm",
+                "DeleteParameter",
+                clients.ssm.delete_parameter().name(parameter).send(),
+            )
+            .await
             && e.code() != Some("ParameterNotFound")
         {
             warn!(parameter, error = %DisplayErrorContext(&e), "deleting a node's token parameter");
@@ -718,12 +745,12 @@ impl Ec2Provider {
             .as_ref()
             .map_or_else(|| region.to_owned(), |k| k.region.clone());
         let clients = self.clients(&region)?;
-        self.count("TerminateInstances");
-        match clients
-            .ec2
-            .terminate_instances()
-            .instance_ids(id)
-            .send()
+        match self
+            .call(
+                "ec2",
+                "TerminateInstances",
+                clients.ec2.terminate_instances().instance_ids(id).send(),
+            )
             .await
         {
             Ok(_) => {}
@@ -794,12 +821,12 @@ impl Ec2Provider {
                 continue;
             }
             warn!(instance = %id, pool, "terminating an instance no pool knows");
-            self.count("TerminateInstances");
-            match clients
-                .ec2
-                .terminate_instances()
-                .instance_ids(id)
-                .send()
+            match self
+                .call(
+                    "ec2",
+                    "TerminateInstances",
+                    clients.ec2.terminate_instances().instance_ids(id).send(),
+                )
                 .await
             {
                 Ok(_) => {}
