@@ -1,5 +1,6 @@
 //! `cachepool`: one binary for every role of an elastic, memcached-compatible cache pool.
 
+mod aws;
 mod operator;
 mod up;
 mod web;

@@ -23,6 +23,10 @@ pub struct OperatorArgs {
 
     #[command(flatten)]
     pub run: RunArgs,
+
+    /// EC2 and CloudWatch (`--aws`), in src/aws.rs.
+    #[command(flatten)]
+    pub aws: crate::aws::AwsArgs,
 }
 
 /// Flags shared by `cachepool operator` and `cachepool up`.
@@ -105,7 +109,9 @@ impl OperatorArgs {
         let Some(token) = self.run.api_token.clone() else {
             bail!("--api-token (or CACHEPOOL_API_TOKEN) is required: the API changes pools");
         };
-        let operator = Operator::start(self.run.config(&dir, token)?).await?;
+        let mut config = self.run.config(&dir, token)?;
+        self.aws.apply(&mut config).await?;
+        let operator = Operator::start(config).await?;
         println!("api: {}", operator.api_url());
         operator.run_until(shutdown).await?;
         Ok(())
