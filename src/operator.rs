@@ -15,7 +15,9 @@ use cachepool_operator::run::{Config, FrontEnd, KubeClient, NodeBackend, Operato
 pub struct OperatorArgs {
     /// Reconcile the CachePool manifests (`*.yaml`) in this directory, with nodes as local
     /// processes. Runtime state goes to DIR/.cachepool.
-    #[arg(long, value_name = "DIR", required_unless_present = "kubernetes")]
+    /// Without --standalone or --kubernetes, Kubernetes mode is chosen inside a pod
+    /// (`KUBERNETES_SERVICE_HOST` set), and anywhere else the command asks for one of them.
+    #[arg(long, value_name = "DIR")]
     pub standalone: Option<PathBuf>,
 
     /// Reconcile the CachePool objects of a Kubernetes cluster: the one this pod runs in, else
@@ -60,6 +62,12 @@ pub struct KubeArgs {
     /// host name].
     #[arg(long, env = "CACHEPOOL_IDENTITY", requires = "kubernetes")]
     pub identity: Option<String>,
+
+    /// Image of node pods (`provider: {pod: …}` pools that name none): the operator's own
+    /// image, which the Helm chart passes. Without it pod pools report
+    /// Degraded/ProviderUnavailable.
+    #[arg(long, env = "CACHEPOOL_NODE_IMAGE")]
+    pub node_image: Option<String>,
 }
 
 impl KubeArgs {
@@ -98,6 +106,7 @@ impl KubeArgs {
                 timing: LeaseTiming::default(),
             }),
             client: KubeClient::infer(),
+            node_image: self.node_image.clone(),
         }
     }
 }
@@ -176,7 +185,14 @@ impl OperatorArgs {
         let Some(token) = self.run.api_token.clone() else {
             bail!("--api-token (or CACHEPOOL_API_TOKEN) is required: the API changes pools");
         };
-        let config = if self.kubernetes {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        if !self.kubernetes && self.standalone.is_none() && !in_pod {
+            bail!(
+                "say where pools come from: --standalone DIR (manifests in a directory) or \
+                 --kubernetes (CachePool objects of the cluster in the kubeconfig)"
+            );
+        }
+        let config = if self.kubernetes || self.standalone.is_none() {
             // The directory is never used: Kubernetes mode runs no local processes.
             let mut config = self.run.config(Path::new("."), token)?;
             config.front_end = self.kube.front_end();

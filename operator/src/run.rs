@@ -20,10 +20,12 @@ use tracing::{info, warn};
 use crate::api::{self, ApiState, Tokens};
 use crate::driver::{Context, DriverOptions};
 use crate::events::{EventSink, Fanout, FileEvents};
-use crate::kubernetes::{self, Controller, Fence, KubeEvents, KubeStore, KubernetesOptions};
+use crate::kubernetes::{
+    self, Controller, Fence, KubeEvents, KubePods, KubeStore, KubernetesOptions,
+};
 use crate::metrics::OperatorMetrics;
 use crate::provider::embedded::EmbeddedProvider;
-use crate::provider::pod::PodProvider;
+use crate::provider::pod::{PodOptions, PodProvider};
 use crate::provider::process::{ProcessOptions, ProcessProvider};
 use crate::provider::{PoolProvider, Providers, ShutdownPolicy};
 use crate::registry::Registry;
@@ -79,6 +81,10 @@ pub enum FrontEnd {
         leader_election: Option<kubernetes::LeaderElection>,
         /// The API server; [`KubeClient::infer`] finds it from the pod or the kubeconfig.
         client: KubeClient,
+        /// The image node pods run (`provider: {pod: …}` pools without their own image):
+        /// the operator's own. Without it, and without [`Config::pods`], pod pools are
+        /// refused (Degraded/ProviderUnavailable).
+        node_image: Option<String>,
     },
 }
 
@@ -190,12 +196,14 @@ impl Operator {
                 namespace,
                 leader_election,
                 client,
+                node_image,
             } => {
                 let client = client.resolve().await?;
                 Operator::start_kubernetes(
                     namespace.clone(),
                     leader_election.clone(),
                     client,
+                    node_image.clone(),
                     config,
                 )
                 .await
@@ -280,6 +288,7 @@ impl Operator {
         namespace: Option<String>,
         leader_election: Option<kubernetes::LeaderElection>,
         client: kube::Client,
+        node_image: Option<String>,
         config: Config,
     ) -> Result<Operator> {
         // Nodes as local processes of an operator pod would die with the pod: `process` is not
@@ -288,16 +297,52 @@ impl Operator {
         if let NodeBackend::Embedded(provider) = &config.nodes {
             providers.process = Some(PoolProvider::Embedded(provider.clone()));
         }
-        providers.pod = config.pods.clone().map(PoolProvider::Pod);
-        let registry = Arc::new(Registry::default());
-        let metrics = OperatorMetrics::new();
-        let (stop, stopped) = watch::channel(false);
-        let (api_addr, server) = serve_api(&config, &registry, &metrics, stopped.clone()).await?;
         let fence = match leader_election {
             Some(_) => Fence::new(),
             None => Fence::open(),
         };
         let fenced = fence.client(&client);
+        providers.pod = config
+            .pods
+            .clone()
+            .or_else(|| {
+                node_image.map(|image| {
+                    Arc::new(PodProvider::new(
+                        Arc::new(KubePods::new(fenced.clone())),
+                        PodOptions {
+                            operator_id: config.operator_id.clone(),
+                            ..PodOptions::new(image)
+                        },
+                    ))
+                })
+            })
+            .map(PoolProvider::Pod);
+        #[cfg(feature = "ec2")]
+        {
+            use crate::provider::ec2::Ec2Pool;
+            providers.ec2 = config
+                .ec2
+                .clone()
+                .map(|p| PoolProvider::Ec2(Ec2Pool::new(p)));
+        }
+        let registry = Arc::new(Registry::default());
+        let metrics = OperatorMetrics::new();
+        let (stop, stopped) = watch::channel(false);
+        let (api_addr, server) = serve_api(&config, &registry, &metrics, stopped.clone()).await?;
+        // Instances no pool knows: collected only while this replica leads (the registry is
+        // ready only then, see `Controller::run`).
+        #[cfg(feature = "ec2")]
+        if let Some(ec2) = &config.ec2 {
+            use crate::provider::ec2::{GC_GRACE, GC_INTERVAL, collect_periodically};
+            tokio::spawn(collect_periodically(
+                ec2.clone(),
+                registry.clone(),
+                config.operator_id.clone(),
+                GC_INTERVAL,
+                GC_GRACE,
+                stopped.clone(),
+            ));
+        }
         let instance = leader_election
             .as_ref()
             .map(|e| e.identity.clone())

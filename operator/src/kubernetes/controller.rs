@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use cachepool_crds::pool::CachePool;
 use futures_util::StreamExt as _;
-use kube::Resource as _;
+use kube::{Resource as _, ResourceExt as _};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as Finalizer};

@@ -234,11 +234,12 @@ pub async fn run<F, Fut>(
     loop {
         // A new manager per term: the crate remembers whether it led, and a term that ended
         // by the watchdog must start from "not leading".
-        let Some(manager) = tokio::select! {
+        let manager = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s) => None,
             manager = build_manager(&lease_client, &election) => Some(manager),
-        } else {
+        };
+        let Some(manager) = manager else {
             return;
         };
         info!(lease = %election.lease_name, identity = %election.identity, "waiting for the lease");
@@ -283,7 +284,10 @@ async fn build_manager(client: &kube::Client, election: &LeaderElection) -> Leas
             .with_identity(election.identity.clone())
             .with_duration(lease)
             .with_grace(grace)
-            .with_field_manager(super::FIELD_MANAGER)
+            // One field manager per replica: the API server's apply conflicts on
+            // `holderIdentity` are what decide a race for a free lease (a shared manager would
+            // let both replicas take it).
+            .with_field_manager(format!("{}-{}", super::FIELD_MANAGER, election.identity))
             .with_create_mode(LeaseCreateMode::AutoCreate)
             .build()
             .await;

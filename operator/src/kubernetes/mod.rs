@@ -16,6 +16,8 @@
 //!   a pool whose spec turned invalid running on what it ran before.
 //! - [`events`]: [`KubeEvents`], the [`EventSink`](crate::events::EventSink) publishing
 //!   Kubernetes Events on the CachePool from a queue, so a driver never waits for the API.
+//! - [`pods`]: [`KubePods`], the pod provider's calls made to the API server (pods and the
+//!   per-pool admin-token Secret).
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease. Only the leader runs
 //!   the controller, the drivers and the operator API; a leader that cannot renew stops writing
 //!   before anyone else can take the lease (the timing argument is in that module).
@@ -23,6 +25,7 @@
 pub mod controller;
 pub mod events;
 pub mod leader;
+pub mod pods;
 pub mod store;
 
 use std::time::Duration;
@@ -30,6 +33,7 @@ use std::time::Duration;
 pub use controller::Controller;
 pub use events::KubeEvents;
 pub use leader::{Fence, LeaderElection, LeaseTiming};
+pub use pods::KubePods;
 pub use store::KubeStore;
 
 /// The finalizer on every CachePool: the pool's nodes are stopped before it is removed.
