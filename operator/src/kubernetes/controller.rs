@@ -39,6 +39,9 @@ use crate::driver::{Context, Driver, PoolHandle};
 use crate::provider::PoolRef;
 use crate::registry::Registry;
 
+/// How often the readiness task asks whether the pool cache has listed every pool.
+const READY_POLL: Duration = Duration::from_millis(100);
+
 /// A running pool driver.
 #[derive(Debug)]
 struct Running {
@@ -109,8 +112,23 @@ impl Controller {
         let cache = controller.store();
         let registry = self.registry.clone();
         let ready = tokio::spawn(async move {
-            if cache.wait_until_ready().await.is_ok() {
-                registry.set_ready();
+            // The controller's own runner waits on the same store. kube-runtime 5's readiness
+            // signal is a oneshot behind a mutex that keeps only the last waiter's waker, so
+            // one of two concurrent waiters may never be woken; asking again every 100 ms
+            // finds the memoised answer.
+            loop {
+                match tokio::time::timeout(READY_POLL, cache.wait_until_ready()).await {
+                    Ok(Ok(())) => {
+                        debug!("every pool listed: ready");
+                        registry.set_ready();
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "the pool cache was dropped before its first list");
+                        return;
+                    }
+                    Err(_) => {}
+                }
             }
         });
         info!(namespace = self.options.namespace.as_deref().unwrap_or("(all)"), "controller started");

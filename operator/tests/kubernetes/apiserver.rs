@@ -345,6 +345,21 @@ fn route(
                     else {
                         return fail(400, "BadRequest", "not a JSON patch");
                     };
+                    // As the API server's JSON patch does (and kube's finalizer helper relies
+                    // on): a `test` for `null` passes where the path is absent.
+                    let patch = json_patch::Patch(
+                        patch
+                            .0
+                            .into_iter()
+                            .filter(|op| match op {
+                                json_patch::PatchOperation::Test(t) => {
+                                    !(t.value.is_null()
+                                        && object.pointer(t.path.as_str()).is_none())
+                                }
+                                _ => true,
+                            })
+                            .collect(),
+                    );
                     let spec_before = object["spec"].clone();
                     if let Err(e) = json_patch::patch(&mut object, &patch) {
                         return fail(422, "Invalid", &format!("the patch failed: {e}"));

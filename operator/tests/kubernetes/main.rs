@@ -67,6 +67,11 @@ async fn start(
         client: KubeClient::given(server.client(who)),
         node_image: None,
     };
+    // RUST_LOG=debug shows the operator's own account of a failure.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     Operator::start(config)
         .await
         .unwrap_or_else(|e| panic!("starting operator {who}: {e}"))
