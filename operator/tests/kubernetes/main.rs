@@ -135,11 +135,21 @@ fn status_apply() -> String {
     format!("PATCH {POOLS}/status (apply)")
 }
 
-/// Every status write changed something: no two consecutive ones carry the same status.
+/// Every status write changed something: no two consecutive ones carry the same status, and
+/// every one is a forced server-side apply under the operator's one field manager.
 fn assert_no_repeated_status(calls: &[Call]) {
     let statuses: Vec<_> = calls
         .iter()
         .filter(|c| c.path.ends_with("/status"))
+        .inspect(|c| {
+            let query: Vec<&str> = c.query.split('&').collect();
+            assert!(
+                query.contains(&"fieldManager=cachepool-operator") && query.contains(&"force=true"),
+                "a status write not applied by the operator's field manager: {}?{}",
+                c.path,
+                c.query
+            );
+        })
         .map(|c| c.body["status"].clone())
         .collect();
     for pair in statuses.windows(2) {
@@ -277,7 +287,7 @@ async fn a_pool_from_creation_to_deletion_makes_exactly_the_expected_api_calls()
 async fn a_follower_takes_over_only_after_the_deposed_leader_stopped_writing() {
     let server = ApiServer::new();
     // Nodes outlive operators, as pods and instances do: both replicas see the same ones.
-    let nodes = Arc::new(EmbeddedProvider::new());
+    let nodes = Arc::new(EmbeddedProvider::outliving_the_operator());
     let timing = LeaseTiming {
         lease: Duration::from_secs(3),
         renew_deadline: Duration::from_secs(2),
@@ -339,4 +349,41 @@ async fn a_follower_takes_over_only_after_the_deposed_leader_stopped_writing() {
 
     b.stop().await.unwrap();
     a.stop().await.unwrap();
+}
+
+/// The pool is deleted while no operator runs (or the one that began the deletion died): the
+/// finalizer holds the object, and the next operator stops the nodes it finds and only then
+/// lets the object go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_started_mid_deletion_finishes_it() {
+    let server = ApiServer::new();
+    let nodes = Arc::new(EmbeddedProvider::outliving_the_operator());
+    let first = start(&server, "first", &nodes, None).await;
+    server.create(&pool_object(2));
+    until(&server, "two ready nodes", ready(2, 1)).await;
+    first.stop().await.unwrap();
+    assert_eq!(nodes.running(), 2, "the nodes stop with the operator: they must not");
+
+    server.delete(NAMESPACE, POOL);
+    let held = server
+        .pool(NAMESPACE, POOL)
+        .unwrap_or_else(|| panic!("the object went without the finalizer's cleanup"));
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert_eq!(held.metadata.finalizers.as_deref(), Some(&[FINALIZER.to_owned()][..]));
+
+    let writes = server.writes().len();
+    let second = start(&server, "second", &nodes, None).await;
+    wait_for("the pool to be gone", || server.pool(NAMESPACE, POOL).is_none()).await;
+    assert_eq!(nodes.running(), 0, "a node outlived its pool");
+    let calls = writes_since(&server, writes);
+    assert!(calls.iter().all(|c| c.who == "second"), "{calls:#?}");
+    let last = lines(&calls).pop().unwrap();
+    assert_eq!(last, format!("PATCH {POOLS} (json-patch)"), "the finalizer goes last");
+    assert_eq!(
+        event_reasons(&server, 0).last().map(String::as_str),
+        Some("Deleted"),
+        "events: {:?}",
+        server.events()
+    );
+    second.stop().await.unwrap();
 }
