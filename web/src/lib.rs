@@ -9,12 +9,14 @@
 //!   `cachepool up` and the benchmarks.
 //! - [`image`]: what an upload may be: keys and image formats, judged by their bytes.
 //! - [`cache`]: cache-aside reads through the pool client, one fill per key at a time.
+//! - [`latency`]: the latency histograms the stores and the cache record into.
 //! - [`store`]: image metadata in SQL (SQLite or PostgreSQL) and image bytes in an object store
 //!   (a local directory or S3).
 
 pub mod app;
 pub mod cache;
 pub mod image;
+pub mod latency;
 pub mod metrics;
 pub mod openapi;
 pub mod ring;
