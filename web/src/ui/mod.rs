@@ -12,11 +12,11 @@
 //! routes, and the middleware that lets a manager session use the JSON API. The pages and the
 //! pieces they are built from live in one module per concern:
 //!
-//! - [`images`], [`upload`]: the public pages.
-//! - [`login`]: login, logout, and the session and CSRF check of every manager POST.
-//! - [`dashboard`]: the manager's page and the JSON its script refreshes from.
-//! - [`controls`]: the manager's settings forms and buttons.
-//! - [`page`], [`assets`]: rendering, error pages, security headers; the embedded static files.
+//! - `images`, `upload`: the public pages.
+//! - `login`: login, logout, and the session and CSRF check of every manager POST.
+//! - `dashboard`: the manager's page and the JSON its script refreshes from.
+//! - `controls`: the manager's settings forms and buttons.
+//! - `page`, `assets`: rendering, error pages, security headers; the embedded static files.
 //! - [`auth`]: password, sessions, CSRF tokens, login back-off.
 //! - [`forms`]: the manager's forms → merge patches, operator error fields → form fields.
 //! - [`charts`]: the charts as server-side SVG (plotters).
