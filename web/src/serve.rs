@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::app::{self, AppState};
+use crate::api::AppState;
+use crate::app;
 use crate::cache::{CacheConfig, ImageCache};
 use crate::ring::RingSource;
 use crate::store::{Database, ObjectStore, Storage};

@@ -45,7 +45,7 @@ use axum::routing::{get, post};
 use axum_extra::extract::cookie::{Key, SignedCookieJar};
 use cache_node::admin::ApiError;
 
-use crate::app::AppState;
+use crate::api::{AppState, ManagerAuthorized};
 use auth::{Auth, AuthError};
 use operator::OperatorClient;
 
@@ -73,11 +73,6 @@ struct Inner {
     auth: Auth,
     operator: OperatorClient,
 }
-
-/// Marks a request to the JSON API that a manager session with its CSRF token authorised
-/// ([`Ui::authorize_api`]); `DELETE /api/v1/data` accepts it instead of the bearer token.
-#[derive(Clone, Copy, Debug)]
-pub struct ManagerAuthorized;
 
 #[derive(Clone, Debug)]
 struct UiState {
