@@ -46,7 +46,11 @@ pub struct KubeArgs {
 
     /// Namespace of the leader-election Lease [default: $POD_NAMESPACE, else the pod's service
     /// account namespace, else `default`].
-    #[arg(long, env = "CACHEPOOL_LEADER_ELECTION_NAMESPACE", requires = "kubernetes")]
+    #[arg(
+        long,
+        env = "CACHEPOOL_LEADER_ELECTION_NAMESPACE",
+        requires = "kubernetes"
+    )]
     pub leader_election_namespace: Option<String>,
 
     /// Name of the leader-election Lease (coordination.k8s.io/v1).

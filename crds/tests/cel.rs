@@ -205,11 +205,36 @@ fn auto_mode_refuses_a_replicas_change() {
     };
     use ScalingMode::{Auto, Manual};
     let cases = [
-        ("auto, kubectl scale 2 -> 3", spec(Auto, 2), spec(Auto, 3), false),
-        ("auto, replicas unchanged", spec(Auto, 2), spec(Auto, 2), true),
-        ("manual, kubectl scale 2 -> 3", spec(Manual, 2), spec(Manual, 3), true),
-        ("manual -> auto with a new replicas", spec(Manual, 2), spec(Auto, 3), true),
-        ("auto -> manual with a new replicas", spec(Auto, 2), spec(Manual, 3), true),
+        (
+            "auto, kubectl scale 2 -> 3",
+            spec(Auto, 2),
+            spec(Auto, 3),
+            false,
+        ),
+        (
+            "auto, replicas unchanged",
+            spec(Auto, 2),
+            spec(Auto, 2),
+            true,
+        ),
+        (
+            "manual, kubectl scale 2 -> 3",
+            spec(Manual, 2),
+            spec(Manual, 3),
+            true,
+        ),
+        (
+            "manual -> auto with a new replicas",
+            spec(Manual, 2),
+            spec(Auto, 3),
+            true,
+        ),
+        (
+            "auto -> manual with a new replicas",
+            spec(Auto, 2),
+            spec(Manual, 3),
+            true,
+        ),
     ];
     let transition: Vec<String> = rules()
         .into_iter()
@@ -224,7 +249,10 @@ fn auto_mode_refuses_a_replicas_change() {
             assert_eq!(broken, transition, "{name}");
         }
         // On a create the transition rule does not run.
-        assert!(cel_rejects(&new).is_empty(), "{name}: a create broke {broken:?}");
+        assert!(
+            cel_rejects(&new).is_empty(),
+            "{name}: a create broke {broken:?}"
+        );
     }
     let crd = serde_json::to_value(CachePool::crd()).unwrap();
     let messages = crd

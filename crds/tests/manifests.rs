@@ -88,7 +88,10 @@ fn strict_schema() -> serde_json::Value {
     let properties = schema["properties"]
         .as_object_mut()
         .unwrap_or_else(|| panic!("the openAPIV3Schema has no properties"));
-    properties.insert("apiVersion".into(), serde_json::json!({"enum": ["cachepool.io/v1alpha1"]}));
+    properties.insert(
+        "apiVersion".into(),
+        serde_json::json!({"enum": ["cachepool.io/v1alpha1"]}),
+    );
     properties.insert("kind".into(), serde_json::json!({"enum": ["CachePool"]}));
     properties.insert("metadata".into(), serde_json::json!({"type": "object"}));
     tighten(&mut schema);
@@ -129,7 +132,10 @@ fn example_manifests_conform_to_the_crd_schema() {
     seen.sort();
     // The three providers each have their example.
     for wanted in ["ec2.yaml", "kind.yaml", "local.yaml"] {
-        assert!(seen.iter().any(|s| s == wanted), "no examples/{wanted} in {seen:?}");
+        assert!(
+            seen.iter().any(|s| s == wanted),
+            "no examples/{wanted} in {seen:?}"
+        );
     }
 }
 

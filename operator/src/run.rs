@@ -68,6 +68,10 @@ pub enum NodeBackend {
 
 /// Where the operator finds its pools.
 #[derive(Clone, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value, built once at start-up: boxing would only cost its readers"
+)]
 pub enum FrontEnd {
     /// CachePool manifests in a directory (`cachepool operator --standalone DIR`).
     Standalone { dir: PathBuf },
@@ -114,7 +118,11 @@ impl KubeClient {
 
 impl std::fmt::Debug for KubeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "KubeClient(given)" } else { "KubeClient(infer)" })
+        f.write_str(if self.0.is_some() {
+            "KubeClient(given)"
+        } else {
+            "KubeClient(infer)"
+        })
     }
 }
 
@@ -390,7 +398,10 @@ impl Operator {
                 }
             }
             // Every sender is gone with the controller: the queue drains, then the task ends.
-            if tokio::time::timeout(EVENT_DRAIN, events_task).await.is_err() {
+            if tokio::time::timeout(EVENT_DRAIN, events_task)
+                .await
+                .is_err()
+            {
                 warn!("events still queued at shutdown were dropped");
             }
         });

@@ -62,7 +62,10 @@ impl Driver {
                                 warn!(pool = %pool, node = %node.id, error = %e, "stopping a node of a deleted pool");
                                 self.event(Event::warning(
                                     reason::PROVIDER_ERROR,
-                                    format!("the pool is deleted, but stopping node {} failed: {e}", node.id),
+                                    format!(
+                                        "the pool is deleted, but stopping node {} failed: {e}",
+                                        node.id
+                                    ),
                                 ));
                             }
                         }

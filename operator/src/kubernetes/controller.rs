@@ -24,11 +24,11 @@ use std::time::Duration;
 
 use cachepool_crds::pool::CachePool;
 use futures_util::StreamExt as _;
-use kube::{Resource as _, ResourceExt as _};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::runtime::watcher;
+use kube::{Resource as _, ResourceExt as _};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -131,7 +131,10 @@ impl Controller {
                 }
             }
         });
-        info!(namespace = self.options.namespace.as_deref().unwrap_or("(all)"), "controller started");
+        info!(
+            namespace = self.options.namespace.as_deref().unwrap_or("(all)"),
+            "controller started"
+        );
         controller
             .run(reconcile, error_policy, self.clone())
             .for_each(|result| async move {
@@ -142,11 +145,10 @@ impl Controller {
             .await;
         ready.abort();
         self.registry.set_not_ready();
-        let running: Vec<(PoolRef, Running)> = std::mem::take(
-            &mut *self.pools.lock().unwrap_or_else(PoisonError::into_inner),
-        )
-        .into_iter()
-        .collect();
+        let running: Vec<(PoolRef, Running)> =
+            std::mem::take(&mut *self.pools.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_iter()
+                .collect();
         for (pool, r) in running {
             let _ = r.task.await;
             self.registry.remove(&pool);
@@ -197,7 +199,11 @@ impl Controller {
             );
     }
 
-    fn spawn_driver(&self, pool: &PoolRef, resource: &CachePool) -> (Arc<PoolHandle>, JoinHandle<()>) {
+    fn spawn_driver(
+        &self,
+        pool: &PoolRef,
+        resource: &CachePool,
+    ) -> (Arc<PoolHandle>, JoinHandle<()>) {
         self.store.remember_annotation(pool, resource);
         let (driver, handle) = Driver::new(
             pool.clone(),

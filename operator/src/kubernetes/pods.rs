@@ -80,7 +80,11 @@ impl PodApi for KubePods {
 
     fn delete_pod<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            match self.pods(namespace).delete(name, &DeleteParams::default()).await {
+            match self
+                .pods(namespace)
+                .delete(name, &DeleteParams::default())
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(e) if is_status(&e, 404) => Ok(()),
                 Err(e) => Err(failed("deleting a pod", &e)),

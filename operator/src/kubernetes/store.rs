@@ -77,7 +77,11 @@ impl KubeStore {
 
 /// The valid spec kept in the object's [`LAST_VALID_SPEC`] annotation, if it parses.
 pub fn annotated_spec(resource: &CachePool) -> Option<CachePoolSpec> {
-    let text = resource.metadata.annotations.as_ref()?.get(LAST_VALID_SPEC)?;
+    let text = resource
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_VALID_SPEC)?;
     serde_json::from_str(text).ok()
 }
 
@@ -100,9 +104,7 @@ pub fn record_of(resource: &CachePool) -> Option<PoolRecord> {
 fn storage_error(pool: &PoolRef, error: kube::Error) -> store::Error {
     match &error {
         kube::Error::Api(status) if status.code == 404 => store::Error::NotFound(pool.clone()),
-        kube::Error::Api(status) if status.code == 409 => {
-            store::Error::Conflict(error.to_string())
-        }
+        kube::Error::Api(status) if status.code == 409 => store::Error::Conflict(error.to_string()),
         _ => store::Error::Storage(error.to_string()),
     }
 }
@@ -129,7 +131,11 @@ impl PoolStore for KubeStore {
             ]))
             .map_err(|e| store::Error::Storage(e.to_string()))?;
             self.api(pool)
-                .patch(&pool.name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .patch(
+                    &pool.name,
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(patch),
+                )
                 .await
                 .map_err(|e| storage_error(pool, e))
         })

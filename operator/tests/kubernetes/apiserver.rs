@@ -117,8 +117,7 @@ impl State {
 }
 
 fn watch_line(kind: &str, object: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object}))
-        .unwrap_or_default();
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }
@@ -197,7 +196,10 @@ impl ApiServer {
             .as_str()
             .unwrap_or("default")
             .to_owned();
-        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         object["metadata"]["namespace"] = json!(namespace);
         object["metadata"]["uid"] = json!(format!("uid-{name}-{}", state.revision));
         object["metadata"]["generation"] = json!(1);
@@ -280,7 +282,14 @@ impl ApiServer {
             let (s, b) = failure(503, "ServiceUnavailable", "partitioned by the test");
             (s, Ok(b))
         } else {
-            route(&mut state, request.method(), &path, &query, &content_type, &body)
+            route(
+                &mut state,
+                request.method(),
+                &path,
+                &query,
+                &content_type,
+                &body,
+            )
         };
         state.calls.push(Call {
             who: who.to_owned(),
@@ -316,10 +325,30 @@ fn route(
         (&Method::GET, ["apis", "cachepool.io", "v1alpha1", "cachepools"]) => {
             pools(state, None, query)
         }
-        (&Method::GET, ["apis", "cachepool.io", "v1alpha1", "namespaces", ns, "cachepools"]) => {
-            pools(state, Some(ns), query)
-        }
-        (method, ["apis", "cachepool.io", "v1alpha1", "namespaces", ns, "cachepools", name, rest @ ..]) => {
+        (
+            &Method::GET,
+            [
+                "apis",
+                "cachepool.io",
+                "v1alpha1",
+                "namespaces",
+                ns,
+                "cachepools",
+            ],
+        ) => pools(state, Some(ns), query),
+        (
+            method,
+            [
+                "apis",
+                "cachepool.io",
+                "v1alpha1",
+                "namespaces",
+                ns,
+                "cachepools",
+                name,
+                rest @ ..,
+            ],
+        ) => {
             let key = format!("{ns}/{name}");
             let Some(mut object) = state.pools.get(&key).cloned() else {
                 return fail(404, "NotFound", &format!("cachepools \"{name}\" not found"));
@@ -382,14 +411,36 @@ fn route(
             ok(body.clone())
         }
         // Leases.
-        (&Method::GET, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
-            match state.leases.get(&format!("{ns}/{name}")) {
-                Some((lease, _)) => ok(lease.clone()),
-                None => fail(404, "NotFound", &format!("leases \"{name}\" not found")),
-            }
-        }
-        (&Method::POST, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"]) => {
-            let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        (
+            &Method::GET,
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+                name,
+            ],
+        ) => match state.leases.get(&format!("{ns}/{name}")) {
+            Some((lease, _)) => ok(lease.clone()),
+            None => fail(404, "NotFound", &format!("leases \"{name}\" not found")),
+        },
+        (
+            &Method::POST,
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+            ],
+        ) => {
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let key = format!("{ns}/{name}");
             if state.leases.contains_key(&key) {
                 return fail(409, "AlreadyExists", "the lease exists");
@@ -400,7 +451,18 @@ fn route(
             state.leases.insert(key, (lease.clone(), None));
             (StatusCode::CREATED, Ok(lease))
         }
-        (&Method::PATCH, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
+        (
+            &Method::PATCH,
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+                name,
+            ],
+        ) => {
             let key = format!("{ns}/{name}");
             let manager = query
                 .split('&')
@@ -419,7 +481,11 @@ fn route(
                 && *wanted != holder
                 && owner.as_deref() != Some(manager.as_str())
             {
-                return fail(409, "Conflict", "Apply failed with 1 conflict: .spec.holderIdentity");
+                return fail(
+                    409,
+                    "Conflict",
+                    "Apply failed with 1 conflict: .spec.holderIdentity",
+                );
             }
             if lease["spec"].is_null() {
                 lease["spec"] = json!({});
@@ -433,12 +499,20 @@ fn route(
             lease["metadata"]["resourceVersion"] = json!(revision.to_string());
             ok(lease.clone())
         }
-        _ => fail(404, "NotFound", &format!("{method} {path} is not served by the test API server")),
+        _ => fail(
+            404,
+            "NotFound",
+            &format!("{method} {path} is not served by the test API server"),
+        ),
     }
 }
 
 /// A CachePool list, or a watch stream from the revision asked for.
-fn pools(state: &mut State, namespace: Option<&str>, query: &str) -> (StatusCode, Result<Value, Body>) {
+fn pools(
+    state: &mut State,
+    namespace: Option<&str>,
+    query: &str,
+) -> (StatusCode, Result<Value, Body>) {
     let in_scope = |object: &Value| {
         namespace.is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
     };
@@ -462,7 +536,12 @@ fn pools(state: &mut State, namespace: Option<&str>, query: &str) -> (StatusCode
         });
         return (StatusCode::OK, Err(StreamBody::new(stream).boxed_unsync()));
     }
-    let items: Vec<Value> = state.pools.values().filter(|o| in_scope(o)).cloned().collect();
+    let items: Vec<Value> = state
+        .pools
+        .values()
+        .filter(|o| in_scope(o))
+        .cloned()
+        .collect();
     (
         StatusCode::OK,
         Ok(json!({

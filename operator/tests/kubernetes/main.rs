@@ -158,7 +158,12 @@ fn assert_no_repeated_status(calls: &[Call]) {
 }
 
 fn event_reasons(server: &ApiServer, from: usize) -> Vec<String> {
-    server.events().into_iter().skip(from).map(|(r, _)| r).collect()
+    server
+        .events()
+        .into_iter()
+        .skip(from)
+        .map(|(r, _)| r)
+        .collect()
 }
 
 async fn wait_for(what: &str, check: impl Fn() -> bool) {
@@ -178,21 +183,54 @@ async fn a_pool_from_creation_to_deletion_makes_exactly_the_expected_api_calls()
     // Creation: the finalizer first, then the nodes; status by apply, the valid spec kept.
     server.create(&pool_object(1));
     let created = until(&server, "one ready node", ready(1, 1)).await;
-    assert!(created.metadata.finalizers.as_ref().unwrap().contains(&FINALIZER.to_owned()));
-    assert!(created.metadata.annotations.as_ref().unwrap().contains_key(LAST_VALID_SPEC));
+    assert!(
+        created
+            .metadata
+            .finalizers
+            .as_ref()
+            .unwrap()
+            .contains(&FINALIZER.to_owned())
+    );
+    assert!(
+        created
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key(LAST_VALID_SPEC)
+    );
     let calls = writes_since(&server, 0);
     let seen = lines(&calls);
-    assert_eq!(seen[0], format!("PATCH {POOLS} (json-patch)"), "the finalizer comes first: {seen:#?}");
+    assert_eq!(
+        seen[0],
+        format!("PATCH {POOLS} (json-patch)"),
+        "the finalizer comes first: {seen:#?}"
+    );
     let finalizer = &calls[0].body;
-    assert_eq!(finalizer[0]["op"], "test", "the finalizer patch is guarded: {finalizer}");
-    assert_eq!(count(&seen, &format!("PATCH {POOLS} (json-patch)")), 1, "{seen:#?}");
-    assert_eq!(count(&seen, &format!("PATCH {POOLS} (apply)")), 1, "{seen:#?}");
+    assert_eq!(
+        finalizer[0]["op"], "test",
+        "the finalizer patch is guarded: {finalizer}"
+    );
+    assert_eq!(
+        count(&seen, &format!("PATCH {POOLS} (json-patch)")),
+        1,
+        "{seen:#?}"
+    );
+    assert_eq!(
+        count(&seen, &format!("PATCH {POOLS} (apply)")),
+        1,
+        "{seen:#?}"
+    );
     let creation_status = count(&seen, &status_apply());
     assert!(
         (1..=6).contains(&creation_status),
         "{creation_status} status writes to create a one-node pool: {seen:#?}"
     );
-    assert_eq!(seen.len(), 2 + creation_status, "an unexpected call: {seen:#?}");
+    assert_eq!(
+        seen.len(),
+        2 + creation_status,
+        "an unexpected call: {seen:#?}"
+    );
     assert_no_repeated_status(&calls);
     assert!(
         calls.iter().all(|c| c.who == "operator" && c.status < 300),
@@ -209,24 +247,41 @@ async fn a_pool_from_creation_to_deletion_makes_exactly_the_expected_api_calls()
     })
     .await;
     let steady = writes_since(&server, writes);
-    assert!(steady.is_empty(), "writes while nothing changed: {:#?}", lines(&steady));
+    assert!(
+        steady.is_empty(),
+        "writes while nothing changed: {:#?}",
+        lines(&steady)
+    );
 
     // `kubectl scale cp/web-cache --replicas=3` (the scale subresource patches the spec).
     let writes = server.writes().len();
     let events = server.events().len();
     let asked = Instant::now();
-    server.edit_spec(NAMESPACE, POOL, |spec| spec["scaling"]["replicas"] = json!(3));
+    server.edit_spec(NAMESPACE, POOL, |spec| {
+        spec["scaling"]["replicas"] = json!(3)
+    });
     let grown = until(&server, "three nodes after kubectl scale", ready(3, 2)).await;
     let took = asked.elapsed();
     let calls = writes_since(&server, writes);
     let seen = lines(&calls);
     let resize_status = count(&seen, &status_apply());
-    assert_eq!(count(&seen, &format!("PATCH {POOLS} (apply)")), 1, "the new valid spec: {seen:#?}");
-    assert_eq!(seen.len(), 1 + resize_status, "an unexpected call: {seen:#?}");
+    assert_eq!(
+        count(&seen, &format!("PATCH {POOLS} (apply)")),
+        1,
+        "the new valid spec: {seen:#?}"
+    );
+    assert_eq!(
+        seen.len(),
+        1 + resize_status,
+        "an unexpected call: {seen:#?}"
+    );
     assert_no_repeated_status(&calls);
     let reasons = event_reasons(&server, events);
     for reason in ["ScaledUp", "HandoffStarted", "HandoffFinished"] {
-        assert!(reasons.iter().any(|r| r == reason), "no {reason} Event: {reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} Event: {reasons:?}"
+        );
     }
     assert_eq!(grown.status.as_ref().unwrap().replicas, 3);
     println!(
@@ -255,13 +310,19 @@ async fn a_pool_from_creation_to_deletion_makes_exactly_the_expected_api_calls()
     // An invalid spec: Degraded/InvalidSpec, the pool keeps running on its last valid spec.
     let writes = server.writes().len();
     let events = server.events().len();
-    server.edit_spec(NAMESPACE, POOL, |spec| spec["cache"]["capacityMiB"] = json!(0));
+    server.edit_spec(NAMESPACE, POOL, |spec| {
+        spec["cache"]["capacityMiB"] = json!(0)
+    });
     let degraded = until(&server, "Degraded/InvalidSpec", |p| {
         condition(p, "Degraded").is_some_and(|(s, r)| s == "True" && r == "InvalidSpec")
     })
     .await;
     let status = degraded.status.as_ref().unwrap();
-    assert_eq!(status.ring.as_ref().unwrap().members.len(), 2, "the nodes stay");
+    assert_eq!(
+        status.ring.as_ref().unwrap().members.len(),
+        2,
+        "the nodes stay"
+    );
     let seen = lines(&writes_since(&server, writes));
     assert!(
         seen.iter().all(|l| *l == status_apply()),
@@ -272,11 +333,18 @@ async fn a_pool_from_creation_to_deletion_makes_exactly_the_expected_api_calls()
     // Deletion: every node stops, then the finalizer goes, and the object with it.
     let writes = server.writes().len();
     server.delete(NAMESPACE, POOL);
-    wait_for("the pool to be gone", || server.pool(NAMESPACE, POOL).is_none()).await;
+    wait_for("the pool to be gone", || {
+        server.pool(NAMESPACE, POOL).is_none()
+    })
+    .await;
     assert_eq!(nodes.running(), 0, "a node outlived its pool");
     let calls = writes_since(&server, writes);
     let last = lines(&calls).pop().unwrap();
-    assert_eq!(last, format!("PATCH {POOLS} (json-patch)"), "the finalizer goes last");
+    assert_eq!(
+        last,
+        format!("PATCH {POOLS} (json-patch)"),
+        "the finalizer goes last"
+    );
     let removal = &calls.iter().rev().find(|c| c.line() == last).unwrap().body;
     assert!(removal.to_string().contains("remove"), "{removal}");
 
@@ -296,7 +364,12 @@ async fn a_follower_takes_over_only_after_the_deposed_leader_stopped_writing() {
     let a = start(&server, "a", &nodes, Some(timing)).await;
     server.create(&pool_object(2));
     until(&server, "two ready nodes under a", ready(2, 1)).await;
-    assert_eq!(server.lease_holder("cachepool-system", "cachepool-operator").as_deref(), Some("a"));
+    assert_eq!(
+        server
+            .lease_holder("cachepool-system", "cachepool-operator")
+            .as_deref(),
+        Some("a")
+    );
     let launched = nodes.launches();
 
     // b waits: it reads the lease and writes nothing else.
@@ -315,13 +388,18 @@ async fn a_follower_takes_over_only_after_the_deposed_leader_stopped_writing() {
     // writing before b can take the lease.
     server.cut_off("a", "/leases/");
     wait_for("b to lead", || {
-        server.lease_holder("cachepool-system", "cachepool-operator").as_deref() == Some("b")
+        server
+            .lease_holder("cachepool-system", "cachepool-operator")
+            .as_deref()
+            == Some("b")
     })
     .await;
     let taken = server
         .calls()
         .into_iter()
-        .find(|c| c.who == "b" && c.path.contains("/leases/") && c.body["spec"]["holderIdentity"] == "b")
+        .find(|c| {
+            c.who == "b" && c.path.contains("/leases/") && c.body["spec"]["holderIdentity"] == "b"
+        })
         .unwrap_or_else(|| panic!("no lease write by b"))
         .at;
     let late: Vec<String> = server
@@ -331,13 +409,25 @@ async fn a_follower_takes_over_only_after_the_deposed_leader_stopped_writing() {
         .filter(|c| c.at >= taken && c.status < 300)
         .map(Call::line)
         .collect();
-    assert!(late.is_empty(), "the deposed leader wrote after the take-over: {late:#?}");
-    assert!(!a.registry().is_ready(), "the deposed leader still reports ready");
+    assert!(
+        late.is_empty(),
+        "the deposed leader wrote after the take-over: {late:#?}"
+    );
+    assert!(
+        !a.registry().is_ready(),
+        "the deposed leader still reports ready"
+    );
 
     // b runs the pool: it adopts the nodes (no launch) and acts on the next change.
-    server.edit_spec(NAMESPACE, POOL, |spec| spec["scaling"]["replicas"] = json!(3));
+    server.edit_spec(NAMESPACE, POOL, |spec| {
+        spec["scaling"]["replicas"] = json!(3)
+    });
     until(&server, "three nodes under b", ready(3, 2)).await;
-    assert_eq!(nodes.launches(), launched + 1, "b launched only the new node");
+    assert_eq!(
+        nodes.launches(),
+        launched + 1,
+        "b launched only the new node"
+    );
     let after: Vec<String> = server
         .calls()
         .iter()
@@ -362,23 +452,37 @@ async fn an_operator_started_mid_deletion_finishes_it() {
     server.create(&pool_object(2));
     until(&server, "two ready nodes", ready(2, 1)).await;
     first.stop().await.unwrap();
-    assert_eq!(nodes.running(), 2, "the nodes stop with the operator: they must not");
+    assert_eq!(
+        nodes.running(),
+        2,
+        "the nodes stop with the operator: they must not"
+    );
 
     server.delete(NAMESPACE, POOL);
     let held = server
         .pool(NAMESPACE, POOL)
         .unwrap_or_else(|| panic!("the object went without the finalizer's cleanup"));
     assert!(held.metadata.deletion_timestamp.is_some());
-    assert_eq!(held.metadata.finalizers.as_deref(), Some(&[FINALIZER.to_owned()][..]));
+    assert_eq!(
+        held.metadata.finalizers.as_deref(),
+        Some(&[FINALIZER.to_owned()][..])
+    );
 
     let writes = server.writes().len();
     let second = start(&server, "second", &nodes, None).await;
-    wait_for("the pool to be gone", || server.pool(NAMESPACE, POOL).is_none()).await;
+    wait_for("the pool to be gone", || {
+        server.pool(NAMESPACE, POOL).is_none()
+    })
+    .await;
     assert_eq!(nodes.running(), 0, "a node outlived its pool");
     let calls = writes_since(&server, writes);
     assert!(calls.iter().all(|c| c.who == "second"), "{calls:#?}");
     let last = lines(&calls).pop().unwrap();
-    assert_eq!(last, format!("PATCH {POOLS} (json-patch)"), "the finalizer goes last");
+    assert_eq!(
+        last,
+        format!("PATCH {POOLS} (json-patch)"),
+        "the finalizer goes last"
+    );
     assert_eq!(
         event_reasons(&server, 0).last().map(String::as_str),
         Some("Deleted"),
