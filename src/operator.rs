@@ -7,19 +7,27 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use cachepool_operator::driver::DriverOptions;
-use cachepool_operator::run::{Config, NodeBackend, Operator};
+use cachepool_operator::kubernetes::{LeaderElection, LeaseTiming};
+use cachepool_operator::run::{Config, FrontEnd, KubeClient, NodeBackend, Operator};
 
 /// `cachepool operator` flags.
 #[derive(Debug, clap::Args)]
 pub struct OperatorArgs {
     /// Reconcile the CachePool manifests (`*.yaml`) in this directory, with nodes as local
     /// processes. Runtime state goes to DIR/.cachepool.
-    #[arg(long, value_name = "DIR", required_unless_present = "kubernetes")]
+    /// Without --standalone or --kubernetes, Kubernetes mode is chosen inside a pod
+    /// (`KUBERNETES_SERVICE_HOST` set), and anywhere else the command asks for one of them.
+    #[arg(long, value_name = "DIR")]
     pub standalone: Option<PathBuf>,
 
-    /// Reconcile CachePool objects of the Kubernetes cluster in the kubeconfig.
-    #[arg(long, conflicts_with = "standalone")]
+    /// Reconcile the CachePool objects of a Kubernetes cluster: the one this pod runs in, else
+    /// the kubeconfig's (`KUBECONFIG`, ~/.kube/config). Pools with `provider: {process: {}}`
+    /// are not served in this mode (they report Degraded/ProviderUnavailable).
+    #[arg(long, env = "CACHEPOOL_KUBERNETES", conflicts_with = "standalone")]
     pub kubernetes: bool,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     #[command(flatten)]
     pub run: RunArgs,
@@ -27,6 +35,88 @@ pub struct OperatorArgs {
     /// EC2 and CloudWatch (`--aws`), in src/aws.rs.
     #[command(flatten)]
     pub aws: crate::aws::AwsArgs,
+}
+
+/// `cachepool operator --kubernetes` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct KubeArgs {
+    /// Watch CachePools of this namespace only (default: every namespace).
+    #[arg(long, env = "CACHEPOOL_WATCH_NAMESPACE", requires = "kubernetes")]
+    pub namespace: Option<String>,
+
+    /// Run without leader election: for a single replica only (two replicas would both act).
+    #[arg(long, env = "CACHEPOOL_NO_LEADER_ELECTION", requires = "kubernetes")]
+    pub no_leader_election: bool,
+
+    /// Namespace of the leader-election Lease [default: $POD_NAMESPACE, else the pod's service
+    /// account namespace, else `default`].
+    #[arg(
+        long,
+        env = "CACHEPOOL_LEADER_ELECTION_NAMESPACE",
+        requires = "kubernetes"
+    )]
+    pub leader_election_namespace: Option<String>,
+
+    /// Name of the leader-election Lease (coordination.k8s.io/v1).
+    #[arg(
+        long,
+        env = "CACHEPOOL_LEASE_NAME",
+        default_value = "cachepool-operator",
+        requires = "kubernetes"
+    )]
+    pub lease_name: String,
+
+    /// This replica's identity in the Lease and on its Events [default: $POD_NAME, else the
+    /// host name].
+    #[arg(long, env = "CACHEPOOL_IDENTITY", requires = "kubernetes")]
+    pub identity: Option<String>,
+
+    /// Image of node pods (`provider: {pod: …}` pools that name none): the operator's own
+    /// image, which the Helm chart passes. Without it pod pools report
+    /// Degraded/ProviderUnavailable.
+    #[arg(long, env = "CACHEPOOL_NODE_IMAGE")]
+    pub node_image: Option<String>,
+}
+
+impl KubeArgs {
+    fn identity(&self) -> String {
+        self.identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| format!("cachepool-operator-{:08x}", rand::random::<u32>()))
+    }
+
+    fn lease_namespace(&self) -> String {
+        const SERVICE_ACCOUNT_NAMESPACE: &str =
+            "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+        self.leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .or_else(|| std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok())
+            .map(|ns| ns.trim().to_owned())
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| "default".to_owned())
+    }
+
+    /// The front end these flags describe.
+    fn front_end(&self) -> FrontEnd {
+        let identity = self.identity();
+        FrontEnd::Kubernetes {
+            namespace: self.namespace.clone(),
+            leader_election: (!self.no_leader_election).then(|| LeaderElection {
+                namespace: self.lease_namespace(),
+                lease_name: self.lease_name.clone(),
+                identity,
+                timing: LeaseTiming::default(),
+            }),
+            client: KubeClient::infer(),
+            node_image: self.node_image.clone(),
+        }
+    }
 }
 
 /// Flags shared by `cachepool operator` and `cachepool up`.
@@ -100,16 +190,27 @@ impl RunArgs {
 impl OperatorArgs {
     /// Runs the operator until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        if self.kubernetes {
-            bail!(
-                "Kubernetes mode is not available in this build yet; run `cachepool operator --standalone DIR`"
-            );
-        }
-        let dir = self.standalone.context("--standalone DIR is required")?;
         let Some(token) = self.run.api_token.clone() else {
             bail!("--api-token (or CACHEPOOL_API_TOKEN) is required: the API changes pools");
         };
-        let mut config = self.run.config(&dir, token)?;
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        if !self.kubernetes && self.standalone.is_none() && !in_pod {
+            bail!(
+                "say where pools come from: --standalone DIR (manifests in a directory) or \
+                 --kubernetes (CachePool objects of the cluster in the kubeconfig)"
+            );
+        }
+        let mut config = if self.kubernetes || self.standalone.is_none() {
+            // The directory is never used: Kubernetes mode runs no local processes.
+            let mut config = self.run.config(Path::new("."), token)?;
+            config.front_end = self.kube.front_end();
+            // One id for the installation, not per replica: the next leader adopts the nodes.
+            config.operator_id = self.kube.lease_name.clone();
+            config
+        } else {
+            let dir = self.standalone.clone().context("--standalone DIR is required")?;
+            self.run.config(&dir, token)?
+        };
         self.aws.apply(&mut config).await?;
         let operator = Operator::start(config).await?;
         println!("api: {}", operator.api_url());

@@ -167,11 +167,16 @@ impl JsonSchema for CachePolicy {
 }
 
 /// Manual or automatic sizing of the pool.
+// The third rule is a transition rule (`oldSelf`): in auto mode the API server refuses a change
+// of `replicas` — `kubectl scale`, an HPA, a patch — with the message the operator's own scale
+// endpoint gives. `validate` sees one spec, not a change, so it cannot check it; the operator
+// ignores `replicas` in auto mode in any case.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.minReplicas <= self.maxReplicas", "message": "scaling.minReplicas must not exceed scaling.maxReplicas"},
-    {"rule": "self.mode != 'manual' || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)", "message": "scaling.replicas must lie within [scaling.minReplicas, scaling.maxReplicas] in manual mode"}
+    {"rule": "self.mode != 'manual' || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)", "message": "scaling.replicas must lie within [scaling.minReplicas, scaling.maxReplicas] in manual mode"},
+    {"rule": "self.mode != 'auto' || oldSelf.mode != 'auto' || self.replicas == oldSelf.replicas", "message": "the pool is in auto mode: the autoscaler sets its size; switch scaling.mode to manual to scale by hand"}
 ]))]
 pub struct ScalingSpec {
     /// `manual` keeps `replicas` nodes; `auto` follows the miss rate.

@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 
-use cachepool_crds::pool::{CachePool, CachePoolSpec, PodProvider, ProviderSpec, validate};
+use cachepool_crds::pool::{
+    CachePool, CachePoolSpec, PodProvider, ProviderSpec, ScalingMode, validate,
+};
 use cel::{Context, Program, Value};
 use kube::CustomResourceExt;
 use serde_json::Value as Json;
@@ -66,26 +68,33 @@ fn cel_value(json: &Json) -> Value {
     }
 }
 
-/// The rules `spec` breaks, as the API server would find them.
-fn cel_rejects(spec: &Json) -> Vec<String> {
+/// The object at `path` inside `spec`, if every step of it is present.
+fn at<'a>(spec: &'a Json, path: &[String]) -> Option<&'a Json> {
+    path.iter().try_fold(spec, |object, part| object.get(part))
+}
+
+/// A transition rule compares the new object with the old one (`oldSelf`).
+fn is_transition(rule: &str) -> bool {
+    rule.contains("oldSelf")
+}
+
+/// The rules `spec` breaks, as the API server would find them on a create (`old` is `None`:
+/// transition rules do not run) or on an update from `old`.
+fn cel_rejects_change(old: Option<&Json>, spec: &Json) -> Vec<String> {
     let mut broken = Vec::new();
     for (path, rule) in rules() {
-        let mut object = spec;
-        let mut present = true;
-        for part in &path {
-            match object.get(part) {
-                Some(next) => object = next,
-                None => {
-                    present = false;
-                    break;
-                }
+        let Some(object) = at(spec, &path) else {
+            continue;
+        };
+        let mut context = Context::default();
+        if is_transition(&rule) {
+            // The API server runs a transition rule only where the old object has the field too.
+            match old.and_then(|old| at(old, &path)) {
+                Some(previous) => context.add_variable_from_value("oldSelf", cel_value(previous)),
+                None => continue,
             }
         }
-        if !present {
-            continue;
-        }
         let program = Program::compile(&rule).unwrap_or_else(|e| panic!("{rule}: {e}"));
-        let mut context = Context::default();
         context.add_variable_from_value("self", cel_value(object));
         match program.execute(&context) {
             Ok(Value::Bool(true)) => {}
@@ -94,6 +103,11 @@ fn cel_rejects(spec: &Json) -> Vec<String> {
         }
     }
     broken
+}
+
+/// The rules a newly created `spec` breaks.
+fn cel_rejects(spec: &Json) -> Vec<String> {
+    cel_rejects_change(None, spec)
 }
 
 fn valid() -> CachePoolSpec {
@@ -167,10 +181,88 @@ fn cel_rules_agree_with_validate() {
         exercised.extend(broken);
     }
     // Every rule is shown to refuse something: a new rule needs a case here.
-    let all: std::collections::BTreeSet<String> = rules().into_iter().map(|(_, r)| r).collect();
+    let all: std::collections::BTreeSet<String> = rules()
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| !is_transition(r))
+        .collect();
     let untested: Vec<_> = all.difference(&exercised).collect();
     assert!(
         untested.is_empty(),
         "CEL rules no case breaks: {untested:?}"
+    );
+}
+
+/// `kubectl scale` (or an HPA, or a patch) in auto mode is refused by the API server with the
+/// operator API's message; in manual mode, and when the same change switches modes, it passes.
+#[test]
+fn auto_mode_refuses_a_replicas_change() {
+    let spec = |mode: ScalingMode, replicas: u32| {
+        let mut s = valid();
+        s.scaling.mode = mode;
+        s.scaling.replicas = replicas;
+        serde_json::to_value(&s).unwrap()
+    };
+    use ScalingMode::{Auto, Manual};
+    let cases = [
+        (
+            "auto, kubectl scale 2 -> 3",
+            spec(Auto, 2),
+            spec(Auto, 3),
+            false,
+        ),
+        (
+            "auto, replicas unchanged",
+            spec(Auto, 2),
+            spec(Auto, 2),
+            true,
+        ),
+        (
+            "manual, kubectl scale 2 -> 3",
+            spec(Manual, 2),
+            spec(Manual, 3),
+            true,
+        ),
+        (
+            "manual -> auto with a new replicas",
+            spec(Manual, 2),
+            spec(Auto, 3),
+            true,
+        ),
+        (
+            "auto -> manual with a new replicas",
+            spec(Auto, 2),
+            spec(Manual, 3),
+            true,
+        ),
+    ];
+    let transition: Vec<String> = rules()
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| is_transition(r))
+        .collect();
+    assert_eq!(transition.len(), 1, "transition rules: {transition:?}");
+    for (name, old, new, allowed) in cases {
+        let broken = cel_rejects_change(Some(&old), &new);
+        assert_eq!(broken.is_empty(), allowed, "{name}: broke {broken:?}");
+        if !allowed {
+            assert_eq!(broken, transition, "{name}");
+        }
+        // On a create the transition rule does not run.
+        assert!(
+            cel_rejects(&new).is_empty(),
+            "{name}: a create broke {broken:?}"
+        );
+    }
+    let crd = serde_json::to_value(CachePool::crd()).unwrap();
+    let messages = crd
+        .pointer("/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/scaling/x-kubernetes-validations")
+        .and_then(Json::as_array)
+        .unwrap();
+    assert!(
+        messages.iter().any(|m| m["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the pool is in auto mode"))),
+        "{messages:?}"
     );
 }

@@ -43,6 +43,8 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The provider failed to start, list or stop a node.
     pub const PROVIDER_ERROR: &str = "ProviderError";
+    /// The pool was deleted and every one of its nodes stopped.
+    pub const DELETED: &str = "Deleted";
     /// The pool names a provider (or metrics source) this operator cannot serve.
     pub const PROVIDER_UNAVAILABLE: &str = "ProviderUnavailable";
     /// A launched node did not become ready within the start timeout: it was terminated and

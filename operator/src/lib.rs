@@ -9,15 +9,17 @@
 //!
 //! The seams, each a trait or enum the driver holds and a front end or deployment fills in:
 //! - [`store`]: where specs (with generation and uid) come from and where status goes
-//!   ([`standalone::StandaloneStore`] over a state directory; the Kubernetes API next);
+//!   ([`standalone::StandaloneStore`] over a state directory, [`kubernetes::KubeStore`] over
+//!   the Kubernetes API);
 //! - [`events`]: what happened to a pool, for the people who run it (log and event file;
-//!   Kubernetes Events next);
+//!   Kubernetes Events through [`kubernetes::KubeEvents`]);
 //! - [`provider`]: where nodes run, chosen per pool from `spec.provider` (local processes, or
 //!   in-process nodes for tests; EC2 and pods next);
 //! - [`traffic`]: the autoscaler's windows and the per-minute points (direct, or CloudWatch
 //!   through `cloudwatch` with the `cloudwatch` feature).
 //!
-//! Around them: [`standalone`] (the state-directory front end), [`registry`] (the pools the
+//! Around them: [`standalone`] (the state-directory front end), [`kubernetes`] (the
+//! Controller front end with finalizer, Events and leader election), [`registry`] (the pools the
 //! API serves), [`api`] (the HTTP API), [`metrics`] (the operator's Prometheus metrics),
 //! [`rebalance`] (the node admin client, re-exported for the driver and the bench),
 //! [`state`] (the state directory's files) and, with the `ec2` or `cloudwatch` feature, `aws`
@@ -32,6 +34,7 @@ pub mod cloudwatch;
 pub mod driver;
 pub mod events;
 pub mod history;
+pub mod kubernetes;
 pub mod metrics;
 pub mod provider;
 pub mod rebalance;

@@ -45,6 +45,11 @@ impl Registry {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// The front end stopped serving (a Kubernetes leader stepped down).
+    pub fn set_not_ready(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Adds (or replaces) a pool.
     pub fn insert(&self, handle: Arc<PoolHandle>) {
         self.pools

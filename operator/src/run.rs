@@ -2,6 +2,12 @@
 //! from one [`Config`]. The `cachepool operator` and `cachepool up` commands only turn flags
 //! into a `Config`; tests start operators in-process the same way (with
 //! [`NodeBackend::Embedded`], without any binary).
+//!
+//! Two front ends: the state directory ([`FrontEnd::Standalone`]) and the Kubernetes API
+//! ([`FrontEnd::Kubernetes`], see [`crate::kubernetes`]). In Kubernetes mode every replica
+//! serves the API, metrics and probes, but only the leader runs the controller and the pool
+//! drivers, and only the leader's `/readyz` answers ready (once its watch has listed every
+//! pool), so a Service in front of the replicas routes API calls to the leader alone.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,9 +20,12 @@ use tracing::{info, warn};
 use crate::api::{self, ApiState, Tokens};
 use crate::driver::{Context, DriverOptions};
 use crate::events::{EventSink, Fanout, FileEvents};
+use crate::kubernetes::{
+    self, Controller, Fence, KubeEvents, KubePods, KubeStore, KubernetesOptions,
+};
 use crate::metrics::{AwsCalls, OperatorMetrics};
 use crate::provider::embedded::EmbeddedProvider;
-use crate::provider::pod::PodProvider;
+use crate::provider::pod::{PodOptions, PodProvider};
 use crate::provider::process::{ProcessOptions, ProcessProvider};
 use crate::provider::{PoolProvider, Providers, ShutdownPolicy};
 use crate::registry::Registry;
@@ -41,6 +50,8 @@ pub enum Error {
     },
     #[error("stopping the nodes: {0}")]
     Stop(#[source] crate::provider::Error),
+    #[error("starting Kubernetes mode: {0}")]
+    Kubernetes(#[source] crate::kubernetes::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -57,9 +68,62 @@ pub enum NodeBackend {
 
 /// Where the operator finds its pools.
 #[derive(Clone, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value, built once at start-up: boxing would only cost its readers"
+)]
 pub enum FrontEnd {
     /// CachePool manifests in a directory (`cachepool operator --standalone DIR`).
     Standalone { dir: PathBuf },
+    /// CachePool objects of a Kubernetes cluster (`cachepool operator --kubernetes`).
+    /// `provider: {process: {}}` is not served there (nodes as local processes of an operator
+    /// pod would die with it), except by an embedded backend in tests.
+    Kubernetes {
+        /// Watch this namespace only; every namespace when `None`.
+        namespace: Option<String>,
+        /// Act only while holding this Lease; `None` acts at once (a single replica).
+        leader_election: Option<kubernetes::LeaderElection>,
+        /// The API server; [`KubeClient::infer`] finds it from the pod or the kubeconfig.
+        client: KubeClient,
+        /// The image node pods run (`provider: {pod: …}` pools without their own image):
+        /// the operator's own. Without it, and without [`Config::pods`], pod pools are
+        /// refused (Degraded/ProviderUnavailable).
+        node_image: Option<String>,
+    },
+}
+
+/// The Kubernetes client an operator uses: given (tests: a scripted API server), or found at
+/// start-up.
+#[derive(Clone, Default)]
+pub struct KubeClient(Option<kube::Client>);
+
+impl KubeClient {
+    /// In-cluster configuration, else the kubeconfig (`KUBECONFIG`, `~/.kube/config`).
+    pub fn infer() -> KubeClient {
+        KubeClient(None)
+    }
+
+    /// This client.
+    pub fn given(client: kube::Client) -> KubeClient {
+        KubeClient(Some(client))
+    }
+
+    async fn resolve(&self) -> Result<kube::Client> {
+        match &self.0 {
+            Some(client) => Ok(client.clone()),
+            None => kubernetes::infer_client().await.map_err(Error::Kubernetes),
+        }
+    }
+}
+
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "KubeClient(given)"
+        } else {
+            "KubeClient(infer)"
+        })
+    }
 }
 
 /// Everything an operator is started with.
@@ -138,7 +202,29 @@ impl Operator {
     /// Opens the front end, adopts the nodes a previous operator left, starts the API and the
     /// pool drivers.
     pub async fn start(config: Config) -> Result<Operator> {
-        let FrontEnd::Standalone { dir } = &config.front_end;
+        match &config.front_end {
+            FrontEnd::Standalone { dir } => Operator::start_standalone(dir.clone(), config).await,
+            FrontEnd::Kubernetes {
+                namespace,
+                leader_election,
+                client,
+                node_image,
+            } => {
+                let client = client.resolve().await?;
+                Operator::start_kubernetes(
+                    namespace.clone(),
+                    leader_election.clone(),
+                    client,
+                    node_image.clone(),
+                    config,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn start_standalone(dir: PathBuf, config: Config) -> Result<Operator> {
+        let dir = &dir;
         let state = StateDir::open(dir).map_err(|source| Error::State {
             path: dir.clone(),
             source,
@@ -163,33 +249,8 @@ impl Operator {
         }
         let registry = Arc::new(Registry::default());
         let metrics = OperatorMetrics::with_aws_calls(config.aws_calls.clone());
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                address: config.listen.clone(),
-                source,
-            })?;
-        let api_addr = listener.local_addr().map_err(|source| Error::Bind {
-            address: config.listen.clone(),
-            source,
-        })?;
-        let router = api::router(ApiState {
-            registry: registry.clone(),
-            tokens: config.tokens.clone(),
-            metrics: metrics.clone(),
-        });
         let (stop, stopped) = watch::channel(false);
-        let mut server_stop = stopped.clone();
-        let server = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = server_stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "the API server failed");
-            }
-        });
+        let (api_addr, server) = serve_api(&config, &registry, &metrics, stopped.clone()).await?;
         let mut sinks: Vec<Arc<dyn EventSink>> =
             vec![Arc::new(FileEvents::new(state.events_path()))];
         sinks.extend(config.events.iter().cloned());
@@ -223,6 +284,132 @@ impl Operator {
             stopped,
         ));
         info!(api = %api_addr, dir = %state.path().display(), "operator started");
+        Ok(Operator {
+            api_addr,
+            registry,
+            metrics,
+            providers,
+            keep_nodes: config.keep_nodes,
+            stop,
+            server,
+            front_end,
+        })
+    }
+
+    async fn start_kubernetes(
+        namespace: Option<String>,
+        leader_election: Option<kubernetes::LeaderElection>,
+        client: kube::Client,
+        node_image: Option<String>,
+        config: Config,
+    ) -> Result<Operator> {
+        // Nodes as local processes of an operator pod would die with the pod: `process` is not
+        // served here, except by the embedded backend tests run with.
+        let mut providers = Providers::default();
+        if let NodeBackend::Embedded(provider) = &config.nodes {
+            providers.process = Some(PoolProvider::Embedded(provider.clone()));
+        }
+        let fence = match leader_election {
+            Some(_) => Fence::new(),
+            None => Fence::open(),
+        };
+        let fenced = fence.client(&client);
+        providers.pod = config
+            .pods
+            .clone()
+            .or_else(|| {
+                node_image.map(|image| {
+                    Arc::new(PodProvider::new(
+                        Arc::new(KubePods::new(fenced.clone())),
+                        PodOptions {
+                            operator_id: config.operator_id.clone(),
+                            ..PodOptions::new(image)
+                        },
+                    ))
+                })
+            })
+            .map(PoolProvider::Pod);
+        #[cfg(feature = "ec2")]
+        {
+            use crate::provider::ec2::Ec2Pool;
+            providers.ec2 = config
+                .ec2
+                .clone()
+                .map(|p| PoolProvider::Ec2(Ec2Pool::new(p)));
+        }
+        let registry = Arc::new(Registry::default());
+        let metrics = OperatorMetrics::with_aws_calls(config.aws_calls.clone());
+        let (stop, stopped) = watch::channel(false);
+        let (api_addr, server) = serve_api(&config, &registry, &metrics, stopped.clone()).await?;
+        // Instances no pool knows: collected only while this replica leads (the registry is
+        // ready only then, see `Controller::run`).
+        #[cfg(feature = "ec2")]
+        if let Some(ec2) = &config.ec2 {
+            use crate::provider::ec2::{GC_GRACE, GC_INTERVAL, collect_periodically};
+            tokio::spawn(collect_periodically(
+                ec2.clone(),
+                registry.clone(),
+                config.operator_id.clone(),
+                GC_INTERVAL,
+                GC_GRACE,
+                stopped.clone(),
+            ));
+        }
+        let instance = leader_election
+            .as_ref()
+            .map(|e| e.identity.clone())
+            .unwrap_or_else(|| config.operator_id.clone());
+        let store = Arc::new(KubeStore::new(fenced.clone()));
+        let (events, events_task) = KubeEvents::start(fenced.clone(), instance.clone());
+        let mut sinks: Vec<Arc<dyn EventSink>> = vec![events.clone()];
+        sinks.extend(config.events.iter().cloned());
+        let ctx = Arc::new(Context {
+            providers: providers.clone(),
+            store: store.clone(),
+            events: Arc::new(Fanout(sinks)),
+            traffic: config.traffic.clone(),
+            metrics: metrics.clone(),
+            options: config.driver,
+            operator_id: config.operator_id.clone(),
+        });
+        let options = KubernetesOptions {
+            namespace,
+            instance,
+            ..KubernetesOptions::default()
+        };
+        let term_registry = registry.clone();
+        let term = move |stop: watch::Receiver<bool>| {
+            Arc::new(Controller::new(
+                fenced.clone(),
+                ctx.clone(),
+                store.clone(),
+                events.clone(),
+                term_registry.clone(),
+                options.clone(),
+                stop,
+            ))
+            .run()
+        };
+        let front_end = tokio::spawn(async move {
+            match leader_election {
+                Some(election) => {
+                    kubernetes::leader::run(client, election, fence, stopped, term).await;
+                }
+                None => {
+                    let controller = term(stopped);
+                    drop(term);
+                    controller.await;
+                }
+            }
+            // Every sender is gone with the controller: the queue drains, then the task ends.
+            if tokio::time::timeout(EVENT_DRAIN, events_task)
+                .await
+                .is_err()
+            {
+                warn!("events still queued at shutdown were dropped");
+            }
+        });
+        info!(api = %api_addr, "operator started in Kubernetes mode");
         Ok(Operator {
             api_addr,
             registry,
@@ -281,6 +468,44 @@ impl Operator {
         }
         Ok(())
     }
+}
+
+/// How long queued Kubernetes Events may take to go out when the operator stops.
+const EVENT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Binds the API (with metrics and probes) and serves it until `stopped` turns true.
+async fn serve_api(
+    config: &Config,
+    registry: &Arc<Registry>,
+    metrics: &OperatorMetrics,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            address: config.listen.clone(),
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| Error::Bind {
+        address: config.listen.clone(),
+        source,
+    })?;
+    let router = api::router(ApiState {
+        registry: registry.clone(),
+        tokens: config.tokens.clone(),
+        metrics: metrics.clone(),
+    });
+    let server = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            warn!(error = %e, "the API server failed");
+        }
+    });
+    Ok((api_addr, server))
 }
 
 /// Starts an operator and runs it until `shutdown` resolves.

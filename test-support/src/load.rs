@@ -55,10 +55,12 @@ impl Keys {
         }
     }
 
+    /// How many keys the space has.
     pub fn len(&self) -> usize {
         self.names.len()
     }
 
+    /// Whether the space has no keys.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }

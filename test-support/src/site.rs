@@ -7,7 +7,8 @@ use cache_node::client::{ClientOptions, PoolClient};
 use cache_node::store::Policy;
 use cache_node::{Node, NodeConfig};
 use cachepool_crds::ring::Ring;
-use cachepool_web::app::{self, AppState};
+use cachepool_web::api::AppState;
+use cachepool_web::app;
 use cachepool_web::cache::{CacheConfig, ImageCache};
 use serde_json::Value;
 

@@ -11,12 +11,14 @@
 //! - **Storage and pool**: latency histograms of the database and the object store per
 //!   operation (`get`, `put`, `list`, `delete`…), observed in
 //!   [`Storage`](crate::store::Storage), and of pool requests (`get`, `add`, `set`,
-//!   `flush_all`), observed in [`ImageCache`]: together they split a miss's time.
+//!   `flush_all`), observed in [`ImageCache`]: together they split a miss's time. They are
+//!   [`StoreMetrics`] of [`crate::latency`], a module below the stores and this one, so the
+//!   stores never depend on the site's metrics while these read the cache's counters.
 //! - **The pool and the site's events**: the counters the site had before this module
 //!   (`cachepool_web_uploads_total`, `_views_total`, `_rejected_total`, and the pool's
 //!   `cachepool_web_pool_hits_total`, `_misses_total`, `_fills_total`…) under their old names.
 //!   The pool's come from [`ImageCache::stats`] at scrape time through a collector, so the
-//!   cache keeps its own plain atomics and knows nothing of Prometheus.
+//!   cache keeps its own plain atomics for them.
 //!
 //! Names carry the `cachepool_web_` prefix and their unit (`_seconds`; `_total` is added by
 //! the encoder to counters).
@@ -28,10 +30,10 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::cache::ImageCache;
+use crate::latency::{Histograms, StoreMetrics, latency_histogram};
 
 /// The `Content-Type` of [`WebMetrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -46,20 +48,6 @@ struct RequestLabels {
     status: &'static str,
 }
 
-/// Labels of the storage series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OperationLabels {
-    operation: &'static str,
-}
-
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
-
-/// Latencies from 100 µs to about 6.5 s: a pool hit is well under a millisecond, an S3 call
-/// or a 10 MiB upload takes up to seconds.
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
-}
-
 /// The status class label of a status code.
 pub fn status_class(status: u16) -> &'static str {
     match status {
@@ -68,40 +56,6 @@ pub fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
-    }
-}
-
-/// Which store an observation is of.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Part {
-    /// The metadata database.
-    Database,
-    /// The object store.
-    Objects,
-    /// The cache pool.
-    Pool,
-}
-
-/// The storage latency histograms, handed to [`Storage`](crate::store::Storage). Clones share
-/// the same series.
-#[derive(Clone, Debug)]
-pub struct StoreMetrics {
-    database: Histograms<OperationLabels>,
-    objects: Histograms<OperationLabels>,
-    pool: Histograms<OperationLabels>,
-}
-
-impl StoreMetrics {
-    /// Records that one `operation` on `part` took `elapsed`.
-    pub fn observe(&self, part: Part, operation: &'static str, elapsed: Duration) {
-        let family = match part {
-            Part::Database => &self.database,
-            Part::Objects => &self.objects,
-            Part::Pool => &self.pool,
-        };
-        family
-            .get_or_create(&OperationLabels { operation })
-            .observe(elapsed.as_secs_f64());
     }
 }
 
@@ -141,27 +95,7 @@ impl WebMetrics {
             Unit::Seconds,
             request_duration.clone(),
         );
-        let database = Histograms::<OperationLabels>::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "cachepool_web_db_duration",
-            "Time one database operation took, by operation",
-            Unit::Seconds,
-            database.clone(),
-        );
-        let objects = Histograms::<OperationLabels>::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "cachepool_web_object_store_duration",
-            "Time one object store operation took, by operation",
-            Unit::Seconds,
-            objects.clone(),
-        );
-        let pool = Histograms::<OperationLabels>::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "cachepool_web_pool_request_duration",
-            "Time one request to the cache pool took, by operation",
-            Unit::Seconds,
-            pool.clone(),
-        );
+        let store = StoreMetrics::register(&mut registry);
         let mut counter = |name: &str, help: &str| {
             let counter = Counter::default();
             registry.register(name, help, counter.clone());
@@ -182,11 +116,7 @@ impl WebMetrics {
                 uploads,
                 views,
                 rejected,
-                store: StoreMetrics {
-                    database,
-                    objects,
-                    pool,
-                },
+                store,
             }),
         }
     }

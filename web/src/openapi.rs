@@ -1,33 +1,39 @@
 //! The site's OpenAPI 3.1 document, generated from the code by `utoipa` and served at
 //! `GET /api/v1/openapi.json`.
 //!
-//! Each `/api/v1` handler in [`crate::app`] carries a `#[utoipa::path]` that states its method,
+//! Each `/api/v1` handler in [`crate::api`] carries a `#[utoipa::path]` that states its method,
 //! path, parameters, bodies and answers, and the router takes each route's path and methods
-//! from that same annotation ([`crate::app::router`]), so the document and the routes the
-//! site serves cannot drift apart. The JSON bodies are the handlers' own types (deriving
-//! `ToSchema`); the error body, which lives in `cache_node::admin` shared by three APIs, is
-//! mirrored here by [`ErrorBody`].
+//! from that same annotation (as does [`routes`] for the document's own route), so the
+//! document and the routes the site serves cannot drift apart. The JSON bodies are the
+//! handlers' own types (deriving `ToSchema`); the error body every Cachepool API shares
+//! (`cachepool_crds::api::ErrorBody`) is mirrored by [`ErrorBody`].
 
-use serde::Serialize;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-use crate::app;
+use crate::api::{self, AppState, ErrorBody};
 
 /// Name of the security scheme of the admin token (`security(("adminToken" = []))` in
-/// [`crate::app`] spells it out: the macro takes only a literal).
+/// [`crate::api`] spells it out: the macro takes only a literal).
 pub const ADMIN_TOKEN_SCHEME: &str = "adminToken";
 
-/// Every JSON error: `{"error", "message", "field"?}` (`cache_node::admin::ApiError`).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// Short machine-readable code, e.g. `bad_request`, `invalid_key`, `unauthorized`.
-    pub error: String,
-    /// What is wrong and what is allowed, for people.
-    pub message: String,
-    /// The request field at fault (`key`, `image`, `limit`, `cursor`), when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
+/// The document's route, `GET /api/v1/openapi.json`, registered from its `#[utoipa::path]`
+/// like the API's.
+pub fn routes() -> Router<AppState> {
+    api::documented::<__path_openapi_json, _, _>(Router::new(), openapi_json)
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "admin",
+    responses((status = 200, description = "The OpenAPI 3.1 document of /api/v1", content_type = "application/json", body = Object))
+)]
+pub(crate) async fn openapi_json() -> Response {
+    Json(document()).into_response()
 }
 
 /// Adds the bearer scheme that `DELETE /api/v1/data` requires.
@@ -59,13 +65,13 @@ impl Modify for AdminToken {
                        in front of a SQL database and an object store.",
     ),
     paths(
-        app::upload_image,
-        app::view_image,
-        app::list_images,
-        app::delete_data,
-        app::openapi_json,
+        api::upload_image,
+        api::view_image,
+        api::list_images,
+        api::delete_data,
+        openapi_json,
     ),
-    components(schemas(ErrorBody, app::ImageJson, app::ListJson, app::DeletedJson)),
+    components(schemas(ErrorBody, api::ImageJson, api::ListJson, api::DeletedJson)),
     modifiers(&AdminToken),
     tags((name = "images", description = "Images by key"), (name = "admin", description = "Site administration"))
 )]

@@ -1,7 +1,7 @@
 //! Starting and stopping the whole site from its configuration: database, object store, the
 //! pool client following the operator's ring, the JSON API, the pages and the manager, the
 //! HTTP server. `cachepool web`, `cachepool up` and the benchmarks all start the site this way
-//! ([`Site::start`]); the flags are [`WebArgs`] (clap, each with an environment variable, like
+//! ([`Web::start`]); the flags are [`WebArgs`] (clap, each with an environment variable, like
 //! the node's `NodeConfig`).
 
 use std::path::PathBuf;
@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::app::{self, AppState};
+use crate::api::AppState;
+use crate::app;
 use crate::cache::{CacheConfig, ImageCache};
 use crate::ring::RingSource;
 use crate::store::{Database, ObjectStore, Storage};

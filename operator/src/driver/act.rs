@@ -57,13 +57,36 @@ impl Driver {
         if let Some(Ok(provider)) = self.provider.clone() {
             match provider.list(&pool).await {
                 Ok(nodes) => {
-                    for node in nodes {
-                        if let Err(e) = provider.terminate(&pool, &node.id).await {
-                            warn!(pool = %pool, node = %node.id, error = %e, "stopping a node of a deleted pool");
+                    let mut stopped = 0;
+                    for node in &nodes {
+                        match provider.terminate(&pool, &node.id).await {
+                            Ok(()) => stopped += 1,
+                            Err(e) => {
+                                warn!(pool = %pool, node = %node.id, error = %e, "stopping a node of a deleted pool");
+                                self.event(Event::warning(
+                                    reason::PROVIDER_ERROR,
+                                    format!(
+                                        "the pool is deleted, but stopping node {} failed: {e}",
+                                        node.id
+                                    ),
+                                ));
+                            }
                         }
                     }
+                    if stopped == nodes.len() {
+                        self.event(Event::normal(
+                            reason::DELETED,
+                            format!("the pool is deleted: its {stopped} node(s) stopped"),
+                        ));
+                    }
                 }
-                Err(e) => warn!(pool = %pool, error = %e, "listing the nodes of a deleted pool"),
+                Err(e) => {
+                    warn!(pool = %pool, error = %e, "listing the nodes of a deleted pool");
+                    self.event(Event::warning(
+                        reason::PROVIDER_ERROR,
+                        format!("the pool is deleted, but listing its nodes failed: {e}"),
+                    ));
+                }
             }
         }
         if let Err(e) = self.ctx.store.forget(&pool).await {

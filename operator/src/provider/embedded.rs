@@ -41,12 +41,24 @@ pub struct EmbeddedProvider {
     pools: Mutex<BTreeMap<PoolRef, BTreeMap<String, Embedded>>>,
     next_id: AtomicU64,
     launches: AtomicU64,
+    /// The nodes stay when the operator stops, as pods and instances do.
+    outlive_operator: bool,
 }
 
 impl EmbeddedProvider {
-    /// A provider with no node.
+    /// A provider with no node, whose nodes stop with the operator (as local processes do).
     pub fn new() -> EmbeddedProvider {
         EmbeddedProvider::default()
+    }
+
+    /// A provider with no node, whose nodes outlive the operator that started them (as pods and
+    /// instances do: [`ShutdownPolicy::KeepNodes`]), so a test can stop an operator and let the
+    /// next one adopt or clean up after it.
+    pub fn outliving_the_operator() -> EmbeddedProvider {
+        EmbeddedProvider {
+            outlive_operator: true,
+            ..EmbeddedProvider::default()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<PoolRef, BTreeMap<String, Embedded>>> {
@@ -106,7 +118,11 @@ impl Provider for EmbeddedProvider {
     }
 
     fn shutdown_policy(&self) -> ShutdownPolicy {
-        ShutdownPolicy::StopNodes
+        if self.outlive_operator {
+            ShutdownPolicy::KeepNodes
+        } else {
+            ShutdownPolicy::StopNodes
+        }
     }
 
     async fn list(&self, pool: &PoolRef) -> Result<Vec<ProviderNode>> {

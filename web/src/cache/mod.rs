@@ -94,7 +94,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::image::{ImageKey, MAX_IMAGE_BYTES, MAX_KEY_LEN};
-use crate::metrics::{Part, StoreMetrics};
+use crate::latency::{Part, StoreMetrics};
 use envelope::Envelope;
 
 /// A node's item size limit under the CachePool defaults (`cache.maxItemSizeKiB` = 16384).

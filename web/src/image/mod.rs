@@ -8,7 +8,7 @@
 //! agree.
 //!
 //! - [`key`]: [`ImageKey`], the checked form of a key (rule and reasons there).
-//! - [`format`]: [`detect`], which recognises PNG, JPEG, GIF and WebP by their bytes and
+//! - [`format`](mod@format): [`detect`], which recognises PNG, JPEG, GIF and WebP by their bytes and
 //!   refuses SVG (reasons there).
 //! - [`check_upload`]: size limit, then [`detect`].
 //!

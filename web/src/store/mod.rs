@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use crate::metrics::{Part, StoreMetrics};
+use crate::latency::{Part, StoreMetrics};
 
 pub use codec::etag_of;
 pub use db::{Backend, Database, DeletedRows, NewImage, Upserted};

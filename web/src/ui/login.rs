@@ -1,0 +1,145 @@
+//! Entering and leaving the manager, and the check every manager POST passes first: a
+//! session, and the CSRF token of its pages (the primitives are in [`super::auth`]).
+
+use askama::Template;
+use axum::Form;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum_extra::extract::cookie::{Cookie, SignedCookieJar};
+use serde::Deserialize;
+use tracing::info;
+
+use super::UiState;
+use super::auth::{self, Session};
+use super::page::{error_page, page, see_other};
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    csrf: String,
+    error: Option<String>,
+}
+
+fn login_page(
+    state: &UiState,
+    jar: SignedCookieJar,
+    status: StatusCode,
+    error: Option<String>,
+) -> Response {
+    let auth = &state.ui.inner.auth;
+    let (jar, visitor) = auth.visitor(jar);
+    let error = error.or_else(|| {
+        (!auth.has_password()).then(|| {
+            "No admin password is configured: start the site with --admin-password or CACHEPOOL_ADMIN_PASSWORD.".to_owned()
+        })
+    });
+    let form = LoginPage {
+        csrf: auth.csrf_token("visitor", &visitor),
+        error,
+    };
+    (jar, page(status, &form)).into_response()
+}
+
+pub(super) async fn login_form(State(state): State<UiState>, jar: SignedCookieJar) -> Response {
+    if state.ui.inner.auth.session(&jar).is_some() {
+        return see_other("/manager");
+    }
+    login_page(&state, jar, StatusCode::OK, None)
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoginForm {
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+pub(super) async fn login(
+    State(state): State<UiState>,
+    jar: SignedCookieJar,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let auth = &state.ui.inner.auth;
+    if !auth.check_visitor_csrf(&jar, &form.csrf) {
+        return login_page(
+            &state,
+            jar,
+            StatusCode::FORBIDDEN,
+            Some(
+                "The form's security token is missing or stale. Reload the page and try again."
+                    .into(),
+            ),
+        );
+    }
+    if !auth.verify_password(form.password).await {
+        return login_page(
+            &state,
+            jar,
+            StatusCode::UNAUTHORIZED,
+            Some("Wrong password.".into()),
+        );
+    }
+    let session = Session::new(auth::unix_now());
+    info!("manager login");
+    let jar = jar.add(auth.session_cookie(&session));
+    (jar, see_other("/manager")).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct CsrfForm {
+    #[serde(default)]
+    pub(super) csrf: String,
+}
+
+/// Why a manager POST is not carried out.
+pub(super) enum Refused {
+    /// No session: to the login page.
+    NoSession,
+    /// A missing or wrong CSRF token.
+    BadToken,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::NoSession => see_other("/manager/login"),
+            Refused::BadToken => error_page(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "The form's security token is missing or stale: nothing was changed. Reload the page and try again.",
+            ),
+        }
+    }
+}
+
+/// The session and a checked CSRF token, or why not: 303 to the login page without a
+/// session, 403 with a wrong or missing token.
+pub(super) fn authorise_post(
+    state: &UiState,
+    jar: &SignedCookieJar,
+    csrf: &str,
+) -> Result<Session, Refused> {
+    let auth = &state.ui.inner.auth;
+    let session = auth.session(jar).ok_or(Refused::NoSession)?;
+    if !auth.check_csrf("session", &session.id, csrf) {
+        return Err(Refused::BadToken);
+    }
+    Ok(session)
+}
+
+pub(super) async fn logout(
+    State(state): State<UiState>,
+    jar: SignedCookieJar,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let session = match authorise_post(&state, &jar, &form.csrf) {
+        Ok(s) => s,
+        Err(refused) => return refused.into_response(),
+    };
+    state.ui.inner.auth.revoke(&session);
+    info!("manager logout");
+    let jar = jar.remove(Cookie::build(auth::SESSION_COOKIE).path("/"));
+    (jar, see_other("/manager/login")).into_response()
+}
