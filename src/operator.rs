@@ -208,7 +208,10 @@ impl OperatorArgs {
             config.operator_id = self.kube.lease_name.clone();
             config
         } else {
-            let dir = self.standalone.clone().context("--standalone DIR is required")?;
+            let dir = self
+                .standalone
+                .clone()
+                .context("--standalone DIR is required")?;
             self.run.config(&dir, token)?
         };
         self.aws.apply(&mut config).await?;
