@@ -12,32 +12,17 @@ use sha2::{Digest, Sha256};
 
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
+    hex::encode(bytes)
 }
 
 /// The bytes of lowercase hex `text`, or `None` when it is not lowercase hex of whole bytes.
-/// Uppercase is refused so that each byte string has exactly one encoding (one file name).
+/// Uppercase is refused so that each byte string has exactly one encoding (one file name);
+/// the `hex` crate would accept it, hence the check first.
 pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
-    fn digit(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
-    }
-    let raw = text.as_bytes();
-    if !raw.len().is_multiple_of(2) {
+    if !text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
-    raw.chunks_exact(2)
-        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
-        .collect()
+    hex::decode(text).ok()
 }
 
 /// The ETag of an image: lowercase hex SHA-256 of its bytes (without the quotes HTTP adds).
