@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    hex::encode(bytes)
+    ::hex::encode(bytes)
 }
 
 /// The bytes of lowercase hex `text`, or `None` when it is not lowercase hex of whole bytes.
@@ -22,7 +22,7 @@ pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
-    hex::decode(text).ok()
+    ::hex::decode(text).ok()
 }
 
 /// The ETag of an image: lowercase hex SHA-256 of its bytes (without the quotes HTTP adds).
