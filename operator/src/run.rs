@@ -92,6 +92,29 @@ pub enum FrontEnd {
     },
 }
 
+/// Garbage collection of instances no pool knows, with the provider's own interval and grace
+/// (`--ec2-gc-grace-secs`), in either front end; it acts only while the registry is ready.
+#[cfg_attr(
+    not(feature = "ec2"),
+    allow(
+        unused_variables,
+        reason = "without the EC2 provider there is nothing to collect"
+    )
+)]
+fn spawn_ec2_collector(config: &Config, registry: &Arc<Registry>, stopped: &watch::Receiver<bool>) {
+    #[cfg(feature = "ec2")]
+    if let Some(ec2) = &config.ec2 {
+        tokio::spawn(crate::provider::ec2::collect_periodically(
+            ec2.clone(),
+            registry.clone(),
+            config.operator_id.clone(),
+            ec2.options().gc_interval,
+            ec2.options().gc_grace,
+            stopped.clone(),
+        ));
+    }
+}
+
 /// The Kubernetes client an operator uses: given (tests: a scripted API server), or found at
 /// start-up.
 #[derive(Clone, Default)]
@@ -264,18 +287,7 @@ impl Operator {
             options: config.driver,
             operator_id: config.operator_id.clone(),
         });
-        #[cfg(feature = "ec2")]
-        if let Some(ec2) = &config.ec2 {
-            use crate::provider::ec2::collect_periodically;
-            tokio::spawn(collect_periodically(
-                ec2.clone(),
-                registry.clone(),
-                config.operator_id.clone(),
-                ec2.options().gc_interval,
-                ec2.options().gc_grace,
-                stopped.clone(),
-            ));
-        }
+        spawn_ec2_collector(&config, &registry, &stopped);
         let front_end = tokio::spawn(standalone::run(
             store,
             ctx,
@@ -343,18 +355,7 @@ impl Operator {
         let (api_addr, server) = serve_api(&config, &registry, &metrics, stopped.clone()).await?;
         // Instances no pool knows: collected only while this replica leads (the registry is
         // ready only then, see `Controller::run`).
-        #[cfg(feature = "ec2")]
-        if let Some(ec2) = &config.ec2 {
-            use crate::provider::ec2::{GC_GRACE, GC_INTERVAL, collect_periodically};
-            tokio::spawn(collect_periodically(
-                ec2.clone(),
-                registry.clone(),
-                config.operator_id.clone(),
-                GC_INTERVAL,
-                GC_GRACE,
-                stopped.clone(),
-            ));
-        }
+        spawn_ec2_collector(&config, &registry, &stopped);
         let instance = leader_election
             .as_ref()
             .map(|e| e.identity.clone())
