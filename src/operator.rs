@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use cachepool_operator::driver::DriverOptions;
-use cachepool_operator::kubernetes::{LeaderElection, LeaseTiming};
+use cachepool_operator::kubernetes::{LeaderElection, LeaseTiming, OwnPod};
 use cachepool_operator::run::{Config, FrontEnd, KubeClient, NodeBackend, Operator};
 
 /// `cachepool operator` flags.
@@ -78,6 +78,21 @@ pub struct KubeArgs {
     pub node_image: Option<String>,
 }
 
+/// This replica's pod, from the downward API (`POD_NAME`, `POD_NAMESPACE`): labelled while it
+/// leads, so the chart's API Service routes to the leader alone.
+fn own_pod() -> Option<OwnPod> {
+    let read = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    Some(OwnPod {
+        namespace: read("POD_NAMESPACE")?,
+        name: read("POD_NAME")?,
+    })
+}
+
 impl KubeArgs {
     fn identity(&self) -> String {
         self.identity
@@ -112,6 +127,7 @@ impl KubeArgs {
                 lease_name: self.lease_name.clone(),
                 identity,
                 timing: LeaseTiming::default(),
+                pod: own_pod(),
             }),
             client: KubeClient::infer(),
             node_image: self.node_image.clone(),

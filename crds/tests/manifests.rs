@@ -24,6 +24,16 @@ fn committed_crd_yaml_matches_the_types() {
     );
 }
 
+/// The Helm chart installs the same CRD (from its `crds/`, so Helm never templates it).
+#[test]
+fn the_charts_crd_is_the_committed_one() {
+    assert!(
+        repo_file("charts/cachepool/crds/cachepool.yaml") == crd_yaml(),
+        "charts/cachepool/crds/cachepool.yaml is stale: run \
+         `cargo run -- crd > charts/cachepool/crds/cachepool.yaml`"
+    );
+}
+
 #[test]
 fn example_manifests_parse_and_validate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");

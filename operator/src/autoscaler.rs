@@ -137,6 +137,11 @@ impl Window {
 pub enum Decision {
     /// Nothing to do; the reason is shown to users (status, logs), e.g. "window had 37 requests (< 100)".
     Hold {
+        /// Which rule held, as a metric label: `invalid_spec`, `manual_mode`, `settling`,
+        /// `not_steady`, `before_settle`, `too_few_requests`, `cooldown`,
+        /// `within_thresholds`, `at_max_replicas`, `grow_backoff`, `at_min_replicas` or
+        /// `too_small_before`.
+        rule: &'static str,
         /// Why nothing changes, in words.
         reason: String,
     },
@@ -154,7 +159,7 @@ impl Decision {
     /// The reason, whichever the decision.
     pub fn reason(&self) -> &str {
         match self {
-            Decision::Hold { reason } | Decision::Scale { reason, .. } => reason,
+            Decision::Hold { reason, .. } | Decision::Scale { reason, .. } => reason,
         }
     }
 
@@ -266,14 +271,14 @@ impl Autoscaler {
     /// sizes, miss rate).
     pub fn decide(&mut self, scaling: &ScalingSpec, window: &Window) -> Decision {
         if let Some(problem) = spec_problem(scaling) {
-            return hold(format!(
+            return hold("invalid_spec", format!(
                 "the scaling spec is invalid ({problem}); the autoscaler changes nothing until it is fixed"
             ));
         }
         if scaling.mode == ScalingMode::Manual {
             // The driver follows `scaling.replicas` now; a scale asked for earlier is moot.
             self.pending = None;
-            return hold(format!(
+            return hold("manual_mode", format!(
                 "scaling.mode is manual: the pool keeps scaling.replicas = {}",
                 nodes(scaling.replicas)
             ));
@@ -289,7 +294,7 @@ impl Autoscaler {
             return self.scale_to_bound(window, max, "above scaling.maxReplicas");
         }
         if let Some(target) = self.pending {
-            return hold(format!(
+            return hold("settling", format!(
                 "waiting for the pool to settle at {} (now {})",
                 nodes(target),
                 window.replicas
@@ -297,6 +302,7 @@ impl Autoscaler {
         }
         if !window.steady {
             return hold(
+                "not_steady",
                 "window overlaps a resize, migration or node replacement; it is not counted"
                     .to_owned(),
             );
@@ -304,7 +310,7 @@ impl Autoscaler {
         if let Some(settled) = self.settled_at
             && window.start() < settled
         {
-            return hold(format!(
+            return hold("before_settle", format!(
                 "window began {} before the pool settled at {}; it is not counted",
                 Span(duration_between(window.start(), settled)),
                 nodes(window.replicas)
@@ -312,13 +318,13 @@ impl Autoscaler {
         }
         let m = match measure(scaling, window) {
             Ok(m) => m,
-            Err(reason) => return hold(reason),
+            Err(reason) => return hold("too_few_requests", reason),
         };
         let n = window.replicas;
         self.remember_size(scaling, n, m, window.end);
 
         if let Some(left) = self.cooldown_left(scaling, window.end) {
-            return hold(format!(
+            return hold("cooldown", format!(
                 "cooldown: {} left since the pool settled at {} (miss rate {:.2})",
                 Span(left),
                 nodes(n),
@@ -333,7 +339,7 @@ impl Autoscaler {
         } else if m.miss_rate < auto.min_miss_rate {
             self.shrink(scaling, window, m)
         } else {
-            hold(format!(
+            hold("within_thresholds", format!(
                 "miss rate {:.2} within [minMissRate {:.2}, maxMissRate {:.2}]: keeping {}",
                 m.miss_rate,
                 auto.min_miss_rate,
@@ -466,7 +472,7 @@ impl Autoscaler {
         let n = window.replicas;
         let max = scaling.max_replicas;
         if n >= max {
-            return hold(format!(
+            return hold("at_max_replicas", format!(
                 "miss rate {:.2} > maxMissRate {:.2}, but the pool is at scaling.maxReplicas ({max})",
                 m.miss_rate, auto.max_miss_rate
             ));
@@ -475,7 +481,7 @@ impl Autoscaler {
             && let Ok(left) = f.until.duration_since(window.end)
             && !left.is_zero()
         {
-            return hold(format!(
+            return hold("grow_backoff", format!(
                 "miss rate {:.2} > maxMissRate {:.2}, but the last grow ({} -> {} nodes) only took it from {:.2} to {:.2} (needed {:.0} % lower): more memory does not help this workload; no grow for another {}",
                 m.miss_rate,
                 auto.max_miss_rate,
@@ -508,7 +514,7 @@ impl Autoscaler {
         let n = window.replicas;
         let min = scaling.min_replicas;
         if n <= min {
-            return hold(format!(
+            return hold("at_min_replicas", format!(
                 "miss rate {:.2} < minMissRate {:.2}, but the pool is at scaling.minReplicas ({min})",
                 m.miss_rate, auto.min_miss_rate
             ));
@@ -545,7 +551,7 @@ impl Autoscaler {
         );
         let to = size + 1;
         if to >= n {
-            return hold(format!(
+            return hold("too_small_before", format!(
                 "miss rate {:.2} < minMissRate {:.2}, but {why}: staying at {}",
                 m.miss_rate,
                 auto.min_miss_rate,
@@ -604,8 +610,8 @@ impl Autoscaler {
     }
 }
 
-fn hold(reason: String) -> Decision {
-    Decision::Hold { reason }
+fn hold(rule: &'static str, reason: String) -> Decision {
+    Decision::Hold { rule, reason }
 }
 
 /// The spec's scaling rules, as the operator enforces them everywhere: the first broken rule,

@@ -70,6 +70,15 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    pool: String,
+    /// `grow`, `shrink` or `hold`.
+    decision: String,
+    /// The rule that decided (see `autoscaler::Decision`).
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScaleLabels {
     pool: String,
     direction: ScaleDirection,
@@ -226,8 +235,11 @@ struct Inner {
     migrating: IntGauges,
     keys_moved: IntGauges,
     bytes_moved: IntGauges,
+    autoscaler_decisions: Family<DecisionLabels, Counter>,
     /// Error kinds seen per pool, so `forget_pool` can remove each of their series.
     error_kinds: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// (decision, rule) pairs seen per pool, likewise.
+    decision_kinds: Mutex<BTreeMap<String, BTreeSet<(String, String)>>>,
     aws: AwsCalls,
 }
 
@@ -281,6 +293,13 @@ impl OperatorMetrics {
             "cachepool_operator_scale_events",
             "Resizes started, by pool and direction",
             scale_events.clone(),
+        );
+        let autoscaler_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "cachepool_operator_autoscaler_decisions",
+            "Autoscaler windows judged, by pool, decision (grow, shrink, hold) and the rule that \
+             decided (e.g. cooldown, within_thresholds, too_few_requests, above_max_miss_rate)",
+            autoscaler_decisions.clone(),
         );
         let node_launches = Counters::default();
         registry.register(
@@ -364,6 +383,7 @@ impl OperatorMetrics {
                 reconcile_errors,
                 reconcile_duration,
                 scale_events,
+                autoscaler_decisions,
                 node_launches,
                 node_replacements,
                 sample_failures,
@@ -381,6 +401,7 @@ impl OperatorMetrics {
                 keys_moved,
                 bytes_moved,
                 error_kinds: Mutex::new(BTreeMap::new()),
+                decision_kinds: Mutex::new(BTreeMap::new()),
                 aws,
             }),
         }
@@ -432,6 +453,26 @@ impl OperatorMetrics {
             .get_or_create(&ScaleLabels {
                 pool: pool.to_string(),
                 direction,
+            })
+            .inc();
+    }
+
+    /// Counts one autoscaler decision of `pool`: `decision` is `grow`, `shrink` or `hold`,
+    /// `rule` a short fixed word naming the rule that decided.
+    pub fn autoscaler_decided(&self, pool: &str, decision: &str, rule: &str) {
+        self.inner
+            .decision_kinds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(pool.to_string())
+            .or_default()
+            .insert((decision.to_string(), rule.to_string()));
+        self.inner
+            .autoscaler_decisions
+            .get_or_create(&DecisionLabels {
+                pool: pool.to_string(),
+                decision: decision.to_string(),
+                rule: rule.to_string(),
             })
             .inc();
     }
@@ -582,6 +623,19 @@ impl OperatorMetrics {
             i.reconcile_errors.remove(&ErrorLabels {
                 pool: pool.to_string(),
                 kind,
+            });
+        }
+        let decisions = i
+            .decision_kinds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(pool)
+            .unwrap_or_default();
+        for (decision, rule) in decisions {
+            i.autoscaler_decisions.remove(&DecisionLabels {
+                pool: pool.to_string(),
+                decision,
+                rule,
             });
         }
     }

@@ -376,6 +376,7 @@ impl Operator {
         let options = KubernetesOptions {
             namespace,
             instance,
+            leader_pod: leader_election.as_ref().and_then(|e| e.pod.clone()),
             ..KubernetesOptions::default()
         };
         let term_registry = registry.clone();

@@ -32,7 +32,7 @@ fn window(end: u64, replicas: u32, gets: u64, misses: u64) -> Window {
 
 fn assert_hold(decision: &Decision, words: &str) {
     match decision {
-        Decision::Hold { reason } => assert!(
+        Decision::Hold { reason, .. } => assert!(
             reason.contains(words),
             "hold reason {reason:?} should mention {words:?}"
         ),
@@ -144,7 +144,7 @@ impl Harness {
 
     fn holds(&self) -> impl Iterator<Item = &str> {
         self.decisions.iter().filter_map(|d| match d {
-            Decision::Hold { reason } => Some(reason.as_str()),
+            Decision::Hold { reason, .. } => Some(reason.as_str()),
             Decision::Scale { .. } => None,
         })
     }

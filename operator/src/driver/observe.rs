@@ -250,16 +250,30 @@ impl Driver {
             Decision::Scale { replicas, reason } => {
                 let from = ring.current().len();
                 info!(pool = %self.handle.pool, from, to = replicas, reason = %reason, "autoscaler decided");
-                let direction = if replicas > from {
-                    ScaleDirection::Up
+                let (direction, decided, by_miss_rate) = if replicas > from {
+                    (ScaleDirection::Up, "grow", "above_max_miss_rate")
                 } else {
-                    ScaleDirection::Down
+                    (ScaleDirection::Down, "shrink", "below_min_miss_rate")
                 };
+                // A scale into changed bounds says which bound in its reason.
+                let rule = if reason.contains("scaling.minReplicas")
+                    || reason.contains("scaling.maxReplicas")
+                {
+                    "bounds"
+                } else {
+                    by_miss_rate
+                };
+                self.ctx
+                    .metrics
+                    .autoscaler_decided(&self.label(), decided, rule);
                 self.ctx.metrics.scaled(&self.label(), direction);
                 self.record.status.desired_replicas = replicas;
                 self.pending_reason = Some(reason);
             }
-            Decision::Hold { reason } => {
+            Decision::Hold { rule, reason } => {
+                self.ctx
+                    .metrics
+                    .autoscaler_decided(&self.label(), "hold", rule);
                 tracing::debug!(pool = %self.handle.pool, reason = %reason, "autoscaler holds");
             }
         }

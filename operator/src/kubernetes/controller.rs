@@ -41,6 +41,8 @@ use crate::registry::Registry;
 
 /// How often the readiness task asks whether the pool cache has listed every pool.
 const READY_POLL: Duration = Duration::from_millis(100);
+/// First wait before labelling the leader's pod is tried again (doubling).
+const LABEL_RETRY: Duration = Duration::from_secs(1);
 
 /// A running pool driver.
 #[derive(Debug)]
@@ -111,6 +113,9 @@ impl Controller {
             });
         let cache = controller.store();
         let registry = self.registry.clone();
+        let leader_pod = self.options.leader_pod.clone();
+        let label_client = self.client.clone();
+        let label_stop = self.stop.clone();
         let ready = tokio::spawn(async move {
             // The controller's own runner waits on the same store. kube-runtime 5's readiness
             // signal is a oneshot behind a mutex that keeps only the last waiter's waker, so
@@ -121,6 +126,10 @@ impl Controller {
                     Ok(Ok(())) => {
                         debug!("every pool listed: ready");
                         registry.set_ready();
+                        if let Some(own) = leader_pod {
+                            super::role::keep_marking(label_client, own, LABEL_RETRY, label_stop)
+                                .await;
+                        }
                         return;
                     }
                     Ok(Err(e)) => {

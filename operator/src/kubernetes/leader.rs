@@ -74,6 +74,9 @@ pub struct LeaderElection {
     /// This operator's identity in the lease (`holderIdentity`): the pod name.
     pub identity: String,
     pub timing: LeaseTiming,
+    /// This replica's own pod, labelled while it leads (see [`super::role`]); `None` outside
+    /// a pod.
+    pub pod: Option<super::OwnPod>,
 }
 
 /// Whether this operator may write to the API server (see the module documentation).

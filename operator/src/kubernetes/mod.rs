@@ -21,11 +21,13 @@
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease. Only the leader runs
 //!   the controller, the drivers and the operator API; a leader that cannot renew stops writing
 //!   before anyone else can take the lease (the timing argument is in that module).
+//! - [`role`]: the leader labels its own pod, so the API Service routes to it alone.
 
 pub mod controller;
 pub mod events;
 pub mod leader;
 pub mod pods;
+pub mod role;
 pub mod store;
 
 use std::time::Duration;
@@ -34,6 +36,7 @@ pub use controller::Controller;
 pub use events::KubeEvents;
 pub use leader::{Fence, LeaderElection, LeaseTiming};
 pub use pods::KubePods;
+pub use role::OwnPod;
 pub use store::KubeStore;
 
 /// The finalizer on every CachePool: the pool's nodes are stopped before it is removed.
@@ -107,6 +110,9 @@ pub struct KubernetesOptions {
     pub retry_max: Duration,
     /// The `reportingInstance` of Events (the pod name).
     pub instance: String,
+    /// This replica's pod, labelled as the leader's once the watch listed every pool (see
+    /// [`role`]); `None` outside a pod or without leader election.
+    pub leader_pod: Option<OwnPod>,
 }
 
 impl Default for KubernetesOptions {
@@ -117,6 +123,7 @@ impl Default for KubernetesOptions {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             instance: CONTROLLER_NAME.to_owned(),
+            leader_pod: None,
         }
     }
 }

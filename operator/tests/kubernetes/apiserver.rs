@@ -64,6 +64,10 @@ struct State {
     pools: BTreeMap<String, Value>,
     /// Leases by `namespace/name`, with the field manager owning `holderIdentity`.
     leases: BTreeMap<String, (Value, Option<String>)>,
+    /// Pods by `namespace/name` (the operator replicas' own, for the leader label).
+    pods: BTreeMap<String, Value>,
+    /// Secrets by `namespace/name` (the pod provider's admin tokens).
+    secrets: BTreeMap<String, Value>,
     events: Vec<Value>,
     calls: Vec<Call>,
     /// Open CachePool watches: (namespace or all, sender of watch lines).
@@ -257,6 +261,26 @@ impl ApiServer {
     }
 
     /// The holder of a Lease.
+    /// Adds a pod (an operator replica's own) with no labels.
+    pub fn add_pod(&self, namespace: &str, name: &str) {
+        let mut state = self.lock();
+        let revision = state.bump();
+        state.pods.insert(
+            format!("{namespace}/{name}"),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": namespace, "labels": {},
+                                "resourceVersion": revision.to_string()}}),
+        );
+    }
+
+    /// The value of label `key` on a pod, if both exist.
+    pub fn pod_label(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+        let state = self.lock();
+        state.pods.get(&format!("{namespace}/{name}"))?["metadata"]["labels"][key]
+            .as_str()
+            .map(str::to_owned)
+    }
+
     pub fn lease_holder(&self, namespace: &str, name: &str) -> Option<String> {
         let state = self.lock();
         let (lease, _) = state.leases.get(&format!("{namespace}/{name}"))?;
@@ -498,6 +522,81 @@ fn route(
             }
             lease["metadata"]["resourceVersion"] = json!(revision.to_string());
             ok(lease.clone())
+        }
+        // Pods: listed by an equality label selector, labels changed by a merge patch.
+        (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) => {
+            let selector = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("labelSelector="))
+                .map(|s| s.replace("%3D", "=").replace("%2F", "/"))
+                .unwrap_or_default();
+            let wanted: Vec<(&str, &str)> = selector
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .filter_map(|kv| kv.split_once('='))
+                .collect();
+            let items: Vec<Value> = state
+                .pods
+                .iter()
+                .filter(|(key, _)| key.starts_with(&format!("{ns}/")))
+                .map(|(_, pod)| pod.clone())
+                .filter(|pod| {
+                    wanted
+                        .iter()
+                        .all(|(k, v)| pod["metadata"]["labels"][*k].as_str() == Some(*v))
+                })
+                .collect();
+            ok(json!({"apiVersion": "v1", "kind": "PodList",
+                      "metadata": {"resourceVersion": state.revision.to_string()},
+                      "items": items}))
+        }
+        (&Method::POST, ["api", "v1", "namespaces", ns, "pods"]) => {
+            let name = body["metadata"]["name"].as_str().unwrap_or_default();
+            let key = format!("{ns}/{name}");
+            if state.pods.contains_key(&key) {
+                return fail(409, "AlreadyExists", &format!("pods \"{name}\" already exists"));
+            }
+            let mut pod = body.clone();
+            pod["metadata"]["namespace"] = json!(ns);
+            pod["metadata"]["resourceVersion"] = json!(state.bump().to_string());
+            state.pods.insert(key, pod.clone());
+            (StatusCode::CREATED, Ok(pod))
+        }
+        (&Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            match state.pods.remove(&format!("{ns}/{name}")) {
+                Some(pod) => ok(pod),
+                None => fail(404, "NotFound", &format!("pods \"{name}\" not found")),
+            }
+        }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "secrets", name]) => {
+            match state.secrets.get(&format!("{ns}/{name}")) {
+                Some(secret) => ok(secret.clone()),
+                None => fail(404, "NotFound", &format!("secrets \"{name}\" not found")),
+            }
+        }
+        (&Method::POST, ["api", "v1", "namespaces", ns, "secrets"]) => {
+            let name = body["metadata"]["name"].as_str().unwrap_or_default();
+            let key = format!("{ns}/{name}");
+            if state.secrets.contains_key(&key) {
+                return fail(409, "AlreadyExists", &format!("secrets \"{name}\" already exists"));
+            }
+            let mut secret = body.clone();
+            secret["metadata"]["namespace"] = json!(ns);
+            state.secrets.insert(key, secret.clone());
+            (StatusCode::CREATED, Ok(secret))
+        }
+        (&Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name])
+            if content_type == "application/merge-patch+json" =>
+        {
+            let revision = state.bump();
+            match state.pods.get_mut(&format!("{ns}/{name}")) {
+                Some(pod) => {
+                    json_patch::merge(pod, body);
+                    pod["metadata"]["resourceVersion"] = json!(revision.to_string());
+                    ok(pod.clone())
+                }
+                None => fail(404, "NotFound", &format!("pods \"{name}\" not found")),
+            }
         }
         _ => fail(
             404,
