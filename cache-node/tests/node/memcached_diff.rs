@@ -183,6 +183,12 @@ async fn numbers_are_parsed_as_memcached_parses_them() {
         "cas s 0 0 1 +1\r\na\r\n",
         "set s 0 0 1 foo\r\na\r\n",
         "get n s\r\n",
+        "verbosity noreply\r\n",
+        "mg t T+5 v\r\n",
+        "md nokey C+5\r\n",
+        "touch t 1 noreply\r\n",
+        "flush_all noreply 5\r\n",
+        "stats detail on x\r\n",
         // Last: these empty the cache.
         "flush_all 0x\r\n",
         "flush_all x noreply\r\n",
