@@ -933,7 +933,11 @@ fn conns_stats(shared: &Shared, me: &Arc<ConnInfo>, out: &mut Vec<u8>) {
     let listen = &shared.settings.listen;
     let fd = shared.listener_fd.load(Ordering::Relaxed);
     if fd >= 0 {
-        stat_line(out, format_args!("{fd}:addr"), format_args!("tcp:{listen}"));
+        stat_line(
+            out,
+            format_args!("{fd}:addr"),
+            format_args!("{}:{listen}", transport(listen)),
+        );
         stat_line(out, format_args!("{fd}:state"), "conn_listening");
         stat_line(
             out,
@@ -951,12 +955,16 @@ fn conns_stats(shared: &Shared, me: &Arc<ConnInfo>, out: &mut Vec<u8>) {
         stat_line(
             out,
             format_args!("{fd}:addr"),
-            format_args!("tcp:{}", c.peer),
+            format_args!(
+                "{}:{}",
+                if c.peer.is_ipv6() { "tcp6" } else { "tcp" },
+                c.peer
+            ),
         );
         stat_line(
             out,
             format_args!("{fd}:listen_addr"),
-            format_args!("tcp:{listen}"),
+            format_args!("{}:{listen}", transport(listen)),
         );
         // The asking connection is parsing; the others wait for their next command.
         let state = if Arc::ptr_eq(&c, me) {
@@ -973,6 +981,11 @@ fn conns_stats(shared: &Shared, me: &Arc<ConnInfo>, out: &mut Vec<u8>) {
         );
     }
     out.extend_from_slice(b"END\r\n");
+}
+
+/// memcached's name for the transport of a `host:port` address (`[::1]:11211` is IPv6).
+fn transport(addr: &str) -> &'static str {
+    if addr.starts_with('[') { "tcp6" } else { "tcp" }
 }
 
 /// `stats cachedump <class> <limit>`: `ITEM <key> [<bytes> b; <expiry> s]` per item, expiry
