@@ -48,10 +48,18 @@ pub struct NodeConfig {
     #[arg(long, env = "CACHEPOOL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
-    /// Largest value accepted, in KiB (the pool caches images, hence 16 MiB).
-    #[arg(long, env = "CACHEPOOL_MAX_ITEM_SIZE_KIB", default_value_t = 16384,
+    /// Largest item in KiB, counting key, value and the node's 20-byte item header, as
+    /// memcached counts `-I`. The default is memcached's 1 MiB; pools pass their own
+    /// `cache.maxItemSizeKiB` (16 MiB unless set: the pool caches images).
+    #[arg(long, env = "CACHEPOOL_MAX_ITEM_SIZE_KIB", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=admin::MAX_ITEM_SIZE_KIB))]
     pub max_item_size_kib: u64,
+
+    /// Largest item as memcached's `-I` takes it: bytes, or with a k or m suffix (`512k`,
+    /// `1m`, `2m`), from 1k to 1024m. Overrides --max-item-size-kib [default: 1m]
+    #[arg(short = 'I', long, env = "CACHEPOOL_MAX_ITEM_SIZE",
+          value_parser = parse_item_size, conflicts_with = "max_item_size_kib")]
+    pub max_item_size: Option<usize>,
 
     /// Worker threads serving connections (0: one per CPU).
     #[arg(long, env = "CACHEPOOL_THREADS", default_value_t = 0)]
@@ -83,11 +91,18 @@ impl NodeConfig {
             policy,
             admin_token: admin_token.map(str::to_string),
             max_item_size_kib: 16384,
+            max_item_size: None,
             threads: 2,
             max_connections: 4096,
             idle_timeout_secs: 0,
             addr_file: None,
         }
+    }
+
+    /// The item size limit in bytes: `--max-item-size` if given, else `--max-item-size-kib`.
+    pub fn item_size_limit(&self) -> usize {
+        self.max_item_size
+            .unwrap_or((self.max_item_size_kib as usize) << 10)
     }
 
     /// The worker thread count after resolving 0.
@@ -98,6 +113,34 @@ impl NodeConfig {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
     }
+}
+
+/// Parses an item size the way memcached's `-I` does: a byte count, or kibibytes or
+/// mebibytes with a `k` or `m` suffix (either case), between 1 KiB and 1 GiB.
+pub fn parse_item_size(text: &str) -> std::result::Result<usize, String> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
+        _ => (text, 0),
+    };
+    let bad = || {
+        format!(
+            "invalid item size {text:?}: expected bytes or a size with a k or m suffix, \
+             from 1k to 1024m (for example 1m, 512k, 2m)"
+        )
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let size = digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(bad)?;
+    if !(1 << 10..=1 << 30).contains(&size) {
+        return Err(bad());
+    }
+    Ok(size)
 }
 
 /// A running node.
@@ -139,11 +182,7 @@ impl Node {
             threads: config.worker_threads(),
             listen: addr.to_string(),
         };
-        let shared = Arc::new(Shared::new(
-            store,
-            settings,
-            (config.max_item_size_kib as usize) << 10,
-        ));
+        let shared = Arc::new(Shared::new(store, settings, config.item_size_limit()));
         let ready = Arc::new(AtomicBool::new(true));
         let handoff = Arc::new(crate::handoff::Handoff::default());
         let state = AdminState {
@@ -261,6 +300,36 @@ async fn reap_expired(store: Arc<Store>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeConfig,
+    }
+
+    fn limit_of(args: &[&str]) -> Result<usize, String> {
+        let argv = std::iter::once("node").chain(args.iter().copied());
+        Cli::try_parse_from(argv)
+            .map(|c| c.node.item_size_limit())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn item_size_flags_default_to_memcached_and_take_its_sizes() {
+        assert_eq!(limit_of(&[]), Ok(1 << 20));
+        assert_eq!(limit_of(&["-I", "2m"]), Ok(2 << 20));
+        assert_eq!(limit_of(&["--max-item-size", "512k"]), Ok(512 << 10));
+        assert_eq!(limit_of(&["--max-item-size", "1M"]), Ok(1 << 20));
+        assert_eq!(limit_of(&["-I", "4096"]), Ok(4096));
+        // What the operator passes for a pool's cache.maxItemSizeKiB.
+        assert_eq!(limit_of(&["--max-item-size-kib", "16384"]), Ok(16 << 20));
+        for bad in ["1.5m", "2x", "100", "0", "2048m", "-1", "", "m", "1g"] {
+            let err = limit_of(&[&format!("--max-item-size={bad}")]).unwrap_err();
+            assert!(err.contains("invalid item size"), "{bad}: {err}");
+        }
+        assert!(limit_of(&["-I", "1m", "--max-item-size-kib", "1024"]).is_err());
+    }
 
     /// A directory of its own under the system temporary directory, removed on drop.
     struct TempDir(PathBuf);

@@ -7,6 +7,15 @@
 //! line length, the key length and characters, and the data block length. A rejected storage
 //! command whose length parses has its data block skipped (`Frame::Swallow`), so value bytes
 //! are never run as commands; memcached only does that for oversized values.
+//!
+//! Numbers are read as memcached reads them (an optional `+`, decimal digits, nothing after
+//! them; a `-` only where the field is signed), with one deliberate difference: a number that
+//! does not fit its field is refused with the error memcached gives that field for garbage,
+//! where memcached 1.6 silently truncates it to 32 bits (flags, exptimes, `verbosity`).
+//!
+//! An unknown command whose last token starts with `HTTP/` is a browser or proxy talking
+//! HTTP to the data port (a cross-protocol attack from a web page): the connection is
+//! closed without a word, as memcached does (`Frame::Hangup`).
 
 /// Longest key memcached accepts.
 pub const MAX_KEY_LEN: usize = 250;
@@ -22,10 +31,20 @@ pub struct Limits {
     pub max_get_line: usize,
 }
 
+/// memcached's default item size limit (`-I 1m`), which a bare `cachepool node` keeps.
+pub const DEFAULT_MAX_ITEM_SIZE: usize = 1 << 20;
+
+/// What an item of a `key_len`-byte key and a `value_len`-byte value weighs against the item
+/// size limit: the node's whole item allocation (header, key, value), as memcached counts its
+/// own item header and key against `-I`.
+pub fn item_size(key_len: usize, value_len: usize) -> usize {
+    crate::store::ITEM_HEADER_LEN + key_len + value_len
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_item_size: 16 << 20,
+            max_item_size: DEFAULT_MAX_ITEM_SIZE,
             max_line: 2048,
             max_get_line: 256 << 10,
         }
@@ -43,12 +62,39 @@ pub enum StoreCmd {
     Cas(u64),
 }
 
-/// `stats` and its arguments.
+/// `stats` and its arguments: every form memcached 1.6 accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StatsCmd {
     General,
     Settings,
     Reset,
+    /// `stats items`: per size class item counts.
+    Items,
+    /// `stats slabs`: per size class memory.
+    Slabs,
+    /// `stats sizes`: item counts by size, in 32-byte buckets.
+    Sizes,
+    /// `stats sizes_enable` / `stats sizes_disable`.
+    SizesEnable(bool),
+    /// `stats conns`: one block per open connection.
+    Conns,
+    /// `stats cachedump <class> <limit>`: keys of one size class.
+    CacheDump {
+        class: u32,
+        limit: u32,
+    },
+    /// `stats detail on|off|dump`: per key prefix counters.
+    Detail(DetailCmd),
+    /// `stats extstore`: external storage (the node has none).
+    Extstore,
+}
+
+/// The argument of `stats detail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetailCmd {
+    On,
+    Off,
+    Dump,
 }
 
 /// A complete, valid command.
@@ -211,6 +257,8 @@ pub enum Frame<'a> {
     Silent,
     /// Answer with this line and close the connection.
     Close(&'static str),
+    /// Close the connection at once, dropping answers not yet written: the peer speaks HTTP.
+    Hangup,
 }
 
 pub const ERROR: &str = "ERROR";
@@ -220,6 +268,12 @@ pub const LINE_TOO_LONG: &str = "CLIENT_ERROR line too long";
 pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
 pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta argument";
 pub const BAD_EXPTIME: &str = "CLIENT_ERROR invalid exptime argument";
+pub const BAD_TOKEN: &str = "CLIENT_ERROR bad token in command line format";
+pub const BAD_META_FLAG: &str = "CLIENT_ERROR invalid or duplicate flag";
+pub const CACHEDUMP_USAGE: &str = "CLIENT_ERROR bad command line";
+pub const DETAIL_USAGE: &str = "CLIENT_ERROR usage: stats detail on|off|dump";
+pub const MEMLIMIT_TOO_SMALL: &str = "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m";
+pub const MEMLIMIT_TOO_LARGE: &str = "MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes";
 pub const DELETE_USAGE: &str =
     "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
 
@@ -234,23 +288,36 @@ fn valid_key(key: &[u8]) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_LEN && key.iter().all(|&b| b > 0x20 && b != 0x7f)
 }
 
+/// An unsigned decimal as memcached's `safe_strtoull` takes it: an optional `+`, digits and
+/// nothing else; `None` on overflow. Hand-rolled rather than `str::parse` because it runs for
+/// every storage command's length (no UTF-8 check, no second pass).
 fn parse_u64(tok: &[u8]) -> Option<u64> {
-    if tok.is_empty() || tok.len() > 20 || !tok.iter().all(u8::is_ascii_digit) {
+    let digits = tok.strip_prefix(b"+").unwrap_or(tok);
+    if digits.is_empty() {
         return None;
     }
-    std::str::from_utf8(tok).ok()?.parse().ok()
+    digits.iter().try_fold(0u64, |acc, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
 }
 
 fn parse_u32(tok: &[u8]) -> Option<u32> {
     parse_u64(tok).and_then(|v| u32::try_from(v).ok())
 }
 
-/// A signed 32-bit number, as memcached's `safe_strtol` accepts for exptimes.
+/// A signed 32-bit number, as memcached's `safe_strtol` takes exptimes: an optional sign and
+/// digits. Out of range is refused (memcached 1.6 truncates it to 32 bits).
 fn parse_i32(tok: &[u8]) -> Option<i64> {
     let (neg, digits) = match tok.split_first() {
         Some((b'-', rest)) => (true, rest),
         _ => (false, tok),
     };
+    if digits.first() == Some(&b'-') || (neg && digits.first() == Some(&b'+')) {
+        return None;
+    }
     let v = i64::try_from(parse_u64(digits)?).ok()?;
     let v = if neg { -v } else { v };
     (i64::from(i32::MIN)..=i64::from(i32::MAX))
@@ -308,26 +375,22 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
         b"incr" | b"decr" => arith(name == b"incr", args, noreply),
         b"touch" => touch(args, noreply),
         b"flush_all" => flush_all(args, noreply),
-        b"stats" => match args {
-            [] => Frame::Command(Command::Stats(StatsCmd::General)),
-            [b"settings"] => Frame::Command(Command::Stats(StatsCmd::Settings)),
-            [b"reset"] => Frame::Command(Command::Stats(StatsCmd::Reset)),
-            _ => Frame::Error(ERROR),
-        },
+        b"stats" => stats(args),
         // memcached ignores arguments to `version`.
         b"version" => Frame::Command(Command::Version),
-        b"verbosity" if !args.is_empty() && args.len() <= 2 => {
-            Frame::Command(Command::Verbosity { noreply })
-        }
-        b"cache_memlimit" if matches!(args.len(), 1 | 2) => match parse_u64(args[0]) {
-            Some(mib) if mib > 0 => Frame::Command(Command::CacheMemlimit { mib, noreply }),
-            _ => Frame::Error(BAD_FORMAT),
+        // The level is checked as memcached checks it, and ignored: the node logs through
+        // `tracing` (RUST_LOG).
+        b"verbosity" if !args.is_empty() && args.len() <= 2 => match parse_u32(args[0]) {
+            Some(_) => Frame::Command(Command::Verbosity { noreply }),
+            None => Frame::Error(BAD_FORMAT),
         },
+        b"cache_memlimit" if matches!(args.len(), 1 | 2) => cache_memlimit(args[0], noreply),
         b"quit" => Frame::Command(Command::Quit),
         b"mg" => meta_get(line),
         b"ms" => return meta_set(line, &buf[line_end..], line_end, limits),
         b"md" => meta_delete(line),
         b"mn" => Frame::Command(Command::MetaNoop),
+        _ if tokens(line).last().is_some_and(|t| t.starts_with(b"HTTP/")) => Frame::Hangup,
         _ => Frame::Error(ERROR),
     };
     // A recognised command with `noreply` keeps quiet about its errors too, or the client
@@ -343,8 +406,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Option<(Frame<'a>, usize)> {
 fn retrieval<'a>(name: &[u8], line: &'a [u8], args: &[&'a [u8]]) -> Frame<'a> {
     let touch = name.starts_with(b"gat");
     let cas = name.ends_with(b"s");
-    let min_args = if touch { 2 } else { 1 };
-    if args.len() < min_args {
+    if args.is_empty() {
         return Frame::Error(ERROR);
     }
     // Keys are everything after the command (and the exptime for gat); `args` was capped, so
@@ -358,9 +420,13 @@ fn retrieval<'a>(name: &[u8], line: &'a [u8], args: &[&'a [u8]]) -> Frame<'a> {
     } else {
         None
     };
-    let first = rest.next();
-    let Some(first) = first else {
-        return Frame::Error(ERROR);
+    let Some(first) = rest.next() else {
+        // `gat <exptime>` with no key: memcached answers a retrieval of nothing.
+        return Frame::Command(Command::Get {
+            keys: Keys(&[]),
+            cas,
+            touch: exptime,
+        });
     };
     let offset = first.as_ptr() as usize - line.as_ptr() as usize;
     let tail = &line[offset..];
@@ -418,7 +484,7 @@ fn storage<'a>(
     if !valid_key(key) {
         return swallow(BAD_FORMAT);
     }
-    if len as usize > limits.max_item_size {
+    if item_size(key.len(), len as usize) > limits.max_item_size {
         let unlink = (name == b"set").then_some(key);
         return Some((
             Frame::Swallow {
@@ -489,7 +555,7 @@ fn meta_get(line: &[u8]) -> Frame<'_> {
             b'O' if token.len() <= 32 => flags.opaque = Some(token),
             b'T' => match parse_i32(token) {
                 Some(t) => flags.touch = Some(t),
-                None => return Frame::Error(BAD_FORMAT),
+                None => return Frame::Error(BAD_TOKEN),
             },
             _ => return Frame::Error("CLIENT_ERROR invalid flag"),
         }
@@ -533,11 +599,11 @@ fn meta_set<'a>(
             },
             b'T' => match parse_i32(token) {
                 Some(t) => flags.ttl = t,
-                None => bad = Some(BAD_FORMAT),
+                None => bad = Some(BAD_TOKEN),
             },
             b'C' => match parse_u64(token) {
                 Some(c) => flags.compare_cas = Some(c),
-                None => bad = Some(BAD_FORMAT),
+                None => bad = Some(BAD_TOKEN),
             },
             b'M' => match token {
                 b"S" | b"s" => flags.mode = StoreCmd::Set,
@@ -555,24 +621,25 @@ fn meta_set<'a>(
             _ => bad = Some("CLIENT_ERROR invalid flag"),
         }
     }
-    let swallow = |reply| {
+    let swallow = |reply, unlink| {
         Some((
             Frame::Swallow {
                 reply: Some(reply),
                 bytes: len + 2,
-                unlink: None,
+                unlink,
             },
             line_end,
         ))
     };
     if let Some(reply) = bad {
-        return swallow(reply);
+        return swallow(reply, None);
     }
     if !valid_key(key) {
-        return swallow(BAD_FORMAT);
+        return swallow(BAD_FORMAT, None);
     }
-    if len as usize > limits.max_item_size {
-        return swallow(TOO_LARGE);
+    // memcached drops the old value on a too-large `ms` whatever its mode.
+    if item_size(key.len(), len as usize) > limits.max_item_size {
+        return swallow(TOO_LARGE, Some(key));
     }
     let len = len as usize;
     if after.len() < len + 2 {
@@ -608,7 +675,7 @@ fn meta_delete(line: &[u8]) -> Frame<'_> {
         match flag {
             b'C' => match parse_u64(token) {
                 Some(c) => flags.compare_cas = Some(c),
-                None => return Frame::Error(BAD_FORMAT),
+                None => return Frame::Error(BAD_META_FLAG),
             },
             b'k' => flags.return_key = true,
             b'q' => flags.quiet = true,
@@ -680,19 +747,61 @@ fn touch<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
 }
 
 fn flush_all<'a>(args: &[&'a [u8]], noreply: bool) -> Frame<'a> {
-    let numbers = if noreply {
-        &args[..args.len() - 1]
-    } else {
-        args
-    };
-    match numbers {
-        [] => Frame::Command(Command::FlushAll { delay: 0, noreply }),
-        [delay] => match parse_i32(delay) {
+    // memcached reads the delay from the first argument unless that is `noreply`, and
+    // ignores one more argument.
+    match args {
+        [] | [b"noreply"] => Frame::Command(Command::FlushAll { delay: 0, noreply }),
+        [delay] | [delay, _] => match parse_i32(delay) {
             Some(delay) => Frame::Command(Command::FlushAll { delay, noreply }),
             None => Frame::Error(BAD_EXPTIME),
         },
         _ => Frame::Error(ERROR),
     }
+}
+
+fn cache_memlimit<'a>(arg: &[u8], noreply: bool) -> Frame<'a> {
+    // memcached answers a non-number with `ERROR`, and keeps quiet about it under noreply.
+    let Some(mib) = parse_u64(arg) else {
+        return if noreply {
+            Frame::Silent
+        } else {
+            Frame::Error(ERROR)
+        };
+    };
+    if mib < 8 {
+        Frame::Error(MEMLIMIT_TOO_SMALL)
+    } else if mib > crate::admin::MAX_CAPACITY_MIB {
+        Frame::Error(MEMLIMIT_TOO_LARGE)
+    } else {
+        Frame::Command(Command::CacheMemlimit { mib, noreply })
+    }
+}
+
+/// `stats <what> ...`: memcached looks at the first argument only (`stats reset now` resets).
+fn stats<'a>(args: &[&'a [u8]]) -> Frame<'a> {
+    let which = match args {
+        [] => StatsCmd::General,
+        [b"settings", ..] => StatsCmd::Settings,
+        [b"reset", ..] => StatsCmd::Reset,
+        [b"items", ..] => StatsCmd::Items,
+        [b"slabs", ..] => StatsCmd::Slabs,
+        [b"sizes", ..] => StatsCmd::Sizes,
+        [b"sizes_enable", ..] => StatsCmd::SizesEnable(true),
+        [b"sizes_disable", ..] => StatsCmd::SizesEnable(false),
+        [b"conns", ..] => StatsCmd::Conns,
+        [b"extstore", ..] => StatsCmd::Extstore,
+        [b"detail", b"on", ..] => StatsCmd::Detail(DetailCmd::On),
+        [b"detail", b"off", ..] => StatsCmd::Detail(DetailCmd::Off),
+        [b"detail", b"dump", ..] => StatsCmd::Detail(DetailCmd::Dump),
+        [b"detail", ..] => return Frame::Error(DETAIL_USAGE),
+        [b"cachedump", class, limit, ..] => match (parse_u32(class), parse_u32(limit)) {
+            (Some(class), Some(limit)) => StatsCmd::CacheDump { class, limit },
+            _ => return Frame::Error(BAD_FORMAT),
+        },
+        [b"cachedump", ..] => return Frame::Error(CACHEDUMP_USAGE),
+        _ => return Frame::Error(ERROR),
+    };
+    Frame::Command(Command::Stats(which))
 }
 
 /// Converts a protocol exptime to an absolute Unix expiry (0 = never), memcached's rules:

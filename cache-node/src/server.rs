@@ -2,10 +2,13 @@
 //! that parses every complete command in its buffer, executes it against the store, and
 //! writes all answers with one write (so pipelined requests cost one syscall per batch).
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -16,7 +19,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Cmd, NodeStats, unix_now};
-use crate::protocol::{self, Command, Frame, Limits, StatsCmd, StoreCmd};
+use crate::protocol::{self, Command, DetailCmd, Frame, Limits, StatsCmd, StoreCmd};
+use crate::store::classes::{self, MAX_CLASS};
 use crate::store::{ArithOutcome, DeleteOutcome, Store, StoreMode, StoreOutcome};
 
 /// The version string `version` and `stats` report. memcached's major.minor first, so client
@@ -40,15 +44,54 @@ pub struct Shared {
     pub stats: Arc<NodeStats>,
     pub settings: ServerSettings,
     max_item_size: AtomicUsize,
+    /// Open connections by socket descriptor (`stats conns`); touched on connect and close.
+    conns: Mutex<BTreeMap<i32, Arc<ConnInfo>>>,
+    /// The listening socket's descriptor, once `serve` runs (`stats conns`).
+    listener_fd: AtomicI32,
+    /// `stats sizes_enable`: whether `stats sizes` shows the histogram.
+    sizes_enabled: AtomicBool,
+    /// `stats detail on`: count gets, hits, sets and deletes per key prefix.
+    detail_enabled: AtomicBool,
+    detail: Mutex<HashMap<Vec<u8>, PrefixStats>>,
 }
+
+/// What `stats conns` shows of one connection.
+#[derive(Debug)]
+struct ConnInfo {
+    peer: SocketAddr,
+    /// Unix second of the last batch of commands.
+    last_cmd: AtomicU32,
+}
+
+/// `stats detail dump` counters of one key prefix.
+#[derive(Clone, Copy, Debug, Default)]
+struct PrefixStats {
+    gets: u64,
+    hits: u64,
+    sets: u64,
+    deletes: u64,
+}
+
+/// memcached's key prefix delimiter for `stats detail`.
+const PREFIX_DELIMITER: u8 = b':';
+/// Most prefixes `stats detail` tracks, so a client cannot grow the table without bound.
+const MAX_PREFIXES: usize = 4096;
+/// Largest `stats cachedump` answer, memcached's bound too.
+const CACHEDUMP_MAX_BYTES: usize = 2 << 20;
 
 impl Shared {
     pub fn new(store: Arc<Store>, settings: ServerSettings, max_item_size: usize) -> Shared {
+        store.set_max_item_size(max_item_size);
         Shared {
             store,
             stats: Arc::new(NodeStats::default()),
             settings,
             max_item_size: AtomicUsize::new(max_item_size),
+            conns: Mutex::default(),
+            listener_fd: AtomicI32::new(-1),
+            sizes_enabled: AtomicBool::new(false),
+            detail_enabled: AtomicBool::new(false),
+            detail: Mutex::default(),
         }
     }
 
@@ -58,6 +101,30 @@ impl Shared {
 
     pub fn set_max_item_size(&self, bytes: usize) {
         self.max_item_size.store(bytes, Ordering::Relaxed);
+        self.store.set_max_item_size(bytes);
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, Arc<ConnInfo>>> {
+        // The map is complete after every insert or remove, so a poisoned lock is still sound.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one operation on `key` for `stats detail`, when it is on and the key has a
+    /// prefix (memcached counts only keys holding the delimiter).
+    fn detail(&self, key: &[u8], update: impl FnOnce(&mut PrefixStats)) {
+        if !self.detail_enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(end) = key.iter().position(|&b| b == PREFIX_DELIMITER) else {
+            return;
+        };
+        let mut map = self.detail.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = &key[..end];
+        if let Some(s) = map.get_mut(prefix) {
+            update(s);
+        } else if map.len() < MAX_PREFIXES {
+            update(map.entry(prefix.to_vec()).or_default());
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -85,6 +152,9 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
+    shared
+        .listener_fd
+        .store(listener.as_raw_fd(), Ordering::Relaxed);
     info!(addr = ?listener.local_addr().ok(), "memcached port listening");
     loop {
         tokio::select! {
@@ -112,10 +182,20 @@ pub async fn serve(
                 stats.total_connections.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let stop = stop_rx.clone();
+                let fd = stream.as_raw_fd();
+                let info = Arc::new(ConnInfo { peer, last_cmd: AtomicU32::new(unix_now()) });
+                shared.conns().insert(fd, info.clone());
                 conns.spawn(async move {
-                    if let Err(err) = Connection::new(stream, &shared).run(stop).await {
+                    if let Err(err) = Connection::new(stream, &shared, info.clone()).run(stop).await {
                         debug!(%peer, %err, "connection ended with an error");
                     }
+                    // The socket is closed by now and its descriptor may already belong to a
+                    // newer connection: remove the entry only if it is still this one's.
+                    let mut open = shared.conns();
+                    if open.get(&fd).is_some_and(|c| Arc::ptr_eq(c, &info)) {
+                        open.remove(&fd);
+                    }
+                    drop(open);
                     shared.stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
                 });
             }
@@ -130,6 +210,7 @@ pub async fn serve(
 struct Connection<'a> {
     stream: TcpStream,
     shared: &'a Shared,
+    info: Arc<ConnInfo>,
     input: BytesMut,
     output: Vec<u8>,
     /// Bytes of a rejected data block still to discard.
@@ -149,10 +230,11 @@ enum Next {
 const FLUSH_AT: usize = 1 << 20;
 
 impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, shared: &'a Shared) -> Self {
+    fn new(stream: TcpStream, shared: &'a Shared, info: Arc<ConnInfo>) -> Self {
         Connection {
             stream,
             shared,
+            info,
             input: BytesMut::with_capacity(16 * 1024),
             output: Vec::with_capacity(16 * 1024),
             swallow: 0,
@@ -219,6 +301,8 @@ impl<'a> Connection<'a> {
     /// Executes every complete command in the input buffer.
     fn process(&mut self) -> Next {
         let limits = self.shared.limits();
+        // Once per batch, not per command: `stats conns` shows whole seconds.
+        self.info.last_cmd.store(unix_now(), Ordering::Relaxed);
         loop {
             if self.swallow > 0 {
                 let n = (self.swallow as usize).min(self.input.len());
@@ -232,7 +316,7 @@ impl<'a> Connection<'a> {
                 return Next::Continue;
             };
             let next = match frame {
-                Frame::Command(cmd) => execute(self.shared, cmd, &mut self.output),
+                Frame::Command(cmd) => execute(self.shared, &self.info, cmd, &mut self.output),
                 Frame::Error(reply) => {
                     self.shared
                         .stats
@@ -274,6 +358,16 @@ impl<'a> Connection<'a> {
                     line(&mut self.output, reply);
                     Next::Close
                 }
+                Frame::Hangup => {
+                    self.shared
+                        .stats
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    // Nothing goes back to an HTTP peer, not even answers to commands that
+                    // came before in the same packet (memcached drops those too).
+                    self.output.clear();
+                    Next::Close
+                }
             };
             self.input.advance(used);
             if let Next::Close = next {
@@ -297,8 +391,8 @@ fn reply(out: &mut Vec<u8>, noreply: bool, text: &str) {
     }
 }
 
-/// Runs one command, appending its answer to `out`.
-fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
+/// Runs one command from connection `conn`, appending its answer to `out`.
+fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
     let start = Instant::now();
     let now = unix_now();
     let store = &shared.store;
@@ -306,7 +400,7 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
         Command::Get { keys, cas, touch } => {
             let touch = touch.map(|t| protocol::absolute_expiry(t, now));
             for key in keys.iter() {
-                store.get(key, touch, now, |meta, value| {
+                let hit = store.get(key, touch, now, |meta, value| {
                     // itoa rather than `write!`: the formatting machinery showed up in
                     // profiles of the get path.
                     let mut num = itoa::Buffer::new();
@@ -324,6 +418,10 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
                     out.extend_from_slice(b"\r\n");
                     out.extend_from_slice(value);
                     out.extend_from_slice(b"\r\n");
+                });
+                shared.detail(key, |s| {
+                    s.gets += 1;
+                    s.hits += u64::from(hit);
                 });
             }
             out.extend_from_slice(b"END\r\n");
@@ -347,6 +445,7 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
             };
             let expiry = protocol::absolute_expiry(exptime, now);
             let outcome = store.store(mode, key, data, flags, expiry, now);
+            shared.detail(key, |s| s.sets += 1);
             match outcome {
                 StoreOutcome::Stored => reply(out, noreply, "STORED"),
                 StoreOutcome::NotStored => reply(out, noreply, "NOT_STORED"),
@@ -360,6 +459,7 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
         }
         Command::Delete { key, noreply } => {
             let found = store.delete(key, now);
+            shared.detail(key, |s| s.deletes += 1);
             reply(out, noreply, if found { "DELETED" } else { "NOT_FOUND" });
             Cmd::Delete
         }
@@ -409,6 +509,34 @@ fn execute(shared: &Shared, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
                     shared.stats.reset();
                     line(out, "RESET");
                 }
+                StatsCmd::Items => items_stats(shared, now, out),
+                StatsCmd::Slabs => slabs_stats(shared, now, out),
+                StatsCmd::Sizes => sizes_stats(shared, now, out),
+                StatsCmd::SizesEnable(on) => {
+                    shared.sizes_enabled.store(on, Ordering::Relaxed);
+                    // memcached sends this line without END; END is added so that a client
+                    // reading a stats answer (to END) does not wait forever.
+                    line(
+                        out,
+                        if on {
+                            "STAT sizes_status enabled"
+                        } else {
+                            "STAT sizes_status disabled"
+                        },
+                    );
+                    line(out, "END");
+                }
+                StatsCmd::Conns => conns_stats(shared, conn, out),
+                StatsCmd::CacheDump { class, limit } => cachedump(shared, class, limit, now, out),
+                StatsCmd::Detail(DetailCmd::On | DetailCmd::Off) => {
+                    let on = which == StatsCmd::Detail(DetailCmd::On);
+                    shared.detail_enabled.store(on, Ordering::Relaxed);
+                    line(out, "OK");
+                }
+                StatsCmd::Detail(DetailCmd::Dump) => detail_dump(shared, out),
+                // No external storage: an empty set of statistics, as memcached without
+                // extstore configured answers.
+                StatsCmd::Extstore => line(out, "END"),
             }
             Cmd::Stats
         }
@@ -655,12 +783,25 @@ pub fn settings_stats(shared: &Shared) -> Vec<(&'static str, String)> {
         ("interface", set.listen.clone()),
         ("evictions", "on".to_string()),
         ("num_threads", set.threads.to_string()),
-        ("item_size_max", shared.max_item_size().to_string()),
         ("idle_timeout", set.idle_timeout.as_secs().to_string()),
         ("cas_enabled", "yes".to_string()),
+        ("item_size_max", shared.max_item_size().to_string()),
+        (
+            "detail_enabled",
+            yes_no(shared.detail_enabled.load(Ordering::Relaxed)),
+        ),
+        (
+            "track_sizes",
+            yes_no(shared.sizes_enabled.load(Ordering::Relaxed)),
+        ),
+        ("stat_key_prefix", (PREFIX_DELIMITER as char).to_string()),
         ("binding_protocol", "ascii".to_string()),
         ("policy", shared.store.policy().to_string()),
     ]
+}
+
+fn yes_no(on: bool) -> String {
+    if on { "yes" } else { "no" }.to_string()
 }
 
 /// User and system CPU seconds of this process, as memcached formats them.
@@ -673,4 +814,213 @@ fn rusage() -> (String, String) {
     };
     let fmt = |t: libc::timeval| format!("{}.{:06}", t.tv_sec, t.tv_usec);
     (fmt(usage.ru_utime), fmt(usage.ru_stime))
+}
+
+/// One `STAT <name> <value>` line.
+fn stat_line(out: &mut Vec<u8>, name: std::fmt::Arguments<'_>, value: impl std::fmt::Display) {
+    let _ = write!(out, "STAT {name} {value}\r\n");
+}
+
+/// `stats items`, memcached's fields per size class (`store::classes` for the mapping). The
+/// node has one queue per shard rather than memcached's hot/warm/cold segments, and counts
+/// evictions, hits and reclaims per shard rather than per class: those per-class fields are
+/// 0 here and their node-wide totals are in `stats`.
+fn items_stats(shared: &Shared, now: u32, out: &mut Vec<u8>) {
+    for (class, u) in shared.store.size_classes(now) {
+        if u.items == 0 {
+            continue;
+        }
+        // memcached's fields in memcached's order. The single queue is where evictions
+        // happen, memcached's cold segment.
+        let fields: [(&str, u64); 28] = [
+            ("number", u.items),
+            ("number_hot", 0),
+            ("number_warm", 0),
+            ("number_cold", u.items),
+            ("age_hot", 0),
+            ("age_warm", 0),
+            ("age", 0),
+            ("mem_requested", u.requested),
+            ("evicted", 0),
+            ("evicted_nonzero", 0),
+            ("evicted_time", 0),
+            ("outofmemory", 0),
+            ("tailrepairs", 0),
+            ("reclaimed", 0),
+            ("expired_unfetched", 0),
+            ("evicted_unfetched", 0),
+            ("evicted_active", 0),
+            ("crawler_reclaimed", 0),
+            ("crawler_items_checked", 0),
+            ("lrutail_reflocked", 0),
+            ("moves_to_cold", 0),
+            ("moves_to_warm", 0),
+            ("moves_within_lru", 0),
+            ("direct_reclaims", 0),
+            ("hits_to_hot", 0),
+            ("hits_to_warm", 0),
+            ("hits_to_cold", 0),
+            ("hits_to_temp", 0),
+        ];
+        for (field, value) in fields {
+            stat_line(out, format_args!("items:{class}:{field}"), value);
+        }
+    }
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// `stats slabs`: memory per size class, then `active_slabs` and `total_malloced`.
+fn slabs_stats(shared: &Shared, now: u32, out: &mut Vec<u8>) {
+    const ZERO_FIELDS: [&str; 8] = [
+        "get_hits",
+        "cmd_set",
+        "delete_hits",
+        "incr_hits",
+        "decr_hits",
+        "cas_hits",
+        "cas_badval",
+        "touch_hits",
+    ];
+    let usage = shared.store.size_classes(now);
+    let mut malloced = 0;
+    for (&class, u) in &usage {
+        let total = u.total_chunks(class);
+        stat_line(
+            out,
+            format_args!("{class}:chunk_size"),
+            classes::chunk_size(class),
+        );
+        stat_line(
+            out,
+            format_args!("{class}:chunks_per_page"),
+            classes::chunks_per_page(class),
+        );
+        stat_line(out, format_args!("{class}:total_pages"), u.pages);
+        stat_line(out, format_args!("{class}:total_chunks"), total);
+        stat_line(out, format_args!("{class}:used_chunks"), u.items);
+        let free = total.saturating_sub(u.items);
+        stat_line(
+            out,
+            format_args!("{class}:free_chunks"),
+            free.saturating_sub(u.free_at_end),
+        );
+        stat_line(out, format_args!("{class}:free_chunks_end"), u.free_at_end);
+        for field in ZERO_FIELDS {
+            stat_line(out, format_args!("{class}:{field}"), 0);
+        }
+        malloced += u.malloced;
+    }
+    stat_line(out, format_args!("active_slabs"), usage.len());
+    stat_line(out, format_args!("total_malloced"), malloced);
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// `stats sizes`: live items by size in 32-byte buckets, once `stats sizes_enable` was sent.
+/// The node computes the histogram when asked, so it also counts items stored before.
+fn sizes_stats(shared: &Shared, now: u32, out: &mut Vec<u8>) {
+    if shared.sizes_enabled.load(Ordering::Relaxed) {
+        for (bucket, count) in shared.store.size_histogram(now) {
+            stat_line(out, format_args!("{bucket}"), count);
+        }
+    } else {
+        line(out, "STAT sizes_status disabled");
+    }
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// `stats conns`: the listening socket, then every open connection by descriptor.
+fn conns_stats(shared: &Shared, me: &Arc<ConnInfo>, out: &mut Vec<u8>) {
+    let listen = &shared.settings.listen;
+    let fd = shared.listener_fd.load(Ordering::Relaxed);
+    if fd >= 0 {
+        stat_line(
+            out,
+            format_args!("{fd}:addr"),
+            format_args!("{}:{listen}", transport(listen)),
+        );
+        stat_line(out, format_args!("{fd}:state"), "conn_listening");
+        stat_line(
+            out,
+            format_args!("{fd}:secs_since_last_cmd"),
+            shared.stats.uptime().as_secs(),
+        );
+    }
+    let now = unix_now();
+    let open: Vec<_> = shared
+        .conns()
+        .iter()
+        .map(|(&fd, c)| (fd, c.clone()))
+        .collect();
+    for (fd, c) in open {
+        stat_line(
+            out,
+            format_args!("{fd}:addr"),
+            format_args!(
+                "{}:{}",
+                if c.peer.is_ipv6() { "tcp6" } else { "tcp" },
+                c.peer
+            ),
+        );
+        stat_line(
+            out,
+            format_args!("{fd}:listen_addr"),
+            format_args!("{}:{listen}", transport(listen)),
+        );
+        // The asking connection is parsing; the others wait for their next command.
+        let state = if Arc::ptr_eq(&c, me) {
+            "conn_parse_cmd"
+        } else {
+            "conn_read"
+        };
+        stat_line(out, format_args!("{fd}:state"), state);
+        let last = c.last_cmd.load(Ordering::Relaxed);
+        stat_line(
+            out,
+            format_args!("{fd}:secs_since_last_cmd"),
+            now.saturating_sub(last),
+        );
+    }
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// memcached's name for the transport of a `host:port` address (`[::1]:11211` is IPv6).
+fn transport(addr: &str) -> &'static str {
+    if addr.starts_with('[') { "tcp6" } else { "tcp" }
+}
+
+/// `stats cachedump <class> <limit>`: `ITEM <key> [<bytes> b; <expiry> s]` per item, expiry
+/// as an absolute Unix time (0: never). Class ids past the highest class are refused as
+/// memcached refuses ids past its own.
+fn cachedump(shared: &Shared, class: u32, limit: u32, now: u32, out: &mut Vec<u8>) {
+    if class > MAX_CLASS {
+        line(out, "CLIENT_ERROR Illegal slab id");
+        return;
+    }
+    let items = shared
+        .store
+        .cachedump(class, limit as usize, CACHEDUMP_MAX_BYTES, now);
+    for (key, len, expiry) in items {
+        out.extend_from_slice(b"ITEM ");
+        out.extend_from_slice(&key);
+        let _ = write!(out, " [{len} b; {expiry} s]\r\n");
+    }
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// `stats detail dump`: `PREFIX <prefix> get <n> hit <n> set <n> del <n>` per prefix, in
+/// prefix order.
+fn detail_dump(shared: &Shared, out: &mut Vec<u8>) {
+    let map = shared.detail.lock().unwrap_or_else(|e| e.into_inner());
+    let mut prefixes: Vec<_> = map.iter().collect();
+    prefixes.sort_by(|a, b| a.0.cmp(b.0));
+    for (prefix, s) in prefixes {
+        out.extend_from_slice(b"PREFIX ");
+        out.extend_from_slice(prefix);
+        let _ = write!(
+            out,
+            " get {} hit {} set {} del {}\r\n",
+            s.gets, s.hits, s.sets, s.deletes
+        );
+    }
+    out.extend_from_slice(b"END\r\n");
 }

@@ -29,11 +29,12 @@ fuzz_target!(|data: &[u8]| {
         match &frame {
             Frame::Command(Command::Store { key, data, .. }) => {
                 assert!(valid_key(key));
-                assert!(data.len() <= LIMITS.max_item_size);
+                assert!(protocol::item_size(key.len(), data.len()) <= LIMITS.max_item_size);
             }
-            Frame::Command(Command::Get { keys, .. }) => {
+            Frame::Command(Command::Get { keys, touch, .. }) => {
+                // `gat <exptime>` alone is a retrieval of no key, as in memcached.
                 let keys: Vec<_> = keys.iter().collect();
-                assert!(!keys.is_empty() && keys.iter().all(|k| valid_key(k)));
+                assert!((touch.is_some() || !keys.is_empty()) && keys.iter().all(|k| valid_key(k)));
             }
             Frame::Command(Command::Delete { key, .. } | Command::Arith { key, .. } | Command::Touch { key, .. }) => {
                 assert!(valid_key(key));
@@ -41,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
             Frame::Swallow { bytes, .. } => assert!(*bytes >= 2),
             _ => {}
         }
-        if matches!(frame, Frame::Close(_)) {
+        if matches!(frame, Frame::Close(_) | Frame::Hangup) {
             return;
         }
         buf = &buf[used..];

@@ -75,7 +75,12 @@ fn retrievals() {
         }
     ));
     assert_eq!(err(b"get\r\n"), ERROR);
-    assert_eq!(err(b"gat 10\r\n"), ERROR);
+    // `gat <exptime>` alone retrieves nothing (memcached answers END); `gat` alone is ERROR.
+    assert!(matches!(
+        cmd(b"gat 10\r\n"),
+        Command::Get { touch: Some(10), keys, .. } if keys.iter().count() == 0
+    ));
+    assert_eq!(err(b"gat\r\n"), ERROR);
     assert_eq!(err(b"gat x a\r\n"), BAD_EXPTIME);
     let long = format!("get {}\r\n", "k".repeat(251));
     assert_eq!(err(long.as_bytes()), BAD_FORMAT);
@@ -337,7 +342,7 @@ fn meta_get_and_noop() {
     assert_eq!(cmd(b"mn\r\n"), Command::MetaNoop);
     assert_eq!(err(b"mg\r\n"), BAD_FORMAT);
     assert_eq!(err(b"mg key z\r\n"), "CLIENT_ERROR invalid flag");
-    assert_eq!(err(b"mg key Tsoon\r\n"), BAD_FORMAT);
+    assert_eq!(err(b"mg key Tsoon\r\n"), BAD_TOKEN);
 }
 
 #[test]
@@ -382,5 +387,189 @@ fn meta_set_and_delete() {
             }
         }
     );
-    assert_eq!(err(b"md key Cx\r\n"), BAD_FORMAT);
+    assert_eq!(err(b"md key Cx\r\n"), BAD_META_FLAG);
+}
+
+#[test]
+fn numbers_take_a_plus_and_nothing_after_the_digits() {
+    assert_eq!(parse_u64(b"+7"), Some(7));
+    assert_eq!(parse_u64(b"007"), Some(7));
+    assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+    for bad in [
+        &b""[..],
+        b"+",
+        b"-1",
+        b"1x",
+        b"0x1",
+        b" 1",
+        b"1.0",
+        b"++1",
+        b"18446744073709551616",
+    ] {
+        assert_eq!(parse_u64(bad), None, "{:?}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(parse_u32(b"4294967295"), Some(u32::MAX));
+    assert_eq!(
+        parse_u32(b"4294967296"),
+        None,
+        "overflow is refused, not truncated"
+    );
+    assert_eq!(parse_i32(b"-2147483648"), Some(-2_147_483_648));
+    assert_eq!(parse_i32(b"+5"), Some(5));
+    for bad in [
+        &b"2147483648"[..],
+        b"-2147483649",
+        b"--1",
+        b"-+1",
+        b"+-1",
+        b"-",
+        b"5s",
+    ] {
+        assert_eq!(parse_i32(bad), None, "{:?}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(err(b"verbosity 1x\r\n"), BAD_FORMAT);
+    assert_eq!(err(b"verbosity -1\r\n"), BAD_FORMAT);
+    assert_eq!(
+        p(b"verbosity x noreply\r\n").map(|f| f.0),
+        Some(Frame::Silent)
+    );
+    assert_eq!(err(b"flush_all 1x\r\n"), BAD_EXPTIME);
+    assert_eq!(err(b"flush_all 1 2 3\r\n"), ERROR);
+    assert_eq!(
+        cmd(b"flush_all 3 9\r\n"),
+        Command::FlushAll {
+            delay: 3,
+            noreply: false
+        }
+    );
+    assert_eq!(err(b"cache_memlimit 64x\r\n"), ERROR);
+    assert_eq!(
+        p(b"cache_memlimit x noreply\r\n").map(|f| f.0),
+        Some(Frame::Silent)
+    );
+    assert_eq!(err(b"cache_memlimit 7\r\n"), MEMLIMIT_TOO_SMALL);
+    assert_eq!(err(b"cache_memlimit 99999999999\r\n"), MEMLIMIT_TOO_LARGE);
+    assert!(matches!(
+        cmd(b"set k +1 +2 +1\r\nx\r\n"),
+        Command::Store {
+            flags: 1,
+            exptime: 2,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn every_stats_form_of_memcached_parses() {
+    let stats = |input: &[u8]| match cmd(input) {
+        Command::Stats(s) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(stats(b"stats items\r\n"), StatsCmd::Items);
+    assert_eq!(stats(b"stats slabs\r\n"), StatsCmd::Slabs);
+    assert_eq!(stats(b"stats sizes\r\n"), StatsCmd::Sizes);
+    assert_eq!(
+        stats(b"stats sizes_enable\r\n"),
+        StatsCmd::SizesEnable(true)
+    );
+    assert_eq!(
+        stats(b"stats sizes_disable\r\n"),
+        StatsCmd::SizesEnable(false)
+    );
+    assert_eq!(stats(b"stats conns\r\n"), StatsCmd::Conns);
+    assert_eq!(stats(b"stats extstore\r\n"), StatsCmd::Extstore);
+    assert_eq!(stats(b"stats reset now\r\n"), StatsCmd::Reset);
+    assert_eq!(
+        stats(b"stats cachedump 3 +10 x\r\n"),
+        StatsCmd::CacheDump {
+            class: 3,
+            limit: 10
+        }
+    );
+    assert_eq!(
+        stats(b"stats detail on\r\n"),
+        StatsCmd::Detail(DetailCmd::On)
+    );
+    assert_eq!(
+        stats(b"stats detail off\r\n"),
+        StatsCmd::Detail(DetailCmd::Off)
+    );
+    assert_eq!(
+        stats(b"stats detail dump\r\n"),
+        StatsCmd::Detail(DetailCmd::Dump)
+    );
+    assert_eq!(err(b"stats detail\r\n"), DETAIL_USAGE);
+    assert_eq!(err(b"stats cachedump 3\r\n"), CACHEDUMP_USAGE);
+    assert_eq!(err(b"stats cachedump 3 -1\r\n"), BAD_FORMAT);
+    assert_eq!(err(b"stats HTTP/1.1\r\n"), ERROR);
+}
+
+#[test]
+fn an_http_request_line_hangs_up() {
+    for line in [
+        &b"GET / HTTP/1.0\r\n"[..],
+        b"POST /x HTTP/1.1\r\n",
+        b"PUT /x HTTP/1.1\r\n",
+        b"DELETE /x HTTP/1.1\r\n",
+        b"HEAD / HTTP/1.1\r\n",
+        b"OPTIONS * HTTP/1.1\r\n",
+        b"BREW /pot HTTP/2\r\n",
+        b"HTTP/1.1\r\n",
+    ] {
+        assert_eq!(
+            p(line).map(|f| f.0),
+            Some(Frame::Hangup),
+            "{:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    // Known commands stay themselves, and HTTP must be the last token, as in memcached.
+    assert!(matches!(cmd(b"get / HTTP/1.0\r\n"), Command::Get { .. }));
+    assert_eq!(err(b"GET /\r\n"), ERROR);
+    assert_eq!(err(b"GET / HTTP/1.1 x\r\n"), ERROR);
+    assert_eq!(err(b"GET / http/1.1\r\n"), ERROR);
+}
+
+#[test]
+fn the_item_size_limit_counts_header_and_key() {
+    let limits = Limits {
+        max_item_size: 1024,
+        ..Limits::default()
+    };
+    let fits = 1024 - item_size(1, 0);
+    let set = |len: usize| {
+        let mut req = format!("set k 0 0 {len}\r\n").into_bytes();
+        req.extend(std::iter::repeat_n(b'v', len));
+        req.extend_from_slice(b"\r\n");
+        req
+    };
+    let ok = set(fits);
+    assert!(matches!(
+        parse(&ok, &limits),
+        Some((Frame::Command(Command::Store { .. }), _))
+    ));
+    let big = set(fits + 1);
+    assert!(matches!(
+        parse(&big, &limits),
+        Some((
+            Frame::Swallow {
+                reply: Some(TOO_LARGE),
+                unlink: Some(b"k"),
+                ..
+            },
+            _
+        ))
+    ));
+    // A too-large ms drops the old value whatever its mode, as memcached does.
+    assert!(matches!(
+        parse(b"ms k 2000 MA\r\n", &limits),
+        Some((
+            Frame::Swallow {
+                reply: Some(TOO_LARGE),
+                unlink: Some(b"k"),
+                ..
+            },
+            _
+        ))
+    ));
 }

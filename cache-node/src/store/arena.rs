@@ -18,9 +18,9 @@ use std::ptr::{self, NonNull};
 /// Largest allocation served from the arena.
 pub const SMALL_MAX: usize = 2048;
 /// Class granularity.
-const STEP: usize = 8;
+pub const STEP: usize = 8;
 const CLASSES: usize = SMALL_MAX / STEP + 1;
-const PAGE: usize = 64 * 1024;
+pub const PAGE: usize = 64 * 1024;
 const PAGE_LAYOUT: Layout = match Layout::from_size_align(PAGE, 16) {
     Ok(l) => l,
     Err(_) => panic!("page layout"),
@@ -45,6 +45,8 @@ const EMPTY: Class = Class {
 pub struct Arena {
     classes: Box<[Class; CLASSES]>,
     pages: Vec<NonNull<u8>>,
+    /// Pages given to each class (`stats slabs`).
+    class_pages: Box<[u32; CLASSES]>,
 }
 
 // SAFETY: the arena owns its pages exclusively; it is only used behind its shard's mutex.
@@ -63,6 +65,7 @@ impl Default for Arena {
         Arena {
             classes: Box::new([EMPTY; CLASSES]),
             pages: Vec::new(),
+            class_pages: Box::new([0; CLASSES]),
         }
     }
 }
@@ -106,6 +109,7 @@ impl Arena {
             let page =
                 NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(PAGE_LAYOUT));
             self.pages.push(page);
+            self.class_pages[chunk / STEP] += 1;
             let class = &mut self.classes[chunk / STEP];
             class.bump = page.as_ptr();
             // SAFETY: one past the end of the page allocation.
@@ -146,6 +150,24 @@ impl Arena {
             unsafe { dealloc(page.as_ptr(), PAGE_LAYOUT) };
         }
         *self.classes = [EMPTY; CLASSES];
+        *self.class_pages = [0; CLASSES];
+    }
+
+    /// Pages held by the class of `chunk`-byte chunks, and the chunks never handed out at the
+    /// end of its newest page.
+    pub fn class_usage(&self, chunk: usize) -> (usize, usize) {
+        let (Some(&pages), Some(class)) = (
+            self.class_pages.get(chunk / STEP),
+            self.classes.get(chunk / STEP),
+        ) else {
+            return (0, 0);
+        };
+        let tail = if class.bump.is_null() {
+            0
+        } else {
+            (class.end as usize - class.bump as usize) / chunk.max(STEP)
+        };
+        (pages as usize, tail)
     }
 
     /// Bytes held in pages (for tests and stats).

@@ -11,6 +11,7 @@
 //! its behaviour is a plain function of its inputs.
 
 mod arena;
+pub mod classes;
 mod item;
 mod lists;
 mod shard;
@@ -22,6 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+pub use item::HEADER_LEN as ITEM_HEADER_LEN;
 pub use item::Item;
 use shard::Shard;
 pub use shard::{SLOT_OVERHEAD, TOMBSTONE_SECS, hash_key, item_cost};
@@ -216,6 +218,8 @@ pub struct Store {
     shard_bits: u32,
     used: AtomicUsize,
     limit: AtomicUsize,
+    /// Largest item (`protocol::item_size`) an append or prepend may grow to.
+    max_item: AtomicUsize,
     policy: Mutex<Policy>,
 }
 
@@ -241,6 +245,7 @@ impl Store {
             shard_bits,
             used: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit_bytes),
+            max_item: AtomicUsize::new(usize::MAX),
             policy: Mutex::new(policy),
         }
     }
@@ -411,6 +416,13 @@ impl Store {
             (StoreMode::Cas(expected), Some(id)) if shard.item(id).cas() != expected => {
                 shard.stats.cas_badval += 1;
                 return self.refuse(&mut shard, StoreOutcome::Exists);
+            }
+            (StoreMode::Append | StoreMode::Prepend, Some(id))
+                if shard.item(id).alloc_len() + value.len()
+                    > self.max_item.load(Ordering::Relaxed) =>
+            {
+                // memcached refuses to grow an item past the item size limit.
+                return self.refuse(&mut shard, StoreOutcome::NotStored);
             }
             (StoreMode::Append | StoreMode::Prepend, Some(id)) => {
                 let item = shard.item(id);
@@ -696,6 +708,63 @@ impl Store {
             total += freed;
         }
         total
+    }
+
+    /// Sets the largest item size (header, key and value) an append or prepend may reach.
+    pub fn set_max_item_size(&self, bytes: usize) {
+        self.max_item.store(bytes, Ordering::Relaxed);
+    }
+
+    /// What each size class holds (`stats items`, `stats slabs`), classes without memory left
+    /// out; see `classes` for the mapping. Walks every item, one shard locked at a time.
+    pub fn size_classes(&self, now: u32) -> std::collections::BTreeMap<u32, classes::ClassUsage> {
+        let mut out = std::collections::BTreeMap::new();
+        for i in 0..self.shards.len() {
+            classes::add_shard(&self.lock(i), now, &mut out);
+        }
+        out
+    }
+
+    /// Live items by size (`stats sizes`): bucket (item size rounded up to 32) to count.
+    pub fn size_histogram(&self, now: u32) -> std::collections::BTreeMap<u64, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        self.for_each(|item| {
+            if !item.is_expired(now) {
+                *out.entry(classes::size_bucket(item.alloc_len()))
+                    .or_insert(0) += 1;
+            }
+        });
+        out
+    }
+
+    /// Up to `limit` live items of size class `class` (0: no limit), as (key, value length,
+    /// absolute expiry), stopping once the keys reach `max_bytes` (`stats cachedump`).
+    pub fn cachedump(
+        &self,
+        class: u32,
+        limit: usize,
+        max_bytes: usize,
+        now: u32,
+    ) -> Vec<(Vec<u8>, usize, u32)> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for i in 0..self.shards.len() {
+            if out.len() >= limit || bytes >= max_bytes {
+                break;
+            }
+            self.lock(i).for_each(|item| {
+                if out.len() < limit
+                    && bytes < max_bytes
+                    && !item.is_expired(now)
+                    && classes::class_of(item.alloc_len()) == class
+                {
+                    bytes += item.key().len() + 32;
+                    out.push((item.key().to_vec(), item.value().len(), item.expiry()));
+                }
+            });
+        }
+        out
     }
 
     /// Resets the counters (`stats reset`).

@@ -423,6 +423,11 @@ impl Shard {
         0
     }
 
+    /// The shard's slab arena (for `stats slabs`).
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
     /// Visits every live item (for the hand-off and for tests).
     pub fn for_each(&self, mut f: impl FnMut(&Item)) {
         for item in self.items.iter().flatten() {

@@ -12,6 +12,7 @@ mod bad_input;
 mod conformance;
 mod handoff;
 mod limits;
+mod memcached_diff;
 mod meta;
 mod protocol;
 mod support;
