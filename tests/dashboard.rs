@@ -251,7 +251,11 @@ async fn get_text(url: &str) -> String {
     let response = reqwest::get(url)
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    assert!(response.status().is_success(), "GET {url}: {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "GET {url}: {}",
+        response.status()
+    );
     response.text().await.unwrap()
 }
 
@@ -294,7 +298,10 @@ spec:
 async fn every_metric_and_label_the_dashboard_queries_exists_on_a_running_stack() {
     let board = dashboard();
     let stack = Stack::start("dashboard", Some(POOL)).await;
-    wait_for_pool(&stack, "one ready node", |p| p["status"]["readyReplicas"] == 1).await;
+    wait_for_pool(&stack, "one ready node", |p| {
+        p["status"]["readyReplicas"] == 1
+    })
+    .await;
 
     // Site traffic: an upload and two views (a miss, then a hit through the pool).
     let http = reqwest::Client::new();
@@ -340,7 +347,10 @@ async fn every_metric_and_label_the_dashboard_queries_exists_on_a_running_stack(
     let legends = legend_labels(&board);
     for expr in queries(&board) {
         let u = uses(&expr);
-        assert!(!u.metrics.is_empty(), "a query names no cachepool metric: {expr}");
+        assert!(
+            !u.metrics.is_empty(),
+            "a query names no cachepool metric: {expr}"
+        );
         let legend: BTreeSet<String> = legends
             .iter()
             .filter(|(e, _)| *e == expr)
@@ -362,7 +372,10 @@ async fn every_metric_and_label_the_dashboard_queries_exists_on_a_running_stack(
                     if !declared_families.contains(family) {
                         problems.push(format!("{metric}: not declared by the operator ({expr})"));
                     }
-                    (labels.iter().map(|l| (*l).to_owned()).collect(), SCRAPE_LABELS)
+                    (
+                        labels.iter().map(|l| (*l).to_owned()).collect(),
+                        SCRAPE_LABELS,
+                    )
                 } else {
                     problems.push(format!("{metric}: no such series on the stack ({expr})"));
                     continue;

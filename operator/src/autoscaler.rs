@@ -271,17 +271,23 @@ impl Autoscaler {
     /// sizes, miss rate).
     pub fn decide(&mut self, scaling: &ScalingSpec, window: &Window) -> Decision {
         if let Some(problem) = spec_problem(scaling) {
-            return hold("invalid_spec", format!(
-                "the scaling spec is invalid ({problem}); the autoscaler changes nothing until it is fixed"
-            ));
+            return hold(
+                "invalid_spec",
+                format!(
+                    "the scaling spec is invalid ({problem}); the autoscaler changes nothing until it is fixed"
+                ),
+            );
         }
         if scaling.mode == ScalingMode::Manual {
             // The driver follows `scaling.replicas` now; a scale asked for earlier is moot.
             self.pending = None;
-            return hold("manual_mode", format!(
-                "scaling.mode is manual: the pool keeps scaling.replicas = {}",
-                nodes(scaling.replicas)
-            ));
+            return hold(
+                "manual_mode",
+                format!(
+                    "scaling.mode is manual: the pool keeps scaling.replicas = {}",
+                    nodes(scaling.replicas)
+                ),
+            );
         }
         self.infer_settle(window);
 
@@ -294,11 +300,14 @@ impl Autoscaler {
             return self.scale_to_bound(window, max, "above scaling.maxReplicas");
         }
         if let Some(target) = self.pending {
-            return hold("settling", format!(
-                "waiting for the pool to settle at {} (now {})",
-                nodes(target),
-                window.replicas
-            ));
+            return hold(
+                "settling",
+                format!(
+                    "waiting for the pool to settle at {} (now {})",
+                    nodes(target),
+                    window.replicas
+                ),
+            );
         }
         if !window.steady {
             return hold(
@@ -310,11 +319,14 @@ impl Autoscaler {
         if let Some(settled) = self.settled_at
             && window.start() < settled
         {
-            return hold("before_settle", format!(
-                "window began {} before the pool settled at {}; it is not counted",
-                Span(duration_between(window.start(), settled)),
-                nodes(window.replicas)
-            ));
+            return hold(
+                "before_settle",
+                format!(
+                    "window began {} before the pool settled at {}; it is not counted",
+                    Span(duration_between(window.start(), settled)),
+                    nodes(window.replicas)
+                ),
+            );
         }
         let m = match measure(scaling, window) {
             Ok(m) => m,
@@ -324,12 +336,15 @@ impl Autoscaler {
         self.remember_size(scaling, n, m, window.end);
 
         if let Some(left) = self.cooldown_left(scaling, window.end) {
-            return hold("cooldown", format!(
-                "cooldown: {} left since the pool settled at {} (miss rate {:.2})",
-                Span(left),
-                nodes(n),
-                m.miss_rate
-            ));
+            return hold(
+                "cooldown",
+                format!(
+                    "cooldown: {} left since the pool settled at {} (miss rate {:.2})",
+                    Span(left),
+                    nodes(n),
+                    m.miss_rate
+                ),
+            );
         }
         self.judge_grow(scaling, n, m, window.end);
 
@@ -339,13 +354,16 @@ impl Autoscaler {
         } else if m.miss_rate < auto.min_miss_rate {
             self.shrink(scaling, window, m)
         } else {
-            hold("within_thresholds", format!(
-                "miss rate {:.2} within [minMissRate {:.2}, maxMissRate {:.2}]: keeping {}",
-                m.miss_rate,
-                auto.min_miss_rate,
-                auto.max_miss_rate,
-                nodes(n)
-            ))
+            hold(
+                "within_thresholds",
+                format!(
+                    "miss rate {:.2} within [minMissRate {:.2}, maxMissRate {:.2}]: keeping {}",
+                    m.miss_rate,
+                    auto.min_miss_rate,
+                    auto.max_miss_rate,
+                    nodes(n)
+                ),
+            )
         }
     }
 
@@ -472,26 +490,32 @@ impl Autoscaler {
         let n = window.replicas;
         let max = scaling.max_replicas;
         if n >= max {
-            return hold("at_max_replicas", format!(
-                "miss rate {:.2} > maxMissRate {:.2}, but the pool is at scaling.maxReplicas ({max})",
-                m.miss_rate, auto.max_miss_rate
-            ));
+            return hold(
+                "at_max_replicas",
+                format!(
+                    "miss rate {:.2} > maxMissRate {:.2}, but the pool is at scaling.maxReplicas ({max})",
+                    m.miss_rate, auto.max_miss_rate
+                ),
+            );
         }
         if let Some(f) = self.futile
             && let Ok(left) = f.until.duration_since(window.end)
             && !left.is_zero()
         {
-            return hold("grow_backoff", format!(
-                "miss rate {:.2} > maxMissRate {:.2}, but the last grow ({} -> {} nodes) only took it from {:.2} to {:.2} (needed {:.0} % lower): more memory does not help this workload; no grow for another {}",
-                m.miss_rate,
-                auto.max_miss_rate,
-                f.from,
-                f.to,
-                f.before,
-                f.after,
-                f.needed * 100.0,
-                Span(left)
-            ));
+            return hold(
+                "grow_backoff",
+                format!(
+                    "miss rate {:.2} > maxMissRate {:.2}, but the last grow ({} -> {} nodes) only took it from {:.2} to {:.2} (needed {:.0} % lower): more memory does not help this workload; no grow for another {}",
+                    m.miss_rate,
+                    auto.max_miss_rate,
+                    f.from,
+                    f.to,
+                    f.before,
+                    f.after,
+                    f.needed * 100.0,
+                    Span(left)
+                ),
+            );
         }
         let to = grow_target(n, auto.expand_ratio).min(max);
         self.unjudged_grow = Some(GrowProbe {
@@ -514,10 +538,13 @@ impl Autoscaler {
         let n = window.replicas;
         let min = scaling.min_replicas;
         if n <= min {
-            return hold("at_min_replicas", format!(
-                "miss rate {:.2} < minMissRate {:.2}, but the pool is at scaling.minReplicas ({min})",
-                m.miss_rate, auto.min_miss_rate
-            ));
+            return hold(
+                "at_min_replicas",
+                format!(
+                    "miss rate {:.2} < minMissRate {:.2}, but the pool is at scaling.minReplicas ({min})",
+                    m.miss_rate, auto.min_miss_rate
+                ),
+            );
         }
         let wanted = shrink_target(n, auto.shrink_ratio).max(min);
         // The largest size at or above the target that proved too small under a load like
@@ -551,12 +578,15 @@ impl Autoscaler {
         );
         let to = size + 1;
         if to >= n {
-            return hold("too_small_before", format!(
-                "miss rate {:.2} < minMissRate {:.2}, but {why}: staying at {}",
-                m.miss_rate,
-                auto.min_miss_rate,
-                nodes(n)
-            ));
+            return hold(
+                "too_small_before",
+                format!(
+                    "miss rate {:.2} < minMissRate {:.2}, but {why}: staying at {}",
+                    m.miss_rate,
+                    auto.min_miss_rate,
+                    nodes(n)
+                ),
+            );
         }
         self.futile = None;
         let reason = format!(

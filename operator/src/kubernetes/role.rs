@@ -53,7 +53,10 @@ pub async fn mark_leader(client: &kube::Client, own: &OwnPod) -> Result<(), kube
             .patch(name, &PatchParams::default(), &Patch::Merge(&unlabel))
             .await
         {
-            Ok(_) => info!(pod = name, "took the leader label off a former leader's pod"),
+            Ok(_) => info!(
+                pod = name,
+                "took the leader label off a former leader's pod"
+            ),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => return Err(e),
         }

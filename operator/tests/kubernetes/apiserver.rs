@@ -554,7 +554,11 @@ fn route(
             let name = body["metadata"]["name"].as_str().unwrap_or_default();
             let key = format!("{ns}/{name}");
             if state.pods.contains_key(&key) {
-                return fail(409, "AlreadyExists", &format!("pods \"{name}\" already exists"));
+                return fail(
+                    409,
+                    "AlreadyExists",
+                    &format!("pods \"{name}\" already exists"),
+                );
             }
             let mut pod = body.clone();
             pod["metadata"]["namespace"] = json!(ns);
@@ -578,7 +582,11 @@ fn route(
             let name = body["metadata"]["name"].as_str().unwrap_or_default();
             let key = format!("{ns}/{name}");
             if state.secrets.contains_key(&key) {
-                return fail(409, "AlreadyExists", &format!("secrets \"{name}\" already exists"));
+                return fail(
+                    409,
+                    "AlreadyExists",
+                    &format!("secrets \"{name}\" already exists"),
+                );
             }
             let mut secret = body.clone();
             secret["metadata"]["namespace"] = json!(ns);

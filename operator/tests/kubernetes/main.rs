@@ -14,11 +14,11 @@ use apiserver::{ApiServer, Call};
 use cachepool_crds::client::OperatorClient;
 use cachepool_crds::pool::{CachePool, PoolPhase};
 use cachepool_operator::driver::DriverOptions;
+use cachepool_operator::kubernetes::KubePods;
 use cachepool_operator::kubernetes::role::{LEADER, ROLE_LABEL};
 use cachepool_operator::kubernetes::{
     FINALIZER, LAST_VALID_SPEC, LeaderElection, LeaseTiming, OwnPod,
 };
-use cachepool_operator::kubernetes::KubePods;
 use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::provider::pod::PodApi;
 use cachepool_operator::run::{Config, FrontEnd, KubeClient, NodeBackend, Operator};
@@ -551,7 +551,10 @@ async fn the_charts_rbac_grants_every_call_the_operator_makes_and_nothing_unused
     server.create(&pool_object(1));
     until(&server, "one ready node", ready(1, 1)).await;
     wait_for("the leader label", || {
-        server.pod_label(OPERATOR_NAMESPACE, "operator", ROLE_LABEL).as_deref() == Some(LEADER)
+        server
+            .pod_label(OPERATOR_NAMESPACE, "operator", ROLE_LABEL)
+            .as_deref()
+            == Some(LEADER)
     })
     .await;
     server.edit_spec(NAMESPACE, POOL, |spec| {
@@ -585,8 +588,12 @@ async fn the_charts_rbac_grants_every_call_the_operator_makes_and_nothing_unused
         .await
         .unwrap();
     assert_eq!(listed.len(), 1);
-    pods.delete_pod(NAMESPACE, "web-cache-0-abcde").await.unwrap();
-    pods.delete_pod(NAMESPACE, "web-cache-0-abcde").await.unwrap();
+    pods.delete_pod(NAMESPACE, "web-cache-0-abcde")
+        .await
+        .unwrap();
+    pods.delete_pod(NAMESPACE, "web-cache-0-abcde")
+        .await
+        .unwrap();
 
     let calls = server.calls();
     rbac::assert_granted(&calls, OPERATOR_NAMESPACE);
@@ -594,7 +601,8 @@ async fn the_charts_rbac_grants_every_call_the_operator_makes_and_nothing_unused
         .iter()
         .map(|c| rbac::permission(c, OPERATOR_NAMESPACE))
         .collect();
-    let unused: Vec<&rbac::Permission> = rbac::granted()
+    let granted = rbac::granted();
+    let unused: Vec<&rbac::Permission> = granted
         .difference(&used)
         .filter(|(_, group, resource, verb)| {
             !NOT_EXERCISED
@@ -606,5 +614,8 @@ async fn the_charts_rbac_grants_every_call_the_operator_makes_and_nothing_unused
         unused.is_empty(),
         "the chart grants what the operator never uses: {unused:#?}\nused: {used:#?}"
     );
-    println!("RBAC: {} permissions granted, all used: {used:?}", rbac::granted().len());
+    println!(
+        "RBAC: {} permissions granted, all used: {used:?}",
+        granted.len()
+    );
 }

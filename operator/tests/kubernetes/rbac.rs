@@ -61,7 +61,10 @@ pub fn permission(call: &Call, operator_namespace: &str) -> Permission {
         [resource, _name, sub] => (format!("{resource}/{sub}"), true),
         _ => panic!("unexpected API path: {}", call.path),
     };
-    let watch = call.query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    let watch = call
+        .query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
     let verb = match (call.method.as_str(), named) {
         ("GET", true) => "get",
         ("GET", false) if watch => "watch",
@@ -73,13 +76,12 @@ pub fn permission(call: &Call, operator_namespace: &str) -> Permission {
         ("DELETE", false) => "deletecollection",
         (method, _) => panic!("unexpected method {method}"),
     };
-    let scope = if resource == "leases"
-        || (resource == "pods" && namespace == Some(operator_namespace))
-    {
-        Scope::Operator
-    } else {
-        Scope::Pools
-    };
+    let scope =
+        if resource == "leases" || (resource == "pods" && namespace == Some(operator_namespace)) {
+            Scope::Operator
+        } else {
+            Scope::Pools
+        };
     (scope, group.to_owned(), resource, verb.to_owned())
 }
 
