@@ -956,7 +956,7 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
     // deleted) belongs to the replacement, not to the shrink measured next.
     until("the lost instance cleaned up", || async {
         let calls = provider.api_calls();
-        (calls.get("TerminateInstances").is_some() && calls.get("DeleteParameter").is_some())
+        (calls.contains_key("TerminateInstances") && calls.contains_key("DeleteParameter"))
             .then_some(())
     })
     .await;
