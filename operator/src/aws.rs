@@ -1,6 +1,7 @@
 //! What the operator's AWS clients (the EC2 provider, the CloudWatch sink and source) share:
-//! how the SDK configuration is loaded, how a missing credential chain is told, and how each
-//! call is counted and timed in [`AwsCalls`].
+//! how the SDK configuration is loaded, how a missing credential chain is told, how each
+//! call is counted and timed in [`AwsCalls`], and which failures a later attempt can fix
+//! ([`retryable`]).
 //!
 //! Calls are measured where they are made ([`observe`]) rather than by an SDK interceptor: at
 //! the call site the operation's typed error is at hand, so its AWS error code becomes the
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
@@ -24,14 +26,19 @@ use crate::metrics::{AWS_OK, AwsCalls};
 /// exponential back-off and jitter between them.
 pub const MAX_ATTEMPTS: u32 = 5;
 
+/// The SDK's standard retry with [`MAX_ATTEMPTS`] attempts (its own back-off: up to 1 s before
+/// the first retry, doubling to at most 20 s, full jitter).
+pub fn retry_config() -> RetryConfig {
+    RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS)
+}
+
 /// The shared SDK configuration: the default chain (environment, profile, web identity, IMDS)
 /// unless `credentials` are given, `region` if given (else the chain's), and the standard retry.
 pub async fn sdk_config(
     credentials: Option<SharedCredentialsProvider>,
     region: Option<String>,
 ) -> SdkConfig {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(retry_config());
     if let Some(credentials) = credentials {
         loader = loader.credentials_provider(credentials);
     }
@@ -91,4 +98,32 @@ where
     };
     calls.record(service, api, &outcome, started.elapsed());
     result
+}
+
+/// Whether a later attempt can succeed where `err` failed: what the SDK's standard retry
+/// retries (throttling and transient error codes, 5xx answers, timeouts, no answer at all).
+/// Any other error answered by the service (a 4xx such as `AccessDenied`,
+/// `InvalidParameterValue`, `InvalidClientTokenId`) needs a person, not another attempt; and a
+/// request that could not even be built never will be.
+pub fn retryable<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    use aws_runtime::retries::classifiers::{THROTTLING_ERRORS, TRANSIENT_ERRORS};
+    if matches!(err, SdkError::ConstructionFailure(_)) {
+        return false;
+    }
+    if let Some(code) = err.code()
+        && (THROTTLING_ERRORS.contains(&code) || TRANSIENT_ERRORS.contains(&code))
+    {
+        return true;
+    }
+    match err.raw_response() {
+        Some(answer) => {
+            let status = answer.status().as_u16();
+            // An answer that could not be read is a garbled transfer, whatever its status.
+            status >= 500 || matches!(err, SdkError::ResponseError(_))
+        }
+        None => true,
+    }
 }

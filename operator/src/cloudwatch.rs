@@ -15,8 +15,16 @@
 //!   so `publish` only queues the datums; one task per operator sends them with
 //!   `PutMetricData`, as many per request as CloudWatch takes ([`MAX_DATUMS_PER_REQUEST`]),
 //!   grouped by metric namespace. The SDK's standard retry (back-off with jitter) handles
-//!   throttling and 5xx; a batch that still fails is kept and tried again with a growing pause,
-//!   up to [`CloudWatchOptions::max_pending`] datums (the oldest go first beyond that).
+//!   throttling and 5xx; a batch that still fails that way is kept and tried again after a
+//!   pause that doubles ([`CloudWatchOptions::retry_pause`] up to
+//!   [`CloudWatchOptions::longest_retry_pause`]), and nothing else is sent until then (what
+//!   failed once would fail again). A batch refused with an error no retry fixes (a 4xx other
+//!   than throttling: `AccessDenied`, `InvalidParameterValue`; [`crate::aws::retryable`]) is
+//!   dropped at once, never retried. Queued and kept datums share one bounded buffer
+//!   ([`CloudWatchOptions::max_pending`]): while CloudWatch is away it fills, and beyond the
+//!   bound the oldest datums go. Both kinds of loss are counted on `/metrics`
+//!   (`cachepool_operator_cloudwatch_datums_dropped_total{reason}`), beside the backlog
+//!   (`cachepool_operator_cloudwatch_datums_pending`).
 //! - **Reading a window**: one `GetMetricData` per decision, summing `Hits` and `Misses` (and
 //!   `Requests`) over the window at the source's period. CloudWatch answers in whole periods
 //!   and ingests late, and the sink itself publishes a minute only once it closed: so the
@@ -29,9 +37,9 @@
 //! - **No credentials**: the operator still starts; every publish and read fails with a
 //!   message naming what is missing (the autoscaler holds, the pool is `Degraded`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_cloudwatch::config::SharedInterceptor;
@@ -41,12 +49,14 @@ use aws_sdk_cloudwatch::types::{
     Dimension, Metric, MetricDataQuery, MetricDatum, MetricStat, ScanBy, StandardUnit,
 };
 use cachepool_crds::pool::MetricsSpec;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tracing::{debug, warn};
+
+use aws_config::retry::RetryConfig;
 
 use crate::aws::{Region, SharedCredentialsProvider};
 use crate::history::{ClosedMinute, WindowTotals};
-use crate::metrics::AwsCalls;
+use crate::metrics::{AwsCalls, DROPPED_OVERFLOW, DROPPED_REFUSED};
 use crate::provider::PoolRef;
 use crate::store::BoxFuture;
 use crate::traffic::{Error, TrafficSink, TrafficSource};
@@ -96,8 +106,16 @@ pub struct CloudWatchOptions {
     /// CloudWatch's ingestion, which AWS puts at "typically under a minute" and sometimes two.
     pub settle: Duration,
     /// Datums kept for sending (queued or waiting for a retry); beyond it the oldest are
-    /// dropped with a warning.
+    /// dropped, counted and logged.
     pub max_pending: usize,
+    /// The SDK's retry of one `PutMetricData` or `GetMetricData` (default
+    /// [`crate::aws::retry_config`]: standard, 5 attempts).
+    pub retry: RetryConfig,
+    /// The sink's pause after a `PutMetricData` the SDK gave up on, before it tries again;
+    /// doubled after each further failure.
+    pub retry_pause: Duration,
+    /// The longest such pause.
+    pub longest_retry_pause: Duration,
 }
 
 impl Default for CloudWatchOptions {
@@ -112,6 +130,9 @@ impl Default for CloudWatchOptions {
             settle: Duration::from_secs(120),
             // A day of minutes for about three pools.
             max_pending: 10_000,
+            retry: crate::aws::retry_config(),
+            retry_pause: Duration::from_secs(5),
+            longest_retry_pause: Duration::from_secs(300),
         }
     }
 }
@@ -129,18 +150,54 @@ impl fmt::Debug for CloudWatchOptions {
             .field("period", &self.period)
             .field("settle", &self.settle)
             .field("max_pending", &self.max_pending)
+            .field("retry", &self.retry)
+            .field("retry_pause", &self.retry_pause)
+            .field("longest_retry_pause", &self.longest_retry_pause)
             .finish_non_exhaustive()
     }
 }
 
-/// What the sink hands its sending task.
-enum Message {
-    Datums {
-        namespace: String,
-        datums: Vec<MetricDatum>,
-    },
-    /// Answered once everything queued before it was sent (`Ok`) or failed (`Err`).
-    Flush(oneshot::Sender<Result<(), String>>),
+/// What the sink and its sending task share: the bounded buffer of datums and the flushes
+/// waiting for them. `publish` only appends under a lock held for microseconds, so a round is
+/// never held up by CloudWatch; the bound is enforced where datums are added, so no state of
+/// the sending task (an attempt in flight, a pause before the next) lets it grow.
+struct Outbox {
+    queue: Mutex<Queue>,
+    /// Wakes the sending task (a permit is kept if it is busy, so no wake-up is lost).
+    wake: Notify,
+    max_pending: usize,
+    calls: AwsCalls,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Oldest first: the namespace and the datum.
+    datums: VecDeque<(String, MetricDatum)>,
+    /// Answered once everything queued before them was sent (`Ok`) or failed (`Err`).
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// The sink is gone: one last attempt, then the task ends.
+    closed: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops the oldest datums beyond the bound, counted; publishes the backlog.
+    fn bound(&self, queue: &mut Queue) {
+        let excess = queue.datums.len().saturating_sub(self.max_pending);
+        if excess > 0 {
+            queue.datums.drain(..excess);
+            self.calls.datums_dropped(DROPPED_OVERFLOW, excess);
+            warn!(
+                dropped = excess,
+                bound = self.max_pending,
+                "CloudWatch datums dropped, the oldest first: more wait than the bound"
+            );
+        }
+        self.calls.set_datums_pending(queue.datums.len());
+    }
 }
 
 /// CloudWatch sink and source (see the module documentation). Dropping it (and every clone of
@@ -150,7 +207,14 @@ pub struct CloudWatch {
     options: CloudWatchOptions,
     /// Why nothing can be published or read (no credentials or region), if so.
     unavailable: Option<String>,
-    queue: mpsc::UnboundedSender<Message>,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for CloudWatch {
+    fn drop(&mut self) {
+        self.outbox.lock().closed = true;
+        self.outbox.wake.notify_one();
+    }
 }
 
 impl fmt::Debug for CloudWatch {
@@ -186,22 +250,30 @@ impl CloudWatch {
         if let Some(endpoint) = &options.endpoint {
             config = config.endpoint_url(endpoint.clone());
         }
+        config = config.retry_config(options.retry.clone());
         for interceptor in &options.interceptors {
             config.push_interceptor(interceptor.clone());
         }
         let client = aws_sdk_cloudwatch::Client::from_conf(config.build());
-        let (queue, received) = mpsc::unbounded_channel();
+        let outbox = Arc::new(Outbox {
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            max_pending: options.max_pending.max(1),
+            calls: options.calls.clone(),
+        });
         tokio::spawn(send_datums(
             client.clone(),
-            options.calls.clone(),
-            options.max_pending,
-            received,
+            outbox.clone(),
+            Backoff {
+                first: options.retry_pause,
+                longest: options.longest_retry_pause.max(options.retry_pause),
+            },
         ));
         Arc::new(CloudWatch {
             client,
             options,
             unavailable,
-            queue,
+            outbox,
         })
     }
 
@@ -210,12 +282,12 @@ impl CloudWatch {
         self.unavailable.as_deref()
     }
 
-    /// Waits until every datum queued so far was sent, or the attempt to send it failed.
+    /// Waits until every datum queued so far was sent, or the attempt to send it failed (at
+    /// once while the sink pauses before a retry).
     pub async fn flush(&self) -> Result<(), Error> {
         let (answer, answered) = oneshot::channel();
-        self.queue
-            .send(Message::Flush(answer))
-            .map_err(|_| error("the sending task has stopped".to_owned()))?;
+        self.outbox.lock().waiters.push(answer);
+        self.outbox.wake.notify_one();
         answered
             .await
             .map_err(|_| error("the sending task has stopped".to_owned()))?
@@ -299,12 +371,17 @@ impl TrafficSink for CloudWatch {
             if let Some(why) = &self.unavailable {
                 return Err(error(format!("not published: {why}")));
             }
-            self.queue
-                .send(Message::Datums {
-                    namespace: spec.cloudwatch.namespace.clone(),
-                    datums: datums(pool, minutes),
-                })
-                .map_err(|_| error("the sending task has stopped".to_owned()))
+            let datums = datums(pool, minutes);
+            let namespace = &spec.cloudwatch.namespace;
+            {
+                let mut queue = self.outbox.lock();
+                queue
+                    .datums
+                    .extend(datums.into_iter().map(|d| (namespace.clone(), d)));
+                self.outbox.bound(&mut queue);
+            }
+            self.outbox.wake.notify_one();
+            Ok(())
         })
     }
 }
@@ -448,76 +525,70 @@ fn describe<E: ProvideErrorMetadata>(e: &E) -> Option<String> {
         .map(|code| format!("{code}: {}", e.message().unwrap_or("(no message)")))
 }
 
-/// Errors no retry fixes: the datums are malformed (never expected) and are dropped.
-fn is_malformed(code: Option<&str>) -> bool {
-    code.is_some_and(|c| c.starts_with("InvalidParameter") || c == "MissingParameter")
+/// The sink's pause between `PutMetricData` calls the SDK gave up on.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    first: Duration,
+    longest: Duration,
 }
 
-/// The sending task: batches whatever is queued into `PutMetricData` requests, keeps what
-/// failed for a later attempt with a growing pause, and ends when the queue closes.
-async fn send_datums(
-    client: aws_sdk_cloudwatch::Client,
-    calls: AwsCalls,
-    max_pending: usize,
-    mut received: mpsc::UnboundedReceiver<Message>,
-) {
-    const FIRST_PAUSE: Duration = Duration::from_secs(5);
-    const LONGEST_PAUSE: Duration = Duration::from_secs(300);
-    let mut pending: Vec<(String, MetricDatum)> = Vec::new();
-    let mut waiters: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+/// The sending task: sends whatever is queued, keeps what failed and can succeed later for an
+/// attempt after a growing pause, and ends (after one last attempt) when the sink is dropped.
+async fn send_datums(client: aws_sdk_cloudwatch::Client, outbox: Arc<Outbox>, backoff: Backoff) {
     let mut pause = Duration::ZERO;
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let message = match retry_at {
-            Some(at) => tokio::select! {
-                m = received.recv() => Some(m),
-                () = tokio::time::sleep_until(at) => None,
-            },
-            None => Some(received.recv().await),
-        };
-        let closed = matches!(message, Some(None));
-        let mut take = |m: Message| match m {
-            Message::Datums { namespace, datums } => {
-                pending.extend(datums.into_iter().map(|d| (namespace.clone(), d)));
+        // Wait for datums, a flush or the end; while pausing before a retry, flushes are
+        // answered at once and datums wait.
+        let (taken, waiters, closed) = loop {
+            let waiting = retry_at.filter(|at| tokio::time::Instant::now() < *at);
+            {
+                let mut queue = outbox.lock();
+                if waiting.is_some() && !queue.closed {
+                    let why = format!("{} datums wait for a retry", queue.datums.len());
+                    for waiter in queue.waiters.drain(..) {
+                        let _ = waiter.send(Err(why.clone()));
+                    }
+                } else if !queue.datums.is_empty() || !queue.waiters.is_empty() || queue.closed {
+                    let taken: Vec<(String, MetricDatum)> = queue.datums.drain(..).collect();
+                    break (taken, std::mem::take(&mut queue.waiters), queue.closed);
+                }
             }
-            Message::Flush(answer) => waiters.push(answer),
-        };
-        if let Some(Some(m)) = message {
-            take(m);
-        }
-        while let Ok(m) = received.try_recv() {
-            take(m);
-        }
-        let waiting = retry_at.is_some_and(|at| tokio::time::Instant::now() < at);
-        if waiting && !closed {
-            let why = format!("{} datums wait for a retry", pending.len());
-            for waiter in waiters.drain(..) {
-                let _ = waiter.send(Err(why.clone()));
+            match waiting {
+                Some(at) => tokio::select! {
+                    () = outbox.wake.notified() => {}
+                    () = tokio::time::sleep_until(at) => {}
+                },
+                None => outbox.wake.notified().await,
             }
-            continue;
+        };
+        let sent = put_all(&client, &outbox.calls, taken).await;
+        if sent.refused > 0 {
+            outbox.calls.datums_dropped(DROPPED_REFUSED, sent.refused);
         }
-        let outcome = put_all(&client, &calls, &mut pending).await;
-        match &outcome {
-            Ok(()) => {
+        {
+            // What is kept is older than anything queued meanwhile: it goes first.
+            let mut queue = outbox.lock();
+            let kept = !sent.kept.is_empty();
+            for datum in sent.kept.into_iter().rev() {
+                queue.datums.push_front(datum);
+            }
+            outbox.bound(&mut queue);
+            if kept {
+                pause = (pause * 2).clamp(backoff.first, backoff.longest);
+                retry_at = Some(tokio::time::Instant::now() + pause);
+            } else {
                 pause = Duration::ZERO;
                 retry_at = None;
             }
-            Err(why) => {
-                pause = (pause * 2).clamp(FIRST_PAUSE, LONGEST_PAUSE);
-                retry_at = (!pending.is_empty()).then(|| tokio::time::Instant::now() + pause);
-                warn!(error = %why, pending = pending.len(), retry_in = ?pause,
+            if let Some(why) = &sent.error {
+                warn!(error = %why, pending = queue.datums.len(), refused = sent.refused,
+                      retry_in = ?retry_at.map(|_| pause),
                       "publishing metrics to CloudWatch failed");
             }
         }
-        if pending.len() > max_pending {
-            let dropped = pending.len() - max_pending;
-            pending.drain(..dropped);
-            warn!(
-                dropped,
-                "CloudWatch datums dropped: too many wait for a retry"
-            );
-        }
-        for waiter in waiters.drain(..) {
+        let outcome = sent.error.map_or(Ok(()), Err);
+        for waiter in waiters {
             let _ = waiter.send(outcome.clone());
         }
         if closed {
@@ -526,48 +597,74 @@ async fn send_datums(
     }
 }
 
-/// Sends `pending`, grouped by metric namespace, [`MAX_DATUMS_PER_REQUEST`] per request; what
-/// failed (and can succeed later) stays in `pending`.
+/// What one sending attempt did with the datums it took.
+struct Sent {
+    /// Not sent, or failed in a way a later attempt can fix: in their original order.
+    kept: Vec<(String, MetricDatum)>,
+    /// Datums CloudWatch refused with an error no retry fixes.
+    refused: usize,
+    /// The first failure, if any.
+    error: Option<String>,
+}
+
+/// Sends `datums`, grouped by metric namespace, [`MAX_DATUMS_PER_REQUEST`] per request. A
+/// request the SDK gave up on with a retryable error ends the attempt: it and every datum not
+/// yet sent are kept. A request refused for good drops its datums (counted by the caller) and
+/// the others go on (an IAM condition may refuse one namespace only).
 async fn put_all(
     client: &aws_sdk_cloudwatch::Client,
     calls: &AwsCalls,
-    pending: &mut Vec<(String, MetricDatum)>,
-) -> Result<(), String> {
-    let mut by_namespace: BTreeMap<String, Vec<MetricDatum>> = BTreeMap::new();
-    for (namespace, datum) in pending.drain(..) {
-        by_namespace.entry(namespace).or_default().push(datum);
+    datums: Vec<(String, MetricDatum)>,
+) -> Sent {
+    let mut by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, (namespace, _)) in datums.iter().enumerate() {
+        by_namespace.entry(namespace).or_default().push(i);
     }
+    let mut done = vec![false; datums.len()];
+    let mut refused = 0;
     let mut first_error = None;
-    for (namespace, datums) in by_namespace {
-        for batch in datums.chunks(MAX_DATUMS_PER_REQUEST) {
+    'sending: for (namespace, indices) in &by_namespace {
+        for batch in indices.chunks(MAX_DATUMS_PER_REQUEST) {
             let sent = crate::aws::observe(
                 calls,
                 SYSTEM,
                 "PutMetricData",
                 client
                     .put_metric_data()
-                    .namespace(&namespace)
-                    .set_metric_data(Some(batch.to_vec()))
+                    .namespace(*namespace)
+                    .set_metric_data(Some(batch.iter().map(|&i| datums[i].1.clone()).collect()))
                     .send(),
             )
             .await;
-            let Err(e) = sent else {
-                continue;
-            };
-            let why = format!(
-                "PutMetricData ({namespace}, {} datums): {}",
-                batch.len(),
-                describe(&e).unwrap_or_else(|| DisplayErrorContext(&e).to_string())
-            );
-            if is_malformed(e.code()) {
-                warn!(error = %why, "CloudWatch refused the datums; they are dropped");
-            } else {
-                pending.extend(batch.iter().map(|d| (namespace.clone(), d.clone())));
+            match sent {
+                Ok(_) => batch.iter().for_each(|&i| done[i] = true),
+                Err(e) => {
+                    let why = format!(
+                        "PutMetricData ({namespace}, {} datums): {}",
+                        batch.len(),
+                        describe(&e).unwrap_or_else(|| DisplayErrorContext(&e).to_string())
+                    );
+                    first_error.get_or_insert(why.clone());
+                    if crate::aws::retryable(&e) {
+                        break 'sending;
+                    }
+                    warn!(error = %why, "CloudWatch refused the datums for good; they are dropped");
+                    refused += batch.len();
+                    batch.iter().for_each(|&i| done[i] = true);
+                }
             }
-            first_error.get_or_insert(why);
         }
     }
-    first_error.map_or(Ok(()), Err)
+    let kept = datums
+        .into_iter()
+        .zip(done)
+        .filter_map(|(datum, done)| (!done).then_some(datum))
+        .collect();
+    Sent {
+        kept,
+        refused,
+        error: first_error,
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@
 //!
 //! Calls to AWS (EC2, SSM, CloudWatch) are counted by [`AwsCalls`], a handle of its own: the
 //! providers and metrics sinks that make the calls are built before the operator (they come in
-//! its `Config`), so they share one `AwsCalls` with it and the operator registers it here.
+//! its `Config`), so they share one `AwsCalls` with it and the operator registers it here. The
+//! same handle carries the CloudWatch sink's backlog: datums waiting to be sent, and those it
+//! gave up on, by reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
@@ -101,6 +103,18 @@ struct AwsApiLabels {
     api: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct DropLabels {
+    reason: String,
+}
+
+/// `reason` of datums the CloudWatch sink dropped because more than its bound waited: the
+/// oldest go first.
+pub const DROPPED_OVERFLOW: &str = "overflow";
+/// `reason` of datums CloudWatch refused with an error no retry fixes (a 4xx other than
+/// throttling: `AccessDenied`, `InvalidParameterValue`, …).
+pub const DROPPED_REFUSED: &str = "refused";
+
 /// AWS call latencies from 5 ms to ~80 s: a call answered at once, or one that the SDK retried
 /// with back-off (its standard retry waits up to 20 s between attempts).
 fn aws_duration_histogram() -> Histogram {
@@ -121,6 +135,11 @@ pub struct AwsCalls {
     duration: Family<AwsApiLabels, Histogram, fn() -> Histogram>,
     /// The same counts, readable (a `Family` cannot be iterated): tests and `api_calls()`.
     seen: Arc<Mutex<BTreeMap<AwsCallLabels, u64>>>,
+    /// CloudWatch datums queued or waiting for a retry.
+    pending: Gauge,
+    /// CloudWatch datums given up on, by reason ([`DROPPED_OVERFLOW`], [`DROPPED_REFUSED`]).
+    dropped: Family<DropLabels, Counter>,
+    dropped_seen: Arc<Mutex<BTreeMap<DropLabels, u64>>>,
 }
 
 impl Default for AwsCalls {
@@ -136,7 +155,47 @@ impl AwsCalls {
             calls: Family::default(),
             duration: Family::new_with_constructor(aws_duration_histogram),
             seen: Arc::default(),
+            pending: Gauge::default(),
+            dropped: Family::default(),
+            dropped_seen: Arc::default(),
         }
+    }
+
+    /// Sets how many CloudWatch datums wait to be sent.
+    pub fn set_datums_pending(&self, n: usize) {
+        self.pending.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// CloudWatch datums waiting to be sent, as last set.
+    pub fn datums_pending(&self) -> u64 {
+        u64::try_from(self.pending.get()).unwrap_or(0)
+    }
+
+    /// Counts `n` CloudWatch datums dropped for `reason`.
+    pub fn datums_dropped(&self, reason: &str, n: usize) {
+        let labels = DropLabels {
+            reason: reason.to_owned(),
+        };
+        let n = n as u64;
+        self.dropped.get_or_create(&labels).inc_by(n);
+        *self
+            .dropped_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels)
+            .or_default() += n;
+    }
+
+    /// CloudWatch datums dropped for `reason` so far.
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.dropped_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&DropLabels {
+                reason: reason.to_owned(),
+            })
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Records one call of `service`'s `api` that ended with `outcome` after `took`.
@@ -202,6 +261,18 @@ impl AwsCalls {
             "Time one AWS call took, SDK retries included, by service and API",
             Unit::Seconds,
             self.duration.clone(),
+        );
+        registry.register(
+            "cachepool_operator_cloudwatch_datums_pending",
+            "CloudWatch datums queued or waiting for a retry (bounded; the oldest are dropped \
+             beyond the bound)",
+            self.pending.clone(),
+        );
+        registry.register(
+            "cachepool_operator_cloudwatch_datums_dropped",
+            "CloudWatch datums given up on, by reason: overflow (more waited than the bound; \
+             the oldest went) or refused (an error no retry fixes, such as AccessDenied)",
+            self.dropped.clone(),
         );
     }
 }

@@ -11,11 +11,16 @@
 //!   written at one-second resolution so the test takes seconds per window, not minutes; the
 //!   source is the production code with a one-second period and a two-second settle delay.
 //! - The operator's `/metrics` shows the CloudWatch calls by API and outcome, with latency.
+//! - Failures: a loopback proxy in front of moto answers `PutMetricData` from a script
+//!   (throttling, 5xx, a request held open, `AccessDenied`, `InvalidParameterValue`) and
+//!   forwards the rest. Retryable failures lose nothing and are retried with back-off (every
+//!   attempt counted), `publish` returns while a request hangs, refusals are dropped at once
+//!   and counted, and a full buffer drops its oldest datums, counted.
 //!
 //! Each test starts its own moto on a free loopback port and stops it when it ends; the
 //! operator and every embedded node are stopped before the test returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,7 +35,9 @@ use cachepool_operator::aws::SharedCredentialsProvider;
 use cachepool_operator::cloudwatch::{self, CloudWatch, CloudWatchOptions, metric};
 use cachepool_operator::driver::DriverOptions;
 use cachepool_operator::history::{ClosedMinute, NodeSample, PoolHistory};
-use cachepool_operator::metrics::{AWS_OK, AwsCalls};
+use cachepool_operator::metrics::{
+    AWS_OK, AwsCalls, DROPPED_OVERFLOW, DROPPED_REFUSED, OperatorMetrics,
+};
 use cachepool_operator::provider::PoolRef;
 use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::run::{Config, NodeBackend, Operator};
@@ -863,5 +870,529 @@ async fn an_operator_publishes_each_closed_minute_of_a_pool_as_its_history_has_i
         .await
         .unwrap_or_else(|e| panic!("stopping the operator: {e}"));
     assert_eq!(nodes.running(), 0, "every embedded node is stopped");
+    drop(moto);
+}
+
+/// What the proxy does with one `PutMetricData` request.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// Answer with this HTTP status and AWS error code (the Query protocol's error document),
+    /// without forwarding.
+    Fail(u16, &'static str),
+    /// Hold the request until the test releases it, then answer like `Fail`.
+    Hold(u16, &'static str),
+}
+
+/// One `PutMetricData` request as the proxy saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    datums: usize,
+    /// The status answered.
+    status: u16,
+}
+
+struct ProxyState {
+    moto: String,
+    http: reqwest::Client,
+    /// Answers for the next `PutMetricData` requests, in order; when empty, forwarded.
+    script: Mutex<VecDeque<Answer>>,
+    seen: Mutex<Vec<Seen>>,
+    /// Whether a request is being held, and the test's release of it.
+    holding: tokio::sync::watch::Sender<bool>,
+    release: tokio::sync::Notify,
+}
+
+/// A loopback HTTP proxy in front of moto (see the module documentation). Every request but
+/// the scripted `PutMetricData` ones is forwarded as it came (moto does not check signatures,
+/// so the `Host` the SDK signed for the proxy does not matter).
+struct Proxy {
+    url: String,
+    state: Arc<ProxyState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(moto: &Moto) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("binding the proxy: {e}"));
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .unwrap_or_else(|e| panic!("the proxy's address: {e}"))
+        );
+        let state = Arc::new(ProxyState {
+            moto: moto.endpoint().trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+            script: Mutex::new(VecDeque::new()),
+            seen: Mutex::new(Vec::new()),
+            holding: tokio::sync::watch::Sender::new(false),
+            release: tokio::sync::Notify::new(),
+        });
+        let router = axum::Router::new()
+            .fallback(proxy_request)
+            .with_state(state.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap_or_else(|e| panic!("the proxy failed: {e}"));
+        });
+        Proxy {
+            url,
+            state,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    fn script(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.state
+            .script
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(answers);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until a request is held.
+    async fn until_holding(&self) {
+        let mut holding = self.state.holding.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), holding.wait_for(|h| *h))
+            .await
+            .unwrap_or_else(|_| panic!("no PutMetricData reached the proxy to be held"))
+            .unwrap_or_else(|e| panic!("the proxy is gone: {e}"));
+    }
+
+    fn holding(&self) -> bool {
+        *self.state.holding.borrow()
+    }
+
+    fn release(&self) {
+        self.state.release.notify_one();
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .unwrap_or_else(|e| panic!("the proxy task: {e}"));
+        }
+    }
+}
+
+/// The error document of CloudWatch's Query protocol.
+fn aws_error(status: u16, code: &str) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let kind = if status >= 500 { "Receiver" } else { "Sender" };
+    let body = format!(
+        "<ErrorResponse xmlns=\"http://monitoring.amazonaws.com/doc/2010-08-01/\"><Error>\
+         <Type>{kind}</Type><Code>{code}</Code><Message>injected by the test proxy</Message>\
+         </Error><RequestId>proxy</RequestId></ErrorResponse>"
+    );
+    (
+        axum::http::StatusCode::from_u16(status).unwrap_or_else(|e| panic!("{status}: {e}")),
+        [(axum::http::header::CONTENT_TYPE, "text/xml")],
+        body,
+    )
+        .into_response()
+}
+
+async fn proxy_request(
+    axum::extract::State(proxy): axum::extract::State<Arc<ProxyState>>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_else(|e| panic!("reading a request: {e}"));
+    let form = String::from_utf8_lossy(&body);
+    // Only PutMetricData is ever compressed (bodies over 10 KB; the test's stay below).
+    let put = form.contains("Action=PutMetricData")
+        || parts
+            .headers
+            .get(axum::http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() == b"gzip");
+    let answer = if put {
+        proxy
+            .script
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+    } else {
+        None
+    };
+    let record = |status: u16| {
+        if put {
+            proxy
+                .seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Seen {
+                    at: Instant::now(),
+                    datums: form.matches(".MetricName=").count(),
+                    status,
+                });
+        }
+    };
+    match answer {
+        Some(Answer::Fail(status, code)) => {
+            record(status);
+            aws_error(status, code)
+        }
+        Some(Answer::Hold(status, code)) => {
+            record(status);
+            proxy.holding.send_replace(true);
+            proxy.release.notified().await;
+            proxy.holding.send_replace(false);
+            aws_error(status, code)
+        }
+        None => {
+            let url = format!(
+                "{}{}",
+                proxy.moto,
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            );
+            let mut forward = proxy
+                .http
+                .request(parts.method.clone(), url)
+                .body(body.clone());
+            for (name, value) in &parts.headers {
+                if name != axum::http::header::HOST && name != axum::http::header::CONTENT_LENGTH {
+                    forward = forward.header(name, value);
+                }
+            }
+            let answer = forward
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("forwarding to moto: {e}"));
+            let status = answer.status();
+            record(status.as_u16());
+            let mut response = axum::http::Response::builder().status(status);
+            for (name, value) in answer.headers() {
+                if name != axum::http::header::CONTENT_LENGTH
+                    && name != axum::http::header::TRANSFER_ENCODING
+                {
+                    response = response.header(name, value);
+                }
+            }
+            let bytes = answer
+                .bytes()
+                .await
+                .unwrap_or_else(|e| panic!("moto's answer: {e}"));
+            response
+                .body(axum::body::Body::from(bytes))
+                .unwrap_or_else(|e| panic!("the proxied answer: {e}"))
+        }
+    }
+}
+
+/// The minute starts (unix seconds) moto holds `Misses` for, in `span`: the minutes published.
+async fn minutes_held(
+    cw: &aws_sdk_cloudwatch::Client,
+    pool: &PoolRef,
+    span: (SystemTime, SystemTime),
+) -> BTreeSet<i64> {
+    read(cw, pool, metric::MISSES, "SampleCount", 60, span)
+        .await
+        .into_keys()
+        .collect()
+}
+
+/// Every metric of every minute in `minutes` reads back from moto as the history has it.
+async fn assert_held_as_published(
+    cw: &aws_sdk_cloudwatch::Client,
+    pool: &PoolRef,
+    minutes: &[ClosedMinute],
+    span: (SystemTime, SystemTime),
+) {
+    type Field = fn(&ClosedMinute) -> Option<f64>;
+    let fields: [(&str, Field); 8] = [
+        (metric::MISS_RATE, |m| m.point.miss_rate),
+        (metric::HIT_RATE, |m| m.point.hit_rate),
+        (metric::NODES, |m| Some(f64::from(m.point.nodes))),
+        (metric::ITEMS, |m| Some(m.point.items as f64)),
+        (metric::BYTES, |m| Some(m.point.bytes as f64)),
+        (metric::REQUESTS, |m| Some(m.point.requests_per_minute)),
+        (metric::HITS, |m| Some(m.hits as f64)),
+        (metric::MISSES, |m| Some(m.misses as f64)),
+    ];
+    for (name, field) in fields {
+        // Sum and SampleCount: a datum sent twice would show as a count of 2.
+        let sums = read(cw, pool, name, "Sum", 60, span).await;
+        let counts = read(cw, pool, name, "SampleCount", 60, span).await;
+        for m in minutes {
+            let t = m.point.t.as_second();
+            let Some(want) = field(m) else {
+                continue;
+            };
+            assert_eq!(counts.get(&t), Some(&1.0), "{name} at {t}: datums held");
+            let got = sums[&t];
+            assert!(
+                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "{name} at {t}: moto has {got}, the history {want}"
+            );
+        }
+    }
+}
+
+/// Times `publish` of one minute, which must not wait for CloudWatch.
+async fn publish_timed(
+    sink: &CloudWatch,
+    pool: &PoolRef,
+    minute: &ClosedMinute,
+    slowest: &mut Duration,
+) {
+    let started = Instant::now();
+    sink.publish(
+        pool,
+        &publishing(NAMESPACE, true),
+        std::slice::from_ref(minute),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("publish: {e}"));
+    *slowest = (*slowest).max(started.elapsed());
+}
+
+/// Polls until `check` holds.
+async fn until(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_metric_data_failures_are_retried_with_back_off_and_refusals_are_dropped_and_counted() {
+    const ATTEMPTS: u32 = 5;
+    const PAUSE: Duration = Duration::from_millis(400);
+    const WAIT: Duration = Duration::from_secs(60);
+    let moto = Moto::start();
+    let cw = client(&moto).await;
+    let proxy = Proxy::start(&moto).await;
+    let calls = AwsCalls::new();
+    let through_proxy = |max_pending: usize| CloudWatchOptions {
+        endpoint: Some(proxy.url.clone()),
+        // The SDK's standard retry with its back-off scaled down; the sink's own pause too.
+        retry: aws_config::retry::RetryConfig::standard()
+            .with_max_attempts(ATTEMPTS)
+            .with_initial_backoff(Duration::from_millis(10)),
+        retry_pause: PAUSE,
+        longest_retry_pause: Duration::from_secs(10),
+        max_pending,
+        ..options(&moto, &calls)
+    };
+    let sink = CloudWatch::new(through_proxy(1000)).await;
+    let now = unix(SystemTime::now());
+    let end = SystemTime::UNIX_EPOCH + Duration::from_secs(now - now % 60 - 600);
+    let start = end - MINUTE * 10;
+    let span = (start, end);
+    let minutes = history(end, 10).closed_minutes(start, end);
+    // Minutes with gets: eight datums each.
+    let minutes: Vec<ClosedMinute> = minutes
+        .into_iter()
+        .filter(|m| m.point.miss_rate.is_some())
+        .collect();
+    assert!(minutes.len() >= 8);
+    let mut slowest = Duration::ZERO;
+    let get = |calls: &AwsCalls, outcome: &str| calls.count("cloudwatch", "PutMetricData", outcome);
+
+    // 1. Throttling, then 5xx: 12 failed attempts over three calls, then success. The first
+    // request is held open: publishing goes on meanwhile.
+    let pool = PoolRef::new("default", "retried");
+    proxy.script(
+        std::iter::once(Answer::Hold(400, "Throttling"))
+            .chain(std::iter::repeat_n(Answer::Fail(400, "Throttling"), 4))
+            .chain(std::iter::repeat_n(
+                Answer::Fail(500, "InternalServiceFault"),
+                5,
+            ))
+            .chain(std::iter::repeat_n(
+                Answer::Fail(503, "ServiceUnavailable"),
+                2,
+            )),
+    );
+    publish_timed(&sink, &pool, &minutes[0], &mut slowest).await;
+    proxy.until_holding().await;
+    // Published while the first request hangs: queued behind it, then sent with it. (Two
+    // minutes, 16 datums, stay under the 10 KB above which the SDK compresses the body, so
+    // the proxy can count them.)
+    publish_timed(&sink, &pool, &minutes[1], &mut slowest).await;
+    assert!(
+        proxy.holding(),
+        "publish returned while a PutMetricData hangs"
+    );
+    proxy.release();
+    until("the datums sent", WAIT, || get(&calls, AWS_OK) == 1).await;
+    sink.flush().await.unwrap_or_else(|e| panic!("flush: {e}"));
+    let seen = proxy.seen();
+    let statuses: Vec<u16> = seen.iter().map(|s| s.status).collect();
+    let gaps: Vec<Duration> = seen
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    eprintln!(
+        "PutMetricData retry: {} attempts {statuses:?}, gaps {gaps:?}, datums per attempt {:?}; \
+         calls {:?}; slowest publish {slowest:?}",
+        seen.len(),
+        seen.iter().map(|s| s.datums).collect::<Vec<_>>(),
+        calls.by_api("cloudwatch"),
+    );
+    assert_eq!(
+        statuses,
+        [
+            400, 400, 400, 400, 400, 500, 500, 500, 500, 500, 503, 503, 200
+        ],
+        "five attempts per call (the SDK's), three calls, no attempt beyond"
+    );
+    // Three calls: two the SDK gave up on, and one whose 503s its retry absorbed.
+    for (outcome, n) in [
+        ("Throttling", 1),
+        ("InternalServiceFault", 1),
+        ("ServiceUnavailable", 0),
+        (AWS_OK, 1),
+    ] {
+        assert_eq!(get(&calls, outcome), n, "calls ending {outcome}");
+    }
+    // The sink's own pause after the SDK gave up: at least PAUSE, then doubled.
+    assert!(
+        gaps[4] >= PAUSE,
+        "pause after the first call: {:?}",
+        gaps[4]
+    );
+    assert!(
+        gaps[9] >= PAUSE * 2,
+        "pause after the second call: {:?}",
+        gaps[9]
+    );
+    // The first call's five attempts carried the first minute; the minute published
+    // meanwhile joined it in the next calls.
+    let datums: Vec<usize> = seen.iter().map(|s| s.datums).collect();
+    let want: Vec<usize> = std::iter::repeat_n(8, 5)
+        .chain(std::iter::repeat_n(16, 8))
+        .collect();
+    assert_eq!(datums, want);
+    assert_held_as_published(&cw, &pool, &minutes[..2], span).await;
+    assert_eq!(
+        minutes_held(&cw, &pool, span).await.len(),
+        2,
+        "nothing else"
+    );
+    assert_eq!(calls.dropped(DROPPED_REFUSED), 0);
+    assert_eq!(calls.dropped(DROPPED_OVERFLOW), 0);
+    assert_eq!(calls.datums_pending(), 0);
+
+    // 2. Refusals no retry fixes: one attempt each, the datums dropped and counted, never
+    // sent again.
+    let pool = PoolRef::new("default", "refused");
+    for (n, (status, code)) in [(403, "AccessDenied"), (400, "InvalidParameterValue")]
+        .into_iter()
+        .enumerate()
+    {
+        let before = proxy.seen().len();
+        proxy.script([Answer::Fail(status, code)]);
+        publish_timed(&sink, &pool, &minutes[3 + 2 * n], &mut slowest).await;
+        until(code, WAIT, || get(&calls, code) == 1).await;
+        // Nothing waits for a retry: a flush finds nothing to send.
+        sink.flush()
+            .await
+            .unwrap_or_else(|e| panic!("flush after {code}: {e}"));
+        assert_eq!(proxy.seen().len(), before + 1, "{code}: one attempt");
+        assert_eq!(get(&calls, code), 1);
+        assert_eq!(calls.dropped(DROPPED_REFUSED), 8 * (n as u64 + 1));
+        // The next minute goes alone: the refused one is not retried.
+        publish_timed(&sink, &pool, &minutes[4 + 2 * n], &mut slowest).await;
+        sink.flush().await.unwrap_or_else(|e| panic!("flush: {e}"));
+        let seen = proxy.seen();
+        assert_eq!(seen.len(), before + 2);
+        assert_eq!((seen[before + 1].status, seen[before + 1].datums), (200, 8));
+    }
+    let held = minutes_held(&cw, &pool, span).await;
+    let want: BTreeSet<i64> = [&minutes[4], &minutes[6]]
+        .iter()
+        .map(|m| m.point.t.as_second())
+        .collect();
+    assert_eq!(held, want, "the refused minutes are not in CloudWatch");
+    let text = OperatorMetrics::with_aws_calls(calls.clone()).encode();
+    for (series, value) in [
+        (
+            "cachepool_operator_cloudwatch_datums_dropped_total{reason=\"refused\"}",
+            16.0,
+        ),
+        (
+            "cachepool_operator_aws_calls_total{service=\"cloudwatch\",api=\"PutMetricData\",outcome=\"AccessDenied\"}",
+            1.0,
+        ),
+        ("cachepool_operator_cloudwatch_datums_pending", 0.0),
+    ] {
+        assert_eq!(
+            metric_value(&text, series),
+            Some(value),
+            "{series} in\n{text}"
+        );
+    }
+    drop(sink);
+
+    // 3. A buffer of two minutes while CloudWatch fails: a third drops the oldest, counted.
+    let bounded = CloudWatch::new(through_proxy(16)).await;
+    let pool = PoolRef::new("default", "bounded");
+    let before = proxy.seen().len();
+    proxy.script(
+        std::iter::repeat_n(Answer::Fail(500, "InternalServiceFault"), 4)
+            .chain(std::iter::once(Answer::Hold(500, "InternalServiceFault"))),
+    );
+    publish_timed(&bounded, &pool, &minutes[0], &mut slowest).await;
+    proxy.until_holding().await;
+    publish_timed(&bounded, &pool, &minutes[1], &mut slowest).await;
+    publish_timed(&bounded, &pool, &minutes[2], &mut slowest).await;
+    assert_eq!(calls.dropped(DROPPED_OVERFLOW), 0, "two minutes fit");
+    proxy.release();
+    until("the oldest minute dropped", WAIT, || {
+        calls.dropped(DROPPED_OVERFLOW) == 8
+    })
+    .await;
+    until("the two newest sent", WAIT, || get(&calls, AWS_OK) == 4).await;
+    bounded
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), before + 6, "five failed attempts, one sent");
+    assert_eq!(seen[before + 5].datums, 16);
+    let held = minutes_held(&cw, &pool, span).await;
+    let want: BTreeSet<i64> = minutes[1..3]
+        .iter()
+        .map(|m| m.point.t.as_second())
+        .collect();
+    assert_eq!(held, want, "the oldest minute was dropped, the newest kept");
+    let text = OperatorMetrics::with_aws_calls(calls.clone()).encode();
+    assert_eq!(
+        metric_value(
+            &text,
+            "cachepool_operator_cloudwatch_datums_dropped_total{reason=\"overflow\"}"
+        ),
+        Some(8.0),
+        "{text}"
+    );
+    eprintln!("PutMetricData failures: slowest publish {slowest:?}");
+    drop(bounded);
+    proxy.stop().await;
     drop(moto);
 }

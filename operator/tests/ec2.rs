@@ -9,6 +9,12 @@
 //! instance id to that node's loopback addresses through the resolver the harness supplies;
 //! production resolves to the instance's IP.
 //!
+//! The resize test also measures, for grow 1→3 and shrink 3→1, the time from the decision (the
+//! driver holding the new spec) to the new ring epoch, and how much of it was spent inside the
+//! provider's AWS calls (timed by an SDK interceptor) and waiting for the harness to boot
+//! instances, so that what is left is the operator's own; it prints these and the EC2/SSM
+//! calls per resize by operation (`cargo test … --test ec2 -- --nocapture`).
+//!
 //! Each test starts its own moto (the `cachepool-test-support` fixture) on a free loopback
 //! port and stops it when it ends.
 
@@ -22,7 +28,8 @@ use std::time::{Duration, Instant};
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::future::ProvideCredentials as CredentialsFuture;
 use aws_sdk_ec2::config::interceptors::{
-    AfterDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
+    AfterDeserializationInterceptorContextRef, BeforeSerializationInterceptorContextRef,
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
 };
 use aws_sdk_ec2::config::{
     ConfigBag, Credentials, Intercept, ProvideCredentials, RuntimeComponents,
@@ -34,6 +41,7 @@ use base64::Engine as _;
 use cache_node::store::Policy;
 use cache_node::{Node, NodeConfig};
 use cachepool_crds::pool::{CachePool, PoolPhase, ProviderSpec};
+use cachepool_crds::ring::RingState;
 use cachepool_operator::driver::DriverOptions;
 use cachepool_operator::provider::ec2::{
     ATTEMPT_TAG, Ec2Options, Ec2Pool, Ec2Provider, InstanceAddresses, client_token,
@@ -157,6 +165,8 @@ fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
 
 /// What the harness read from an instance's user data, and the node it started.
 struct Booted {
+    /// When the harness had the instance's node up.
+    at: Instant,
     node: Option<Node>,
     data: String,
     admin: String,
@@ -244,6 +254,16 @@ impl Instances {
         })
     }
 
+    /// When each instance's node came up, by instance id.
+    fn booted_at(&self) -> HashMap<String, Instant> {
+        self.booted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(id, b)| (id.clone(), b.at))
+            .collect()
+    }
+
     fn user_data(&self, id: &str) -> Option<(String, String)> {
         self.booted
             .lock()
@@ -324,6 +344,7 @@ async fn boot(cloud: &Cloud, id: &str) -> Booted {
         .await
         .unwrap_or_else(|e| panic!("starting the node of {id}: {e}"));
     Booted {
+        at: Instant::now(),
         data: node.addr.to_string(),
         admin: node.admin_addr.to_string(),
         node: Some(node),
@@ -343,6 +364,7 @@ fn never_boot() -> Booted {
             .to_string()
     };
     Booted {
+        at: Instant::now(),
         node: None,
         data: closed(),
         admin: closed(),
@@ -529,16 +551,293 @@ fn check_instance(instance: &Instance, pool: &PoolRef, uid: &str, slot: u32) {
     );
 }
 
-fn print_calls(step: &str, before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) {
-    let diff: BTreeMap<&str, u64> = after
+/// The calls made between two readings of `api_calls()`, by operation.
+fn calls_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
         .iter()
-        .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Times the provider's AWS calls (an SDK interceptor on its EC2 and SSM clients): the
+/// intervals during which at least one call was in flight (SDK retries included, as a call is
+/// what the provider asked for), and when each `RunInstances` answer named its instance.
+#[derive(Debug, Default)]
+struct CallClock {
+    state: Mutex<ClockState>,
+}
+
+#[derive(Debug, Default)]
+struct ClockState {
+    in_flight: usize,
+    busy_since: Option<Instant>,
+    busy: Vec<(Instant, Instant)>,
+    launched: HashMap<String, Instant>,
+}
+
+impl CallClock {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Intercept for CallClock {
+    fn name(&self) -> &'static str {
+        "CallClock"
+    }
+
+    fn read_before_execution(
+        &self,
+        _context: &BeforeSerializationInterceptorContextRef<'_>,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let mut state = self.lock();
+        if state.in_flight == 0 {
+            state.busy_since = Some(Instant::now());
+        }
+        state.in_flight += 1;
+        Ok(())
+    }
+
+    fn read_after_execution(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if let Some(Ok(output)) = context.output_or_error()
+            && let Some(run) =
+                output.downcast_ref::<aws_sdk_ec2::operation::run_instances::RunInstancesOutput>()
+        {
+            for instance in run.instances() {
+                if let Some(id) = instance.instance_id() {
+                    state.launched.insert(id.to_owned(), now);
+                }
+            }
+        }
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0
+            && let Some(since) = state.busy_since.take()
+        {
+            state.busy.push((since, now));
+        }
+        Ok(())
+    }
+}
+
+/// The interceptor the provider gets; the test keeps the clock.
+#[derive(Debug)]
+struct ClockRef(Arc<CallClock>);
+
+impl Intercept for ClockRef {
+    fn name(&self) -> &'static str {
+        "CallClock"
+    }
+
+    fn read_before_execution(
+        &self,
+        context: &BeforeSerializationInterceptorContextRef<'_>,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0.read_before_execution(context, cfg)
+    }
+
+    fn read_after_execution(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0
+            .read_after_execution(context, runtime_components, cfg)
+    }
+}
+
+/// How much of `[from, to)` the union of `intervals` covers.
+fn covered(intervals: &[(Instant, Instant)], from: Instant, to: Instant) -> Duration {
+    let mut clipped: Vec<(Instant, Instant)> = intervals
+        .iter()
+        .map(|&(a, b)| (a.max(from), b.min(to)))
+        .filter(|(a, b)| a < b)
         .collect();
-    println!(
-        "AWS API calls for {step}: {diff:?} (total {})",
-        diff.values().sum::<u64>()
-    );
+    clipped.sort();
+    let mut total = Duration::ZERO;
+    let mut current: Option<(Instant, Instant)> = None;
+    for (a, b) in clipped {
+        current = match current {
+            Some((ca, cb)) if a <= cb => Some((ca, cb.max(b))),
+            Some((ca, cb)) => {
+                total += cb - ca;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    if let Some((ca, cb)) = current {
+        total += cb - ca;
+    }
+    total
+}
+
+/// Every ring the pool published, and every spec size the driver held, with when.
+#[derive(Debug, Default)]
+struct Timeline {
+    rings: Vec<(Instant, u64, u32, bool)>,
+    specs: Vec<(Instant, u32)>,
+}
+
+/// Records the pool's rings and spec sizes as the driver publishes them, until `stop`.
+fn follow(
+    operator: &Operator,
+    pool: &PoolRef,
+    timeline: Arc<Mutex<Timeline>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let handle = operator
+        .registry()
+        .get(pool)
+        .unwrap_or_else(|| panic!("no pool {pool}"));
+    let mut rings = handle.ring();
+    let mut resources = handle.watch_resource();
+    tokio::spawn(async move {
+        let record_ring = |ring: &Option<RingState>, timeline: &Mutex<Timeline>| {
+            if let Some(ring) = ring {
+                timeline
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .rings
+                    .push((
+                        Instant::now(),
+                        ring.current().epoch(),
+                        ring.current().len(),
+                        ring.is_migrating(),
+                    ));
+            }
+        };
+        let record_spec = |pool: &CachePool, timeline: &Mutex<Timeline>| {
+            let replicas = pool.spec.scaling.replicas;
+            let mut timeline = timeline.lock().unwrap_or_else(PoisonError::into_inner);
+            if timeline.specs.last().map(|s| s.1) != Some(replicas) {
+                timeline.specs.push((Instant::now(), replicas));
+            }
+        };
+        record_ring(&rings.borrow_and_update(), &timeline);
+        record_spec(&resources.borrow_and_update(), &timeline);
+        loop {
+            tokio::select! {
+                changed = rings.changed() => {
+                    if changed.is_err() { return; }
+                    record_ring(&rings.borrow_and_update(), &timeline);
+                }
+                changed = resources.changed() => {
+                    if changed.is_err() { return; }
+                    record_spec(&resources.borrow_and_update(), &timeline);
+                }
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    })
+}
+
+/// One resize as measured: see [`measure_resize`].
+#[derive(Debug)]
+struct Resize {
+    /// Manifest written → the driver holds the new spec (the front end's scan).
+    scan: Duration,
+    /// The driver holds the new spec → the first ring of the new size.
+    decision_to_ring: Duration,
+    /// Of that, time with at least one of the provider's AWS calls in flight.
+    aws: Duration,
+    /// Of that, time with an instance launched but its node not yet up (the harness's boot),
+    /// or an AWS call in flight.
+    aws_or_boot: Duration,
+    /// The epoch of that ring, and the one before.
+    epochs: (u64, u64),
+    calls: BTreeMap<String, u64>,
+}
+
+impl Resize {
+    fn print(&self, step: &str) {
+        let own = self.decision_to_ring.saturating_sub(self.aws_or_boot);
+        eprintln!(
+            "EC2 {step}: decision→ring {:?} (epoch {}→{}); in AWS calls {:?}; decision→ring \
+             minus AWS {:?}; minus AWS and the harness's instance boot (the operator's own) \
+             {own:?}; front end saw the manifest after {:?}; calls {:?} (total {})",
+            self.decision_to_ring,
+            self.epochs.1,
+            self.epochs.0,
+            self.aws,
+            self.decision_to_ring.saturating_sub(self.aws),
+            self.scan,
+            self.calls,
+            self.calls.values().sum::<u64>()
+        );
+    }
+}
+
+/// Writes the manifest for `n` replicas, waits until the pool has settled at `n`, and measures
+/// the resize from `timeline` and `clock`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the test's fixtures, passed as they are"
+)]
+async fn measure_resize(
+    operator: &Operator,
+    cloud: &Cloud,
+    provider: &Ec2Provider,
+    instances: &Instances,
+    clock: &CallClock,
+    timeline: &Mutex<Timeline>,
+    dir: &StateDir,
+    settings: &(String, String, String),
+    pool: &PoolRef,
+    n: u32,
+) -> (Resize, BTreeMap<u32, Instance>) {
+    let before = provider.api_calls();
+    let written = Instant::now();
+    dir.write(&manifest(n, settings));
+    let settled = settled(operator, cloud, pool, n).await;
+    let calls = calls_between(&before, &provider.api_calls());
+    let timeline = timeline.lock().unwrap_or_else(PoisonError::into_inner);
+    let decided = timeline
+        .specs
+        .iter()
+        .find(|(at, replicas)| *at >= written && *replicas == n)
+        .map(|(at, _)| *at)
+        .unwrap_or_else(|| panic!("the driver never held the spec for {n}: {timeline:?}"));
+    let previous_epoch = timeline
+        .rings
+        .iter()
+        .rfind(|(at, ..)| *at < decided)
+        .map_or(0, |r| r.1);
+    let (ring_at, epoch, ..) = *timeline
+        .rings
+        .iter()
+        .find(|(at, _, len, _)| *at >= decided && *len == n)
+        .unwrap_or_else(|| panic!("no ring of {n} after the decision: {timeline:?}"));
+    let clock = clock.lock();
+    let booted = instances.booted_at();
+    let boots: Vec<(Instant, Instant)> = clock
+        .launched
+        .iter()
+        .filter_map(|(id, launched)| Some((*launched, *booted.get(id)?)))
+        .collect();
+    let both: Vec<(Instant, Instant)> = clock.busy.iter().copied().chain(boots).collect();
+    let resize = Resize {
+        scan: decided - written,
+        decision_to_ring: ring_at - decided,
+        aws: covered(&clock.busy, decided, ring_at),
+        aws_or_boot: covered(&both, decided, ring_at),
+        epochs: (epoch, previous_epoch),
+        calls,
+    };
+    (resize, settled)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -546,11 +845,13 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
     let cloud = Arc::new(Cloud::start().await);
     let instances = Instances::new();
     let watcher = instances.watch(cloud.clone());
+    let clock = Arc::new(CallClock::default());
     let provider = Arc::new(
         Ec2Provider::new(Ec2Options {
             endpoint: Some(cloud.moto.endpoint().to_owned()),
             credentials: Some(static_credentials()),
             resolver: instances.resolver(),
+            interceptors: vec![SharedInterceptor::new(ClockRef(clock.clone()))],
             ..Ec2Options::default()
         })
         .await,
@@ -597,12 +898,26 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
         "the instance's volumes carry the pool tag"
     );
 
-    // Grow 1 → 3.
-    let before = provider.api_calls();
-    dir.write(&manifest(3, &settings));
-    let three = settled(&operator, &cloud, &pool, 3).await;
-    print_calls("grow 1→3", &before, &provider.api_calls());
+    // Grow 1 → 3, measured.
+    let timeline = Arc::new(Mutex::new(Timeline::default()));
+    let (stop_following, following) = tokio::sync::watch::channel(false);
+    let follower = follow(&operator, &pool, timeline.clone(), following);
+    let (grow, three) = measure_resize(
+        &operator, &cloud, &provider, &instances, &clock, &timeline, &dir, &settings, &pool, 3,
+    )
+    .await;
+    grow.print("grow 1→3");
     assert_eq!(three.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+    // One new ring for the grow (both new nodes at once), two launches, each with its token
+    // parameter written first.
+    assert_eq!(grow.epochs.0, grow.epochs.1 + 1, "{grow:?}");
+    for (api, n) in [("RunInstances", 2), ("PutParameter", 2)] {
+        assert_eq!(grow.calls.get(api), Some(&n), "{api}: {grow:?}");
+    }
+    for api in ["TerminateInstances", "DeleteParameter"] {
+        assert_eq!(grow.calls.get(api), None, "{api}: {grow:?}");
+    }
+    assert!(grow.aws <= grow.decision_to_ring && grow.aws_or_boot >= grow.aws);
     for (slot, instance) in &three {
         check_instance(instance, &pool, &uid, *slot);
     }
@@ -637,13 +952,31 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
         "the replacement is attempt 1"
     );
     let three = settled(&operator, &cloud, &pool, 3).await;
+    // The lost instance's clean-up (terminated again, idempotently, and its token parameter
+    // deleted) belongs to the replacement, not to the shrink measured next.
+    until("the lost instance cleaned up", || async {
+        let calls = provider.api_calls();
+        (calls.contains_key("TerminateInstances") && calls.contains_key("DeleteParameter"))
+            .then_some(())
+    })
+    .await;
 
-    // Shrink 3 → 1: the leaving instances are terminated after their hand-off, their token
-    // parameters deleted.
-    let before = provider.api_calls();
-    dir.write(&manifest(1, &settings));
-    let one = settled(&operator, &cloud, &pool, 1).await;
-    print_calls("shrink 3→1", &before, &provider.api_calls());
+    // Shrink 3 → 1, measured: the leaving instances are terminated after their hand-off,
+    // their token parameters deleted.
+    let (shrink, one) = measure_resize(
+        &operator, &cloud, &provider, &instances, &clock, &timeline, &dir, &settings, &pool, 1,
+    )
+    .await;
+    shrink.print("shrink 3→1");
+    assert!(shrink.epochs.0 > shrink.epochs.1, "{shrink:?}");
+    for (api, n) in [("TerminateInstances", 2), ("DeleteParameter", 2)] {
+        assert_eq!(shrink.calls.get(api), Some(&n), "{api}: {shrink:?}");
+    }
+    for api in ["RunInstances", "PutParameter"] {
+        assert_eq!(shrink.calls.get(api), None, "{api}: {shrink:?}");
+    }
+    let _ = stop_following.send(true);
+    follower.await.unwrap();
     for (slot, instance) in &three {
         if one.contains_key(slot) {
             continue;

@@ -417,3 +417,31 @@ fn aws_calls_are_counted_by_service_api_and_outcome_with_latency() {
     );
     assert_eq!(aws.count("ec2", "RunInstances", AWS_OK), 1);
 }
+
+#[test]
+fn cloudwatch_datums_pending_and_dropped_are_exposed_by_reason() {
+    let aws = AwsCalls::new();
+    let m = OperatorMetrics::with_aws_calls(aws.clone());
+    aws.set_datums_pending(24);
+    aws.datums_dropped(DROPPED_OVERFLOW, 8);
+    aws.datums_dropped(DROPPED_REFUSED, 8);
+    aws.datums_dropped(DROPPED_REFUSED, 16);
+    let text = m.encode();
+    assert_eq!(
+        value(&text, "cachepool_operator_cloudwatch_datums_pending", &[]),
+        Some(24.0)
+    );
+    let dropped = |reason: &str| {
+        value(
+            &text,
+            "cachepool_operator_cloudwatch_datums_dropped_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(dropped(DROPPED_OVERFLOW), Some(8.0));
+    assert_eq!(dropped(DROPPED_REFUSED), Some(24.0));
+    assert_eq!(
+        (aws.datums_pending(), aws.dropped(DROPPED_REFUSED)),
+        (24, 24)
+    );
+}
