@@ -36,8 +36,11 @@ use tokio::time::{Instant, Sleep};
 pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
 /// Longest a connection lingers after its response.
 pub const LINGER_TIME: Duration = Duration::from_secs(30);
-/// Longest the client may stay silent while the connection lingers.
-pub const LINGER_IDLE: Duration = Duration::from_secs(5);
+/// Longest the client may stay silent while the connection lingers. A client still sending a
+/// refused body is not silent; an idle one that does not close when the server does (a
+/// keep-alive connection the server drops at shutdown, held by a client that does not read)
+/// holds the connection this long, which a server stopping waits for: hence short.
+pub const LINGER_IDLE: Duration = Duration::from_secs(2);
 
 /// The address of the peer of a request's connection (for `ConnectInfo<ClientAddr>`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
