@@ -16,8 +16,29 @@ use tracing_subscriber::EnvFilter;
     about = "Elastic, memcached-compatible cache pool"
 )]
 struct Cli {
+    /// How log lines are written to stderr: `text` for people (coloured only when stderr is a
+    /// terminal and NO_COLOR is unset) or `json`, one object per line, for log shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CACHEPOOL_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of the log on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line per event: time, level, target, message and fields.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `message`, the event's fields and
+    /// `target` at the top level, and the spans the event happened in.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,12 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format, default_level);
     match cli.command {
         // The signal handlers are installed before anything starts, so a SIGTERM that comes
         // right after the first line is printed still stops everything in order.
@@ -81,8 +97,11 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(async {
+                // As for the other roles: a SIGTERM that comes as soon as the node has logged
+                // its start drains it rather than killing it.
+                let stop = shutdown_signal_now()?;
                 let node = cache_node::Node::start(config).await?;
-                node.run_until(shutdown_signal()).await;
+                node.run_until(stop).await;
                 anyhow::Ok(())
             })
         }
@@ -97,6 +116,26 @@ fn main() -> anyhow::Result<()> {
             "this cachepool was built without its benchmarks (a production build); build it \
              with the default `bench` feature, e.g. `cargo build --release`, to run them"
         ),
+    }
+}
+
+/// The log subscriber for every subcommand: `RUST_LOG` or `default_level`, on stderr, in
+/// `format`. Colour codes only reach a terminal: in a file, a pipe or a log collector they are
+/// noise that breaks searching (and `NO_COLOR` turns them off on a terminal too).
+fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal as _;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(colour).init();
+        }
+        LogFormat::Json => builder.json().flatten_event(true).with_ansi(false).init(),
     }
 }
 
@@ -123,24 +162,4 @@ fn shutdown_signal_now() -> anyhow::Result<impl std::future::Future<Output = ()>
         }
         tracing::info!("shutdown requested");
     })
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown requested");
 }

@@ -112,6 +112,7 @@ impl UpArgs {
             admin_password_hash: credentials.admin_password_hash.clone(),
             session_secret: credentials.session_secret.clone(),
             secure_cookies: false,
+            trusted_proxies: Vec::new(),
         };
         let web = match Web::start(&web_args).await {
             Ok(web) => web,

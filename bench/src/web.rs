@@ -173,6 +173,7 @@ async fn with_operator(
         admin_password_hash: None,
         session_secret: None,
         secure_cookies: false,
+        trusted_proxies: Vec::new(),
     };
     let site = SiteThread::start(web_args.clone(), args.threads).await?;
     let result = with_site(args, wrk, nginx, dir, api, &web_args, &site.url).await;

@@ -72,8 +72,9 @@ impl PoolList {
     }
 }
 
-/// `POST .../scale`: grow or shrink a manual pool by one.
+/// `POST .../scale`: grow or shrink a manual pool by one. Any other field is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScaleRequest {
     /// `1` or `-1`.
     pub delta: i64,
@@ -123,6 +124,16 @@ mod tests {
             pool_path("default", "local", "/ring"),
             "/api/v1/pools/default/local/ring"
         );
+    }
+
+    #[test]
+    fn scale_request_refuses_a_field_it_does_not_have() {
+        let ok: ScaleRequest = serde_json::from_str(r#"{"delta": -1}"#).unwrap();
+        assert_eq!(ok.delta, -1);
+        let error = serde_json::from_str::<ScaleRequest>(r#"{"delta": 1, "replicas": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `replicas`"), "{error}");
     }
 
     #[test]

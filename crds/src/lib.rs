@@ -11,11 +11,16 @@
 //! - [`pool`]: the CachePool custom resource (`cachepool.io/v1alpha1`): spec, status, defaults,
 //!   [`pool::validate`] (the rules the operator always enforces) and the CRD, whose schema
 //!   carries the same rules as bounds and CEL for the API server.
+//!
+//! - [`strict`]: reading a CachePool that a person wrote (a manifest, a patched resource) with
+//!   every unknown field refused by its path, while the types themselves stay lenient for what
+//!   kube reads from the API server.
 
 pub mod api;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod pool;
 pub mod ring;
+pub mod strict;
 
 pub use ring::{Member, Ring, RingError, RingState};

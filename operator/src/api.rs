@@ -7,8 +7,10 @@
 //!
 //! A spec change is a JSON merge patch (RFC 7386) of the whole resource, as `kubectl patch
 //! --type merge` sends it; the merged spec is validated with the same rules as a manifest and
-//! refused with 422 naming the field. Only `spec`, `metadata.labels` and
-//! `metadata.annotations` may change; status is the operator's.
+//! refused with 422 naming the field. A field the CachePool does not have (say
+//! `spec.scaling.minMissRate` for `spec.scaling.auto.minMissRate`) is refused the same way,
+//! code `unknown_field`, as `kubectl apply --validate=strict` would. Only `spec`,
+//! `metadata.labels` and `metadata.annotations` may change; status is the operator's.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,6 +26,7 @@ use cache_node::admin::{ApiError, check_bearer};
 use cachepool_crds::api::{HistoryPoint, PoolList, ScaleRequest};
 use cachepool_crds::pool::{CachePool, ScalingMode, SpecError};
 use cachepool_crds::ring::RingState;
+use cachepool_crds::strict::{self, StrictError};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -281,12 +284,17 @@ fn merge(current: &CachePool, patch: &Value) -> ApiResult<CachePool> {
     let mut document = serde_json::to_value(current)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     json_patch::merge(&mut document, patch);
-    serde_json::from_value::<CachePool>(document).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_spec",
-            format!("the patched resource is not a valid CachePool: {e}"),
-        )
+    // Strictly: a field the resource does not have is refused by its path, as
+    // `kubectl apply --validate=strict` refuses it, rather than dropped with a 200.
+    strict::read_pool(document).map_err(|e| {
+        let (code, message) = match &e {
+            StrictError::Unknown(_) => ("unknown_field", e.to_string()),
+            StrictError::Invalid { .. } => (
+                "invalid_spec",
+                format!("the patched resource is not a valid CachePool: {e}"),
+            ),
+        };
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message).field(e.field())
     })
 }
 
@@ -471,8 +479,48 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(error.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error.field_name(), Some("spec.scaling.replicas"));
         assert!(
             error.message().contains("not a valid CachePool"),
+            "{}",
+            error.message()
+        );
+    }
+
+    #[test]
+    fn merge_patch_with_an_unknown_field_is_refused_by_its_path() {
+        for (patch, field) in [
+            (
+                json!({"spec": {"scaling": {"minMissRate": 0.2}}}),
+                "spec.scaling.minMissRate",
+            ),
+            (json!({"spec": {"replicas": 3}}), "spec.replicas"),
+            (
+                json!({"spec": {"provider": {"process": {"port": 1}}}}),
+                "spec.provider.process.port",
+            ),
+            (
+                json!({"metadata": {"labels": {"a": "b"}}, "spec": {"cache": {"policyy": "lru"}}}),
+                "spec.cache.policyy",
+            ),
+        ] {
+            let error = merge(&pool(), &patch).unwrap_err();
+            assert_eq!(error.status(), StatusCode::UNPROCESSABLE_ENTITY, "{patch}");
+            assert_eq!(error.field_name(), Some(field), "{patch}");
+            assert!(
+                error
+                    .message()
+                    .contains(&format!("unknown field \"{field}\"")),
+                "{patch}: {}",
+                error.message()
+            );
+        }
+        let error =
+            merge(&pool(), &json!({"spec": {"scaling": {"minMissRate": 0.2}}})).unwrap_err();
+        assert!(
+            error
+                .message()
+                .contains("did you mean spec.scaling.auto.minMissRate?"),
             "{}",
             error.message()
         );

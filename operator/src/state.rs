@@ -13,6 +13,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use cachepool_crds::pool::{CachePool, CachePoolSpec};
+use cachepool_crds::strict;
 use serde::Serialize;
 
 use crate::provider::PoolRef;
@@ -230,8 +231,10 @@ pub fn parse_manifest(content: &[u8]) -> Result<(PoolRef, CachePool), String> {
             kind.unwrap_or("none")
         ));
     }
+    // Strictly, as `kubectl apply --validate=strict`: a misspelt or misplaced field is an error
+    // naming its path, not a setting silently left at its default.
     let mut pool: CachePool =
-        serde_json::from_value(value).map_err(|e| format!("not a valid CachePool: {e}"))?;
+        strict::read_pool(value).map_err(|e| format!("not a valid CachePool: {e}"))?;
     let name = pool
         .metadata
         .name
@@ -306,6 +309,14 @@ mod tests {
             (
                 "apiVersion: cachepool.io/v1alpha1\nkind: CachePool\nmetadata: {name: a}\nspec: {scaling: {replicas: many}}\n",
                 "not a valid CachePool",
+            ),
+            (
+                "apiVersion: cachepool.io/v1alpha1\nkind: CachePool\nmetadata: {name: a}\nspec: {scaling: {minMissRate: 0.2}}\n",
+                "unknown field \"spec.scaling.minMissRate\" (did you mean spec.scaling.auto.minMissRate?)",
+            ),
+            (
+                "apiVersion: cachepool.io/v1alpha1\nkind: CachePool\nmetadata: {name: a, lables: {a: b}}\nspec: {}\n",
+                "unknown field \"metadata.lables\"",
             ),
         ];
         for (text, expected) in cases {

@@ -10,6 +10,8 @@ use cachepool_crds::ring::Ring;
 use cachepool_web::api::AppState;
 use cachepool_web::app;
 use cachepool_web::cache::{CacheConfig, ImageCache};
+use cachepool_web::listener::{ClientAddr, SiteListener};
+use cachepool_web::ui::Ui;
 use serde_json::Value;
 
 use crate::store::{Db, Objects, TestStorage};
@@ -40,7 +42,18 @@ pub struct Site {
 }
 
 impl Site {
+    /// The site's JSON API.
     pub async fn start(db: Db, objects: Objects) -> Site {
+        Site::serve(db, objects, None).await
+    }
+
+    /// The site with its pages and manager (`ui`: the manager's password, its operator
+    /// client, its trusted proxies).
+    pub async fn start_with_pages(db: Db, objects: Objects, ui: Ui) -> Site {
+        Site::serve(db, objects, Some(ui)).await
+    }
+
+    async fn serve(db: Db, objects: Objects, ui: Option<Ui>) -> Site {
         let store = TestStorage::start(db, objects).await;
         let mut nodes = Vec::new();
         for _ in 0..2 {
@@ -60,15 +73,24 @@ impl Site {
             ImageCache::new(pool, CacheConfig::default())
                 .unwrap_or_else(|e| panic!("image cache: {e}")),
         );
-        let router = app::router(AppState::new(store.storage.clone(), cache, ADMIN));
+        let state = AppState::new(store.storage.clone(), cache, ADMIN);
+        let router = match &ui {
+            Some(ui) => app::router_with_pages(state, ui),
+            None => app::router(state),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("bind: {e}"));
+        // Served as `Web::start` serves it: client addresses and the lingering close.
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = axum::serve(
+                SiteListener::new(listener),
+                router.into_make_service_with_connect_info::<ClientAddr>(),
+            )
+            .await;
         });
         Site {
             url: format!("http://{addr}"),

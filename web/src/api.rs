@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest as _, Path, Query, Request, State};
 use axum::handler::Handler;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -197,19 +197,35 @@ fn rfc3339(at: std::time::SystemTime) -> String {
     jiff::Timestamp::try_from(at).map_or_else(|_| String::new(), |t| t.to_string())
 }
 
+/// An upload over [`MAX_IMAGE_BYTES`]: 413.
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "the image is larger than the limit of {MAX_IMAGE_BYTES} bytes (10 MiB): \
+             upload a smaller or more compressed image"
+        ),
+    )
+    .field("image")
+}
+
+/// The body length a request declares (`Content-Length`), if it declares one.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Why an upload's body could not be read: over the limit (413) or broken off (400).
 fn body_refusal(state: &AppState, e: &BytesRejection) -> ApiError {
     state.metrics.rejected();
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "the image is larger than the limit of {MAX_IMAGE_BYTES} bytes (10 MiB): \
-                 upload a smaller or more compressed image"
-            ),
-        )
-        .field("image")
+        too_large()
     } else {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -239,16 +255,29 @@ fn body_refusal(state: &AppState, e: &BytesRejection) -> ApiError {
 pub(crate) async fn upload_image(
     State(state): State<AppState>,
     Path(key): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&state, &key)?;
+    // A body that declares itself too large is refused before a byte of it is read (a client
+    // that sent `Expect: 100-continue` then sends none); one that turns out too large is
+    // refused at the limit.
+    let body = if declared_length(request.headers()).is_some_and(|n| n > MAX_IMAGE_BYTES as u64) {
+        state.metrics.rejected();
+        Err(too_large())
+    } else {
+        Bytes::from_request(request, &state)
+            .await
+            .map_err(|e| body_refusal(&state, &e))
+    };
     let body = match body {
         Ok(body) => body,
-        Err(e) => {
-            // The rest of the body is still on its way: the server closes the connection
+        Err(refused) => {
+            // The rest of the body may still be on its way: the server closes the connection
             // after answering, and says so, so that the client does not send its next
-            // request on a connection about to close.
-            let mut refused = body_refusal(&state, &e).into_response();
+            // request on a connection about to close. The close lingers, reading what the
+            // client still sends (crate::listener), so the client reads this answer instead
+            // of a reset.
+            let mut refused = refused.into_response();
             refused
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

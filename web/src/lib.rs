@@ -8,7 +8,8 @@
 //! - [`ui`]: the HTML pages and the manager UI (sessions, CSRF, charts, the operator client).
 //! - [`ring`]: the pool's ring, followed from the operator's API.
 //! - [`serve`]: the whole site started from its flags ([`serve::WebArgs`]), for `cachepool web`,
-//!   `cachepool up` and the benchmarks.
+//!   `cachepool up` and the benchmarks; [`listener`]: its connections (client addresses, and a
+//!   lingering close so that a refusal sent before the body was read reaches the client).
 //! - [`image`]: what an upload may be: keys and image formats, judged by their bytes.
 //! - [`cache`]: cache-aside reads through the pool client, one fill per key at a time.
 //! - [`latency`]: the latency histograms the stores and the cache record into.
@@ -20,6 +21,7 @@ pub mod app;
 pub mod cache;
 pub mod image;
 pub mod latency;
+pub mod listener;
 pub mod metrics;
 pub mod openapi;
 pub mod ring;

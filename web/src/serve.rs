@@ -16,6 +16,7 @@ use tracing::info;
 use crate::api::AppState;
 use crate::app;
 use crate::cache::{CacheConfig, ImageCache};
+use crate::listener::{ClientAddr, SiteListener};
 use crate::ring::RingSource;
 use crate::store::{Database, ObjectStore, Storage};
 use crate::ui::auth::hash_password;
@@ -129,6 +130,27 @@ pub struct WebArgs {
     /// Mark the cookies Secure (set when the site is served over https).
     #[arg(long, env = "CACHEPOOL_SECURE_COOKIES")]
     pub secure_cookies: bool,
+
+    /// A reverse proxy (address or block, e.g. 10.0.0.0/8) whose X-Forwarded-For names the
+    /// client, for the login back-off per address; repeat it or separate with commas. From any
+    /// other peer the header is ignored. Default: none, the connection's peer is the client.
+    #[arg(
+        long = "trusted-proxy",
+        env = "CACHEPOOL_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_parser = parse_net
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// An address block (`10.0.0.0/8`) or one address (`10.0.0.7`, a block of one).
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("{text:?} is neither an IP address nor an address block like 10.0.0.0/8")
+        })
 }
 
 /// A running site.
@@ -193,11 +215,14 @@ impl Web {
             .map_err(failed("reading the site's address"))?;
         let mut server_stop = stopped;
         let server = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = server_stop.wait_for(|s| *s).await;
-                })
-                .await;
+            let served = axum::serve(
+                SiteListener::new(listener),
+                router.into_make_service_with_connect_info::<ClientAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            })
+            .await;
             if let Err(e) = served {
                 tracing::warn!(error = %e, "the site's server failed");
             }
@@ -256,6 +281,7 @@ async fn manager_ui(args: &WebArgs, namespace: &str, name: &str) -> Result<Ui, S
         session_secret: args.session_secret.clone(),
         secure_cookies: args.secure_cookies,
         operator,
+        trusted_proxies: args.trusted_proxies.clone(),
     })
     .map_err(failed("the manager"))
 }

@@ -58,7 +58,7 @@ const POLL: Duration = Duration::from_millis(10);
 /// How much of a failed node's log an error quotes.
 const LOG_TAIL_BYTES: u64 = 4096;
 /// The operator's environment variables a node inherits; every other one is withheld.
-const INHERITED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "TZ"];
+const INHERITED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "TZ", "CACHEPOOL_LOG_FORMAT"];
 /// File name ending of node records; everything else in a pool directory is left alone.
 const RECORD_SUFFIX: &str = ".node.json";
 

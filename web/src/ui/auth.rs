@@ -2,8 +2,9 @@
 //!
 //! - **Password**: only its argon2 hash (a PHC string) is kept; a plain password from the
 //!   configuration is hashed at start. Verification runs in `spawn_blocking` (argon2 is
-//!   deliberately slow), one attempt at a time, and every failure doubles a back-off that the
-//!   next attempt waits out, so guessing is slow however many connections try at once.
+//!   deliberately slow), one check at a time, behind a back-off per client address
+//!   ([`super::throttle`]): failures slow down the address they came from and refuse its
+//!   attempts (429) until its wait is over, while a login from another address goes ahead.
 //! - **Sessions** are stateless signed cookies (`axum-extra`'s `SignedCookieJar`, HMAC under
 //!   the session key) carrying a random id and an expiry: replicas sharing
 //!   `--session-secret` accept each other's sessions without a shared store. Logout removes
@@ -15,6 +16,7 @@
 //!   from the session key: bound to the cookie, nothing stored, compared in constant time.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +25,8 @@ use axum_extra::extract::cookie::{Cookie, Key, SameSite, SignedCookieJar};
 use cache_node::admin::constant_time_eq;
 use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256, Sha512};
-use tokio::time::Instant;
+
+use super::throttle::{Admission, LoginThrottle};
 
 /// Name of the manager's session cookie.
 pub const SESSION_COOKIE: &str = "cachepool_session";
@@ -33,11 +36,6 @@ pub const VISITOR_COOKIE: &str = "cachepool_visitor";
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 /// Shortest accepted `--session-secret` (characters).
 pub const MIN_SECRET_LEN: usize = 32;
-
-/// First back-off after a failed login; doubles with each further failure.
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-/// Longest back-off between login attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
 /// What the manager's authentication could not be set up from.
 #[derive(Debug, thiserror::Error)]
@@ -121,20 +119,15 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The back-off a login waits for after `failures` failed attempts in a row.
-pub fn backoff(failures: u32) -> Duration {
-    if failures == 0 {
-        return Duration::ZERO;
-    }
-    let doublings = (failures - 1).min(16);
-    (FIRST_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF)
-}
-
-/// Failed logins in a row, and when the next attempt may be judged.
-#[derive(Debug)]
-struct Throttle {
-    failures: u32,
-    not_before: Instant,
+/// The outcome of a login attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginVerdict {
+    /// The password is right.
+    Accepted,
+    /// The password is wrong (or none is configured).
+    Refused,
+    /// Not checked: the client's address must wait this long after its earlier failures.
+    TooSoon(Duration),
 }
 
 /// The manager's credentials, session key and revocation list.
@@ -147,7 +140,7 @@ pub struct Auth {
     secure: bool,
     /// Logged-out session ids and their expiry.
     revoked: Mutex<HashMap<String, u64>>,
-    throttle: tokio::sync::Mutex<Throttle>,
+    throttle: LoginThrottle,
 }
 
 impl std::fmt::Debug for Auth {
@@ -176,10 +169,7 @@ impl Auth {
             csrf_key,
             secure,
             revoked: Mutex::new(HashMap::new()),
-            throttle: tokio::sync::Mutex::new(Throttle {
-                failures: 0,
-                not_before: Instant::now(),
-            }),
+            throttle: LoginThrottle::default(),
         })
     }
 
@@ -193,30 +183,42 @@ impl Auth {
         self.hash.is_some()
     }
 
-    /// Checks a password, one attempt at a time, after the back-off earlier failures earned.
-    pub async fn verify_password(&self, password: String) -> bool {
+    /// Checks a password from `client`: refused at once while the address waits out its
+    /// earlier failures, else checked (one check at a time, whoever asks) and the outcome
+    /// counted against the address.
+    pub async fn verify_password(&self, client: IpAddr, password: String) -> LoginVerdict {
         let Some(hash) = self.hash.clone() else {
-            return false;
+            return LoginVerdict::Refused;
         };
-        let mut throttle = self.throttle.lock().await;
-        tokio::time::sleep_until(throttle.not_before).await;
-        let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).is_ok_and(|parsed| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
+        let attempt = match self.throttle.admit(client) {
+            Admission::Check(attempt) => attempt,
+            Admission::Wait(wait) => return LoginVerdict::TooSoon(wait),
+        };
+        let ok = {
+            let _turn = attempt.turn().await;
+            tokio::task::spawn_blocking(move || {
+                PasswordHash::new(&hash).is_ok_and(|parsed| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
             })
-        })
-        .await
-        .unwrap_or(false);
+            .await
+            .unwrap_or(false)
+        };
         if ok {
-            throttle.failures = 0;
+            attempt.succeeded();
+            LoginVerdict::Accepted
         } else {
-            throttle.failures = throttle.failures.saturating_add(1);
-            throttle.not_before = Instant::now() + backoff(throttle.failures);
-            tracing::warn!(failures = throttle.failures, "failed manager login");
+            let failures = attempt.failed();
+            tracing::warn!(%client, failures, "failed manager login");
+            LoginVerdict::Refused
         }
-        ok
+    }
+
+    /// How many client addresses the login back-off tracks.
+    pub fn throttled_clients(&self) -> usize {
+        self.throttle.tracked()
     }
 
     /// The CSRF token of a scope (`session` or `visitor`) and id.
@@ -394,27 +396,31 @@ mod tests {
         set.split(';').next().unwrap().to_owned()
     }
 
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(0), Duration::ZERO);
-        assert_eq!(backoff(1), FIRST_BACKOFF);
-        assert_eq!(backoff(2), FIRST_BACKOFF * 2);
-        assert_eq!(backoff(3), FIRST_BACKOFF * 4);
-        assert_eq!(backoff(100), MAX_BACKOFF);
-    }
-
     #[tokio::test]
-    async fn password_verifies_against_its_hash_only() {
+    async fn password_verifies_against_its_hash_only_and_failures_slow_their_address() {
         let hash = hash_password("correct horse").unwrap();
         assert!(hash.starts_with("$argon2id$"));
         let auth = Auth::new(Some(hash), session_key(None).unwrap(), false).unwrap();
-        assert!(auth.verify_password("correct horse".into()).await);
-        assert!(!auth.verify_password("wrong".into()).await);
-        let started = Instant::now();
-        assert!(auth.verify_password("correct horse".into()).await);
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert_eq!(
+            auth.verify_password(a, "correct horse".into()).await,
+            LoginVerdict::Accepted
+        );
+        assert_eq!(
+            auth.verify_password(a, "wrong".into()).await,
+            LoginVerdict::Refused
+        );
         assert!(
-            started.elapsed() >= FIRST_BACKOFF,
-            "a failure delays the next attempt"
+            matches!(
+                auth.verify_password(a, "correct horse".into()).await,
+                LoginVerdict::TooSoon(_)
+            ),
+            "a failure makes its address wait"
+        );
+        assert_eq!(
+            auth.verify_password(b, "correct horse".into()).await,
+            LoginVerdict::Accepted,
+            "another address does not"
         );
         assert!(matches!(
             Auth::new(Some("plain".into()), session_key(None).unwrap(), false),

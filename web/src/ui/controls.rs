@@ -237,3 +237,27 @@ pub(super) async fn delete_all(
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_field_refused_by_the_operator_is_shown_as_the_forms_message() {
+        let message = "unknown field \"spec.scaling.minMissRate\" (did you mean \
+                       spec.scaling.auto.minMissRate?): a CachePool has no such field";
+        let (status, again) = operator_refusal(
+            OperatorError::Refused {
+                status: 422,
+                code: "unknown_field".into(),
+                message: message.into(),
+                field: Some("spec.scaling.minMissRate".into()),
+            },
+            Rerender::default(),
+        );
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        // No form field is named so: the message goes above the form, whole.
+        assert!(again.errors.is_empty());
+        assert_eq!(again.form_error.as_deref(), Some(message));
+    }
+}

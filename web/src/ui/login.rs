@@ -2,17 +2,19 @@
 //! session, and the CSRF token of its pages (the primitives are in [`super::auth`]).
 
 use askama::Template;
-use axum::Form;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Form};
 use axum_extra::extract::cookie::{Cookie, SignedCookieJar};
 use serde::Deserialize;
 use tracing::info;
 
 use super::UiState;
-use super::auth::{self, Session};
+use super::auth::{self, LoginVerdict, Session};
 use super::page::{error_page, page, see_other};
+use super::throttle;
+use crate::listener::ClientAddr;
 
 #[derive(Template)]
 #[template(path = "login.html")]
@@ -58,10 +60,14 @@ pub(super) struct LoginForm {
 
 pub(super) async fn login(
     State(state): State<UiState>,
+    connection: Option<Extension<ConnectInfo<ClientAddr>>>,
+    headers: HeaderMap,
     jar: SignedCookieJar,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let auth = &state.ui.inner.auth;
+    let peer = connection.map(|Extension(ConnectInfo(ClientAddr(addr)))| addr.ip());
+    let client = throttle::client_ip(peer, &headers, &state.ui.inner.trusted_proxies);
     if !auth.check_visitor_csrf(&jar, &form.csrf) {
         return login_page(
             &state,
@@ -73,13 +79,31 @@ pub(super) async fn login(
             ),
         );
     }
-    if !auth.verify_password(form.password).await {
-        return login_page(
-            &state,
-            jar,
-            StatusCode::UNAUTHORIZED,
-            Some("Wrong password.".into()),
-        );
+    match auth.verify_password(client, form.password).await {
+        LoginVerdict::Accepted => {}
+        LoginVerdict::Refused => {
+            return login_page(
+                &state,
+                jar,
+                StatusCode::UNAUTHORIZED,
+                Some("Wrong password.".into()),
+            );
+        }
+        LoginVerdict::TooSoon(wait) => {
+            // Whole seconds, rounded up: `Retry-After` has no fractions.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut page = login_page(
+                &state,
+                jar,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(format!(
+                    "Too many failed logins from your address: try again in {seconds} s."
+                )),
+            );
+            page.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            return page;
+        }
     }
     let session = Session::new(auth::unix_now());
     info!("manager login");

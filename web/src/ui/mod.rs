@@ -17,7 +17,8 @@
 //! - `dashboard`: the manager's page and the JSON its script refreshes from.
 //! - `controls`: the manager's settings forms and buttons.
 //! - `page`, `assets`: rendering, error pages, security headers; the embedded static files.
-//! - [`auth`]: password, sessions, CSRF tokens, login back-off.
+//! - [`auth`]: password, sessions, CSRF tokens.
+//! - [`throttle`]: the login back-off per client address, and which address a request is from.
 //! - [`forms`]: the manager's forms → merge patches, operator error fields → form fields.
 //! - [`charts`]: the charts as server-side SVG (plotters).
 //! - [`operator`]: the client of the operator's API.
@@ -32,6 +33,7 @@ mod images;
 mod login;
 pub mod operator;
 mod page;
+pub mod throttle;
 mod upload;
 
 use std::sync::Arc;
@@ -60,6 +62,9 @@ pub struct UiConfig {
     pub secure_cookies: bool,
     /// The operator's API with a token that may write.
     pub operator: OperatorClient,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (for the login back-off);
+    /// from any other peer the header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// The UI: its authentication and its operator client.
@@ -72,6 +77,7 @@ pub struct Ui {
 struct Inner {
     auth: Auth,
     operator: OperatorClient,
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Debug)]
@@ -95,8 +101,14 @@ impl Ui {
             inner: Arc::new(Inner {
                 auth,
                 operator: config.operator,
+                trusted_proxies: config.trusted_proxies,
             }),
         })
+    }
+
+    /// How many client addresses the login back-off tracks (bounded).
+    pub fn throttled_clients(&self) -> usize {
+        self.inner.auth.throttled_clients()
     }
 
     /// The pages' routes, to merge into the site's router.

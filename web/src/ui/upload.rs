@@ -4,7 +4,7 @@
 
 use askama::Template;
 use axum::extract::{Multipart, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum_extra::extract::cookie::SignedCookieJar;
 use tracing::{error, info};
@@ -12,6 +12,7 @@ use tracing::{error, info};
 use super::UiState;
 use super::forms::{FieldErrors, human_size};
 use super::page::{page, see_other};
+use crate::api::declared_length;
 use crate::image::{self, ImageKey, MAX_IMAGE_BYTES};
 
 #[derive(Template)]
@@ -36,10 +37,11 @@ pub(super) async fn upload_form(State(state): State<UiState>, jar: SignedCookieJ
 }
 
 /// Largest upload form read to its end. An image over [`MAX_IMAGE_BYTES`] is read on and
-/// discarded up to this size so that the browser, still sending, gets the page saying the
-/// limit: answering early makes the server close the connection under the sender, which a
-/// browser shows as a reset. Beyond this size the form is cut off (and the browser may show
-/// that reset) rather than read for nothing.
+/// discarded up to this size, so that the form's other fields are still read and the page
+/// says what to fix. A form that declares more than this is refused before it is read, and
+/// one that turns out larger is cut off here; either way the connection's lingering close
+/// (crate::listener) reads on what the browser still sends, so that it shows the page rather
+/// than a reset.
 pub(super) const UPLOAD_FORM_LIMIT: usize = 4 * MAX_IMAGE_BYTES;
 
 /// The fields of the upload form.
@@ -53,18 +55,23 @@ struct UploadFields {
     csrf: String,
 }
 
+/// A form over [`UPLOAD_FORM_LIMIT`]: 413, saying the image's limit.
+fn form_too_large() -> (StatusCode, String) {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the form is larger than {}, and the image's limit is {}",
+            human_size(UPLOAD_FORM_LIMIT as u64),
+            human_size(MAX_IMAGE_BYTES as u64)
+        ),
+    )
+}
+
 async fn read_upload(mut multipart: Multipart) -> Result<UploadFields, (StatusCode, String)> {
     let mut fields = UploadFields::default();
     let failed = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the form is larger than {}, and the image's limit is {}",
-                    human_size(UPLOAD_FORM_LIMIT as u64),
-                    human_size(MAX_IMAGE_BYTES as u64)
-                ),
-            )
+            form_too_large()
         } else {
             (
                 StatusCode::BAD_REQUEST,
@@ -99,12 +106,19 @@ async fn read_upload(mut multipart: Multipart) -> Result<UploadFields, (StatusCo
 
 pub(super) async fn upload(
     State(state): State<UiState>,
+    headers: HeaderMap,
     jar: SignedCookieJar,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Response {
     let auth = &state.ui.inner.auth;
     let csrf_ok = |fields: &UploadFields| auth.check_visitor_csrf(&jar, &fields.csrf);
     let read = match multipart {
+        // A form that declares itself over the limit is refused before it is read; the
+        // connection's lingering close (crate::listener) reads what the browser still sends,
+        // so the browser shows this page rather than a reset.
+        _ if declared_length(&headers).is_some_and(|n| n > UPLOAD_FORM_LIMIT as u64) => {
+            Err(form_too_large())
+        }
         Ok(m) => read_upload(m).await,
         Err(e) => Err((
             StatusCode::BAD_REQUEST,
