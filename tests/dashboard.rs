@@ -226,9 +226,7 @@ fn exposition(text: &str, into: &mut BTreeMap<String, BTreeSet<String>>) {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
         }
-        let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
-            .unwrap_or(line.len());
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
         let name = &line[..name_end];
         let labels = into.entry(name.to_owned()).or_default();
         if line[name_end..].starts_with('{') {
@@ -256,7 +254,10 @@ async fn get_text(url: &str) -> String {
         "GET {url}: {}",
         response.status()
     );
-    response.text().await.unwrap()
+    response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"))
 }
 
 async fn wait_for_pool(stack: &Stack, what: &str, check: impl Fn(&Value) -> bool) -> Value {

@@ -23,19 +23,39 @@ use tokio::process::Command;
 /// The manager's password in these tests.
 const PASSWORD: &str = "correct-horse-battery";
 
+/// A value a helper cannot go on without: a test failure at the caller if it is missing.
+/// (Clippy allows `unwrap` in test functions, not in the helpers they share.)
+trait Must<T> {
+    fn must(self) -> T;
+}
+
+impl<T, E: std::fmt::Debug> Must<T> for Result<T, E> {
+    #[track_caller]
+    fn must(self) -> T {
+        self.unwrap_or_else(|err| panic!("{err:?}"))
+    }
+}
+
+impl<T> Must<T> for Option<T> {
+    #[track_caller]
+    fn must(self) -> T {
+        self.unwrap_or_else(|| panic!("missing value"))
+    }
+}
+
 /// Longest any one client call may take (generous: two shared cores).
 const CALL_LIMIT: Duration = Duration::from_secs(60);
 
 fn ui() -> Ui {
     Ui::new(UiConfig {
-        password_hash: Some(hash_password(PASSWORD).unwrap()),
+        password_hash: Some(hash_password(PASSWORD).must()),
         session_secret: None,
         secure_cookies: false,
         // Nothing here asks the operator; a closed port answers anything that would.
-        operator: OperatorClient::new("http://127.0.0.1:9", "token", "default", "local").unwrap(),
+        operator: OperatorClient::new("http://127.0.0.1:9", "token", "default", "local").must(),
         trusted_proxies: Vec::new(),
     })
-    .unwrap()
+    .must()
 }
 
 /// A file of `size` bytes that starts like a GIF, removed on drop.
@@ -49,12 +69,12 @@ impl BigFile {
         ));
         let mut bytes = gif(9);
         bytes.resize(size, 0);
-        std::fs::write(&path, bytes).unwrap();
+        std::fs::write(&path, bytes).must();
         BigFile(path)
     }
 
     fn path(&self) -> &str {
-        self.0.to_str().unwrap()
+        self.0.to_str().must()
     }
 }
 
@@ -290,10 +310,10 @@ struct Answer {
 impl Visitor {
     fn at(site: &Site, address: &str) -> Visitor {
         let http = reqwest::Client::builder()
-            .local_address(address.parse::<IpAddr>().unwrap())
+            .local_address(address.parse::<IpAddr>().must())
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .unwrap();
+            .must();
         Visitor {
             http,
             site: site.url.clone(),
@@ -303,8 +323,8 @@ impl Visitor {
 
     fn keep_cookies(&mut self, response: &reqwest::Response) {
         for set in response.headers().get_all("set-cookie") {
-            let pair = set.to_str().unwrap().split(';').next().unwrap().to_owned();
-            let name = pair.split('=').next().unwrap().to_owned();
+            let pair = set.to_str().must().split(';').next().must().to_owned();
+            let name = pair.split('=').next().must().to_owned();
             self.cookies.retain(|c| !c.starts_with(&format!("{name}=")));
             self.cookies.push(pair);
         }
@@ -319,11 +339,11 @@ impl Visitor {
             .header("cookie", self.cookies.join("; "))
             .send()
             .await
-            .unwrap();
+            .must();
         self.keep_cookies(&page);
-        let body = page.text().await.unwrap();
-        let at = body.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
-        let csrf = &body[at..at + body[at..].find('"').unwrap()];
+        let body = page.text().await.must();
+        let at = body.find("name=\"csrf\" value=\"").must() + "name=\"csrf\" value=\"".len();
+        let csrf = &body[at..at + body[at..].find('"').must()];
         let mut request = self
             .http
             .post(format!("{}/manager/login", self.site))
@@ -334,13 +354,13 @@ impl Visitor {
             request = request.header(*name, *value);
         }
         let started = Instant::now();
-        let response = request.send().await.unwrap();
+        let response = request.send().await.must();
         let took = started.elapsed();
         self.keep_cookies(&response);
         let retry_after = response
             .headers()
             .get("retry-after")
-            .map(|v| v.to_str().unwrap().parse().unwrap());
+            .map(|v| v.to_str().must().parse().must());
         Answer {
             status: response.status().as_u16(),
             retry_after,
