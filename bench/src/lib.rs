@@ -14,7 +14,8 @@
 //! processes; `loadgen` is the closed-loop client; `node`, `memory`, `policies`, `handoff`
 //! and `routing` each run one subcommand; `report` formats tables. `web` runs the site's
 //! benchmark with `wrk` (script and output parsing), `nginx` (configuration and process) and
-//! `procs` (CPU time per process group, from /proc) as its helpers.
+//! `procs` (CPU time per process group, from /proc) as its helpers. `resize` runs the resize
+//! and autoscaler experiments (open-loop traffic, three designs, figures).
 //!
 //! Servers under test are child processes, the node included (this same binary's `node`
 //! subcommand), so that both servers are measured the same way: their own address space for
@@ -22,7 +23,7 @@
 
 mod admin_node;
 mod handoff;
-mod keys;
+pub mod keys;
 mod loadgen;
 mod memory;
 mod nginx;
@@ -31,6 +32,7 @@ mod operator;
 mod policies;
 mod procs;
 mod report;
+pub mod resize;
 mod routing;
 mod servers;
 mod web;
@@ -62,6 +64,9 @@ enum BenchCommand {
     /// Time from a scale call to the new ring and to a Ready pool (process provider), against
     /// a bare node start; reconcile latency.
     Operator(operator::OperatorBenchArgs),
+    /// Latency, throughput and hit rate through resizes and autoscaling, for this product, a
+    /// ring whose new nodes start empty and the original modulo design (docs/results.md).
+    Resize(resize::ResizeArgs),
     /// The site's cached image GET under wrk against nginx serving the same files, and the
     /// miss path broken down (pool, database, object store, fill).
     Web(web::WebBenchArgs),
@@ -90,6 +95,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Memory(a) => with_client_runtime(a.client_threads, |rt| memory::run(rt, a)),
         BenchCommand::Handoff(a) => with_client_runtime(a.client_threads, |rt| handoff::run(rt, a)),
         BenchCommand::Routing(a) => with_client_runtime(a.client_threads, |rt| routing::run(rt, a)),
+        BenchCommand::Resize(a) => with_client_runtime(a.client_threads, |rt| resize::run(rt, a)),
         BenchCommand::Operator(a) => with_client_runtime(2, |rt| operator::run(rt, a)),
         // The control side (operator, uploads, miss path); the site gets its own runtime.
         BenchCommand::Web(a) => with_client_runtime(2, |rt| web::run(rt, a)),
