@@ -35,31 +35,28 @@ fn settings() -> Settings {
     }
 }
 
-fn run(exp: Experiment, design: Design) -> Run {
+fn run(exp: Experiment, design: Design) -> anyhow::Result<Run> {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()
-        .unwrap();
-    let run = rt
-        .block_on(run_experiment(&settings(), exp, design))
-        .unwrap();
+        .build()?;
+    let run = rt.block_on(run_experiment(&settings(), exp, design))?;
     eprintln!(
         "{} {}: {}",
         exp.slug(),
         design.name(),
         summary::one_line(&run)
     );
-    run
+    Ok(run)
 }
 
 #[test]
 fn cachepool_loses_no_hits_and_serves_nothing_stale_in_any_experiment() {
     for exp in Experiment::ALL {
-        let run = run(exp, Design::Product);
+        let run = run(exp, Design::Product).unwrap();
         let t = summary::totals(&run);
         assert!(t.gets > 1000, "{}: only {} reads", exp.slug(), t.gets);
         assert_eq!(t.stale, 0, "{}: stale reads", exp.slug());
@@ -105,7 +102,7 @@ fn cachepool_loses_no_hits_and_serves_nothing_stale_in_any_experiment() {
 
 #[test]
 fn a_new_empty_node_loses_the_share_of_keys_it_takes_over_at_a_grow() {
-    let empty = run(Experiment::Grow, Design::Empty);
+    let empty = run(Experiment::Grow, Design::Empty).unwrap();
     let (probes, missed) = summary::probe_loss(&empty);
     let share = missed as f64 / probes.max(1) as f64;
     // 1 -> 3 nodes: jump hash gives the two new nodes 2/3 of the keys, and they start empty.
@@ -118,7 +115,7 @@ fn a_new_empty_node_loses_the_share_of_keys_it_takes_over_at_a_grow() {
     let t = summary::totals(&empty);
     assert!(t.lost > 0, "the empty nodes lost no hits");
 
-    let original = run(Experiment::Grow, Design::Original);
+    let original = run(Experiment::Grow, Design::Original).unwrap();
     let r = &original.resizes[0];
     // Modulo placement moves far more than jump hash does (1 -> 3: every key whose hash mod 3
     // is not 0, against 2/3 for jump hash, from the same keys).
@@ -132,7 +129,7 @@ fn a_new_empty_node_loses_the_share_of_keys_it_takes_over_at_a_grow() {
 
 #[test]
 fn the_autoscaler_settles_in_experiment_5_where_the_naive_rule_flaps() {
-    let run = run(Experiment::AutoShrink, Design::Product);
+    let run = run(Experiment::AutoShrink, Design::Product).unwrap();
     for w in &run.windows {
         eprintln!(
             "  t={:5.1} n={} miss={:.3} steady={} {}",

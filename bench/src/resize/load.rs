@@ -479,7 +479,7 @@ mod tests {
         let keys = KeySpace::new(10_000, 300, 100 << 10, 1);
         let min = *keys.sizes.iter().min().unwrap();
         let max = *keys.sizes.iter().max().unwrap();
-        assert!(min >= 300 && min < 400, "{min}");
+        assert!((300..400).contains(&min), "{min}");
         assert!(max > 60 << 10 && max <= 100 << 10, "{max}");
         let mut sorted = keys.sizes.clone();
         sorted.sort_unstable();

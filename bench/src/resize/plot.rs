@@ -33,11 +33,14 @@ fn colour(d: Design) -> RGBColor {
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
+/// One design's points; `true` draws them as steps.
+type Line = (Design, Vec<(f64, f64)>, bool);
+
 struct Panel<'p> {
     title: &'p str,
     y: std::ops::Range<f64>,
     y_label: fn(f64) -> String,
-    lines: Vec<(Design, Vec<(f64, f64)>, bool)>,
+    lines: Vec<Line>,
     /// Horizontal reference lines with their captions.
     thresholds: Vec<(f64, &'p str)>,
 }
