@@ -12,8 +12,8 @@
 //! traffic ([`load`]): open-loop cache-aside reads and writes at a fixed rate through the
 //! pool client; autoscaler ([`scaler`]): the operator's own, live, plus a replay against the
 //! naive rule. Each experiment writes a CSV of its per-second rows, a CSV of its resizes (and
-//! of its autoscaler windows), and SVG figures; `summary.md` has the tables of
-//! docs/results.md.
+//! of its autoscaler windows), and SVG figures (PNG too, rendered by headless Chromium);
+//! `summary.md` has the tables of docs/results.md.
 //!
 //! The designs run one after another, never at once, so that on a two-core machine none of
 //! them takes CPU from another; each gets fresh nodes of the same size and the same seed.
@@ -81,6 +81,9 @@ pub struct ResizeArgs {
     cooldown_secs: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The browser that renders each SVG figure to PNG (headless); `none` writes SVG only.
+    #[arg(long, default_value = "chromium")]
+    chromium: PathBuf,
     /// Worker threads of the bench's runtime (traffic, resizes).
     #[arg(long, default_value_t = 2)]
     pub client_threads: usize,
@@ -238,7 +241,8 @@ pub fn run(rt: &tokio::runtime::Runtime, args: ResizeArgs) -> anyhow::Result<()>
             runs.push(run);
         }
         summary::write_files(&args.out_dir, exp, &runs)?;
-        plot::write(&args.out_dir, exp, &runs)?;
+        let chromium = (args.chromium.as_os_str() != "none").then_some(args.chromium.as_path());
+        plot::write(&args.out_dir, exp, &runs, chromium)?;
         all.push((exp, runs));
     }
     let md = summary::markdown(&settings, &all);

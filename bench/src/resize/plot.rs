@@ -1,10 +1,11 @@
 //! The figures of `bench resize`, as SVG with `plotters` (built, as for the web's charts,
 //! without its `ttf` feature: the SVG backend writes text as `<text>` elements).
 //!
-//! PNG is not drawn here: plotters' bitmap backend needs a font rasteriser (`ttf`, with
+//! PNG is not drawn by plotters: its bitmap backend needs a font rasteriser (`ttf`, with
 //! font-kit and a system font) and an image encoder (`image`), neither of which the workspace
-//! builds, to turn out the same pictures any browser renders from the SVG (see
-//! docs/results.md).
+//! builds. Instead each SVG is rendered to a PNG of the same size by headless Chromium when
+//! one is installed (the UI tests' browser), so the PNG is exactly the SVG's picture; without
+//! it the bench says so and writes the SVG alone.
 //!
 //! Per experiment, `<slug>.svg`: throughput, p99 latency (log scale) and hit rate per second,
 //! one line per design, each design's resizes marked by vertical lines in its colour (solid:
@@ -143,7 +144,13 @@ fn per_second(run: &Run, f: impl Fn(&super::load::Second) -> Option<f64>) -> Vec
 }
 
 /// Writes the experiment's figures into `dir`.
-pub fn write(dir: &Path, exp: Experiment, runs: &[Run]) -> anyhow::Result<()> {
+/// With `chromium`, each SVG also as PNG.
+pub fn write(
+    dir: &Path,
+    exp: Experiment,
+    runs: &[Run],
+    chromium: Option<&Path>,
+) -> anyhow::Result<()> {
     let x_max = runs.iter().map(|r| r.seconds.len()).max().unwrap_or(1) as f64;
     let tput: Vec<_> = runs
         .iter()
@@ -244,13 +251,58 @@ pub fn write(dir: &Path, exp: Experiment, runs: &[Run]) -> anyhow::Result<()> {
     }
     let path = dir.join(format!("{}.svg", exp.slug()));
     std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+    png(chromium, &path, WIDTH, PANEL * 3 + 30)?;
     if exp.is_auto() {
-        write_scaling(dir, exp, runs, x_max)?;
+        write_scaling(dir, exp, runs, x_max, chromium)?;
     }
     Ok(())
 }
 
-fn write_scaling(dir: &Path, exp: Experiment, runs: &[Run], x_max: f64) -> anyhow::Result<()> {
+/// Renders `svg` to a PNG beside it with headless Chromium, if `chromium` can be started.
+fn png(chromium: Option<&Path>, svg: &Path, width: u32, height: u32) -> anyhow::Result<()> {
+    let Some(chromium) = chromium else {
+        return Ok(());
+    };
+    let svg = std::fs::canonicalize(svg)?;
+    let out = svg.with_extension("png");
+    let result = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--window-size={width},{height}"))
+        .arg(format!("--screenshot={}", out.display()))
+        .arg(format!("file://{}", svg.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match result {
+        Ok(status) if status.success() && out.exists() => Ok(()),
+        Ok(status) => anyhow::bail!(
+            "{} could not render {} ({status})",
+            chromium.display(),
+            svg.display()
+        ),
+        Err(e) => {
+            eprintln!(
+                "no PNG for {}: cannot start {} ({e}); the SVG is written",
+                svg.display(),
+                chromium.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn write_scaling(
+    dir: &Path,
+    exp: Experiment,
+    runs: &[Run],
+    x_max: f64,
+    chromium: Option<&Path>,
+) -> anyhow::Result<()> {
     let nodes: Vec<_> = runs
         .iter()
         .map(|r| {
@@ -321,5 +373,5 @@ fn write_scaling(dir: &Path, exp: Experiment, runs: &[Run], x_max: f64) -> anyho
     }
     let path = dir.join(format!("{}-scaling.svg", exp.slug()));
     std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    png(chromium, &path, WIDTH, PANEL * 2 + 30)
 }
