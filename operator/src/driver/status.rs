@@ -78,8 +78,10 @@ fn without_counters(status: &CachePoolStatus) -> CachePoolStatus {
 }
 
 impl Driver {
-    /// The plan's status keeps the traffic figures sampled since the last round.
+    /// The plan's status keeps the traffic figures sampled since the last round, and what
+    /// the autoscaler has learned so far (a restarted operator picks it up from there).
     pub(super) fn keep_traffic(&self, status: &mut CachePoolStatus) {
+        status.autoscaler = self.autoscaler.memory();
         status.selector = Some(cachepool_crds::pool::selector_for(&self.handle.pool.name));
         let sampled = &self.record.status;
         status.miss_rate = sampled.miss_rate;
