@@ -238,6 +238,24 @@ async fn manager_login_csrf_and_pool_controls() {
         .await;
     page.expect(403, "login without its CSRF token");
     assert!(!browser.cookies.contains_key("cachepool_session"));
+    // The wrong password slowed this address down: a login right away, even the right one,
+    // waits for the back-off (429 with Retry-After, the password not even checked).
+    let form = browser.get("/manager/login").await;
+    let csrf = form.csrf();
+    let page = browser
+        .post(
+            "/manager/login",
+            &[("password", &stack.admin_password), ("csrf", &csrf)],
+        )
+        .await;
+    page.expect(429, "a login within the back-off of a failed one");
+    let wait: u64 = page.headers["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {:?}", page.headers));
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
 
     let csrf = browser.login(&stack.admin_password).await;
     let set = browser
