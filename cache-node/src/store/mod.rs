@@ -447,7 +447,7 @@ impl Store {
         if let StoreMode::AddUnlessDeleted { written_ms } = mode
             && existing.is_none()
             && let Some(deleted) = shard.deleted_at(hash, now.ms)
-            && !written_ms.is_some_and(|w| w > deleted.saturating_add(CLOCK_SKEW_MS))
+            && written_ms.is_none_or(|w| w <= deleted.saturating_add(CLOCK_SKEW_MS))
         {
             return self.refuse(&mut shard, StoreOutcome::NotStored);
         }

@@ -290,7 +290,7 @@ impl Pool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
 
     #[test]
     fn tombstones_and_hand_off_copies_never_serve_stale_values_nor_lose_writes(
