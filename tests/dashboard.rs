@@ -4,35 +4,60 @@
 //! legends by.
 //!
 //! The stack is `cachepool up` with an auto-scaled pool that is made to grow (its minimum
-//! raised), an image uploaded and viewed, so counters, histograms and hand-off gauges have
-//! series. Labels a Prometheus scrape adds are allowed on every metric (`job`, `instance`,
-//! `namespace`), and `pod`/`slot` on the nodes' series, which the chart's PodMonitor adds
-//! along with their `pool` (the chart test checks those relabellings exist). AWS call metrics
-//! have series only in an operator started with `--aws`: for them the test checks that the
-//! family is declared and the labels are those `operator/src/metrics.rs` registers.
+//! raised), one of its nodes killed and replaced, an image uploaded and viewed until the
+//! operator has sampled the traffic and judged windows, so counters, histograms and hand-off
+//! gauges have series. Labels a Prometheus scrape adds are allowed on every metric (`job`,
+//! `instance`, `namespace`), and `pod`/`slot` on the nodes' series, which the chart's
+//! PodMonitor adds along with their `pool` (the chart test checks those relabellings exist).
+//! AWS call metrics and the Kubernetes controller's reconcile errors have no series on a local
+//! stack: for them the test checks that `operator/src/metrics.rs` registers the family with
+//! exactly the labels the dashboard uses.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use cachepool_test_support::site::gif;
+use cachepool_test_support::images::gif;
 use cachepool_test_support::stack::Stack;
 
 /// Labels any Prometheus scrape adds to every series.
 const SCRAPE_LABELS: &[&str] = &["job", "instance", "namespace"];
 /// Labels the chart's PodMonitor adds to the nodes' series.
 const NODE_TARGET_LABELS: &[&str] = &["pool", "pod", "slot"];
-/// Families with no series on a local stack, and the labels they are registered with.
-const AWS_ONLY: &[(&str, &[&str])] = &[
+/// Families that have no series on a local stack: (series name, name registered in
+/// `operator/src/metrics.rs`, its label struct there, the labels a query may use, why).
+const NO_LOCAL_SERIES: &[(&str, &str, &str, &[&str], &str)] = &[
     (
         "cachepool_operator_aws_calls_total",
+        "cachepool_operator_aws_calls",
+        "AwsCallLabels",
         &["service", "api", "outcome"],
+        "AWS calls: an operator started with --aws",
     ),
     (
         "cachepool_operator_aws_call_duration_seconds_bucket",
-        &["service", "api", "le"],
+        "cachepool_operator_aws_call_duration",
+        "AwsApiLabels",
+        &["service", "api"],
+        "AWS calls: an operator started with --aws",
     ),
+    (
+        "cachepool_operator_reconcile_errors_total",
+        "cachepool_operator_reconcile_errors",
+        "ErrorLabels",
+        &["pool", "kind"],
+        "failed reconciles of the Kubernetes controller",
+    ),
+];
+/// Series a query needs that appear only after traffic is sampled, a window is judged or a
+/// node is replaced: the test waits for them before it reads the stack's metrics.
+const AWAITED: &[&str] = &[
+    "cachepool_pool_miss_rate",
+    "cachepool_pool_items",
+    "cachepool_operator_autoscaler_decisions_total",
+    "cachepool_operator_scale_events_total",
+    "cachepool_operator_node_replacements_total",
 ];
 /// PromQL words that are not metric names.
 const PROMQL_WORDS: &[&str] = &[
@@ -236,13 +261,33 @@ fn exposition(text: &str, into: &mut BTreeMap<String, BTreeSet<String>>) {
     }
 }
 
-/// `# TYPE` declarations, for families without series.
-fn declared(text: &str) -> BTreeSet<String> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
+/// Whether `operator/src/metrics.rs` registers `name` with the label struct `labels`, whose
+/// fields are exactly `fields` (plus the histogram's `le`, which is not a field).
+fn registered(name: &str, labels: &str, fields: &[&str]) -> Result<(), String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/operator/src/metrics.rs");
+    let source = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    if !source.contains(&format!("\"{name}\"")) {
+        return Err(format!("{name} is not registered in {path}"));
+    }
+    let Some(at) = source.find(&format!("struct {labels} {{")) else {
+        return Err(format!("no struct {labels} in {path}"));
+    };
+    let body = &source[at..at + source[at..].find('}').unwrap_or(0)];
+    let found: BTreeSet<&str> = body
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.starts_with("//"))
+        .filter_map(|l| l.split_once(':').map(|(field, _)| field.trim()))
+        .collect();
+    let wanted: BTreeSet<&str> = fields.iter().copied().collect();
+    if found == wanted {
+        Ok(())
+    } else {
+        Err(format!(
+            "{labels} has fields {found:?}, the test expects {wanted:?}"
+        ))
+    }
 }
 
 async fn get_text(url: &str) -> String {
@@ -329,7 +374,49 @@ async fn every_metric_and_label_the_dashboard_queries_exists_on_a_running_stack(
     })
     .await;
 
-    let operator_text = get_text(&format!("{}/metrics", stack.api)).await;
+    // A node replaced: kill the process of slot 1; the operator launches another.
+    let epoch = pool["status"]["ring"]["epoch"].as_u64().unwrap_or(0);
+    let victim = pool["status"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["slot"] == 1)
+        .and_then(|n| n["id"].as_str()?.strip_prefix("pid-"))
+        .unwrap_or_else(|| panic!("no process node in slot 1: {pool}"))
+        .to_owned();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &victim])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(killed.success(), "kill -KILL {victim}: {killed}");
+    let pool = wait_for_pool(&stack, "the node of slot 1 replaced", |p| {
+        p["status"]["readyReplicas"] == 2
+            && p["status"]["ring"]["epoch"].as_u64().unwrap_or(0) > epoch
+            && p["status"]["migration"].is_null()
+    })
+    .await;
+
+    // Views until the operator has sampled the traffic and judged windows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let operator_text = loop {
+        for _ in 0..20 {
+            let got = http.get(&image).send().await.unwrap();
+            assert!(got.status().is_success(), "view: {}", got.status());
+        }
+        let text = get_text(&format!("{}/metrics", stack.api)).await;
+        let missing: Vec<&&str> = AWAITED
+            .iter()
+            .filter(|m| !text.lines().any(|l| l.starts_with(&format!("{m}{{"))))
+            .collect();
+        if missing.is_empty() {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no series for {missing:?} after 60 s; the operator's /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let site_text = get_text(&format!("{}/metrics", stack.site)).await;
     let admin = pool["status"]["nodes"][0]["adminAddress"]
         .as_str()
@@ -341,7 +428,6 @@ async fn every_metric_and_label_the_dashboard_queries_exists_on_a_running_stack(
     exposition(&site_text, &mut series);
     let mut node_series = BTreeMap::new();
     exposition(&node_text, &mut node_series);
-    let declared_families = declared(&operator_text);
 
     let mut problems = Vec::new();
     let mut checked = BTreeSet::new();
@@ -359,28 +445,29 @@ async fn every_metric_and_label_the_dashboard_queries_exists_on_a_running_stack(
             .collect();
         for (metric, matched) in &u.metrics {
             checked.insert(metric.clone());
-            let (available, extra): (BTreeSet<String>, &[&str]) =
-                if let Some(labels) = series.get(metric) {
-                    (labels.clone(), SCRAPE_LABELS)
-                } else if let Some(labels) = node_series.get(metric) {
-                    let mut all = labels.clone();
-                    all.extend(NODE_TARGET_LABELS.iter().map(|l| (*l).to_owned()));
-                    (all, SCRAPE_LABELS)
-                } else if let Some((_, labels)) = AWS_ONLY.iter().find(|(m, _)| m == metric) {
-                    let family = metric
-                        .trim_end_matches("_total")
-                        .trim_end_matches("_bucket");
-                    if !declared_families.contains(family) {
-                        problems.push(format!("{metric}: not declared by the operator ({expr})"));
-                    }
-                    (
-                        labels.iter().map(|l| (*l).to_owned()).collect(),
-                        SCRAPE_LABELS,
-                    )
-                } else {
-                    problems.push(format!("{metric}: no such series on the stack ({expr})"));
-                    continue;
-                };
+            let (available, extra): (BTreeSet<String>, &[&str]) = if let Some(labels) =
+                series.get(metric)
+            {
+                (labels.clone(), SCRAPE_LABELS)
+            } else if let Some(labels) = node_series.get(metric) {
+                let mut all = labels.clone();
+                all.extend(NODE_TARGET_LABELS.iter().map(|l| (*l).to_owned()));
+                (all, SCRAPE_LABELS)
+            } else if let Some((_, name, struct_name, labels, _)) =
+                NO_LOCAL_SERIES.iter().find(|(m, ..)| m == metric)
+            {
+                if let Err(problem) = registered(name, struct_name, labels) {
+                    problems.push(format!("{metric}: {problem} ({expr})"));
+                }
+                let mut all: BTreeSet<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+                if metric.ends_with("_bucket") {
+                    all.insert("le".to_owned());
+                }
+                (all, SCRAPE_LABELS)
+            } else {
+                problems.push(format!("{metric}: no such series on the stack ({expr})"));
+                continue;
+            };
             // Labels matched on the metric, grouped by (outside histogram_quantile's `le`)
             // and shown in the legend must exist on it. Legend labels and groupings apply to
             // every metric of the query.
@@ -397,7 +484,7 @@ async fn every_metric_and_label_the_dashboard_queries_exists_on_a_running_stack(
     stack.stop();
     assert!(
         problems.is_empty(),
-        "the dashboard does not match the code:\n{}",
+        "the dashboard does not match the code:\n{}\n\nthe operator's /metrics:\n{operator_text}",
         problems.join("\n")
     );
     println!(

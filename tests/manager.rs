@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use cachepool_test_support::images::gif;
 use cachepool_test_support::stack::Stack;
 
 /// `cachepool up` on a fresh data directory, which gets a newly generated admin password.
@@ -184,17 +185,6 @@ impl Browser {
     }
 }
 
-/// A one-pixel GIF89a.
-fn gif() -> Vec<u8> {
-    let mut out = b"GIF89a".to_vec();
-    out.extend_from_slice(&[1, 0, 1, 0, 0x80, 0, 0]);
-    out.extend_from_slice(&[0, 0, 0, 0xFF, 0xFF, 0xFF]);
-    out.extend_from_slice(&[0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0]);
-    out.extend_from_slice(&[2, 2, 0x44, 0x01, 0]);
-    out.push(0x3B);
-    out
-}
-
 async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -248,6 +238,24 @@ async fn manager_login_csrf_and_pool_controls() {
         .await;
     page.expect(403, "login without its CSRF token");
     assert!(!browser.cookies.contains_key("cachepool_session"));
+    // The wrong password slowed this address down: a login right away, even the right one,
+    // waits for the back-off (429 with Retry-After, the password not even checked).
+    let form = browser.get("/manager/login").await;
+    let csrf = form.csrf();
+    let page = browser
+        .post(
+            "/manager/login",
+            &[("password", &stack.admin_password), ("csrf", &csrf)],
+        )
+        .await;
+    page.expect(429, "a login within the back-off of a failed one");
+    let wait: u64 = page.headers["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {:?}", page.headers));
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
 
     let csrf = browser.login(&stack.admin_password).await;
     let set = browser
@@ -477,7 +485,7 @@ async fn upload_form_listing_and_delete_all() {
     assert!(form.has("id=\"upload-form\""));
     let csrf = form.csrf();
 
-    let page = browser.upload("cat.gif", &gif(), None).await;
+    let page = browser.upload("cat.gif", &gif(0), None).await;
     page.expect(403, "upload without CSRF");
     assert!(page.has("id=\"form-error\""));
     assert!(
@@ -502,7 +510,7 @@ async fn upload_form_listing_and_delete_all() {
         (10 * 1024 * 1024 + 1, "just over 10 MiB"),
         (24 << 20, "far over"),
     ] {
-        let mut big = gif();
+        let mut big = gif(0);
         big.resize(size, 0);
         let page = browser.upload("big.gif", &big, Some(&csrf)).await;
         page.expect(413, what);
@@ -515,7 +523,7 @@ async fn upload_form_listing_and_delete_all() {
     assert!(browser.get("/").await.has("id=\"empty\""), "nothing stored");
 
     let page = browser
-        .upload("<script>alert(1)</script>", &gif(), Some(&csrf))
+        .upload("<script>alert(1)</script>", &gif(0), Some(&csrf))
         .await;
     page.expect(400, "bad key");
     assert!(page.has("data-field=\"key\""));
@@ -527,7 +535,7 @@ async fn upload_form_listing_and_delete_all() {
     );
     assert!(!page.has("<script>alert"), "the key is escaped");
 
-    let page = browser.upload("cat.gif", &gif(), Some(&csrf)).await;
+    let page = browser.upload("cat.gif", &gif(0), Some(&csrf)).await;
     page.expect(303, "upload");
     assert_eq!(page.location, "/images/cat.gif");
     let listing = browser.get("/").await;

@@ -1,6 +1,8 @@
 //! The node's admin HTTP API: health probes, Prometheus metrics, JSON stats, live
-//! configuration and flush. Everything but the probes needs the bearer token when one is
-//! configured; without a token, reads are open and changes are refused.
+//! configuration and flush. Everything but the probes and `/metrics` needs the bearer token
+//! when one is configured; without a token, reads are open and changes are refused.
+//! `/metrics` is open because one Prometheus scrape configuration covers the nodes of every
+//! pool and each pool has its own token; it holds counters, no keys or values.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +40,6 @@ pub struct AdminState {
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
-        .route("/metrics", get(metrics_text))
         .route("/stats", get(stats))
         .route("/config", put(put_config).get(get_config))
         .route("/flush", post(flush))
@@ -52,6 +53,8 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        // Open: one Prometheus scrape config covers every pool, each with its own token.
+        .route("/metrics", get(metrics_text))
         .merge(guarded)
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")

@@ -5,9 +5,12 @@
 //! - Items go over as an add (meta `ms … ME Z c`), never a set: if a client already wrote the
 //!   key to its new owner (clients write to the current owner during a migration), that newer
 //!   value wins and the answer is `NS`, which counts as done; `Z` also refuses a key a client
-//!   deleted there in the last 30 s, so a delete racing the hand-off is not undone. The owner
-//!   returns the stored
-//!   copy's CAS value, so the copy can later be withdrawn without touching anything newer.
+//!   deleted there in the last 30 s, so a delete racing the hand-off is not undone, unless
+//!   the copy's write time (`W<ms>`, sent for keys written in the last `store::WRITE_TIME_MS`)
+//!   is newer than the delete: the key was deleted there, moved away, written on its new
+//!   owner and is now moving back, and its newer value is kept rather than lost. The owner
+//!   returns the stored copy's CAS value, so the copy can later be withdrawn without
+//!   touching anything newer.
 //! - Flags travel unchanged and the expiry as the *remaining* TTL (or as the absolute Unix time
 //!   when more than 30 days remain, memcached's rule), so a moved item expires when it would
 //!   have.
@@ -482,8 +485,8 @@ fn exptime_for(expiry: u32, now: u32) -> Option<u32> {
     }
 }
 
-/// Sends an add (`ms <key> <len> F<flags> T<exptime> ME c`) for every item in one pipelined
-/// write and reads the answers in order.
+/// Sends an add (`ms <key> <len> F<flags> T<exptime> ME Z c [W<ms>]`) for every item in one
+/// pipelined write and reads the answers in order.
 async fn send_batch(
     conns: &mut HashMap<String, Conn>,
     owner: &str,
@@ -514,7 +517,12 @@ async fn send_batch(
         out.extend_from_slice(num.format(item.flags).as_bytes());
         out.extend_from_slice(b" T");
         out.extend_from_slice(num.format(exptime).as_bytes());
-        out.extend_from_slice(b" ME Z c\r\n");
+        out.extend_from_slice(b" ME Z c");
+        if let Some(written) = item.written_ms {
+            out.extend_from_slice(b" W");
+            out.extend_from_slice(num.format(written).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&item.value);
         out.extend_from_slice(b"\r\n");
     }

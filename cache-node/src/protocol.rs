@@ -186,6 +186,10 @@ pub struct MetaSetFlags<'a> {
     /// `Z` (Cachepool's extension, with mode E): refuse the add if the key was deleted in the
     /// last `store::TOMBSTONE_SECS` seconds. Used for copies carried forward in a migration.
     pub unless_deleted: bool,
+    /// `W<ms>` (Cachepool's extension, only with `Z`): the copy's write time, Unix
+    /// milliseconds on the clock of the node the write reached. A tombstone then refuses the
+    /// copy only if the delete is not older than the write (`store::CLOCK_SKEW_MS` allowed).
+    pub written_ms: Option<u64>,
 }
 
 /// Flags of a meta delete.
@@ -586,6 +590,7 @@ fn meta_set<'a>(
         quiet: false,
         opaque: None,
         unless_deleted: false,
+        written_ms: None,
     };
     let mut bad = None;
     for tok in toks {
@@ -617,6 +622,10 @@ fn meta_set<'a>(
             b'k' => flags.return_key = true,
             b'q' => flags.quiet = true,
             b'Z' => flags.unless_deleted = true,
+            b'W' => match parse_u64(token) {
+                Some(ms) => flags.written_ms = Some(ms),
+                None => bad = Some(BAD_TOKEN),
+            },
             b'O' if token.len() <= 32 => flags.opaque = Some(token),
             _ => bad = Some("CLIENT_ERROR invalid flag"),
         }
@@ -631,6 +640,11 @@ fn meta_set<'a>(
             line_end,
         ))
     };
+    if flags.written_ms.is_some() && !flags.unless_deleted {
+        // A write time says how old a copy is; on anything but a copy it would be a client's
+        // claim the node has no use for.
+        bad = bad.or(Some("CLIENT_ERROR invalid flag"));
+    }
     if let Some(reply) = bad {
         return swallow(reply, None);
     }

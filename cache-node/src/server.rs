@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::{Cmd, NodeStats, unix_now};
 use crate::protocol::{self, Command, DetailCmd, Frame, Limits, StatsCmd, StoreCmd};
 use crate::store::classes::{self, MAX_CLASS};
-use crate::store::{ArithOutcome, DeleteOutcome, Store, StoreMode, StoreOutcome};
+use crate::store::{ArithOutcome, DeleteOutcome, Now, Store, StoreMode, StoreOutcome};
 
 /// The version string `version` and `stats` report. memcached's major.minor first, so client
 /// libraries that gate features on the server version treat the node as a 1.6 server.
@@ -338,7 +338,7 @@ impl<'a> Connection<'a> {
                         line(&mut self.output, reply);
                     }
                     if let Some(key) = unlink {
-                        self.shared.store.delete(key, unix_now());
+                        self.shared.store.delete(key, Now::system());
                     }
                     self.swallow = bytes;
                     Next::Continue
@@ -394,7 +394,10 @@ fn reply(out: &mut Vec<u8>, noreply: bool, text: &str) {
 /// Runs one command from connection `conn`, appending its answer to `out`.
 fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Vec<u8>) -> Next {
     let start = Instant::now();
-    let now = unix_now();
+    // One reading of the clock per command: seconds for expiry, milliseconds for the order
+    // of writes and deletes (tombstones, hand-off write times).
+    let clock = Now::system();
+    let now = clock.secs;
     let store = &shared.store;
     let kind = match cmd {
         Command::Get { keys, cas, touch } => {
@@ -444,7 +447,7 @@ fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Ve
                 StoreCmd::Cas(v) => (StoreMode::Cas(v), Cmd::Cas),
             };
             let expiry = protocol::absolute_expiry(exptime, now);
-            let outcome = store.store(mode, key, data, flags, expiry, now);
+            let outcome = store.store(mode, key, data, flags, expiry, clock);
             shared.detail(key, |s| s.sets += 1);
             match outcome {
                 StoreOutcome::Stored => reply(out, noreply, "STORED"),
@@ -458,7 +461,7 @@ fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Ve
             kind
         }
         Command::Delete { key, noreply } => {
-            let found = store.delete(key, now);
+            let found = store.delete(key, clock);
             shared.detail(key, |s| s.deletes += 1);
             reply(out, noreply, if found { "DELETED" } else { "NOT_FOUND" });
             Cmd::Delete
@@ -469,7 +472,7 @@ fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Ve
             delta,
             noreply,
         } => {
-            match store.arith(key, incr, delta, now) {
+            match store.arith(key, incr, delta, clock) {
                 ArithOutcome::Value(v) => reply(out, noreply, &v.to_string()),
                 ArithOutcome::NotFound => reply(out, noreply, "NOT_FOUND"),
                 ArithOutcome::NonNumeric => reply(
@@ -572,7 +575,9 @@ fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Ve
         Command::MetaSet { key, data, flags } => {
             let mode = match (flags.compare_cas, flags.mode) {
                 (Some(cas), _) => StoreMode::Cas(cas),
-                (None, StoreCmd::Add) if flags.unless_deleted => StoreMode::AddUnlessDeleted,
+                (None, StoreCmd::Add) if flags.unless_deleted => StoreMode::AddUnlessDeleted {
+                    written_ms: flags.written_ms,
+                },
                 (None, StoreCmd::Add) => StoreMode::Add,
                 (None, StoreCmd::Replace) => StoreMode::Replace,
                 (None, StoreCmd::Append) => StoreMode::Append,
@@ -580,7 +585,8 @@ fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Ve
                 (None, _) => StoreMode::Set,
             };
             let expiry = protocol::absolute_expiry(flags.ttl, now);
-            let (outcome, cas) = store.store_cas(mode, key, data, flags.client_flags, expiry, now);
+            let (outcome, cas) =
+                store.store_cas(mode, key, data, flags.client_flags, expiry, clock);
             let code = match outcome {
                 StoreOutcome::Stored => "HD",
                 StoreOutcome::NotStored => "NS",
@@ -610,7 +616,7 @@ fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Ve
         }
         Command::MetaDelete { key, flags } => {
             let tombstone = !flags.no_tombstone;
-            let code = match store.delete_cas(key, flags.compare_cas, tombstone, now) {
+            let code = match store.delete_cas(key, flags.compare_cas, tombstone, clock) {
                 DeleteOutcome::Deleted => "HD",
                 DeleteOutcome::NotFound => "NF",
                 DeleteOutcome::Exists => "EX",

@@ -456,6 +456,11 @@ pub struct CachePoolStatus {
     /// Why the pool last changed size.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
+    /// What the autoscaler has learned about this pool (sizes that proved too small, a
+    /// back-off on grows that did not help, a grow not judged yet), so that a restarted
+    /// operator decides as the running one would have; absent when there is nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<AutoscalerStatus>,
     /// Label selector of the pool's nodes (`cachepool.io/pool=<name>`), for the scale
     /// subresource (an HPA reads it).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -463,6 +468,70 @@ pub struct CachePoolStatus {
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The autoscaler's memory of a pool, kept in its status across operator restarts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AutoscalerStatus {
+    /// Sizes at which a counted window's miss rate was above `maxMissRate`: a shrink does not
+    /// go back to them while the load is comparable.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub too_small: Vec<TooSmallSize>,
+    /// Grows are held until `until`, after grows that did not lower the miss rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grow_backoff: Option<GrowBackoff>,
+    /// The last grow, until the first window after it judges whether it helped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unjudged_grow: Option<UnjudgedGrow>,
+}
+
+/// A pool size that proved too small.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TooSmallSize {
+    /// The size.
+    pub replicas: u32,
+    /// The window's miss rate at that size.
+    pub miss_rate: f64,
+    /// The window's gets per second.
+    pub requests_per_second: f64,
+    /// When the window closed; the mark is forgotten a day later.
+    pub at: Time,
+}
+
+/// A back-off on grows after grows that did not help.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrowBackoff {
+    /// The last grow that did not help: from this size…
+    pub from: u32,
+    /// …to this one.
+    pub to: u32,
+    /// Miss rate before that grow.
+    pub miss_rate_before: f64,
+    /// Miss rate after it.
+    pub miss_rate_after: f64,
+    /// The fraction by which the grow had to lower the miss rate.
+    pub needed_gain: f64,
+    /// Grows in a row that did not help; each doubles the back-off.
+    pub streak: u32,
+    /// When grows are allowed again.
+    pub until: Time,
+}
+
+/// A grow whose effect is not judged yet.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnjudgedGrow {
+    /// Size before the grow.
+    pub from: u32,
+    /// Size asked for.
+    pub to: u32,
+    /// Miss rate of the window that decided it.
+    pub miss_rate: f64,
+    /// Gets per second of that window.
+    pub requests_per_second: f64,
 }
 
 /// Summary of a pool's state.

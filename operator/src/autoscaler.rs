@@ -61,17 +61,25 @@
 //!    load that falls well below the one that filled the pool still shrinks it.
 //!
 //! Every [`Decision::Hold`] carries its reason in words for the pool's status and the logs.
-//! The marks and the back-off live in memory only: after an operator restart the cooldown is
-//! rebuilt from `status.lastScaleTime` and the rest is learned again, at the cost of at most
-//! one extra grow and shrink.
+//! What the rules remember survives an operator restart: the driver keeps
+//! [`Autoscaler::memory`] (the too-small marks, the grow back-off, a grow not judged yet) in
+//! `status.autoscaler` and the cooldown in `status.lastScaleTime`, and a restarted operator
+//! rebuilds the autoscaler from both ([`Autoscaler::restore`], [`Autoscaler::with_memory`]),
+//! so a restart makes no extra grow or shrink. Times are kept to the second, as Kubernetes
+//! writes them.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use cachepool_crds::pool::{
-    CachePoolSpec, ProcessProvider, ProviderSpec, ScalingMode, ScalingSpec, validate,
+    AutoscalerStatus, CachePoolSpec, GrowBackoff, ProcessProvider, ProviderSpec, ScalingMode,
+    ScalingSpec, TooSmallSize, UnjudgedGrow, validate,
 };
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::reconcile::time;
 
 /// A grow from `n` to `m` nodes must lower the miss rate by this fraction of its old value
 /// per doubling of the pool (`log2(m / n)` doublings) to count as helpful. Ten percent per
@@ -260,6 +268,75 @@ impl Autoscaler {
             cooldown_from: last_scale,
             ..Self::default()
         }
+    }
+
+    /// Adds what an earlier autoscaler of the pool had learned (from `status.autoscaler`) to
+    /// one made by [`Autoscaler::restore`]. Marks older than a day are dropped.
+    #[must_use]
+    pub fn with_memory(mut self, memory: &AutoscalerStatus) -> Self {
+        let at = |t: &Time| SystemTime::from(t.0);
+        self.too_small = memory
+            .too_small
+            .iter()
+            .map(|mark| {
+                (
+                    mark.replicas,
+                    TooSmall {
+                        miss_rate: mark.miss_rate,
+                        rps: mark.requests_per_second,
+                        at: at(&mark.at),
+                    },
+                )
+            })
+            .collect();
+        self.futile = memory.grow_backoff.as_ref().map(|b| FutileGrows {
+            from: b.from,
+            to: b.to,
+            before: b.miss_rate_before,
+            after: b.miss_rate_after,
+            needed: b.needed_gain,
+            streak: b.streak.max(1),
+            until: at(&b.until),
+        });
+        self.unjudged_grow = memory.unjudged_grow.as_ref().map(|g| GrowProbe {
+            from: g.from,
+            to: g.to,
+            miss_rate: g.miss_rate,
+            rps: g.requests_per_second,
+        });
+        self
+    }
+
+    /// What this autoscaler has learned, for `status.autoscaler`; `None` when nothing.
+    pub fn memory(&self) -> Option<AutoscalerStatus> {
+        let memory = AutoscalerStatus {
+            too_small: self
+                .too_small
+                .iter()
+                .map(|(&replicas, mark)| TooSmallSize {
+                    replicas,
+                    miss_rate: mark.miss_rate,
+                    requests_per_second: mark.rps,
+                    at: time(mark.at),
+                })
+                .collect(),
+            grow_backoff: self.futile.map(|f| GrowBackoff {
+                from: f.from,
+                to: f.to,
+                miss_rate_before: f.before,
+                miss_rate_after: f.after,
+                needed_gain: f.needed,
+                streak: f.streak,
+                until: time(f.until),
+            }),
+            unjudged_grow: self.unjudged_grow.map(|g| UnjudgedGrow {
+                from: g.from,
+                to: g.to,
+                miss_rate: g.miss_rate,
+                requests_per_second: g.rps,
+            }),
+        };
+        (memory != AutoscalerStatus::default()).then_some(memory)
     }
 
     /// The last scale this autoscaler asked for, if any since it was created.

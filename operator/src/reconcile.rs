@@ -656,6 +656,7 @@ impl<'a> Planner<'a> {
             requests_per_minute: old.requests_per_minute,
             last_scale_time: old.last_scale_time.clone(),
             last_scale_reason: old.last_scale_reason.clone(),
+            autoscaler: old.autoscaler.clone(),
             ..CachePoolStatus::default()
         };
         if let Some(reason) = &self.scaled {

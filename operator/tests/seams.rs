@@ -50,7 +50,7 @@ struct Harness {
     operator: Operator,
     nodes: Arc<EmbeddedProvider>,
     events: RecordedEvents,
-    _dir: StateDir,
+    dir: StateDir,
 }
 
 async fn start(name: &str, manifest: &str) -> Harness {
@@ -65,6 +65,11 @@ async fn start(name: &str, manifest: &str) -> Harness {
 async fn start_with(name: &str, manifest: &str, status_counter_interval: Duration) -> Harness {
     let dir = StateDir::new(name);
     dir.write("pool.yaml", manifest);
+    start_in(dir, status_counter_interval).await
+}
+
+/// An operator over `dir` as it is: a restart when an earlier operator used it.
+async fn start_in(dir: StateDir, status_counter_interval: Duration) -> Harness {
     let nodes = Arc::new(EmbeddedProvider::new());
     let events = RecordedEvents::new();
     let mut config = Config::standalone(
@@ -90,7 +95,7 @@ async fn start_with(name: &str, manifest: &str, status_counter_interval: Duratio
         operator,
         nodes,
         events,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -125,12 +130,19 @@ impl Harness {
     }
 
     async fn stop(self) {
+        self.stop_keeping_state().await;
+    }
+
+    /// Stops the operator (and its embedded nodes) and hands back its state directory, for
+    /// a restart.
+    async fn stop_keeping_state(self) -> StateDir {
         let nodes = self.nodes.clone();
         self.operator
             .stop()
             .await
             .unwrap_or_else(|e| panic!("stopping the operator: {e}"));
         assert_eq!(nodes.running(), 0, "every embedded node is stopped");
+        self.dir
     }
 }
 
@@ -483,4 +495,79 @@ async fn holding_back_fast_counters_cuts_status_writes() {
         "{new_steady} writes of a steady pool in 3 s"
     );
     assert!(new_resize <= old_resize, "{new_resize} > {old_resize}");
+}
+
+/// Auto mode held at one node, judged every second on little traffic: every window of all
+/// misses marks one node as too small.
+const LEARNING_POOL: &str = "\
+apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {name: learner}
+spec:
+  cache: {capacityMiB: 8, maxItemSizeKiB: 1024}
+  scaling:
+    mode: auto
+    minReplicas: 1
+    maxReplicas: 1
+    auto: {windowSeconds: 1, cooldownSeconds: 0, minRequestsPerWindow: 10}
+  provider: {process: {}}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_autoscaler_learned_survives_an_operator_restart() {
+    let h = start("learner", LEARNING_POOL).await;
+    let pool = PoolRef::new("default", "learner");
+    h.until(&pool, "Ready", |r| phase(r) == Some(PoolPhase::Ready))
+        .await;
+    // Gets of keys nobody stored: every window misses everything, so one node proves too
+    // small (the pool may not grow: maxReplicas is 1).
+    let client = client_for(&h, &pool).await;
+    let start = Instant::now();
+    let mut i = 0u64;
+    let learned = loop {
+        for _ in 0..50 {
+            let key = format!("never-stored-{i}");
+            let got = client.get(key.as_bytes()).await;
+            assert!(matches!(got, Ok(None)), "{key}: {got:?}");
+            i += 1;
+        }
+        let resource = h.operator.registry().get(&pool).map(|p| p.resource());
+        if let Some(memory) = resource
+            .and_then(|r| r.status)
+            .and_then(|s| s.autoscaler)
+            .filter(|m| m.too_small.iter().any(|mark| mark.replicas == 1))
+        {
+            break memory;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "no too-small mark in the status after {i} gets"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mark = &learned.too_small[0];
+    assert!(mark.miss_rate > 0.4, "{learned:?}");
+    drop(client);
+    let dir = h.stop_keeping_state().await;
+
+    // The restarted operator shows the same memory from its first status on, before any
+    // window of its own has been judged (no traffic now: none would count).
+    let h = start_in(dir, DriverOptions::default().status_counter_interval).await;
+    let restored = h
+        .until(&pool, "Ready after the restart", |r| {
+            phase(r) == Some(PoolPhase::Ready)
+        })
+        .await;
+    let memory = restored.status.and_then(|s| s.autoscaler);
+    let marks: Vec<_> = memory.iter().flat_map(|m| m.too_small.clone()).collect();
+    assert!(
+        marks.iter().any(|m| m.replicas == 1 && m.at == mark.at),
+        "the mark of {:?} was lost in the restart: {memory:?}",
+        mark.at
+    );
+    println!(
+        "learned after {i} gets in {:?}: {learned:?}; restored: {memory:?}",
+        start.elapsed()
+    );
+    h.stop().await;
 }

@@ -5,6 +5,7 @@
 //! - [`serial`] and [`stack`]: one test at a time on its own runtime, and `cachepool up` (the
 //!   real binary) as a fixture; for the root crate's `tests/browser`, `tests/manager.rs` and
 //!   `tests/e2e`.
+//! - [`images`]: a one-pixel GIF per shade, for uploads.
 //! - [`load`]: the load generator and stale-read checker of the resize suite
 //!   (`operator/tests/resize`) and `tests/e2e`.
 //! - [`servers`]: throwaway PostgreSQL clusters and moto servers (S3 for the web's tests;
@@ -15,6 +16,7 @@
 //!
 //! A dev-dependency only; never published.
 
+pub mod images;
 pub mod load;
 pub mod serial;
 pub mod servers;

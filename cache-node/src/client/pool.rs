@@ -71,10 +71,11 @@
 //! the previous owner (in `set` and `delete`) leave none (`md <key> Y`): a tombstone there
 //! protects nothing, and would refuse the key's newer value if a later resize moved the key
 //! back within 30 s — a lost hit the operator's end-to-end resize tests counted (about 50 per
-//! million reads). Left: a plain delete on the owner, then within 30 s a resize away, a write
-//! on the new owner and a resize back; the hand-off back is refused and the key misses once
-//! (a miss, never a stale read). Closing it needs tombstones that know the time of the write
-//! a copy carries.
+//! million reads). A plain delete on the owner, then within 30 s a resize away, a write on the
+//! new owner and a resize back: the hand-off back carries the write's time (`ms … Z W<ms>`),
+//! newer than the delete, and the owner takes it. This client's own copies forward carry no
+//! write time (`mg` does not report one), so a tombstone refuses them whatever their age; the
+//! hand-off moves such a key instead (a copy forward refused is still a hit for the reader).
 //!
 //! # Ring changes
 //!

@@ -573,3 +573,32 @@ fn the_item_size_limit_counts_header_and_key() {
         ))
     ));
 }
+
+#[test]
+fn meta_set_carries_a_copys_write_time_with_z_only() {
+    match cmd(b"ms key 1 ME Z c W1700000000123\r\nv\r\n") {
+        Command::MetaSet { flags, .. } => {
+            assert!(flags.unless_deleted);
+            assert_eq!(flags.written_ms, Some(1_700_000_000_123));
+        }
+        other => panic!("{other:?}"),
+    }
+    match cmd(b"ms key 1 ME Z\r\nv\r\n") {
+        Command::MetaSet { flags, .. } => assert_eq!(flags.written_ms, None),
+        other => panic!("{other:?}"),
+    }
+    for (line, reply) in [
+        (&b"ms key 1 W5\r\nv\r\n"[..], "CLIENT_ERROR invalid flag"),
+        (&b"ms key 1 ME Z Wx\r\nv\r\n"[..], BAD_TOKEN),
+    ] {
+        assert!(
+            matches!(
+                p(line),
+                Some((Frame::Swallow { reply: Some(r), bytes: 3, .. }, _)) if r == reply
+            ),
+            "{:?}: {:?}",
+            String::from_utf8_lossy(line),
+            p(line)
+        );
+    }
+}

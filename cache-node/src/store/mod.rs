@@ -7,8 +7,11 @@
 //! own shard, which keeps shards balanced because keys hash uniformly, and only when its shard
 //! is empty evicts from the others, never holding two locks at once.
 //!
-//! Every operation takes `now` (Unix seconds) from the caller, so the store has no clock and
-//! its behaviour is a plain function of its inputs.
+//! Every operation takes `now` from the caller (Unix seconds, and for writes and deletes a
+//! [`Now`] with milliseconds too), so the store has no clock and its behaviour is a plain
+//! function of its inputs. The milliseconds order writes and deletes across nodes: a hand-off
+//! copy carries the time of its write, and passes a tombstone only if that write is newer
+//! than the delete (see `StoreMode::AddUnlessDeleted`).
 
 mod arena;
 pub mod classes;
@@ -26,7 +29,44 @@ use serde::{Deserialize, Serialize};
 pub use item::HEADER_LEN as ITEM_HEADER_LEN;
 pub use item::Item;
 use shard::Shard;
-pub use shard::{SLOT_OVERHEAD, TOMBSTONE_SECS, hash_key, item_cost};
+pub use shard::{CLOCK_SKEW_MS, SLOT_OVERHEAD, TOMBSTONE_SECS, WRITE_TIME_MS, hash_key, item_cost};
+
+/// The time a write or delete happens at, as the store needs it: Unix seconds (expiry,
+/// `flush_all`) and Unix milliseconds (the order of writes and deletes, kept for tombstones
+/// and for the write times hand-off copies carry). A bare `u32` converts to one with the
+/// milliseconds of the second's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    pub secs: u32,
+    pub ms: u64,
+}
+
+impl Now {
+    /// The instant `ms` (Unix milliseconds).
+    pub fn from_ms(ms: u64) -> Now {
+        Now {
+            secs: u32::try_from(ms / 1000).unwrap_or(u32::MAX),
+            ms,
+        }
+    }
+
+    /// The system clock's time.
+    pub fn system() -> Now {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Now::from_ms(ms)
+    }
+}
+
+impl From<u32> for Now {
+    fn from(secs: u32) -> Now {
+        Now {
+            secs,
+            ms: u64::from(secs) * 1000,
+        }
+    }
+}
 
 /// Replacement policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -143,10 +183,16 @@ pub enum StoreMode {
     Prepend,
     /// Store only if the item's CAS value still equals this one.
     Cas(u64),
-    /// Add, and also refuse if the key was deleted within the last `TOMBSTONE_SECS`: how
-    /// copies carried forward during a migration (pool client, hand-off) are stored, so that a
-    /// delete racing the copy cannot be undone by it.
-    AddUnlessDeleted,
+    /// Add, and also refuse if the key was deleted within the last `TOMBSTONE_SECS` unless
+    /// the copy's write time (`written_ms`, Unix ms on the clock of the node the write
+    /// reached) is later than the delete by more than `CLOCK_SKEW_MS`: how copies carried
+    /// forward during a migration (pool client, hand-off) are stored, so that a delete racing
+    /// the copy cannot be undone by it, while a value written after the delete (on another
+    /// node, the key having moved away and back) is not refused. Without a write time every
+    /// recent delete refuses the copy. The stored item keeps `written_ms` as its write time.
+    AddUnlessDeleted {
+        written_ms: Option<u64>,
+    },
 }
 
 /// Result of a storage command, named as the protocol answers it.
@@ -195,6 +241,9 @@ pub struct OwnedItem {
     /// Absolute expiry, Unix seconds; 0 means never.
     pub expiry: u32,
     pub cas: u64,
+    /// When the value was written (Unix ms), if recently (`WRITE_TIME_MS`); older writes are
+    /// older than every live tombstone.
+    pub written_ms: Option<u64>,
 }
 
 /// Where a scan stands: shard and slot.
@@ -351,7 +400,7 @@ impl Store {
         value: &[u8],
         flags: u32,
         expiry: u32,
-        now: u32,
+        now: impl Into<Now>,
     ) -> StoreOutcome {
         self.store_cas(mode, key, value, flags, expiry, now).0
     }
@@ -364,15 +413,16 @@ impl Store {
         value: &[u8],
         flags: u32,
         expiry: u32,
-        now: u32,
+        now: impl Into<Now>,
     ) -> (StoreOutcome, u64) {
+        let now = now.into();
         loop {
             match self.try_store(mode, key, value, flags, expiry, now) {
                 Attempt::Done(outcome, cas) => return (outcome, cas),
                 // Our shard had nothing left to evict: free space in the others without
                 // holding our lock, then decide again from scratch (nothing was changed).
                 Attempt::NeedSpace(bytes) => {
-                    self.evict_elsewhere(bytes, now, Some(self.shard_of(key)))
+                    self.evict_elsewhere(bytes, now.secs, Some(self.shard_of(key)))
                 }
             }
         }
@@ -385,23 +435,24 @@ impl Store {
         value: &[u8],
         flags: u32,
         expiry: u32,
-        now: u32,
+        now: Now,
     ) -> Attempt {
-        let (hash, _, mut shard) = self.locked(key, now);
-        let existing = match Self::lookup(&mut shard, key, hash, now, &self.used) {
+        let (hash, _, mut shard) = self.locked(key, now.secs);
+        let existing = match Self::lookup(&mut shard, key, hash, now.secs, &self.used) {
             Lookup::Live(id) => Some(id),
             _ => None,
         };
         // Decide, and build the new value for append/prepend.
         let mut combined = None;
-        if mode == StoreMode::AddUnlessDeleted
+        if let StoreMode::AddUnlessDeleted { written_ms } = mode
             && existing.is_none()
-            && shard.recently_deleted(hash, now)
+            && let Some(deleted) = shard.deleted_at(hash, now.ms)
+            && written_ms.is_none_or(|w| w <= deleted.saturating_add(CLOCK_SKEW_MS))
         {
             return self.refuse(&mut shard, StoreOutcome::NotStored);
         }
         let (flags, expiry) = match (mode, existing) {
-            (StoreMode::Add | StoreMode::AddUnlessDeleted, Some(id)) => {
+            (StoreMode::Add | StoreMode::AddUnlessDeleted { .. }, Some(id)) => {
                 // memcached bumps a refused add's item as if it had been read.
                 shard.on_hit(id);
                 return self.refuse(&mut shard, StoreOutcome::NotStored);
@@ -454,6 +505,13 @@ impl Store {
         if let StoreMode::Cas(_) = mode {
             shard.stats.cas_hits += 1;
         }
+        // A copy keeps the time of the write it carries (unknown for a copy without one);
+        // anything else was written now.
+        let written = match mode {
+            StoreMode::AddUnlessDeleted { written_ms } => written_ms,
+            _ => Some(shard.event_ms(now.ms)),
+        };
+        shard.record_write(hash, written, now.ms);
         // The newest event for the key here is now a write: a delete before it must not
         // refuse the key's copies later (it may move away and back within the tombstone's life).
         shard.forget_delete(hash);
@@ -563,11 +621,13 @@ impl Store {
         }
     }
 
-    pub fn delete(&self, key: &[u8], now: u32) -> bool {
-        let (hash, _, mut shard) = self.locked(key, now);
+    pub fn delete(&self, key: &[u8], now: impl Into<Now>) -> bool {
+        let now = now.into();
+        let (hash, _, mut shard) = self.locked(key, now.secs);
         // Found or not: a delete of a key not yet copied here must still stop the copy.
-        shard.record_delete(hash, now);
-        match Self::lookup(&mut shard, key, hash, now, &self.used) {
+        let at = shard.event_ms(now.ms);
+        shard.record_delete(hash, at);
+        match Self::lookup(&mut shard, key, hash, now.secs, &self.used) {
             Lookup::Live(id) => {
                 let freed = shard.remove(id, hash);
                 self.used.fetch_sub(freed, Ordering::Relaxed);
@@ -582,11 +642,12 @@ impl Store {
     }
 
     /// `incr`/`decr`: 64-bit unsigned; incr wraps, decr stops at zero (memcached's rules).
-    pub fn arith(&self, key: &[u8], incr: bool, delta: u64, now: u32) -> ArithOutcome {
+    pub fn arith(&self, key: &[u8], incr: bool, delta: u64, now: impl Into<Now>) -> ArithOutcome {
+        let now = now.into();
         loop {
             match self.try_arith(key, incr, delta, now) {
                 Ok(outcome) => return outcome,
-                Err(bytes) => self.evict_elsewhere(bytes, now, Some(self.shard_of(key))),
+                Err(bytes) => self.evict_elsewhere(bytes, now.secs, Some(self.shard_of(key))),
             }
         }
     }
@@ -596,10 +657,10 @@ impl Store {
         key: &[u8],
         incr: bool,
         delta: u64,
-        now: u32,
+        now: Now,
     ) -> Result<ArithOutcome, usize> {
-        let (hash, _, mut shard) = self.locked(key, now);
-        let id = match Self::lookup(&mut shard, key, hash, now, &self.used) {
+        let (hash, _, mut shard) = self.locked(key, now.secs);
+        let id = match Self::lookup(&mut shard, key, hash, now.secs, &self.used) {
             Lookup::Live(id) => id,
             _ => {
                 if incr {
@@ -622,6 +683,8 @@ impl Store {
         let digits = digits.format(new).as_bytes();
         let (flags, expiry) = (shard.item(id).flags(), shard.item(id).expiry());
         self.put(&mut shard, hash, Some(id), key, digits, flags, expiry)?;
+        let written = shard.event_ms(now.ms);
+        shard.record_write(hash, Some(written), now.ms);
         if incr {
             shard.stats.incr_hits += 1;
         } else {
@@ -829,13 +892,15 @@ impl Store {
         key: &[u8],
         cas: Option<u64>,
         tombstone: bool,
-        now: u32,
+        now: impl Into<Now>,
     ) -> DeleteOutcome {
-        let (hash, _, mut shard) = self.locked(key, now);
+        let now = now.into();
+        let (hash, _, mut shard) = self.locked(key, now.secs);
         if cas.is_none() && tombstone {
-            shard.record_delete(hash, now);
+            let at = shard.event_ms(now.ms);
+            shard.record_delete(hash, at);
         }
-        match Self::lookup(&mut shard, key, hash, now, &self.used) {
+        match Self::lookup(&mut shard, key, hash, now.secs, &self.used) {
             Lookup::Live(id) if cas.is_none_or(|c| shard.item(id).cas() == c) => {
                 let freed = shard.remove(id, hash);
                 self.used.fetch_sub(freed, Ordering::Relaxed);
@@ -914,5 +979,7 @@ fn parse_counter(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

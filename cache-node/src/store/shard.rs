@@ -37,23 +37,35 @@ fn cost_of(item: &Item) -> usize {
     arena::chunk_size(item.alloc_len()) + SLOT_OVERHEAD
 }
 
-/// How long a delete blocks copies carried forward: longer than a copy-forward or hand-off
-/// batch can take (their request timeouts are 1 s and 15 s).
+/// How long a delete blocks copies carried forward that were written before it: longer than
+/// a copy-forward or hand-off batch can take (their request timeouts are 1 s and 15 s).
 pub const TOMBSTONE_SECS: u32 = 30;
+/// How far apart the nodes' clocks may be, in milliseconds: a copy carried forward passes a
+/// tombstone only if its write time is later than the delete by more than this (see
+/// `docs/architecture.md`, "Tombstones").
+pub const CLOCK_SKEW_MS: u64 = 50;
+/// How long a key's write time is remembered: longer than a tombstone lives plus the clock
+/// skew, so a write whose time is forgotten is older than every live tombstone anywhere.
+pub const WRITE_TIME_MS: u64 = TOMBSTONE_SECS as u64 * 1000 + 5_000;
 /// Most tombstones kept per shard; the oldest go first.
 const MAX_TOMBSTONES: usize = 1 << 15;
+/// Most write times kept per shard. Past it, new keys' write times are not kept: their copies
+/// are then treated as older than any tombstone (a possible miss, never a stale read).
+const MAX_WRITE_TIMES: usize = 1 << 13;
 
-/// A bounded, time-ordered set of recently deleted key hashes.
+/// A bounded, time-ordered set of recently deleted key hashes, with the time of the delete
+/// (Unix milliseconds).
 #[derive(Debug, Default)]
 struct Tombstones {
-    order: std::collections::VecDeque<(u64, u32)>,
-    latest: std::collections::HashMap<u64, u32>,
+    order: std::collections::VecDeque<(u64, u64)>,
+    latest: std::collections::HashMap<u64, u64>,
 }
 
 impl Tombstones {
-    fn record(&mut self, hash: u64, now: u32) {
+    fn record(&mut self, hash: u64, at_ms: u64) {
+        let life = u64::from(TOMBSTONE_SECS) * 1000;
         while let Some(&(old, at)) = self.order.front() {
-            if self.order.len() < MAX_TOMBSTONES && at + TOMBSTONE_SECS > now {
+            if self.order.len() < MAX_TOMBSTONES && at + life > at_ms {
                 break;
             }
             self.order.pop_front();
@@ -61,14 +73,54 @@ impl Tombstones {
                 self.latest.remove(&old);
             }
         }
-        self.order.push_back((hash, now));
-        self.latest.insert(hash, now);
+        self.order.push_back((hash, at_ms));
+        self.latest.insert(hash, at_ms);
     }
 
-    fn recently_deleted(&self, hash: u64, now: u32) -> bool {
+    /// When `hash` was deleted, if within the last `TOMBSTONE_SECS`.
+    fn deleted_at(&self, hash: u64, now_ms: u64) -> Option<u64> {
+        let life = u64::from(TOMBSTONE_SECS) * 1000;
         self.latest
             .get(&hash)
-            .is_some_and(|&at| at + TOMBSTONE_SECS > now)
+            .copied()
+            .filter(|&at| at + life > now_ms)
+    }
+}
+
+/// The write times (Unix milliseconds) of keys written in the last `WRITE_TIME_MS`, by key
+/// hash: what a copy of the key carries when it is handed off, for the owner to weigh
+/// against its tombstones. Kept beside the items rather than in them: only recent writes can
+/// be newer than a live tombstone, and a field in every item would cost 8 bytes per item
+/// where this costs a bounded table.
+#[derive(Debug, Default)]
+struct WriteTimes {
+    times: std::collections::HashMap<u64, u64>,
+    /// No sweep before this time (bounds the work of sweeping a full table).
+    next_sweep_ms: u64,
+}
+
+impl WriteTimes {
+    fn record(&mut self, hash: u64, at_ms: u64, now_ms: u64) {
+        if self.times.len() >= MAX_WRITE_TIMES
+            && !self.times.contains_key(&hash)
+            && now_ms >= self.next_sweep_ms
+        {
+            self.times.retain(|_, &mut t| t + WRITE_TIME_MS > now_ms);
+            self.next_sweep_ms = now_ms + 1000;
+        }
+        if self.times.len() < MAX_WRITE_TIMES || self.times.contains_key(&hash) {
+            self.times.insert(hash, at_ms);
+        } else {
+            // Full: forgetting is safe (the copy then counts as old), keeping a stale time not.
+            self.times.remove(&hash);
+        }
+    }
+
+    fn get(&self, hash: u64, now_ms: u64) -> Option<u64> {
+        self.times
+            .get(&hash)
+            .copied()
+            .filter(|&t| t + WRITE_TIME_MS > now_ms)
     }
 }
 
@@ -89,9 +141,14 @@ pub struct Shard {
     shard_id: u64,
     /// Unix second from which everything stored so far is invalid (`flush_all` with delay).
     pub flush_deadline: u32,
-    /// Recent deletes (key hash, Unix second), so a copy carried forward during a migration
+    /// Recent deletes (key hash, Unix ms), so a copy carried forward during a migration
     /// cannot bring back a value deleted meanwhile (`StoreMode::AddUnlessDeleted`).
     tombstones: Tombstones,
+    /// Recent writes (key hash, Unix ms), the write times hand-off copies carry.
+    write_times: WriteTimes,
+    /// The latest event time handed out (Unix ms): event times never go backwards in a
+    /// shard, even if the system clock does.
+    last_event_ms: u64,
     pub stats: ShardStats,
     /// Sum of item costs.
     pub bytes: usize,
@@ -122,6 +179,8 @@ impl Shard {
             shard_id: shard_id as u64,
             flush_deadline: 0,
             tombstones: Tombstones::default(),
+            write_times: WriteTimes::default(),
+            last_event_ms: 0,
             stats: ShardStats::default(),
             bytes: 0,
             share,
@@ -274,9 +333,16 @@ impl Shard {
         cost
     }
 
-    /// Remembers that `hash` was deleted at `now` (see `Tombstones`).
-    pub fn record_delete(&mut self, hash: u64, now: u32) {
-        self.tombstones.record(hash, now);
+    /// The time of an event (write or delete) happening now: `now_ms`, or the previous
+    /// event's time if the clock went back.
+    pub fn event_ms(&mut self, now_ms: u64) -> u64 {
+        self.last_event_ms = self.last_event_ms.max(now_ms);
+        self.last_event_ms
+    }
+
+    /// Remembers that `hash` was deleted at `at_ms` (see `Tombstones`).
+    pub fn record_delete(&mut self, hash: u64, at_ms: u64) {
+        self.tombstones.record(hash, at_ms);
     }
 
     /// Forgets a tombstone of `hash` (the key was written since).
@@ -284,9 +350,25 @@ impl Shard {
         self.tombstones.latest.remove(&hash);
     }
 
-    /// Whether `hash` was deleted within the last `TOMBSTONE_SECS`.
-    pub fn recently_deleted(&self, hash: u64, now: u32) -> bool {
-        self.tombstones.recently_deleted(hash, now)
+    /// When `hash` was deleted, if within the last `TOMBSTONE_SECS`.
+    pub fn deleted_at(&self, hash: u64, now_ms: u64) -> Option<u64> {
+        self.tombstones.deleted_at(hash, now_ms)
+    }
+
+    /// Remembers that the value of `hash` now held was written at `at_ms` (`None`: unknown,
+    /// so forgotten).
+    pub fn record_write(&mut self, hash: u64, at_ms: Option<u64>, now_ms: u64) {
+        match at_ms {
+            Some(at) => self.write_times.record(hash, at, now_ms),
+            None => {
+                self.write_times.times.remove(&hash);
+            }
+        }
+    }
+
+    /// When the value of `hash` was written, if within the last `WRITE_TIME_MS`.
+    pub fn written_at(&self, hash: u64, now_ms: u64) -> Option<u64> {
+        self.write_times.get(hash, now_ms)
     }
 
     /// Records a read hit for the policy.
@@ -412,7 +494,9 @@ impl Shard {
                 continue;
             }
             bytes += item.key().len() + item.value().len();
+            let written_ms = self.written_at(hash_key(item.key()), u64::from(now) * 1000);
             out.push(super::OwnedItem {
+                written_ms,
                 key: item.key().to_vec(),
                 value: item.value().to_vec(),
                 flags: item.flags(),

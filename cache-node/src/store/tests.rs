@@ -308,7 +308,14 @@ fn a_recent_delete_stops_a_copy_carried_forward_but_not_a_plain_add() {
     let s = Store::new(1 << 20, Policy::Lru);
     s.delete(b"k", NOW);
     assert_eq!(
-        s.store(StoreMode::AddUnlessDeleted, b"k", b"old", 0, 0, NOW + 1),
+        s.store(
+            StoreMode::AddUnlessDeleted { written_ms: None },
+            b"k",
+            b"old",
+            0,
+            0,
+            NOW + 1
+        ),
         StoreOutcome::NotStored
     );
     assert_eq!(
@@ -316,14 +323,28 @@ fn a_recent_delete_stops_a_copy_carried_forward_but_not_a_plain_add() {
         StoreOutcome::Stored
     );
     assert_eq!(
-        s.store(StoreMode::AddUnlessDeleted, b"other", b"v", 0, 0, NOW + 1),
+        s.store(
+            StoreMode::AddUnlessDeleted { written_ms: None },
+            b"other",
+            b"v",
+            0,
+            0,
+            NOW + 1
+        ),
         StoreOutcome::Stored,
         "keys never deleted are copied"
     );
-    s.delete(b"k", NOW);
-    let later = NOW + TOMBSTONE_SECS;
+    s.delete(b"k", NOW + 1);
+    let later = NOW + 1 + TOMBSTONE_SECS;
     assert_eq!(
-        s.store(StoreMode::AddUnlessDeleted, b"k", b"v", 0, 0, later),
+        s.store(
+            StoreMode::AddUnlessDeleted { written_ms: None },
+            b"k",
+            b"v",
+            0,
+            0,
+            later
+        ),
         StoreOutcome::Stored,
         "tombstones expire"
     );
@@ -340,7 +361,14 @@ fn a_write_after_a_delete_lifts_its_tombstone() {
     assert!(s.get(b"k", None, NOW + 1, |m, _| cas = m.cas));
     assert!(s.delete_if_cas(b"k", cas, NOW + 2));
     assert_eq!(
-        s.store(StoreMode::AddUnlessDeleted, b"k", b"newer", 0, 0, NOW + 3),
+        s.store(
+            StoreMode::AddUnlessDeleted { written_ms: None },
+            b"k",
+            b"newer",
+            0,
+            0,
+            NOW + 3
+        ),
         StoreOutcome::Stored,
         "the delete was older than the write"
     );
@@ -361,12 +389,19 @@ fn a_delete_without_tombstone_does_not_refuse_the_key_coming_back() {
         crate::store::DeleteOutcome::Deleted
     );
     assert_eq!(
-        s.store(StoreMode::AddUnlessDeleted, b"moved", b"v2", 0, 0, NOW + 1),
+        s.store(
+            StoreMode::AddUnlessDeleted { written_ms: None },
+            b"moved",
+            b"v2",
+            0,
+            0,
+            NOW + 1
+        ),
         StoreOutcome::Stored
     );
     assert_eq!(
         s.store(
-            StoreMode::AddUnlessDeleted,
+            StoreMode::AddUnlessDeleted { written_ms: None },
             b"deleted",
             b"v2",
             0,
@@ -375,4 +410,141 @@ fn a_delete_without_tombstone_does_not_refuse_the_key_coming_back() {
         ),
         StoreOutcome::NotStored
     );
+}
+
+/// Unix milliseconds of `NOW`.
+const NOW_MS: u64 = NOW as u64 * 1000;
+
+fn copy(written_ms: Option<u64>) -> StoreMode {
+    StoreMode::AddUnlessDeleted { written_ms }
+}
+
+/// The write time a scan reports for `key` (what the hand-off sends with its copy).
+fn written_ms(store: &Store, key: &[u8], now: u32) -> Option<u64> {
+    let mut cursor = ScanCursor::default();
+    let mut found = Vec::new();
+    while !cursor.is_done() {
+        found.extend(store.scan(&mut cursor, usize::MAX, now, |k| k == key));
+    }
+    match &found[..] {
+        [item] => item.written_ms,
+        other => panic!("{} items of the key", other.len()),
+    }
+}
+
+#[test]
+fn a_copy_written_after_the_delete_passes_its_tombstone_and_an_older_one_never_does() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    let deleted = NOW_MS + 500;
+    s.delete(b"k", Now::from_ms(deleted));
+    let arrives = Now::from_ms(deleted + 10_000);
+    for (written, why) in [
+        (None, "a copy without a write time"),
+        (Some(deleted - 1), "a copy written before the delete"),
+        (Some(deleted), "a copy written in the same millisecond"),
+        (
+            Some(deleted + CLOCK_SKEW_MS),
+            "a copy within the clocks' allowed skew",
+        ),
+    ] {
+        assert_eq!(
+            s.store(copy(written), b"k", b"v", 0, 0, arrives),
+            StoreOutcome::NotStored,
+            "{why}"
+        );
+    }
+    assert_eq!(
+        s.store(
+            copy(Some(deleted + CLOCK_SKEW_MS + 1)),
+            b"k",
+            b"newer",
+            0,
+            0,
+            arrives
+        ),
+        StoreOutcome::Stored,
+        "a copy written after the delete"
+    );
+    assert_eq!(get(&s, b"k").as_deref(), Some(&b"newer"[..]));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn the_lost_hit_case_delete_move_away_write_move_back_keeps_the_write() {
+    // Two nodes, as the hand-off uses them: a deletes the key, the key moves to b and is
+    // written there, then moves back to a with the write time b kept for it.
+    let (a, b) = (
+        Store::new(1 << 20, Policy::Lru),
+        Store::new(1 << 20, Policy::Lru),
+    );
+    a.store(StoreMode::Set, b"k", b"v1", 0, 0, Now::from_ms(NOW_MS));
+    assert!(a.delete(b"k", Now::from_ms(NOW_MS + 100)));
+    b.store(
+        StoreMode::Set,
+        b"k",
+        b"v2",
+        0,
+        0,
+        Now::from_ms(NOW_MS + 900),
+    );
+    let written = written_ms(&b, b"k", NOW + 1);
+    assert_eq!(
+        written,
+        Some(NOW_MS + 900),
+        "b remembers when v2 was written"
+    );
+    assert_eq!(
+        a.store(
+            copy(written),
+            b"k",
+            b"v2",
+            0,
+            0,
+            Now::from_ms(NOW_MS + 2_000)
+        ),
+        StoreOutcome::Stored
+    );
+    assert_eq!(
+        written_ms(&a, b"k", NOW + 2),
+        Some(NOW_MS + 900),
+        "the copy keeps the time of its write, not of its arrival"
+    );
+}
+
+#[test]
+fn write_times_follow_the_value_and_are_forgotten_when_older_than_any_tombstone() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    s.store(StoreMode::Set, b"k", b"1", 0, 0, Now::from_ms(NOW_MS + 7));
+    assert_eq!(written_ms(&s, b"k", NOW), Some(NOW_MS + 7));
+    assert_eq!(
+        s.arith(b"k", true, 1, Now::from_ms(NOW_MS + 9)),
+        ArithOutcome::Value(2)
+    );
+    assert_eq!(written_ms(&s, b"k", NOW), Some(NOW_MS + 9), "incr writes");
+    s.delete_cas(b"c", None, false, NOW);
+    s.store(copy(None), b"c", b"v", 0, 0, NOW);
+    assert_eq!(written_ms(&s, b"c", NOW), None, "a copy of unknown age");
+    let late = NOW + (WRITE_TIME_MS / 1000) as u32 + 1;
+    assert_eq!(
+        written_ms(&s, b"k", late),
+        None,
+        "forgotten after WRITE_TIME_MS"
+    );
+    assert!(WRITE_TIME_MS > u64::from(TOMBSTONE_SECS) * 1000 + CLOCK_SKEW_MS);
+}
+
+#[test]
+fn event_times_never_go_back_with_the_clock() {
+    let s = Store::new(1 << 20, Policy::Lru);
+    s.delete(b"k", Now::from_ms(NOW_MS + 5_000));
+    // The system clock stepped back a second: the write still counts as after the delete.
+    s.store(
+        StoreMode::Set,
+        b"k",
+        b"v",
+        0,
+        0,
+        Now::from_ms(NOW_MS + 4_000),
+    );
+    assert_eq!(written_ms(&s, b"k", NOW + 4), Some(NOW_MS + 5_000));
 }

@@ -7,8 +7,7 @@ use serde_json::json;
 
 use crate::support::{Client, TOKEN, http, start_node, start_with, stat};
 
-const GUARDED: [(&str, &str, Option<&str>); 5] = [
-    ("GET", "/metrics", None),
+const GUARDED: [(&str, &str, Option<&str>); 4] = [
     ("GET", "/stats", None),
     ("GET", "/config", None),
     (
@@ -35,12 +34,21 @@ async fn config(node: &cache_node::Node) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_readiness_probes_need_no_token() {
+async fn probes_and_metrics_need_no_token() {
     let node = start_node(16).await;
     let healthz = http(node.admin_addr, "GET", "/healthz", None, None).await;
     assert_eq!((healthz.status, healthz.body.as_str()), (200, "ok\n"));
     let readyz = http(node.admin_addr, "GET", "/readyz", None, None).await;
     assert_eq!((readyz.status, readyz.body.as_str()), (200, "ready\n"));
+    // Prometheus scrapes every pool's nodes with one scrape config, and each pool has its own
+    // token: the counters are open, as the operator's are (and as `stats` is on the data port).
+    let metrics = http(node.admin_addr, "GET", "/metrics", None, None).await;
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(
+        metrics.body.contains("cachepool_node_items"),
+        "{}",
+        metrics.body
+    );
     node.shutdown().await;
 }
 

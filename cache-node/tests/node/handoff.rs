@@ -276,3 +276,63 @@ async fn handoff_rejects_bad_requests_and_needs_the_token() {
     assert_eq!(idle["state"], "idle");
     a.shutdown().await;
 }
+
+/// Issue 16, "The last lost-hit case": a plain delete on the owner, the key's slot moved
+/// away, a write on the new owner, and the slot moved back within the tombstone's life. The
+/// hand-off back carries the write's time, which is newer than the delete: the owner takes
+/// the copy (no lost hit). A copy written *before* a delete on the owner is still refused
+/// (never a stale read).
+#[tokio::test]
+async fn a_write_newer_than_a_delete_moves_back_to_the_node_that_deleted_it() {
+    let a = start_node(16).await;
+    let b = start_node(16).await;
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
+    let mut ca = Client::connect(a.addr).await;
+    let mut cb = Client::connect(b.addr).await;
+    let alone = Ring::from_addresses(1, [a_addr.as_str()]).unwrap();
+    let both = alone.grown([b_addr.as_str()]).unwrap();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("back:{i}"))
+        .filter(|k| both.owner(k.as_bytes()).unwrap().address == b_addr)
+        .take(2)
+        .collect();
+    let (rewritten, deleted_later) = (&keys[0], &keys[1]);
+
+    // Ring 1 (a alone): a plain delete on the owner leaves a tombstone there.
+    ca.set(rewritten, b"v1").await;
+    ca.ask(format!("delete {rewritten}\r\n"), "DELETED\r\n")
+        .await;
+    // Ring 2 (grown): the key's owner is b. a hands off (nothing of these keys is left), a
+    // client writes the key on its new owner (deleting on the previous one, without a
+    // tombstone, as the pool client does).
+    handoff(a.admin_addr, &both, &a_addr, json!({})).await;
+    assert_eq!(wait_finished(a.admin_addr, 2).await["state"], "done");
+    // The write comes later than the delete by more than the clocks may disagree.
+    tokio::time::sleep(Duration::from_millis(cache_node::store::CLOCK_SKEW_MS + 20)).await;
+    ca.ask(format!("md {rewritten} Y\r\n"), "NF\r\n").await;
+    cb.set(rewritten, b"v2").await;
+    // A value written on b before a delete of the key on a: its copy must not come back.
+    cb.set(deleted_later, b"old").await;
+    tokio::time::sleep(Duration::from_millis(cache_node::store::CLOCK_SKEW_MS + 20)).await;
+    ca.ask(format!("delete {deleted_later}\r\n"), "NOT_FOUND\r\n")
+        .await;
+
+    // Ring 3 (shrunk back to a), well within the tombstones' 30 s: b hands everything back.
+    let back = both.shrunk(1).unwrap();
+    handoff(b.admin_addr, &back, &b_addr, json!({})).await;
+    let st = wait_finished(b.admin_addr, 3).await;
+    assert_eq!(st["state"], "done", "{st}");
+    assert_eq!(
+        ca.get(rewritten).await.as_deref(),
+        Some(&b"v2"[..]),
+        "the write after the delete was lost on its way back: {st}"
+    );
+    assert_eq!(
+        ca.get(deleted_later).await,
+        None,
+        "a value written before the delete came back: {st}"
+    );
+    assert_eq!(crate::support::stat(&cb.stats().await, "curr_items"), 0);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -56,3 +56,31 @@ async fn cachepool_extensions_tombstone_on_delete_but_not_on_a_moved_key() {
     .await;
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_copy_carrying_a_write_newer_than_the_delete_passes_the_tombstone() {
+    let node = start_node(16).await;
+    let mut c = Client::connect(node.addr).await;
+    c.ask("ms k 1\r\na\r\nmd k\r\n", "HD\r\nHD\r\n").await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let skew = cache_node::store::CLOCK_SKEW_MS;
+    // Written before the delete (a copy read before it and delivered after): refused.
+    c.ask(
+        format!("ms k 1 ME Z W{}\r\nb\r\n", now_ms - 1_000),
+        "NS\r\n",
+    )
+    .await;
+    // Written after the delete, beyond the clocks' allowance: taken, and kept as written.
+    c.ask(
+        format!("ms k 1 ME Z W{}\r\nc\r\nmg k v\r\n", now_ms + skew + 1_000),
+        "HD\r\nVA 1\r\nc\r\n",
+    )
+    .await;
+    // A write time only means something on a copy (`Z`).
+    c.ask("ms j 1 W5\r\nd\r\n", "CLIENT_ERROR invalid flag\r\n")
+        .await;
+    node.shutdown().await;
+}

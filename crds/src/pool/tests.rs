@@ -450,6 +450,29 @@ fn full_pool() -> CachePool {
         requests_per_minute: Some(12_000.0),
         last_scale_time: Some(at.clone()),
         last_scale_reason: Some("miss rate 0.45 > 0.40".into()),
+        autoscaler: Some(AutoscalerStatus {
+            too_small: vec![TooSmallSize {
+                replicas: 2,
+                miss_rate: 0.45,
+                requests_per_second: 200.0,
+                at: at.clone(),
+            }],
+            grow_backoff: Some(GrowBackoff {
+                from: 1,
+                to: 2,
+                miss_rate_before: 0.9,
+                miss_rate_after: 0.88,
+                needed_gain: 0.1,
+                streak: 1,
+                until: at.clone(),
+            }),
+            unjudged_grow: Some(UnjudgedGrow {
+                from: 2,
+                to: 3,
+                miss_rate: 0.45,
+                requests_per_second: 200.0,
+            }),
+        }),
         selector: Some(selector_for("web-cache")),
         conditions: vec![Condition {
             type_: "Progressing".into(),

@@ -1,5 +1,7 @@
 use std::time::UNIX_EPOCH;
 
+use cachepool_crds::pool::CachePoolStatus;
+
 use super::*;
 
 mod sim;
@@ -71,6 +73,8 @@ struct Harness {
     scales: Vec<ScaleAt>,
     decisions: Vec<Decision>,
     last: Option<Decision>,
+    /// End of the window that decided the last scale (the driver's `lastScaleTime`).
+    last_scale_at: Option<SystemTime>,
 }
 
 impl Harness {
@@ -88,6 +92,7 @@ impl Harness {
             scales: Vec::new(),
             decisions: Vec::new(),
             last: None,
+            last_scale_at: None,
         }
     }
 
@@ -125,6 +130,7 @@ impl Harness {
                 reason: reason.clone(),
             });
             self.resizing_to = Some(*replicas);
+            self.last_scale_at = Some(window.end);
         }
         self.windows += 1;
         self.decisions.push(decision.clone());
@@ -689,4 +695,105 @@ fn spans_read_like_a_status_line() {
     assert_eq!(show(120.0), "2 min");
     assert_eq!(show(601.0), "11 min");
     assert_eq!(show(7200.0), "2 h");
+}
+
+/// The operator restarts between two windows: a new autoscaler is built from what the
+/// driver keeps in the pool's status (`lastScaleTime` and `autoscaler`), through the JSON a
+/// store or the API server holds. `with_memory: false` is the autoscaler before it kept its
+/// memory, for contrast.
+fn restart(h: &mut Harness, with_memory: bool) {
+    let status = CachePoolStatus {
+        last_scale_time: h.last_scale_at.map(time),
+        autoscaler: h.scaler.memory().filter(|_| with_memory),
+        ..CachePoolStatus::default()
+    };
+    let json = serde_json::to_string(&status).expect("status serializes");
+    let stored: CachePoolStatus = serde_json::from_str(&json).expect("status parses");
+    let last_scale = stored
+        .last_scale_time
+        .as_ref()
+        .map(|t| SystemTime::from(t.0));
+    h.scaler = Autoscaler::restore(last_scale).with_memory(&stored.autoscaler.unwrap_or_default());
+}
+
+#[test]
+fn a_restart_keeps_the_sizes_that_proved_too_small() {
+    // Above maxMissRate at one node, below minMissRate at two; restarts after the grow.
+    let load = |size| if size == 1 { (1000, 0.6) } else { (1000, 0.05) };
+    let mut h = Harness::new(auto_spec(), 1);
+    h.run(6, load);
+    restart(&mut h, true);
+    h.run(34, load);
+    assert_eq!(
+        h.moves(),
+        [(1, 2)],
+        "no extra shrink and grow after the restart"
+    );
+    assert_hold(h.last.as_ref().expect("ran"), "1 node proved too small");
+
+    // What it did when the marks lived in memory only: one extra shrink and grow.
+    let mut forgetful = Harness::new(auto_spec(), 1);
+    forgetful.run(6, load);
+    restart(&mut forgetful, false);
+    forgetful.run(34, load);
+    assert_eq!(forgetful.moves(), [(1, 2), (2, 1), (1, 2)]);
+}
+
+#[test]
+fn a_restart_keeps_the_grow_backoff() {
+    let mut h = Harness::new(spec_64(), 1);
+    // More memory changes nothing: the grow 1 -> 2 is judged futile at window 3, and the
+    // next grow waits 10 windows (600 s) — across a restart at window 6.
+    h.run(6, |_| (1000, 0.9));
+    assert!(h.scaler.memory().is_some_and(|m| m.grow_backoff.is_some()));
+    restart(&mut h, true);
+    h.run(20, |_| (1000, 0.9));
+    let at: Vec<usize> = h.scales.iter().map(|s| s.window).collect();
+    assert_eq!(at, [0, 13], "the back-off held across the restart");
+
+    let mut forgetful = Harness::new(spec_64(), 1);
+    forgetful.run(6, |_| (1000, 0.9));
+    restart(&mut forgetful, false);
+    forgetful.run(20, |_| (1000, 0.9));
+    assert_eq!(
+        forgetful.scales[1].window, 6,
+        "without memory it grows at once"
+    );
+}
+
+#[test]
+fn a_restart_before_a_grow_is_judged_still_judges_it() {
+    let mut h = Harness::new(spec_64(), 1);
+    // The grow 1 -> 2 is decided at window 0 and judged at window 3; restart at window 2.
+    h.run(2, |_| (1000, 0.9));
+    assert!(h.scaler.memory().is_some_and(|m| m.unjudged_grow.is_some()));
+    restart(&mut h, true);
+    h.run(10, |_| (1000, 0.9));
+    assert_eq!(
+        h.moves(),
+        [(1, 2)],
+        "the futile grow was judged and not repeated"
+    );
+
+    let mut forgetful = Harness::new(spec_64(), 1);
+    forgetful.run(2, |_| (1000, 0.9));
+    restart(&mut forgetful, false);
+    forgetful.run(10, |_| (1000, 0.9));
+    assert_eq!(forgetful.moves()[..2], [(1, 2), (2, 4)]);
+}
+
+fn spec_64() -> ScalingSpec {
+    let mut spec = auto_spec();
+    spec.max_replicas = 64;
+    spec
+}
+
+#[test]
+fn the_memory_round_trips_through_the_status() {
+    let mut h = Harness::new(auto_spec(), 1);
+    assert_eq!(h.scaler.memory(), None, "nothing learned, nothing stored");
+    h.run(6, |size| if size == 1 { (1000, 0.6) } else { (1000, 0.05) });
+    let before = h.scaler.memory().expect("a size proved too small");
+    restart(&mut h, true);
+    assert_eq!(h.scaler.memory(), Some(before));
 }

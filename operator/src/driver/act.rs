@@ -13,6 +13,7 @@ use super::{
     join_all,
 };
 use crate::events::{Event, reason};
+use crate::metrics::ScaleDirection;
 use crate::provider::{self, AdminToken, LaunchSpec, PoolProvider, ProviderNode};
 use crate::rebalance::AdminClient;
 use crate::reconcile::{NodeSettings, RingChange};
@@ -293,11 +294,14 @@ impl Driver {
             }
             RingChange::Begin => {
                 let from = before.as_ref().map_or(0, |r| r.current().len());
-                let (scaled, word) = if to > from {
-                    (reason::SCALED_UP, "grows")
+                let (scaled, word, direction) = if to > from {
+                    (reason::SCALED_UP, "grows", ScaleDirection::Up)
                 } else {
-                    (reason::SCALED_DOWN, "shrinks")
+                    (reason::SCALED_DOWN, "shrinks", ScaleDirection::Down)
                 };
+                // Every resize counts, whoever asked for it (the autoscaler, a spec change, a
+                // scale call).
+                self.metrics().scaled(&self.label(), direction);
                 self.event(Event::normal(
                     scaled,
                     format!("the pool {word} from {from} to {to} nodes: {why}"),

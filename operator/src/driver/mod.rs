@@ -311,7 +311,8 @@ impl Driver {
                 .last_scale_time
                 .as_ref()
                 .map(|t| SystemTime::from(t.0)),
-        );
+        )
+        .with_memory(&record.status.autoscaler.clone().unwrap_or_default());
         let ring = reconcile::ring_state(&record.status);
         let (commands_tx, commands) = mpsc::channel(16);
         let mut shown = CachePool::new(&pool.name, record.spec.clone());

@@ -11,7 +11,6 @@ use super::{Driver, NodeMemory, join_all};
 use crate::autoscaler::{Decision, Window};
 use crate::events::{Event, reason};
 use crate::history::{NodeSample, WindowTotals};
-use crate::metrics::ScaleDirection;
 use crate::provider::ProviderNode;
 use crate::rebalance::AdminClient;
 use crate::reconcile::{Health, NodeView};
@@ -250,10 +249,10 @@ impl Driver {
             Decision::Scale { replicas, reason } => {
                 let from = ring.current().len();
                 info!(pool = %self.handle.pool, from, to = replicas, reason = %reason, "autoscaler decided");
-                let (direction, decided, by_miss_rate) = if replicas > from {
-                    (ScaleDirection::Up, "grow", "above_max_miss_rate")
+                let (decided, by_miss_rate) = if replicas > from {
+                    ("grow", "above_max_miss_rate")
                 } else {
-                    (ScaleDirection::Down, "shrink", "below_min_miss_rate")
+                    ("shrink", "below_min_miss_rate")
                 };
                 // A scale into changed bounds says which bound in its reason.
                 let rule = if reason.contains("scaling.minReplicas")
@@ -266,7 +265,6 @@ impl Driver {
                 self.ctx
                     .metrics
                     .autoscaler_decided(&self.label(), decided, rule);
-                self.ctx.metrics.scaled(&self.label(), direction);
                 self.record.status.desired_replicas = replicas;
                 self.pending_reason = Some(reason);
             }

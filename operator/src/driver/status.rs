@@ -2,18 +2,22 @@
 //!
 //! Every round computes a status, and most rounds compute the same one. A store is written
 //! only when the status changed in a way a reader cares about: phase, conditions, nodes, ring,
-//! migration start and end, desired size, observed generation. Two kinds of fields change
-//! on their own all the time and are *fast counters*: the hand-off's `keysMoved` and
-//! `bytesMoved` (every busy round while keys move) and the traffic figures `missRate`,
-//! `hitRate` and `requestsPerMinute` (every sample). A change in fast counters alone is
-//! written at most once per [`StatusPolicy`] interval, so a Kubernetes API server sees a few
-//! writes a minute from a busy pool, not one per probe round; the latest counters always
-//! reach the store with the next meaningful change or when the driver stops. The API's view
-//! of the resource (`PoolHandle::resource`) is refreshed every round regardless: it is memory.
+//! migration start and end, desired size, observed generation, what the autoscaler learned.
+//! Some fields change on their own all the time and are *fast counters*: the hand-off's
+//! `keysMoved` and `bytesMoved` (every busy round while keys move), the traffic figures
+//! `missRate`, `hitRate` and `requestsPerMinute` (every sample), and the figures of the
+//! autoscaler's too-small marks (refreshed by every window that finds the size still too
+//! small). A change in fast counters alone is written at most once per [`StatusPolicy`]
+//! interval, so a Kubernetes API server sees a few writes a minute from a busy pool, not one
+//! per probe round; the latest counters always reach the store with the next meaningful
+//! change or when the driver stops. The API's view of the resource (`PoolHandle::resource`)
+//! is refreshed every round regardless: it is memory.
 
 use std::time::{Duration, Instant};
 
 use cachepool_crds::pool::{CachePool, CachePoolStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use tracing::warn;
 
 use super::Driver;
@@ -74,12 +78,24 @@ fn without_counters(status: &CachePoolStatus) -> CachePoolStatus {
         migration.keys_moved = 0;
         migration.bytes_moved = 0;
     }
+    // A size that stays too small is marked again by every window (new time, miss rate and
+    // load): that refresh is a fast counter too. A mark made or cleared, a back-off or a grow
+    // to judge is not.
+    if let Some(memory) = &mut status.autoscaler {
+        for mark in &mut memory.too_small {
+            mark.miss_rate = 0.0;
+            mark.requests_per_second = 0.0;
+            mark.at = Time(Timestamp::UNIX_EPOCH);
+        }
+    }
     status
 }
 
 impl Driver {
-    /// The plan's status keeps the traffic figures sampled since the last round.
+    /// The plan's status keeps the traffic figures sampled since the last round, and what
+    /// the autoscaler has learned so far (a restarted operator picks it up from there).
     pub(super) fn keep_traffic(&self, status: &mut CachePoolStatus) {
+        status.autoscaler = self.autoscaler.memory();
         status.selector = Some(cachepool_crds::pool::selector_for(&self.handle.pool.name));
         let sampled = &self.record.status;
         status.miss_rate = sampled.miss_rate;

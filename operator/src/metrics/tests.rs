@@ -301,6 +301,7 @@ fn forget_pool_removes_every_series_of_that_pool_only() {
         m.reconcile_failed(pool, "node_unreachable");
         m.scaled(pool, ScaleDirection::Up);
         m.scaled(pool, ScaleDirection::Down);
+        m.autoscaler_decided(pool, "hold", "cooldown");
         m.node_launched(pool);
         m.node_replaced(pool);
         m.sample_failed(pool);
@@ -330,16 +331,23 @@ fn forget_pool_removes_every_series_of_that_pool_only() {
             .count()
     };
     let of_a = series_of(&before, A);
-    // 7 counter series, 19 of the histogram (17 buckets, sum, count), 12 gauges.
-    assert_eq!(of_a, 7 + 19 + 12);
+    // 8 counter series, 19 of the histogram (17 buckets, sum, count), 12 gauges.
+    assert_eq!(of_a, 8 + 19 + 12);
     assert_eq!(of_a, series_of(&before, B));
 
     m.forget_pool(A);
     let after = parse(&m.encode());
     assert_eq!(series_of(&after, A), 0);
     assert_eq!(series_of(&after, B), of_a);
-    // Every sample line belongs to a pool: nothing of A hides under another label.
-    assert_eq!(after.len(), of_a);
+    // Every other sample line belongs to a pool (nothing of A hides under another label),
+    // but the operator-wide ones.
+    let global: Vec<&str> = after
+        .iter()
+        .filter(|l| !l.labels.contains_key("pool"))
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(global, ["cachepool_operator_cloudwatch_datums_pending"]);
+    assert_eq!(after.len(), of_a + global.len());
 }
 
 #[test]
