@@ -230,6 +230,9 @@ pub struct MetaGetFlags<'a> {
     pub opaque: Option<&'a [u8]>,
     /// `T<exptime>`: update the TTL as `touch` does.
     pub touch: Option<i64>,
+    /// `w` (Cachepool's extension): return `w<ms>`, when the value was written (Unix ms), if
+    /// the node still knows; the pool client carries it with a copy forward (`ms … Z W<ms>`).
+    pub written: bool,
 }
 
 /// Validated keys of a retrieval, kept as the raw line tail to avoid allocating.
@@ -556,6 +559,7 @@ fn meta_get(line: &[u8]) -> Frame<'_> {
             b'k' => flags.key = true,
             b's' => flags.size = true,
             b'q' => flags.quiet = true,
+            b'w' => flags.written = true,
             b'O' if token.len() <= 32 => flags.opaque = Some(token),
             b'T' => match parse_i32(token) {
                 Some(t) => flags.touch = Some(t),

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::{Cmd, NodeStats, unix_now};
 use crate::protocol::{self, Command, DetailCmd, Frame, Limits, StatsCmd, StoreCmd};
 use crate::store::classes::{self, MAX_CLASS};
-use crate::store::{ArithOutcome, DeleteOutcome, Now, Store, StoreMode, StoreOutcome};
+use crate::store::{ArithOutcome, DeleteOutcome, ItemMeta, Now, Store, StoreMode, StoreOutcome};
 
 /// The version string `version` and `stats` report. memcached's major.minor first, so client
 /// libraries that gate features on the server version treat the node as a 1.6 server.
@@ -561,7 +561,7 @@ fn execute(shared: &Shared, conn: &Arc<ConnInfo>, cmd: Command<'_>, out: &mut Ve
         }
         Command::Quit => return Next::Close,
         Command::MetaGet { key, flags } => {
-            meta_get(store, key, &flags, now, out);
+            meta_get(store, key, &flags, clock, out);
             if flags.touch.is_some() {
                 Cmd::Gat
             } else {
@@ -643,11 +643,12 @@ fn meta_get(
     store: &Store,
     key: &[u8],
     f: &protocol::MetaGetFlags<'_>,
-    now: u32,
+    clock: Now,
     out: &mut Vec<u8>,
 ) {
+    let now = clock.secs;
     let touch = f.touch.map(|t| protocol::absolute_expiry(t, now));
-    let hit = store.get(key, touch, now, |meta, value| {
+    let reply = |meta: ItemMeta, value: &[u8]| {
         let mut num = itoa::Buffer::new();
         if f.value {
             out.extend_from_slice(b"VA ");
@@ -680,6 +681,10 @@ fn meta_get(
             out.extend_from_slice(b" k");
             out.extend_from_slice(key);
         }
+        if let Some(written) = meta.written_ms {
+            out.extend_from_slice(b" w");
+            out.extend_from_slice(num.format(written).as_bytes());
+        }
         if let Some(opaque) = f.opaque {
             out.extend_from_slice(b" O");
             out.extend_from_slice(opaque);
@@ -689,7 +694,12 @@ fn meta_get(
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
-    });
+    };
+    let hit = if f.written {
+        store.get_with_write_time(key, touch, clock, reply)
+    } else {
+        store.get(key, touch, now, reply)
+    };
     if !hit && !f.quiet {
         out.extend_from_slice(b"EN\r\n");
     }

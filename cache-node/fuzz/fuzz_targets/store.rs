@@ -39,7 +39,7 @@ fuzz_target!(|input: Input| {
     // The model only holds while nothing can be evicted.
     let mut model: Option<HashMap<Vec<u8>, (Vec<u8>, u32)>> = (!input.tiny).then(HashMap::new);
     let mut now = 1_000_000u32;
-    // When each key was last deleted (for AddUnlessDeleted).
+    // When each key was last deleted (for AddUnlessDeleted); a write since lifts it.
     let mut deleted_at: HashMap<Vec<u8>, u32> = HashMap::new();
     for op in input.ops {
         let key = |k: u8| format!("k{}", k % 32).into_bytes();
@@ -48,6 +48,7 @@ fuzz_target!(|input: Input| {
             Op::Set { key: k, len, flags } => {
                 let r = store.store(StoreMode::Set, &key(k), &value(k, len), flags, 0, now);
                 assert_eq!(r, StoreOutcome::Stored);
+                deleted_at.remove(&key(k));
                 if let Some(m) = &mut model {
                     m.insert(key(k), (value(k, len), flags));
                 }
@@ -55,12 +56,16 @@ fuzz_target!(|input: Input| {
             Op::SetNumber { key: k, n } => {
                 let digits = n.to_string().into_bytes();
                 assert_eq!(store.store(StoreMode::Set, &key(k), &digits, 0, 0, now), StoreOutcome::Stored);
+                deleted_at.remove(&key(k));
                 if let Some(m) = &mut model {
                     m.insert(key(k), (digits, 0));
                 }
             }
             Op::Add { key: k, len } => {
                 let r = store.store(StoreMode::Add, &key(k), &value(k, len), 0, 0, now);
+                if r == StoreOutcome::Stored {
+                    deleted_at.remove(&key(k));
+                }
                 if let Some(m) = &mut model {
                     let expect = if m.contains_key(&key(k)) { StoreOutcome::NotStored } else { StoreOutcome::Stored };
                     assert_eq!(r, expect);
@@ -68,7 +73,9 @@ fuzz_target!(|input: Input| {
                 }
             }
             Op::AddUnlessDeleted { key: k, len } => {
-                let r = store.store(StoreMode::AddUnlessDeleted, &key(k), &value(k, len), 0, 0, now);
+                // A copy of unknown age: any live tombstone refuses it.
+                let mode = StoreMode::AddUnlessDeleted { written_ms: None };
+                let r = store.store(mode, &key(k), &value(k, len), 0, 0, now);
                 if let Some(m) = &mut model {
                     let tomb = deleted_at.get(&key(k)).is_some_and(|&at| at + TOMBSTONE_SECS > now);
                     let expect = if m.contains_key(&key(k)) || tomb { StoreOutcome::NotStored } else { StoreOutcome::Stored };
@@ -80,6 +87,9 @@ fuzz_target!(|input: Input| {
             }
             Op::Replace { key: k, len } => {
                 let r = store.store(StoreMode::Replace, &key(k), &value(k, len), 0, 0, now);
+                if r == StoreOutcome::Stored {
+                    deleted_at.remove(&key(k));
+                }
                 if let Some(m) = &mut model {
                     if let Some(v) = m.get_mut(&key(k)) {
                         assert_eq!(r, StoreOutcome::Stored);
@@ -91,6 +101,9 @@ fuzz_target!(|input: Input| {
             }
             Op::Append { key: k, len } => {
                 let r = store.store(StoreMode::Append, &key(k), &value(k, len), 0, 0, now);
+                if r == StoreOutcome::Stored {
+                    deleted_at.remove(&key(k));
+                }
                 if let Some(m) = &mut model {
                     if let Some(v) = m.get_mut(&key(k)) {
                         assert_eq!(r, StoreOutcome::Stored);
@@ -105,6 +118,9 @@ fuzz_target!(|input: Input| {
                 store.get(&key(k), None, now, |meta, _| cas = Some(meta.cas));
                 let unique = cas.map_or(1, |c| if stale { c.wrapping_add(1) } else { c });
                 let r = store.store(StoreMode::Cas(unique), &key(k), &value(k, len), 0, 0, now);
+                if r == StoreOutcome::Stored {
+                    deleted_at.remove(&key(k));
+                }
                 match (cas, stale) {
                     (None, _) => assert_eq!(r, StoreOutcome::NotFound),
                     (Some(_), true) => assert_eq!(r, StoreOutcome::Exists),
@@ -132,6 +148,9 @@ fuzz_target!(|input: Input| {
             }
             Op::Incr { key: k, delta } => {
                 let r = store.arith(&key(k), true, delta, now);
+                if matches!(r, ArithOutcome::Value(_)) {
+                    deleted_at.remove(&key(k));
+                }
                 if let Some(m) = &mut model {
                     match m.get_mut(&key(k)) {
                         None => assert_eq!(r, ArithOutcome::NotFound),

@@ -37,6 +37,8 @@ pub struct ValueHead {
     pub cas: u64,
     /// Remaining TTL in seconds, `None` when the item never expires (meta get only).
     pub ttl: Option<u32>,
+    /// When the value was written (Unix ms), if the node still knows (meta get only).
+    pub written_ms: Option<u64>,
     pub data: Range<usize>,
 }
 
@@ -45,9 +47,10 @@ pub fn encode_gets(out: &mut Vec<u8>, key: &[u8]) {
     command(out, &[b"gets", key]);
 }
 
-/// `mg <key> v f t c`: value, client flags, remaining TTL and CAS.
+/// `mg <key> v f t c w`: value, client flags, remaining TTL, CAS and (Cachepool's `w`) the
+/// write time.
 pub fn encode_meta_get(out: &mut Vec<u8>, key: &[u8]) {
-    command(out, &[b"mg", key, b"v", b"f", b"t", b"c"]);
+    command(out, &[b"mg", key, b"v", b"f", b"t", b"c", b"w"]);
 }
 
 /// `mg <key> c`: the CAS value alone.
@@ -79,30 +82,39 @@ pub fn encode_store(
     );
 }
 
-/// `ms <key> <len> F<flags> T<exptime> ME Z c`: an add that the node also refuses if the key
-/// was deleted there recently (Cachepool's `Z`), returning the stored copy's CAS value; the
-/// data block follows.
-pub fn encode_meta_add(out: &mut Vec<u8>, key: &[u8], flags: u32, exptime: u32, len: usize) {
-    let (mut l, mut f, mut e) = (
+/// `ms <key> <len> F<flags> T<exptime> ME Z c [W<ms>]`: an add that the node also refuses if
+/// the key was deleted there recently (Cachepool's `Z`) unless the copy's write (`W`, when
+/// known) is newer than the delete, returning the stored copy's CAS value; the data block
+/// follows.
+pub fn encode_meta_add(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    flags: u32,
+    exptime: u32,
+    written_ms: Option<u64>,
+    len: usize,
+) {
+    let (mut l, mut f, mut e, mut w) = (
+        itoa::Buffer::new(),
         itoa::Buffer::new(),
         itoa::Buffer::new(),
         itoa::Buffer::new(),
     );
     let flags = [b"F", f.format(flags).as_bytes()].concat();
     let exptime = [b"T", e.format(exptime).as_bytes()].concat();
-    command(
-        out,
-        &[
-            b"ms",
-            key,
-            l.format(len).as_bytes(),
-            &flags,
-            &exptime,
-            b"ME",
-            b"Z",
-            b"c",
-        ],
-    );
+    let written = written_ms.map(|ms| [b"W", w.format(ms).as_bytes()].concat());
+    let mut parts: Vec<&[u8]> = vec![
+        b"ms",
+        key,
+        l.format(len).as_bytes(),
+        &flags,
+        &exptime,
+        b"ME",
+        b"Z",
+        b"c",
+    ];
+    parts.extend(written.as_deref());
+    command(out, &parts);
 }
 
 /// `md <key> Y`: delete without leaving a tombstone (Cachepool's extension).
@@ -283,13 +295,15 @@ pub fn parse_gets(buf: &[u8], key: &[u8], max_value: usize) -> Parsed<Option<Val
             flags,
             cas,
             ttl: None,
+            written_ms: None,
             data,
         }),
         used,
     )))
 }
 
-/// The reply to `mg <key> v f t c`: `VA <len> f<flags> t<ttl> c<cas>` and the data; or `EN`.
+/// The reply to `mg <key> v f t c w`: `VA <len> f<flags> t<ttl> c<cas> [w<ms>]` and the data;
+/// or `EN`.
 pub fn parse_meta_get(buf: &[u8], max_value: usize) -> Parsed<Option<ValueHead>> {
     let Some((line, end)) = first_line(buf)? else {
         return Ok(None);
@@ -304,9 +318,13 @@ pub fn parse_meta_get(buf: &[u8], max_value: usize) -> Parsed<Option<ValueHead>>
     let Some(len) = number::<usize>(len) else {
         return Err(unexpected("a value length", line));
     };
-    let (mut flags, mut ttl, mut cas) = (None, None, None);
+    let (mut flags, mut ttl, mut cas, mut written_ms) = (None, None, None, None);
     for tok in toks {
         let ok = match tok.split_first() {
+            Some((&b'w', v)) if written_ms.is_none() => {
+                written_ms = number::<u64>(v);
+                written_ms.is_some()
+            }
             Some((&b'f', v)) if flags.is_none() => {
                 flags = number::<u32>(v);
                 flags.is_some()
@@ -327,7 +345,10 @@ pub fn parse_meta_get(buf: &[u8], max_value: usize) -> Parsed<Option<ValueHead>>
             _ => false,
         };
         if !ok {
-            return Err(unexpected("the flags f, t and c once each", line));
+            return Err(unexpected(
+                "the flags f, t and c once each (and w at most once)",
+                line,
+            ));
         }
     }
     let (Some(flags), Some(ttl), Some(cas)) = (flags, ttl, cas) else {
@@ -342,6 +363,7 @@ pub fn parse_meta_get(buf: &[u8], max_value: usize) -> Parsed<Option<ValueHead>>
             flags,
             cas,
             ttl,
+            written_ms,
             data,
         }),
         used,
@@ -549,7 +571,7 @@ mod tests {
         encode_touch(&mut out, b"k", 0);
         assert_eq!(
             out,
-            b"gets k\r\nmg k v f t c\r\nmg k c\r\nadd k 7 60 3\r\ndelete k\r\ntouch k 0\r\n"
+            b"gets k\r\nmg k v f t c w\r\nmg k c\r\nadd k 7 60 3\r\ndelete k\r\ntouch k 0\r\n"
         );
     }
 
@@ -626,13 +648,20 @@ mod tests {
         let (head, _) = parse_meta_get(b"VA 0 f1 t30 c2\r\n\r\n", MAX)
             .unwrap()
             .unwrap();
-        assert_eq!(head.unwrap().ttl, Some(30));
+        let head = head.unwrap();
+        assert_eq!((head.ttl, head.written_ms), (Some(30), None));
+        let (head, _) = parse_meta_get(b"VA 0 w1700000000123 f1 t30 c2\r\n\r\n", MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.unwrap().written_ms, Some(1_700_000_000_123));
         assert_eq!(parse_meta_get(b"EN\r\n", MAX), Ok(Some((None, 4))));
         for bad in [
-            &b"VA 2 f1 t-1\r\nhi\r\n"[..],  // no CAS
-            b"VA 2 f1 f1 t-1 c1\r\nhi\r\n", // flag twice
-            b"VA 2 f1 t-2 c1\r\nhi\r\n",    // TTL below -1
-            b"VA 2 f1 t-1 c1 k\r\nhi\r\n",  // a flag not asked for
+            &b"VA 2 f1 t-1\r\nhi\r\n"[..],     // no CAS
+            b"VA 2 f1 f1 t-1 c1\r\nhi\r\n",    // flag twice
+            b"VA 2 f1 t-2 c1\r\nhi\r\n",       // TTL below -1
+            b"VA 2 f1 t-1 c1 k\r\nhi\r\n",     // a flag not asked for
+            b"VA 2 f1 t-1 c1 w1 w2\r\nhi\r\n", // write time twice
+            b"VA 2 f1 t-1 c1 w\r\nhi\r\n",     // write time without a number
             b"HD f1 t-1 c1\r\n",
         ] {
             assert!(matches!(
@@ -645,9 +674,13 @@ mod tests {
     #[test]
     fn meta_add_and_conditional_delete() {
         let mut out = Vec::new();
-        encode_meta_add(&mut out, b"k", 5, 60, 3);
+        encode_meta_add(&mut out, b"k", 5, 60, None, 3);
+        encode_meta_add(&mut out, b"k", 5, 60, Some(1_700_000_000_123), 3);
         encode_meta_delete_cas(&mut out, b"k", 42);
-        assert_eq!(out, b"ms k 3 F5 T60 ME Z c\r\nmd k C42\r\n");
+        assert_eq!(
+            out,
+            b"ms k 3 F5 T60 ME Z c\r\nms k 3 F5 T60 ME Z c W1700000000123\r\nmd k C42\r\n"
+        );
         assert_eq!(parse_meta_add(b"HD c42\r\n"), Ok(Some((Some(42), 8))));
         assert_eq!(parse_meta_add(b"NS c0\r\n"), Ok(Some((None, 7))));
         assert_eq!(parse_meta_add(b"HD"), Ok(None));

@@ -159,6 +159,17 @@ pub struct Value {
     pub cas: u64,
 }
 
+/// A value with what a copy of it must carry (`NodeClient::get_held`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub value: Value,
+    /// Remaining time to live in seconds; `None` for an item that never expires.
+    pub ttl: Option<u32>,
+    /// When the value was written (Unix ms on the answering node's clock), if the node still
+    /// knows (it keeps write times for about half a minute).
+    pub written_ms: Option<u64>,
+}
+
 /// Checks a key the way the node does, so a bad key fails here with a clear message instead
 /// of as a protocol error that costs the connection.
 pub(crate) fn check_key(key: &[u8]) -> Result<&[u8]> {

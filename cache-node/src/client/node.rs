@@ -9,7 +9,7 @@ use deadpool::managed::{Object, Pool, PoolError};
 
 use super::codec::{self, Parsed, ValueHead};
 use super::conn::{Connector, Failure};
-use super::{ClientError, ClientOptions, Result, Value, check_exptime, check_key};
+use super::{ClientError, ClientOptions, Held, Result, Value, check_exptime, check_key};
 
 /// A client of one cache node.
 ///
@@ -100,12 +100,9 @@ impl NodeClient {
         Ok(head.map(|head| value(head, &frame).0))
     }
 
-    /// Meta get (`mg <key> v f t c`): the value and its remaining time to live in seconds,
-    /// `None` for an item that never expires; `None` on a miss.
-    pub async fn get_with_ttl(
-        &self,
-        key: impl AsRef<[u8]>,
-    ) -> Result<Option<(Value, Option<u32>)>> {
+    /// Meta get (`mg <key> v f t c w`): the value, its remaining time to live and its write
+    /// time, all a copy of it needs; `None` on a miss.
+    pub async fn get_held(&self, key: impl AsRef<[u8]>) -> Result<Option<Held>> {
         let key = check_key(key.as_ref())?;
         let max = self.inner.options.max_value_bytes;
         let (head, frame) = self
@@ -116,7 +113,14 @@ impl NodeClient {
                 |buf| codec::parse_meta_get(buf, max),
             )
             .await?;
-        Ok(head.map(|head| value(head, &frame)))
+        Ok(head.map(|head| {
+            let (ttl, written_ms) = (head.ttl, head.written_ms);
+            Held {
+                value: value(head, &frame).0,
+                ttl,
+                written_ms,
+            }
+        }))
     }
 
     /// Meta get of the CAS value alone (`mg <key> c`); `None` on a miss.
@@ -162,14 +166,17 @@ impl NodeClient {
         .await
     }
 
-    /// An add that returns the CAS value of the stored copy (`ms … ME c`); `None` if the node
-    /// already held the key. The CAS lets the caller withdraw exactly this copy later.
-    pub async fn add_returning_cas(
+    /// Stores a copy of an item held elsewhere (`ms … ME Z c [W<ms>]`): an add the node also
+    /// refuses if it deleted the key after the copy's write (`written_ms`; unknown counts as
+    /// older). Returns the stored copy's CAS value, which lets the caller withdraw exactly this
+    /// copy later; `None` if the node refused it.
+    pub async fn add_copy(
         &self,
         key: impl AsRef<[u8]>,
         data: &[u8],
         flags: u32,
         exptime: u32,
+        written_ms: Option<u64>,
     ) -> Result<Option<u64>> {
         let key = check_key(key.as_ref())?;
         check_exptime(exptime)?;
@@ -180,8 +187,9 @@ impl NodeClient {
                 self.inner.options.max_value_bytes
             )));
         }
-        let encode =
-            |out: &mut Vec<u8>| codec::encode_meta_add(out, key, flags, exptime, data.len());
+        let encode = |out: &mut Vec<u8>| {
+            codec::encode_meta_add(out, key, flags, exptime, written_ms, data.len())
+        };
         let (cas, _) = self
             .call("ms", encode, Some(data), codec::parse_meta_add)
             .await?;

@@ -73,9 +73,12 @@
 //! back within 30 s — a lost hit the operator's end-to-end resize tests counted (about 50 per
 //! million reads). A plain delete on the owner, then within 30 s a resize away, a write on the
 //! new owner and a resize back: the hand-off back carries the write's time (`ms … Z W<ms>`),
-//! newer than the delete, and the owner takes it. This client's own copies forward carry no
-//! write time (`mg` does not report one), so a tombstone refuses them whatever their age; the
-//! hand-off moves such a key instead (a copy forward refused is still a hit for the reader).
+//! newer than the delete, and the owner takes it. This client's own copies forward carry the
+//! write time too: it asks the previous owner for it (`mg … w`, Cachepool's extension) and
+//! sends it with the copy (`ms … Z W<ms>`). Without it the copy would be stored as of unknown
+//! age, and when a later resize moved the key back to a node that had deleted it before the
+//! write, that node's tombstone would refuse the hand-off's copy: an acknowledged write lost
+//! (found by the store's property test, `store::proptests`).
 //!
 //! # Ring changes
 //!
@@ -94,7 +97,7 @@ use arc_swap::ArcSwap;
 use cachepool_crds::ring::{Member, Ring, RingState};
 use tracing::{debug, info, warn};
 
-use super::{ClientError, ClientOptions, NodeClient, Result, Value, check_key};
+use super::{ClientError, ClientOptions, Held, NodeClient, Result, Value, check_key};
 
 /// Remaining TTLs above this are sent as a Unix time: memcached reads an exptime over 30
 /// days as absolute.
@@ -251,7 +254,7 @@ impl PoolClient {
         let Some(previous) = previous else {
             return Ok(None);
         };
-        let (value, ttl) = match previous.get_with_ttl(key).await {
+        let held = match previous.get_held(key).await {
             Ok(Some(hit)) => hit,
             // Missed on both: the key may have been handed from the previous owner to the
             // current one between our two reads (the hand-off stores on the owner before it
@@ -266,17 +269,17 @@ impl PoolClient {
         };
         if !owner_ok {
             // The owner just failed: a copy would most likely fail too, after another timeout.
-            return Ok(Some(value));
+            return Ok(Some(held.value));
         }
-        match copy_forward(key, owner, previous, &value, ttl).await {
+        match copy_forward(key, owner, previous, &held).await {
             // A newer write or delete reached the owner meanwhile: it has the answer.
             Forward::Withdrawn => Ok(reread(owner, key).await),
             Forward::Failed(err) => {
                 debug!(node = owner.addr(), %err, "copy forward failed");
-                Ok(Some(value))
+                Ok(Some(held.value))
             }
             Forward::Stored | Forward::AlreadyThere | Forward::Unconfirmed | Forward::Expiring => {
-                Ok(Some(value))
+                Ok(Some(held.value))
             }
         }
     }
@@ -314,9 +317,9 @@ impl PoolClient {
         let routing = self.routing.load_full();
         let (owner, previous) = routing.route(key).ok_or(ClientError::EmptyRing)?;
         if let Some(previous) = previous
-            && let Some((value, ttl)) = previous.get_with_ttl(key).await?
+            && let Some(held) = previous.get_held(key).await?
         {
-            match copy_forward(key, owner, previous, &value, ttl).await {
+            match copy_forward(key, owner, previous, &held).await {
                 // Now on the owner, where `add` below finds it.
                 Forward::Stored | Forward::AlreadyThere => {}
                 // Gone from the pool after all.
@@ -372,21 +375,22 @@ async fn reread(owner: &NodeClient, key: &[u8]) -> Option<Value> {
     }
 }
 
-/// Copies `value`, read from `previous` with `ttl` remaining, to `owner` with `add`, then
-/// checks that `previous` still holds the same item (CAS unchanged) and withdraws the copy
-/// if not. See the module documentation for why.
+/// Copies `held`, read from `previous`, to `owner` with an add that keeps its write time
+/// (so a tombstone judges the copy by the write it carries, not by the copy), then checks that
+/// `previous` still holds the same item (CAS unchanged) and withdraws the copy if not. See the
+/// module documentation for why.
 async fn copy_forward(
     key: &[u8],
     owner: &NodeClient,
     previous: &NodeClient,
-    value: &Value,
-    ttl: Option<u32>,
+    held: &Held,
 ) -> Forward {
-    let Some(exptime) = exptime_for_remaining(ttl, unix_now()) else {
+    let Some(exptime) = exptime_for_remaining(held.ttl, unix_now()) else {
         return Forward::Expiring;
     };
+    let value = &held.value;
     let copy_cas = match owner
-        .add_returning_cas(key, &value.data, value.flags, exptime)
+        .add_copy(key, &value.data, value.flags, exptime, held.written_ms)
         .await
     {
         Ok(Some(cas)) => cas,

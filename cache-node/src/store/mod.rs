@@ -230,6 +230,9 @@ pub struct ItemMeta {
     pub cas: u64,
     /// Absolute expiry, Unix seconds; 0 means never.
     pub expiry: u32,
+    /// When the value was written (Unix ms), if recently (`WRITE_TIME_MS`). Looked up only
+    /// for `Store::get_with_write_time`; `None` from `Store::get`.
+    pub written_ms: Option<u64>,
 }
 
 /// A copy of an item taken out of the store (for the hand-off).
@@ -353,6 +356,32 @@ impl Store {
         now: u32,
         read: impl FnOnce(ItemMeta, &[u8]),
     ) -> bool {
+        self.read(key, touch, now.into(), false, read)
+    }
+
+    /// `get` that also reports when the value was written (`ItemMeta::written_ms`, meta get's
+    /// `w` flag): the pool client carries it with a copy it moves forward, so the copy meets
+    /// tombstones with its true age (see `StoreMode::AddUnlessDeleted`).
+    pub fn get_with_write_time(
+        &self,
+        key: &[u8],
+        touch: Option<u32>,
+        now: Now,
+        read: impl FnOnce(ItemMeta, &[u8]),
+    ) -> bool {
+        self.read(key, touch, now, true, read)
+    }
+
+    fn read(
+        &self,
+        key: &[u8],
+        touch: Option<u32>,
+        now: Now,
+        write_time: bool,
+        read: impl FnOnce(ItemMeta, &[u8]),
+    ) -> bool {
+        let now_ms = now.ms;
+        let now = now.secs;
         let (hash, _, mut shard) = self.locked(key, now);
         if touch.is_some() {
             shard.stats.cmd_touch += 1;
@@ -373,6 +402,11 @@ impl Store {
                         flags: item.flags(),
                         cas: item.cas(),
                         expiry: item.expiry(),
+                        written_ms: if write_time {
+                            shard.written_at(hash, now_ms)
+                        } else {
+                            None
+                        },
                     },
                     item.value(),
                 );

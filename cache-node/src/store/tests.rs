@@ -531,6 +531,24 @@ fn write_times_follow_the_value_and_are_forgotten_when_older_than_any_tombstone(
         "forgotten after WRITE_TIME_MS"
     );
     assert!(WRITE_TIME_MS > u64::from(TOMBSTONE_SECS) * 1000 + CLOCK_SKEW_MS);
+    // A reader asks for it (`mg … w`) or not (every other read: no table lookup).
+    let read = |now: Now, with_time: bool| {
+        let mut meta = None;
+        let hit = |m: ItemMeta, _: &[u8]| meta = Some(m.written_ms);
+        if with_time {
+            s.get_with_write_time(b"k", None, now, hit);
+        } else {
+            s.get(b"k", None, now.secs, hit);
+        }
+        meta.expect("a hit")
+    };
+    assert_eq!(read(Now::from(NOW), true), Some(NOW_MS + 9));
+    assert_eq!(read(Now::from(NOW), false), None);
+    assert_eq!(
+        read(Now::from(late), true),
+        None,
+        "forgotten for readers too"
+    );
 }
 
 #[test]

@@ -4,8 +4,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cache_node::NodeConfig;
-use cache_node::client::{ClientError, ClientOptions, NodeClient};
-use cache_node::store::Policy;
+use cache_node::client::{ClientError, ClientOptions, Held, NodeClient};
+use cache_node::store::{Now, Policy};
 
 use crate::support::{
     Action, REQUEST_TIMEOUT, SLACK, accepted_by, client, dead_addr, options, scripted,
@@ -13,6 +13,10 @@ use crate::support::{
 };
 
 const LIMIT: Duration = Duration::from_secs(5);
+
+fn unix_ms() -> u64 {
+    Now::system().ms
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_binary_values_flags_and_cas() {
@@ -60,12 +64,23 @@ async fn round_trips_binary_values_flags_and_cas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_with_ttl_reports_remaining_seconds_and_none_for_items_that_never_expire() {
+async fn get_held_reports_remaining_seconds_none_for_items_that_never_expire_and_write_time() {
     let node = start_node().await;
     let c = client(&node);
     within(LIMIT, async {
+        let before = unix_ms();
         c.set("ttl", b"v", 9, 100).await.unwrap();
-        let (value, ttl) = c.get_with_ttl("ttl").await.unwrap().unwrap();
+        let after = unix_ms();
+        let Held {
+            value,
+            ttl,
+            written_ms,
+        } = c.get_held("ttl").await.unwrap().unwrap();
+        let written = written_ms.expect("a fresh write's time is known");
+        assert!(
+            (before..=after).contains(&written),
+            "written at {written}, set between {before} and {after}"
+        );
         assert_eq!((&value.data[..], value.flags), (&b"v"[..], 9));
         let ttl = ttl.unwrap();
         assert!((99..=100).contains(&ttl), "ttl {ttl}");
@@ -76,13 +91,13 @@ async fn get_with_ttl_reports_remaining_seconds_and_none_for_items_that_never_ex
         );
 
         c.set("forever", b"v", 0, 0).await.unwrap();
-        assert_eq!(c.get_with_ttl("forever").await.unwrap().unwrap().1, None);
+        assert_eq!(c.get_held("forever").await.unwrap().unwrap().ttl, None);
 
         assert!(c.touch("forever", 50).await.unwrap());
-        let ttl = c.get_with_ttl("forever").await.unwrap().unwrap().1.unwrap();
+        let ttl = c.get_held("forever").await.unwrap().unwrap().ttl.unwrap();
         assert!((49..=50).contains(&ttl), "ttl after touch {ttl}");
 
-        assert_eq!(c.get_with_ttl("missing").await.unwrap(), None);
+        assert_eq!(c.get_held("missing").await.unwrap(), None);
         assert_eq!(c.cas_of("missing").await.unwrap(), None);
         let cas = c.get("forever").await.unwrap().unwrap().cas;
         assert_eq!(c.cas_of("forever").await.unwrap(), Some(cas));

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_node::Node;
-use cache_node::client::{ClientError, NodeClient, PoolClient};
+use cache_node::client::{ClientError, Held, NodeClient, PoolClient};
 use cachepool_crds::ring::{Ring, RingState};
 
 use crate::support::{
@@ -89,7 +89,8 @@ async fn keys_are_stored_on_their_ring_owner_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migrating_key_is_read_from_its_previous_owner_and_copied_forward_with_flags_and_ttl() {
+async fn a_migrating_key_is_read_from_its_previous_owner_and_copied_forward_with_flags_ttl_and_write_time()
+ {
     let (nodes, clients) = start_nodes(3).await;
     let all = addrs(&nodes);
     let old = Ring::from_addresses(1, &all[..2]).unwrap();
@@ -117,15 +118,25 @@ async fn a_migrating_key_is_read_from_its_previous_owner_and_copied_forward_with
                 (format!("v{i}").as_bytes(), i as u32)
             );
             let owner = client_for(&clients, &new.owner(key.as_bytes()).unwrap().address);
-            let (copy, ttl) = owner
-                .get_with_ttl(key)
-                .await
-                .unwrap()
-                .expect("copied forward");
+            let Held {
+                value: copy,
+                ttl,
+                written_ms,
+            } = owner.get_held(key).await.unwrap().expect("copied forward");
             assert_eq!(
                 (&copy.data[..], copy.flags),
                 (format!("v{i}").as_bytes(), i as u32)
             );
+            // The copy carries the time of the write, not of the copy: a tombstone on a node
+            // the key moves to later judges it by that.
+            let source = client_for(&clients, &old.owner(key.as_bytes()).unwrap().address);
+            let original = source
+                .get_held(key)
+                .await
+                .unwrap()
+                .expect("the source stays");
+            assert!(written_ms.is_some(), "a fresh write's time is known");
+            assert_eq!(written_ms, original.written_ms, "{key}: the write's time");
             if i % 2 == 0 {
                 let ttl = ttl.expect("the copy keeps its expiry");
                 assert!((995..=1000).contains(&ttl), "remaining ttl {ttl}");
@@ -230,13 +241,21 @@ async fn a_copy_forward_is_withdrawn_when_the_source_changed_meanwhile() {
     // The previous owner is scripted: its item reads as CAS 5, and the re-check after the
     // copy finds it rewritten ("changed"), gone ("gone": handed off meanwhile) or untouched
     // ("same"), as if another client or the hand-off had acted between the read and the copy.
-    let (fake, _, _peer) = scripted(|_, line| {
+    // The item was written a second ago; the copy must carry that time.
+    let written = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 1_000;
+    let (fake, _, _peer) = scripted(move |_, line| {
         let words: Vec<&str> = line.split(' ').collect();
         let reply: &[u8] = match (words.as_slice(), words.get(1).copied()) {
             (["mg", _, "c"], Some("gone")) => b"EN\r\n",
             (["mg", _, "c"], Some("changed")) => b"HD c6\r\n",
             (["mg", _, "c"], Some(_)) => b"HD c5\r\n",
-            (["mg", _, "v", "f", "t", "c"], _) => b"VA 3 f7 t-1 c5\r\nold\r\n",
+            (["mg", _, "v", "f", "t", "c", "w"], _) => {
+                return Action::Reply(format!("VA 3 f7 t-1 c5 w{written}\r\nold\r\n").into());
+            }
             _ => b"ERROR\r\n",
         };
         Action::Reply(reply.to_vec())
@@ -261,11 +280,16 @@ async fn a_copy_forward_is_withdrawn_when_the_source_changed_meanwhile() {
         for key in ["same", "gone"] {
             let value = pool.get(key).await.unwrap().unwrap();
             assert_eq!((&value.data[..], value.flags), (&b"old"[..], 7), "{key}");
-            let (copy, ttl) = owner.get_with_ttl(key).await.unwrap().unwrap();
+            let held = owner.get_held(key).await.unwrap().unwrap();
             assert_eq!(
-                (&copy.data[..], copy.flags, ttl),
+                (&held.value.data[..], held.value.flags, held.ttl),
                 (&b"old"[..], 7, None),
                 "{key}: the copy stays on the owner"
+            );
+            assert_eq!(
+                held.written_ms,
+                Some(written),
+                "{key}: with the write's time"
             );
         }
     })

@@ -73,10 +73,18 @@ async fn a_copy_carrying_a_write_newer_than_the_delete_passes_the_tombstone() {
         "NS\r\n",
     )
     .await;
-    // Written after the delete, beyond the clocks' allowance: taken, and kept as written.
+    // Written after the delete, beyond the clocks' allowance: taken, and kept as written —
+    // what `mg … w` reports, so a copy of the copy carries the same time.
+    let written = now_ms + skew + 1_000;
     c.ask(
-        format!("ms k 1 ME Z W{}\r\nc\r\nmg k v\r\n", now_ms + skew + 1_000),
-        "HD\r\nVA 1\r\nc\r\n",
+        format!("ms k 1 ME Z W{written}\r\nc\r\nmg k v w\r\n"),
+        format!("HD\r\nVA 1 w{written}\r\nc\r\n"),
+    )
+    .await;
+    // A copy of unknown age reports none; `w` is only asked for by the pool's own parts.
+    c.ask(
+        "ms u 1 ME Z\r\nu\r\nmg u s w\r\nmg u s\r\n",
+        "HD\r\nHD s1\r\nHD s1\r\n",
     )
     .await;
     // A write time only means something on a copy (`Z`).
