@@ -122,10 +122,6 @@ fn fill(resource: &mut CachePool, known: &Known) {
 }
 
 impl PoolStore for StandaloneStore {
-    fn load<'a>(&'a self, pool: &'a PoolRef) -> BoxFuture<'a, Option<PoolRecord>> {
-        Box::pin(async move { self.state.load_record(pool) })
-    }
-
     fn write_spec<'a>(
         &'a self,
         pool: &'a PoolRef,

@@ -59,9 +59,6 @@ pub struct PoolRecord {
 
 /// Where specs come from and status goes (see the module documentation).
 pub trait PoolStore: Send + Sync + fmt::Debug + 'static {
-    /// The record an earlier run kept for `pool`, if any.
-    fn load<'a>(&'a self, pool: &'a PoolRef) -> BoxFuture<'a, Option<PoolRecord>>;
-
     /// Stores a spec change made through the operator's API (`resource` is the whole object,
     /// spec merged) and returns it as stored, with its new generation. The front end will
     /// deliver the same generation again; the driver takes it once.

@@ -21,7 +21,7 @@
 //! operator and every embedded node are stopped before the test returns.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -43,7 +43,7 @@ use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
 use cachepool_operator::traffic::{TrafficSink as _, TrafficSource as _};
-use cachepool_test_support::servers::Moto;
+use cachepool_test_support::servers::{Moto, TempDir};
 
 const REGION: &str = "us-east-1";
 const NAMESPACE: &str = "CachepoolTest";
@@ -355,31 +355,6 @@ async fn published_minutes_read_back_from_moto_equal_the_history_and_the_source_
     drop(moto);
 }
 
-/// A state directory that is removed when the test ends.
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new(name: &str) -> StateDir {
-        let dir = std::env::temp_dir().join(format!(
-            "cachepool-cloudwatch-{name}-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        StateDir(dir)
-    }
-
-    fn write(&self, file: &str, yaml: &str) {
-        std::fs::write(self.0.join(file), yaml).unwrap_or_else(|e| panic!("{file}: {e}"));
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// An auto pool whose windows come from CloudWatch: 3-second windows, a 3-second cooldown.
 const AUTO_POOL: &str = "\
 apiVersion: cachepool.io/v1alpha1
@@ -554,13 +529,13 @@ impl Watcher<'_> {
 async fn the_autoscaler_on_cloudwatch_grows_and_shrinks_on_a_replayed_series_without_flapping() {
     let moto = Moto::start();
     let cw = client(&moto).await;
-    let dir = StateDir::new("replay");
+    let dir = TempDir::new("cloudwatch-replay");
     dir.write("pool.yaml", AUTO_POOL);
     let pool = PoolRef::new("default", "replay");
 
     let nodes = Arc::new(EmbeddedProvider::new());
     let mut config = Config::standalone(
-        &dir.0,
+        dir.path(),
         NodeBackend::Embedded(nodes.clone()),
         "127.0.0.1:0",
         TOKEN,
@@ -750,12 +725,12 @@ spec:
 async fn an_operator_publishes_each_closed_minute_of_a_pool_as_its_history_has_it() {
     let moto = Moto::start();
     let cw = client(&moto).await;
-    let dir = StateDir::new("published");
+    let dir = TempDir::new("cloudwatch-published");
     dir.write("pool.yaml", PUBLISHED_POOL);
     let pool = PoolRef::new("default", "published");
     let nodes = Arc::new(EmbeddedProvider::new());
     let mut config = Config::standalone(
-        &dir.0,
+        dir.path(),
         NodeBackend::Embedded(nodes.clone()),
         "127.0.0.1:0",
         TOKEN,

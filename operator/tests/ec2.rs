@@ -19,7 +19,7 @@
 //! port and stops it when it ends.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -50,7 +50,7 @@ use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::provider::{AdminToken, LaunchSpec, PoolRef, Provider as _, tags};
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
-use cachepool_test_support::servers::Moto;
+use cachepool_test_support::servers::{Moto, TempDir};
 
 const REGION: &str = "us-east-1";
 const OPERATOR_ID: &str = "ec2-test";
@@ -373,39 +373,6 @@ fn never_boot() -> Booted {
     }
 }
 
-/// A state directory removed when the test ends.
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new(name: &str) -> StateDir {
-        let dir = std::env::temp_dir().join(format!(
-            "cachepool-ec2-{name}-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        StateDir(dir)
-    }
-
-    fn write(&self, yaml: &str) {
-        // Written aside and renamed, so the front end never reads half a manifest.
-        let tmp = self.0.join(".pool.yaml.tmp");
-        std::fs::write(&tmp, yaml).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
-        std::fs::rename(&tmp, self.0.join("pool.yaml"))
-            .unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
-    }
-
-    fn remove(&self) {
-        std::fs::remove_file(self.0.join("pool.yaml")).unwrap_or_else(|e| panic!("pool.yaml: {e}"));
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn manifest(replicas: u32, (image, subnet, group): &(String, String, String)) -> String {
     format!(
         "\
@@ -434,17 +401,17 @@ fn driver_options() -> DriverOptions {
     }
 }
 
-async fn start_operator(dir: &StateDir, ec2: Arc<Ec2Provider>) -> Operator {
+async fn start_operator(dir: &TempDir, ec2: Arc<Ec2Provider>) -> Operator {
     start_operator_with(dir, ec2, driver_options()).await
 }
 
 async fn start_operator_with(
-    dir: &StateDir,
+    dir: &TempDir,
     ec2: Arc<Ec2Provider>,
     driver: DriverOptions,
 ) -> Operator {
     let mut config = Config::standalone(
-        &dir.0,
+        dir.path(),
         NodeBackend::Embedded(Arc::new(EmbeddedProvider::new())),
         "127.0.0.1:0",
         "ec2-test-token",
@@ -794,14 +761,14 @@ async fn measure_resize(
     instances: &Instances,
     clock: &CallClock,
     timeline: &Mutex<Timeline>,
-    dir: &StateDir,
+    dir: &TempDir,
     settings: &(String, String, String),
     pool: &PoolRef,
     n: u32,
 ) -> (Resize, BTreeMap<u32, Instance>) {
     let before = provider.api_calls();
     let written = Instant::now();
-    dir.write(&manifest(n, settings));
+    dir.write("pool.yaml", &manifest(n, settings));
     let settled = settled(operator, cloud, pool, n).await;
     let calls = calls_between(&before, &provider.api_calls());
     let timeline = timeline.lock().unwrap_or_else(PoisonError::into_inner);
@@ -858,8 +825,8 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
     );
     assert_eq!(provider.unavailable(), None);
     let settings = cloud.ec2_settings().await;
-    let dir = StateDir::new("resize");
-    dir.write(&manifest(1, &settings));
+    let dir = TempDir::new("ec2-resize");
+    dir.write("pool.yaml", &manifest(1, &settings));
     let operator = start_operator(&dir, provider.clone()).await;
     let pool = PoolRef::new("default", "cloud");
 
@@ -1011,7 +978,7 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
     }
 
     // Deleting the pool leaves no live instance tagged for it.
-    dir.remove();
+    dir.remove("pool.yaml");
     until("every instance of the deleted pool terminated", || async {
         cloud.live(&pool).await.is_empty().then_some(())
     })
@@ -1242,8 +1209,8 @@ async fn without_credentials_an_ec2_pool_is_degraded_and_nothing_starts() {
     );
     assert!(provider.unavailable().is_some());
     let settings = cloud.ec2_settings().await;
-    let dir = StateDir::new("nocreds");
-    dir.write(&manifest(2, &settings));
+    let dir = TempDir::new("ec2-nocreds");
+    dir.write("pool.yaml", &manifest(2, &settings));
     let operator = start_operator(&dir, provider.clone()).await;
     let pool = PoolRef::new("default", "cloud");
     let degraded = until("Degraded", || async {
@@ -1295,8 +1262,8 @@ async fn a_launch_that_never_becomes_ready_is_terminated_and_retried_with_back_o
         .await,
     );
     let settings = cloud.ec2_settings().await;
-    let dir = StateDir::new("never-ready");
-    dir.write(&manifest(1, &settings));
+    let dir = TempDir::new("ec2-never-ready");
+    dir.write("pool.yaml", &manifest(1, &settings));
     let backoff = Duration::from_secs(1);
     let operator = start_operator_with(
         &dir,

@@ -6,7 +6,7 @@
 //! slot, and deleting the pool leaves no pod.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use cachepool_operator::provider::{self, ProviderKind};
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
 use cachepool_operator::store::BoxFuture;
+use cachepool_test_support::servers::TempDir;
 use k8s_openapi::api::core::v1::{Pod, PodStatus, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -202,14 +203,6 @@ impl PodApi for FakePods {
     }
 }
 
-struct StateDir(PathBuf);
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 const POOL_YAML: &str = "\
 apiVersion: cachepool.io/v1alpha1
 kind: CachePool
@@ -248,16 +241,11 @@ fn settled(n: u32) -> impl Fn(&CachePool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_serve_a_pool_through_resizes_replacement_and_deletion() {
-    let dir = StateDir(std::env::temp_dir().join(format!(
-        "cachepool-pods-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    std::fs::write(dir.0.join("pool.yaml"), POOL_YAML).unwrap();
+    let dir = TempDir::new("pods");
+    dir.write("pool.yaml", POOL_YAML);
     let fake = Arc::new(FakePods::default());
     let mut config = Config::standalone(
-        &dir.0,
+        dir.path(),
         NodeBackend::Embedded(Arc::new(EmbeddedProvider::new())),
         "127.0.0.1:0",
         TOKEN,
@@ -367,7 +355,7 @@ async fn pods_serve_a_pool_through_resizes_replacement_and_deletion() {
     assert!(names[0].starts_with("web-cache-0-"), "{names:?}");
 
     // Deleting the pool deletes every pod; the operator's own stop would leave them running.
-    std::fs::remove_file(dir.0.join("pool.yaml")).unwrap();
+    dir.remove("pool.yaml");
     let start = Instant::now();
     while operator.registry().get(&pool).is_some() || !fake.names().is_empty() {
         assert!(start.elapsed() < TIMEOUT, "pods left: {:?}", fake.names());

@@ -5,7 +5,7 @@
 //! Each test starts its own operator over its own state directory on port 0, and stops it
 //! (which stops every embedded node) before it ends.
 
-use std::path::PathBuf;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,40 +17,16 @@ use cachepool_operator::provider::PoolRef;
 use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
+use cachepool_test_support::servers::TempDir;
 
 const TOKEN: &str = "seams-test-token";
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A state directory that is removed when the test ends.
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new(name: &str) -> StateDir {
-        let dir = std::env::temp_dir().join(format!(
-            "cachepool-seams-{name}-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        StateDir(dir)
-    }
-
-    fn write(&self, file: &str, yaml: &str) {
-        std::fs::write(self.0.join(file), yaml).unwrap_or_else(|e| panic!("{file}: {e}"));
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Harness {
     operator: Operator,
     nodes: Arc<EmbeddedProvider>,
     events: RecordedEvents,
-    dir: StateDir,
+    dir: TempDir,
 }
 
 async fn start(name: &str, manifest: &str) -> Harness {
@@ -63,17 +39,17 @@ async fn start(name: &str, manifest: &str) -> Harness {
 }
 
 async fn start_with(name: &str, manifest: &str, status_counter_interval: Duration) -> Harness {
-    let dir = StateDir::new(name);
+    let dir = TempDir::new(&format!("seams-{name}"));
     dir.write("pool.yaml", manifest);
     start_in(dir, status_counter_interval).await
 }
 
 /// An operator over `dir` as it is: a restart when an earlier operator used it.
-async fn start_in(dir: StateDir, status_counter_interval: Duration) -> Harness {
+async fn start_in(dir: TempDir, status_counter_interval: Duration) -> Harness {
     let nodes = Arc::new(EmbeddedProvider::new());
     let events = RecordedEvents::new();
     let mut config = Config::standalone(
-        &dir.0,
+        dir.path(),
         NodeBackend::Embedded(nodes.clone()),
         "127.0.0.1:0",
         TOKEN,
@@ -135,7 +111,7 @@ impl Harness {
 
     /// Stops the operator (and its embedded nodes) and hands back its state directory, for
     /// a restart.
-    async fn stop_keeping_state(self) -> StateDir {
+    async fn stop_keeping_state(self) -> TempDir {
         let nodes = self.nodes.clone();
         self.operator
             .stop()

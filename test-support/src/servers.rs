@@ -42,6 +42,20 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Writes `file` inside the directory whole: aside first, then renamed over it, so a
+    /// process watching the directory never reads half a file.
+    pub fn write(&self, file: &str, text: &str) {
+        let tmp = self.0.join(format!(".{file}.tmp"));
+        fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+        fs::rename(&tmp, self.0.join(file))
+            .unwrap_or_else(|e| panic!("rename to {file}: {e}"));
+    }
+
+    /// Removes `file` from the directory.
+    pub fn remove(&self, file: &str) {
+        fs::remove_file(self.0.join(file)).unwrap_or_else(|e| panic!("remove {file}: {e}"));
+    }
 }
 
 impl Drop for TempDir {

@@ -12,9 +12,9 @@
 //!   remove a field the API patch removed), which bumps `metadata.generation`; the stored
 //!   object comes back and the watch delivers the same generation again, which the driver
 //!   takes once.
-//! - `load` reads the object and makes the record from its status and annotation
-//!   ([`record_of`]); the controller, which already holds the object, uses [`record_of`]
-//!   directly.
+//! - A restarted operator gets each pool's record from the object the watch delivers: the
+//!   controller makes it from the status and annotation with [`record_of`]. (The store has no
+//!   read of its own; the watch is the only reader, so RBAC needs no `get` on cachepools.)
 //! - `forget` drops what the store caches of the pool: the object is on its way out (the
 //!   controller removes the finalizer once the driver has stopped every node).
 
@@ -110,14 +110,6 @@ fn storage_error(pool: &PoolRef, error: kube::Error) -> store::Error {
 }
 
 impl PoolStore for KubeStore {
-    fn load<'a>(&'a self, pool: &'a PoolRef) -> BoxFuture<'a, Option<PoolRecord>> {
-        Box::pin(async move {
-            let resource = self.api(pool).get_opt(&pool.name).await.ok()??;
-            self.remember_annotation(pool, &resource);
-            record_of(&resource)
-        })
-    }
-
     fn write_spec<'a>(
         &'a self,
         pool: &'a PoolRef,

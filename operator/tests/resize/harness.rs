@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,7 @@ use cachepool_operator::provider::PoolRef;
 use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
+use cachepool_test_support::servers::TempDir;
 use futures_util::future::join_all;
 use tokio::task::JoinHandle;
 
@@ -91,27 +92,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A state directory that is removed when the pool is dropped.
-#[derive(Debug)]
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new() -> StateDir {
-        let dir = std::env::temp_dir().join(format!(
-            "cachepool-resize-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        StateDir(dir)
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The operator's events, each with the instant it was told.
 #[derive(Debug, Default)]
@@ -322,7 +302,7 @@ pub struct Pool {
     killed: Vec<String>,
     /// Every resize waited for, in order.
     pub history: Vec<Resize>,
-    _dir: StateDir,
+    _dir: TempDir,
 }
 
 /// The manifest of the pool under test.
@@ -343,13 +323,12 @@ impl Pool {
     /// An operator running a pool of `n` nodes of `capacity_mib` each; returns once the pool
     /// is `Ready` and the client follows its ring.
     pub async fn start(n: u32, capacity_mib: u64) -> Pool {
-        let dir = StateDir::new();
-        std::fs::write(dir.0.join("resize.yaml"), manifest(n, capacity_mib))
-            .unwrap_or_else(|e| panic!("manifest: {e}"));
+        let dir = TempDir::new("resize");
+        dir.write("resize.yaml", &manifest(n, capacity_mib));
         let nodes = Arc::new(EmbeddedProvider::new());
         let timeline = Arc::new(Timeline::default());
         let mut config = Config::standalone(
-            &dir.0,
+            dir.path(),
             NodeBackend::Embedded(nodes.clone()),
             "127.0.0.1:0",
             TOKEN,
