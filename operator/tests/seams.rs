@@ -5,7 +5,6 @@
 //! Each test starts its own operator over its own state directory on port 0, and stops it
 //! (which stops every embedded node) before it ends.
 
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

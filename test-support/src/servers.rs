@@ -48,8 +48,7 @@ impl TempDir {
     pub fn write(&self, file: &str, text: &str) {
         let tmp = self.0.join(format!(".{file}.tmp"));
         fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
-        fs::rename(&tmp, self.0.join(file))
-            .unwrap_or_else(|e| panic!("rename to {file}: {e}"));
+        fs::rename(&tmp, self.0.join(file)).unwrap_or_else(|e| panic!("rename to {file}: {e}"));
     }
 
     /// Removes `file` from the directory.

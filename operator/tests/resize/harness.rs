@@ -92,7 +92,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-
 /// The operator's events, each with the instant it was told.
 #[derive(Debug, Default)]
 struct Timeline(Mutex<Vec<(Instant, Event)>>);
