@@ -12,8 +12,9 @@
 //!
 //! Side by side: `--in-flight-kib 4096,16384 --rounds 2` runs one hand-off per setting of the
 //! window (`maxInFlightBytes`) per round, alternating settings, the same data moving back and
-//! forth between the two nodes (A -> B, then B -> A, ...), so that settings are compared in
-//! one run on one binary. The first hand-off's receiver starts empty; later ones receive
+//! forth between the two nodes (A -> B, then B -> A, ...; the order of the settings reversed
+//! every other round, so each runs in both directions), so that settings are compared in one
+//! run on one binary. The first hand-off's receiver starts empty; later ones receive
 //! into a store that held the data before.
 
 use std::time::{Duration, Instant};
@@ -163,8 +164,15 @@ async fn measure(args: HandoffArgs) -> anyhow::Result<()> {
     let mut nodes = [a, b];
     let mut outcomes = Vec::new();
     let mut epoch = 0;
-    for _ in 0..args.rounds {
-        for &in_flight_kib in &settings {
+    for round in 0..args.rounds {
+        // With an even number of settings each would always run in the same direction;
+        // reversing the order every other round sends each both ways.
+        let order: Vec<Option<usize>> = if round % 2 == 0 {
+            settings.clone()
+        } else {
+            settings.iter().rev().copied().collect()
+        };
+        for &in_flight_kib in &order {
             epoch += 1;
             let [from, to] = &mut nodes;
             let ring = Ring::from_addresses(epoch, [to.addr.to_string()])
