@@ -362,8 +362,13 @@ struct FakeOwner {
 
 impl FakeOwner {
     async fn start() -> FakeOwner {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("the fake owner cannot listen: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("the fake owner has no address: {e}"))
+            .to_string();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
         let (release, released) = tokio::sync::watch::channel(false);
         let task_seen = seen.clone();
@@ -390,7 +395,7 @@ impl FakeOwner {
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
-        self.seen.lock().unwrap()
+        lock(&self.seen)
     }
 
     /// Waits until no add has arrived for `quiet`; returns the key and value bytes received.
@@ -413,6 +418,10 @@ impl Drop for FakeOwner {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 async fn serve_fake(
     mut stream: tokio::net::TcpStream,
     seen: std::sync::Arc<std::sync::Mutex<Seen>>,
@@ -425,32 +434,34 @@ async fn serve_fake(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // Parse every complete command buffered.
-        loop {
-            let Some(end) = crate::support::find(&input, b"\r\n") else {
-                break;
-            };
+        while let Some(end) = crate::support::find(&input, b"\r\n") {
             let line = String::from_utf8_lossy(&input[..end]).into_owned();
             let tokens: Vec<&str> = line.split(' ').collect();
             match tokens.as_slice() {
                 ["ms", key, len, ..] => {
-                    let len: usize = len.parse().unwrap();
+                    let len: usize = len
+                        .parse()
+                        .unwrap_or_else(|e| panic!("ms with length {len:?}: {e}"));
                     if input.len() < end + 2 + len + 2 {
                         break;
                     }
                     let given = {
-                        let mut c = cas.lock().unwrap();
+                        let mut c = lock(&cas);
                         *c += 1;
                         *c
                     };
-                    let mut s = seen.lock().unwrap();
+                    let mut s = lock(&seen);
                     s.adds.push((key.to_string(), len, given));
                     s.add_bytes += key.len() + len;
                     answers.extend_from_slice(format!("HD c{given}\r\n").as_bytes());
                     input.drain(..end + 2 + len + 2);
                 }
                 ["md", key, c] => {
-                    let c: u64 = c.strip_prefix('C').unwrap().parse().unwrap();
-                    seen.lock().unwrap().withdrawals.push((key.to_string(), c));
+                    let c: u64 = c
+                        .strip_prefix('C')
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or_else(|| panic!("md without a CAS: {line:?}"));
+                    lock(&seen).withdrawals.push((key.to_string(), c));
                     answers.extend_from_slice(b"HD\r\n");
                     input.drain(..end + 2);
                 }
@@ -466,7 +477,7 @@ async fn serve_fake(
         tokio::select! {
             r = stream.read(&mut buf) => match r {
                 Ok(0) | Err(_) => {
-                    seen.lock().unwrap().closed += 1;
+                    lock(&seen).closed += 1;
                     return;
                 }
                 Ok(n) => input.extend_from_slice(&buf[..n]),
@@ -523,7 +534,7 @@ async fn several_batches_fly_within_the_window_and_a_changed_source_withdraws_on
 
     let st = wait_finished(a.admin_addr, 2).await;
     assert_eq!(st["state"], "done", "{st}");
-    let seen = owner.seen();
+    let seen = std::mem::take(&mut *owner.seen());
     let given = seen
         .adds
         .iter()
@@ -548,7 +559,6 @@ async fn several_batches_fly_within_the_window_and_a_changed_source_withdraws_on
     assert_eq!(st["keysRetried"], 1, "{st}");
     assert_eq!(st["keysRemaining"], 0, "{st}");
     assert_eq!(crate::support::stat(&ca.stats().await, "curr_items"), 0);
-    drop(seen);
     a.shutdown().await;
 }
 
