@@ -26,19 +26,29 @@
 //! optional byte rate keeps the hand-off from starving client traffic. Progress is counted for
 //! `GET /handoff`.
 //!
+//! Overlapped: each owner's connection is driven by its own task (`pipe`), which writes the
+//! next batches while the owner still answers earlier ones, up to `max_in_flight_bytes` of
+//! values and keys sent but not yet answered (a batch larger than that goes alone). Answers
+//! come back in the order the commands were written, so a queue of the in-flight batches
+//! matches them; a batch is settled (sources dropped, copies withdrawn) once its last answer
+//! is in. The task reads whenever it can, also while it writes, so neither side can block on
+//! a full socket buffer. A window of one batch is the earlier behaviour: send a batch, wait
+//! for all its answers, then send the next; the scan of the next batch still overlaps.
+//!
 //! Idempotent and restartable: the work is derived from what the store holds, so a second
 //! request (the same ring after an operator restart, or a newer ring arriving mid-way) cancels
 //! the running hand-off and starts over from the store's content; keys already moved are no
 //! longer here and cost nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cachepool_crds::ring::Ring;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -61,11 +71,21 @@ pub struct HandoffRequest {
     /// Bytes of values copied out of the store per batch.
     #[serde(default = "default_batch_bytes")]
     pub batch_bytes: usize,
+    /// Bytes of keys and values written to an owner and not yet answered, at most (the
+    /// window of the pipeline to each owner). A batch larger than this is sent alone; a
+    /// window of one batch sends a batch only once the previous one is answered.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
 }
 
 /// Bytes of values copied out of the store per batch unless a request says otherwise.
 pub fn default_batch_bytes() -> usize {
     4 << 20
+}
+
+/// Bytes in flight to one owner unless a request says otherwise: four default batches.
+pub fn default_max_in_flight_bytes() -> usize {
+    16 << 20
 }
 
 impl HandoffRequest {
@@ -76,14 +96,17 @@ impl HandoffRequest {
             self_address: self_address.into(),
             rate_bytes_per_sec,
             batch_bytes: default_batch_bytes(),
+            max_in_flight_bytes: default_max_in_flight_bytes(),
         }
     }
 }
 
 /// Passes over the store before giving up on keys whose owner cannot be reached.
 const MAX_PASSES: u32 = 3;
-/// Time allowed for one batch to one owner.
+/// Time an owner may go without reading or answering while answers are owed.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Batches the scan may run ahead of an owner's pipe (beyond the one the pipe holds).
+const QUEUED_BATCHES: usize = 1;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,12 +170,15 @@ impl Handoff {
     /// Starts a hand-off to `request.ring`, cancelling one in progress.
     pub fn start(&self, store: Arc<Store>, request: HandoffRequest) -> HandoffStatus {
         let mut running = lock(&self.running);
-        if let Some((token, _)) = running.take() {
-            token.cancel();
-        }
         let token = CancellationToken::new();
         {
+            // Cancelled under the status lock: a pipe settles a batch under that lock only
+            // if its token is not cancelled, so nothing of the old hand-off is settled once
+            // this returns.
             let mut st = lock(&self.status);
+            if let Some((old, _)) = running.take() {
+                old.cancel();
+            }
             *st = HandoffStatus {
                 state: State::Running,
                 epoch: Some(request.ring.epoch()),
@@ -165,7 +191,7 @@ impl Handoff {
         let task = tokio::spawn(async move {
             let epoch = request.ring.epoch();
             let outcome = tokio::select! {
-                r = run(store, request, status.clone()) => Some(r),
+                r = run(store, request, status.clone(), task_token.clone()) => Some(r),
                 () = task_token.cancelled() => None,
             };
             let mut st = lock(&status);
@@ -195,8 +221,8 @@ impl Handoff {
     /// Cancels a running hand-off (keys already moved stay moved).
     pub fn cancel(&self) -> HandoffStatus {
         if let Some((token, _)) = lock(&self.running).take() {
-            token.cancel();
             let mut st = lock(&self.status);
+            token.cancel();
             if st.state == State::Running {
                 st.state = State::Cancelled;
                 st.finished_at = Some(unix_secs());
@@ -217,6 +243,7 @@ async fn run(
     store: Arc<Store>,
     req: HandoffRequest,
     status: Arc<Mutex<HandoffStatus>>,
+    token: CancellationToken,
 ) -> Result<(), String> {
     let ring = &req.ring;
     let me = req.self_address.as_str();
@@ -231,12 +258,18 @@ async fn run(
         st.keys_remaining = keys;
     }
     info!(epoch = ring.epoch(), keys, bytes, "hand-off starting");
-    let mut conns: HashMap<String, Conn> = HashMap::new();
     let started = Instant::now();
     let mut sent_bytes: u64 = 0;
+    let ctx = PipeContext {
+        store: store.clone(),
+        status: status.clone(),
+        token,
+        window: req.max_in_flight_bytes.max(1),
+    };
     for pass in 1..=MAX_PASSES {
         lock(&status).passes = pass;
         let mut unreachable: Vec<String> = Vec::new();
+        let mut pipes: HashMap<String, Pipe> = HashMap::new();
         let mut cursor = ScanCursor::default();
         let mut found = 0usize;
         while !cursor.is_done() {
@@ -256,23 +289,16 @@ async fn run(
                     continue;
                 }
                 let batch_bytes: u64 = items.iter().map(|i| i.value.len() as u64).sum();
-                match send_batch(&mut conns, owner, &items, now).await {
-                    Ok(replies) => {
-                        let withdraw = apply_replies(&store, &status, &items, &replies, now);
-                        if !withdraw.is_empty()
-                            && let Err(e) = delete_batch(&mut conns, owner, &withdraw).await
-                        {
-                            warn!(owner, error = %e, "hand-off: could not withdraw copies");
-                            conns.remove(owner);
-                            lock(&status).last_error = Some(format!("{owner}: {e}"));
-                        }
+                let pipe = pipes
+                    .entry(owner.to_string())
+                    .or_insert_with(|| Pipe::start(owner.to_string(), ctx.clone()));
+                if pipe.tx.send(Batch { items, now }).await.is_err() {
+                    // The pipe ended early: its error says why.
+                    if let Some(pipe) = pipes.remove(owner) {
+                        let e = pipe.finish().await.err().unwrap_or_default();
+                        mark_unreachable(&status, &mut unreachable, owner, &e);
                     }
-                    Err(e) => {
-                        warn!(owner, error = %e, "hand-off: owner unreachable");
-                        conns.remove(owner);
-                        unreachable.push(owner.to_string());
-                        lock(&status).last_error = Some(format!("{owner}: {e}"));
-                    }
+                    continue;
                 }
                 sent_bytes += batch_bytes;
                 if req.rate_bytes_per_sec > 0 {
@@ -282,6 +308,12 @@ async fn run(
                         tokio::time::sleep(wait).await;
                     }
                 }
+            }
+        }
+        // Every batch of the pass settled (or its owner failed) before counting what is left.
+        for (owner, pipe) in pipes {
+            if let Err(e) = pipe.finish().await {
+                mark_unreachable(&status, &mut unreachable, &owner, &e);
             }
         }
         let (left, _) = count_foreign(&store, ring, me);
@@ -309,6 +341,17 @@ async fn run(
             st.unreachable.join(", ")
         }
     ))
+}
+
+fn mark_unreachable(
+    status: &Mutex<HandoffStatus>,
+    unreachable: &mut Vec<String>,
+    owner: &str,
+    error: &str,
+) {
+    warn!(owner, error, "hand-off: owner unreachable");
+    unreachable.push(owner.to_string());
+    lock(status).last_error = Some(format!("{owner}: {error}"));
 }
 
 fn count_foreign(store: &Store, ring: &Ring, me: &str) -> (u64, u64) {
@@ -341,14 +384,13 @@ enum Reply {
 /// the next pass.
 fn apply_replies(
     store: &Store,
-    status: &Mutex<HandoffStatus>,
-    items: &[OwnedItem],
-    replies: &[Reply],
+    st: &mut HandoffStatus,
+    items: &[Sent],
     now: u32,
 ) -> Vec<(Vec<u8>, u64)> {
     let mut withdraw = Vec::new();
-    let mut st = lock(status);
-    for (item, reply) in items.iter().zip(replies) {
+    for item in items {
+        let reply = item.reply.as_ref().unwrap_or(&Reply::Expired);
         let dropped = store.delete_if_cas(&item.key, item.cas, now);
         if !dropped {
             st.keys_retried += 1;
@@ -360,7 +402,7 @@ fn apply_replies(
         match reply {
             Reply::Stored(_) => {
                 st.keys_moved += 1;
-                st.bytes_moved += item.value.len() as u64;
+                st.bytes_moved += item.value_len as u64;
             }
             Reply::NotStored => st.keys_skipped += 1,
             Reply::Refused(e) => {
@@ -391,87 +433,6 @@ fn parse_reply(line: &str) -> Result<Reply, String> {
     }
 }
 
-/// Withdraws copies on `owner`, pipelined: `md <key> C<cas>` deletes each only if it is
-/// still the copy the hand-off stored.
-async fn delete_batch(
-    conns: &mut HashMap<String, Conn>,
-    owner: &str,
-    keys: &[(Vec<u8>, u64)],
-) -> Result<(), String> {
-    let Some(conn) = conns.get_mut(owner) else {
-        return Err("no connection".into());
-    };
-    let mut out = Vec::new();
-    let mut num = itoa::Buffer::new();
-    for (key, cas) in keys {
-        out.extend_from_slice(b"md ");
-        out.extend_from_slice(key);
-        out.extend_from_slice(b" C");
-        out.extend_from_slice(num.format(*cas).as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    conn.exchange(&out, keys.len(), |line| match line {
-        "HD" | "NF" | "EX" => Ok(()),
-        other => Err(format!("unexpected answer to md: {other:?}")),
-    })
-    .await
-    .map(drop)
-}
-
-/// One connection to an owner's data port.
-struct Conn {
-    stream: BufReader<TcpStream>,
-}
-
-impl Conn {
-    /// Writes a pipelined batch and reads `replies` answer lines, each through `parse`,
-    /// within `BATCH_TIMEOUT`.
-    async fn exchange<T>(
-        &mut self,
-        out: &[u8],
-        replies: usize,
-        mut parse: impl FnMut(&str) -> Result<T, String>,
-    ) -> Result<Vec<T>, String> {
-        let io = async {
-            self.stream
-                .get_mut()
-                .write_all(out)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut answers = Vec::with_capacity(replies);
-            let mut line = String::new();
-            for _ in 0..replies {
-                line.clear();
-                if self
-                    .stream
-                    .read_line(&mut line)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    == 0
-                {
-                    return Err("owner closed the connection".to_string());
-                }
-                answers.push(parse(line.trim_end())?);
-            }
-            Ok(answers)
-        };
-        match tokio::time::timeout(BATCH_TIMEOUT, io).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {BATCH_TIMEOUT:?}")),
-        }
-    }
-}
-
-async fn connect(owner: &str) -> std::io::Result<Conn> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(owner))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(Conn {
-        stream: BufReader::with_capacity(64 * 1024, stream),
-    })
-}
-
 /// The exptime to send for an item expiring at `expiry` (absolute, 0 = never): the remaining
 /// seconds, or the absolute time when more than 30 days remain (memcached reads larger values
 /// as Unix times). `None` if already expired.
@@ -485,30 +446,186 @@ fn exptime_for(expiry: u32, now: u32) -> Option<u32> {
     }
 }
 
-/// Sends an add (`ms <key> <len> F<flags> T<exptime> ME Z c [W<ms>]`) for every item in one
-/// pipelined write and reads the answers in order.
-async fn send_batch(
-    conns: &mut HashMap<String, Conn>,
-    owner: &str,
-    items: &[OwnedItem],
+/// Items copied out of the store for one owner, and the time they were copied at.
+struct Batch {
+    items: Vec<OwnedItem>,
     now: u32,
-) -> Result<Vec<Reply>, String> {
-    if !conns.contains_key(owner) {
-        let conn = connect(owner).await.map_err(|e| e.to_string())?;
-        conns.insert(owner.to_string(), conn);
+}
+
+/// What a pipe keeps of an item it sent: enough to match the answer and settle the source.
+struct Sent {
+    key: Vec<u8>,
+    cas: u64,
+    value_len: usize,
+    /// The owner's answer, or `Expired` set before sending for an item not sent at all.
+    reply: Option<Reply>,
+}
+
+/// Commands written to an owner whose answers are still owed, in the order written.
+enum InFlight {
+    /// A batch of adds; `next` is the first item still waiting for its answer.
+    Adds {
+        items: Vec<Sent>,
+        next: usize,
+        now: u32,
+        /// Keys and values written, counted against the window until the batch settles.
+        bytes: usize,
+    },
+    /// `md` withdrawals: this many answers still owed.
+    Withdrawals(usize),
+}
+
+/// What every pipe of one hand-off shares.
+#[derive(Clone)]
+struct PipeContext {
+    store: Arc<Store>,
+    status: Arc<Mutex<HandoffStatus>>,
+    token: CancellationToken,
+    window: usize,
+}
+
+/// The scan's end of one owner's pipe: batches go in, the task's outcome comes out.
+struct Pipe {
+    tx: mpsc::Sender<Batch>,
+    task: JoinHandle<Result<(), String>>,
+}
+
+impl Pipe {
+    fn start(owner: String, ctx: PipeContext) -> Pipe {
+        let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
+        let task = tokio::spawn(async move {
+            let stream = connect(&owner).await.map_err(|e| e.to_string())?;
+            pipe(stream, rx, &ctx).await
+        });
+        Pipe { tx, task }
     }
-    let Some(conn) = conns.get_mut(owner) else {
-        return Err("connection vanished".into());
-    };
-    let mut out = Vec::with_capacity(items.iter().map(|i| i.key.len() + i.value.len() + 48).sum());
-    let mut replies: Vec<Option<Reply>> = Vec::with_capacity(items.len());
+
+    /// Closes the pipe's input and waits until everything sent is answered and settled.
+    async fn finish(mut self) -> Result<(), String> {
+        let (tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(format!("hand-off pipe task failed: {e}")),
+        }
+    }
+}
+
+impl Drop for Pipe {
+    /// A cancelled hand-off drops its pipes: their tasks end with it (a pipe also settles
+    /// nothing once the token is cancelled).
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn connect(owner: &str) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(owner))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Drives one owner's connection until `rx` closes and every answer is in: takes batches
+/// while the window has room, writes them, reads answers whenever they come, settles each
+/// batch once its last answer is in, and writes the withdrawals that settling asks for.
+async fn pipe(
+    mut stream: TcpStream,
+    mut rx: mpsc::Receiver<Batch>,
+    ctx: &PipeContext,
+) -> Result<(), String> {
+    let (mut rd, mut wr) = stream.split();
+    let mut out: Vec<u8> = Vec::new();
+    let mut written = 0usize;
+    let mut input: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut queue: VecDeque<InFlight> = VecDeque::new();
+    let mut in_flight = 0usize;
+    let mut next: Option<(Batch, usize)> = None;
+    let mut closed = false;
+    let mut deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
+    loop {
+        // Admit the waiting batch if the window has room, or if nothing is in flight (a
+        // batch larger than the window goes alone).
+        if let Some((_, bytes)) = &next
+            && (in_flight == 0 || in_flight + bytes <= ctx.window)
+            && let Some((batch, bytes)) = next.take()
+        {
+            if out.len() == written {
+                out.clear();
+                written = 0;
+            }
+            let now = batch.now;
+            let items = encode_adds(batch, &mut out);
+            let first = items.iter().position(|i| i.reply.is_none());
+            in_flight += bytes;
+            queue.push_back(InFlight::Adds {
+                next: first.unwrap_or(items.len()),
+                items,
+                now,
+                bytes,
+            });
+            settle_ready(&mut queue, &mut in_flight, &mut out, ctx)?;
+            deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
+        }
+        if closed && next.is_none() && queue.is_empty() && written == out.len() {
+            return Ok(());
+        }
+        let writing = written < out.len();
+        let receiving = !closed && next.is_none();
+        tokio::select! {
+            () = ctx.token.cancelled() => return Err("cancelled".into()),
+            r = rd.read_buf(&mut input) => {
+                match r {
+                    Ok(0) => return Err("owner closed the connection".into()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
+                let used = take_answers(&input, &mut queue)?;
+                input.drain(..used);
+                settle_ready(&mut queue, &mut in_flight, &mut out, ctx)?;
+            }
+            r = wr.write(&out[written..]), if writing => {
+                written += r.map_err(|e| e.to_string())?;
+                if written == out.len() {
+                    out.clear();
+                    written = 0;
+                }
+                deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
+            }
+            b = rx.recv(), if receiving => match b {
+                Some(batch) => {
+                    let bytes = batch.items.iter().map(|i| i.key.len() + i.value.len()).sum();
+                    next = Some((batch, bytes));
+                }
+                None => closed = true,
+            },
+            () = tokio::time::sleep_until(deadline), if !queue.is_empty() || writing => {
+                return Err(format!("no answer within {BATCH_TIMEOUT:?}"));
+            }
+        }
+    }
+}
+
+/// Appends an add (`ms <key> <len> F<flags> T<exptime> ME Z c [W<ms>]`) for every item of
+/// `batch` to `out`; returns what must be kept to match the answers (expired items are not
+/// sent and carry their outcome already).
+fn encode_adds(batch: Batch, out: &mut Vec<u8>) -> Vec<Sent> {
+    let items = batch.items;
+    out.reserve(items.iter().map(|i| i.key.len() + i.value.len() + 48).sum());
+    let mut sent = Vec::with_capacity(items.len());
     let mut num = itoa::Buffer::new();
     for item in items {
-        let Some(exptime) = exptime_for(item.expiry, now) else {
-            replies.push(Some(Reply::Expired));
+        let Some(exptime) = exptime_for(item.expiry, batch.now) else {
+            sent.push(Sent {
+                value_len: item.value.len(),
+                key: item.key,
+                cas: item.cas,
+                reply: Some(Reply::Expired),
+            });
             continue;
         };
-        replies.push(None);
         out.extend_from_slice(b"ms ");
         out.extend_from_slice(&item.key);
         out.push(b' ');
@@ -525,16 +642,88 @@ async fn send_batch(
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&item.value);
         out.extend_from_slice(b"\r\n");
+        sent.push(Sent {
+            value_len: item.value.len(),
+            key: item.key,
+            cas: item.cas,
+            reply: None,
+        });
     }
-    let expected = replies.iter().filter(|r| r.is_none()).count();
-    let mut answers = conn
-        .exchange(&out, expected, parse_reply)
-        .await?
-        .into_iter();
-    Ok(replies
-        .into_iter()
-        .map(|r| r.or_else(|| answers.next()).unwrap_or(Reply::Expired))
-        .collect())
+    sent
+}
+
+/// Matches the complete answer lines in `input` to the in-flight commands, in order; returns
+/// the bytes consumed.
+fn take_answers(input: &[u8], queue: &mut VecDeque<InFlight>) -> Result<usize, String> {
+    let mut used = 0;
+    while let Some(end) = input[used..].iter().position(|&b| b == b'\n') {
+        let raw = &input[used..used + end];
+        used += end + 1;
+        let line = std::str::from_utf8(raw.strip_suffix(b"\r").unwrap_or(raw))
+            .map_err(|_| "an answer that is not text".to_string())?;
+        let owed = queue.iter_mut().find(|f| match f {
+            InFlight::Adds { items, next, .. } => *next < items.len(),
+            InFlight::Withdrawals(left) => *left > 0,
+        });
+        match owed {
+            Some(InFlight::Adds { items, next, .. }) => {
+                items[*next].reply = Some(parse_reply(line)?);
+                *next += 1;
+                while *next < items.len() && items[*next].reply.is_some() {
+                    *next += 1;
+                }
+            }
+            Some(InFlight::Withdrawals(left)) => match line {
+                "HD" | "NF" | "EX" => *left -= 1,
+                other => return Err(format!("unexpected answer to md: {other:?}")),
+            },
+            None => return Err(format!("an answer to nothing sent: {line:?}")),
+        }
+    }
+    Ok(used)
+}
+
+/// Settles the batches at the head of the queue whose answers are all in, under the status
+/// lock and only while the hand-off is not cancelled; queues the withdrawals they ask for.
+fn settle_ready(
+    queue: &mut VecDeque<InFlight>,
+    in_flight: &mut usize,
+    out: &mut Vec<u8>,
+    ctx: &PipeContext,
+) -> Result<(), String> {
+    let mut withdraw = Vec::new();
+    while let Some(front) = queue.front_mut() {
+        match front {
+            InFlight::Withdrawals(0) => {}
+            InFlight::Adds {
+                items,
+                next,
+                now,
+                bytes,
+            } if *next == items.len() => {
+                let mut st = lock(&ctx.status);
+                if ctx.token.is_cancelled() {
+                    return Err("cancelled".into());
+                }
+                withdraw.extend(apply_replies(&ctx.store, &mut st, items, *now));
+                *in_flight -= *bytes;
+            }
+            _ => break,
+        }
+        queue.pop_front();
+    }
+    if !withdraw.is_empty() {
+        let mut num = itoa::Buffer::new();
+        for (key, cas) in &withdraw {
+            out.extend_from_slice(b"md ");
+            out.extend_from_slice(key);
+            out.extend_from_slice(b" C");
+            out.extend_from_slice(num.format(*cas).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        queue.push_back(InFlight::Withdrawals(withdraw.len()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

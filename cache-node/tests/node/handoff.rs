@@ -336,3 +336,302 @@ async fn a_write_newer_than_a_delete_moves_back_to_the_node_that_deleted_it() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// What a `FakeOwner` has seen.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Adds in the order they came: key, value length, and the CAS the fake gave the copy.
+    adds: Vec<(String, usize, u64)>,
+    /// Key and value bytes of the adds, as the window counts them.
+    add_bytes: usize,
+    /// `md <key> C<cas>` commands.
+    withdrawals: Vec<(String, u64)>,
+    /// Connections the sender closed.
+    closed: usize,
+}
+
+/// A scripted owner on loopback: it reads `ms` and `md` commands and holds every answer
+/// until released, then answers each add `HD c<n>` (a CAS of its own, from 1000 up) and each
+/// withdrawal `HD`, in order, as a node would.
+struct FakeOwner {
+    addr: String,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    release: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeOwner {
+    async fn start() -> FakeOwner {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("the fake owner cannot listen: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("the fake owner has no address: {e}"))
+            .to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let task_seen = seen.clone();
+        let task = tokio::spawn(async move {
+            let cas = std::sync::Arc::new(std::sync::Mutex::new(1000u64));
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve_fake(
+                    stream,
+                    task_seen.clone(),
+                    released.clone(),
+                    cas.clone(),
+                ));
+            }
+        });
+        FakeOwner {
+            addr,
+            seen,
+            release,
+            task,
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        lock(&self.seen)
+    }
+
+    /// Waits until no add has arrived for `quiet`; returns the key and value bytes received.
+    async fn settled(&self, quiet: Duration) -> usize {
+        let mut last = self.seen().add_bytes;
+        loop {
+            tokio::time::sleep(quiet).await;
+            let now = self.seen().add_bytes;
+            if now == last && now > 0 {
+                return now;
+            }
+            last = now;
+        }
+    }
+}
+
+impl Drop for FakeOwner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn serve_fake(
+    mut stream: tokio::net::TcpStream,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    mut released: tokio::sync::watch::Receiver<bool>,
+    cas: std::sync::Arc<std::sync::Mutex<u64>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut input: Vec<u8> = Vec::new();
+    let mut answers: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Parse every complete command buffered.
+        while let Some(end) = crate::support::find(&input, b"\r\n") {
+            let line = String::from_utf8_lossy(&input[..end]).into_owned();
+            let tokens: Vec<&str> = line.split(' ').collect();
+            match tokens.as_slice() {
+                ["ms", key, len, ..] => {
+                    let len: usize = len
+                        .parse()
+                        .unwrap_or_else(|e| panic!("ms with length {len:?}: {e}"));
+                    if input.len() < end + 2 + len + 2 {
+                        break;
+                    }
+                    let given = {
+                        let mut c = lock(&cas);
+                        *c += 1;
+                        *c
+                    };
+                    let mut s = lock(&seen);
+                    s.adds.push((key.to_string(), len, given));
+                    s.add_bytes += key.len() + len;
+                    answers.extend_from_slice(format!("HD c{given}\r\n").as_bytes());
+                    input.drain(..end + 2 + len + 2);
+                }
+                ["md", key, c] => {
+                    let c: u64 = c
+                        .strip_prefix('C')
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or_else(|| panic!("md without a CAS: {line:?}"));
+                    lock(&seen).withdrawals.push((key.to_string(), c));
+                    answers.extend_from_slice(b"HD\r\n");
+                    input.drain(..end + 2);
+                }
+                other => panic!("the fake owner got {other:?}"),
+            }
+        }
+        if *released.borrow() && !answers.is_empty() {
+            if stream.write_all(&answers).await.is_err() {
+                return;
+            }
+            answers.clear();
+        }
+        tokio::select! {
+            r = stream.read(&mut buf) => match r {
+                Ok(0) | Err(_) => {
+                    lock(&seen).closed += 1;
+                    return;
+                }
+                Ok(n) => input.extend_from_slice(&buf[..n]),
+            },
+            r = released.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Fills `c` with `n` keys `w:<i>` of `size`-byte values.
+async fn fill(c: &mut Client, n: usize, size: usize) -> Vec<String> {
+    let keys: Vec<String> = (0..n).map(|i| format!("w:{i}")).collect();
+    for key in &keys {
+        c.set(key, &vec![b'v'; size]).await;
+    }
+    keys
+}
+
+/// The pipeline keeps several batches in flight to a slow owner, never more key and value
+/// bytes than the window, matches the answers to their keys across the batches once they
+/// come, and withdraws exactly its own copy of a key whose source changed while in flight.
+#[tokio::test]
+async fn several_batches_fly_within_the_window_and_a_changed_source_withdraws_only_our_copy() {
+    let a = start_node(16).await;
+    let a_addr = a.addr.to_string();
+    let mut ca = Client::connect(a.addr).await;
+    let keys = fill(&mut ca, 400, 1000).await;
+    let owner = FakeOwner::start().await;
+    let ring = Ring::from_addresses(2, [owner.addr.as_str()]).unwrap();
+    let (batch, window) = (10_000usize, 50_000usize);
+    handoff(
+        a.admin_addr,
+        &ring,
+        &a_addr,
+        json!({ "batchBytes": batch, "maxInFlightBytes": window }),
+    )
+    .await;
+
+    // Nothing is answered yet: the sender fills its window and stops.
+    let in_flight = owner.settled(Duration::from_millis(300)).await;
+    assert!(
+        in_flight <= window,
+        "{in_flight} bytes in flight, more than the window of {window}"
+    );
+    assert!(
+        in_flight > 2 * batch,
+        "only {in_flight} bytes in flight: the batches were not overlapped"
+    );
+    let held = owner.seen().adds.clone();
+    // A client changes one of the keys in flight on the source.
+    let changed = held[held.len() / 2].0.clone();
+    ca.set(&changed, b"newer").await;
+    owner.release.send(true).unwrap();
+
+    let st = wait_finished(a.admin_addr, 2).await;
+    assert_eq!(st["state"], "done", "{st}");
+    let seen = std::mem::take(&mut *owner.seen());
+    let given = seen
+        .adds
+        .iter()
+        .find(|(k, _, _)| *k == changed)
+        .map(|(_, _, cas)| *cas)
+        .unwrap();
+    assert_eq!(
+        seen.withdrawals,
+        vec![(changed.clone(), given)],
+        "exactly the copy of the changed key, by the CAS the owner gave it"
+    );
+    // Every key went over once, the changed one twice: its newer value went over later.
+    assert_eq!(seen.adds.len(), keys.len() + 1);
+    let lengths: Vec<usize> = seen
+        .adds
+        .iter()
+        .filter(|(k, _, _)| *k == changed)
+        .map(|(_, len, _)| *len)
+        .collect();
+    assert_eq!(lengths, vec![1000, 5]);
+    assert_eq!(st["keysMoved"], keys.len() as u64, "{st}");
+    assert_eq!(st["keysRetried"], 1, "{st}");
+    assert_eq!(st["keysRemaining"], 0, "{st}");
+    assert_eq!(crate::support::stat(&ca.stats().await, "curr_items"), 0);
+    a.shutdown().await;
+}
+
+/// A window of one batch sends a batch only once the previous one is answered.
+#[tokio::test]
+async fn a_window_of_one_batch_sends_one_batch_at_a_time() {
+    let a = start_node(16).await;
+    let a_addr = a.addr.to_string();
+    let mut ca = Client::connect(a.addr).await;
+    fill(&mut ca, 200, 1000).await;
+    let owner = FakeOwner::start().await;
+    let ring = Ring::from_addresses(2, [owner.addr.as_str()]).unwrap();
+    let batch = 10_000usize;
+    handoff(
+        a.admin_addr,
+        &ring,
+        &a_addr,
+        json!({ "batchBytes": batch, "maxInFlightBytes": batch }),
+    )
+    .await;
+    let in_flight = owner.settled(Duration::from_millis(300)).await;
+    // A batch ends with the item that reaches its size, so it may pass it by one item.
+    assert!(
+        in_flight <= batch + 1010,
+        "{in_flight} bytes in flight with a window of one batch"
+    );
+    owner.release.send(true).unwrap();
+    let st = wait_finished(a.admin_addr, 2).await;
+    assert_eq!(st["state"], "done", "{st}");
+    assert_eq!(st["keysMoved"], 200, "{st}");
+    a.shutdown().await;
+}
+
+/// A hand-off cancelled while answers are owed settles nothing more: no source is dropped
+/// and no copy withdrawn after the cancel, even once the owner answers.
+#[tokio::test]
+async fn cancelling_mid_window_settles_nothing_more() {
+    let a = start_node(16).await;
+    let a_addr = a.addr.to_string();
+    let mut ca = Client::connect(a.addr).await;
+    let keys = fill(&mut ca, 300, 1000).await;
+    let owner = FakeOwner::start().await;
+    let ring = Ring::from_addresses(2, [owner.addr.as_str()]).unwrap();
+    handoff(
+        a.admin_addr,
+        &ring,
+        &a_addr,
+        json!({ "batchBytes": 10_000, "maxInFlightBytes": 40_000 }),
+    )
+    .await;
+    owner.settled(Duration::from_millis(300)).await;
+    let st = http(a.admin_addr, "DELETE", "/handoff", Some(TOKEN), None)
+        .await
+        .json();
+    assert_eq!(st["state"], "cancelled", "{st}");
+    owner.release.send(true).unwrap();
+    // The sender closes its connection; whatever the owner answers is not read.
+    eventually(Duration::from_secs(5), "the sender hangs up", || {
+        let closed = owner.seen().closed;
+        async move { closed > 0 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        crate::support::stat(&ca.stats().await, "curr_items"),
+        keys.len() as u64,
+        "a cancelled hand-off dropped sources"
+    );
+    assert!(owner.seen().withdrawals.is_empty());
+    let st = http(a.admin_addr, "GET", "/handoff", Some(TOKEN), None)
+        .await
+        .json();
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert_eq!(st["keysMoved"], 0, "{st}");
+    a.shutdown().await;
+}

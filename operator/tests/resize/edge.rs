@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_node::handoff::{HandoffStatus, State, default_batch_bytes};
+use cache_node::handoff::{HandoffStatus, State, default_max_in_flight_bytes};
 use cachepool_crds::ring::{RingError, moves, slot_for};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
@@ -429,9 +429,9 @@ fn values_of_the_maximum_item_size_move_intact() {
 ///
 /// The stopped node's store must not change at all (the hand-off drops a source copy only
 /// after its batch is acknowledged, so no drop means no batch finished after the stop). Its
-/// owner may still take the one batch that was in flight: the operator starts hand-offs at
-/// full speed, so that batch is up to `batchBytes` (4 MiB) of values already written to the
-/// socket, which lands whatever stops the sender (a real crash too). The harness this suite
+/// owner may still take what was in flight: the operator starts hand-offs at full speed, so
+/// up to `maxInFlightBytes` (16 MiB by default) of keys and values may already be written to
+/// the socket, which lands whatever stops the sender (a real crash too). The harness this suite
 /// had before rate-limited its hand-offs to 2 MB/s, so its batches were small and it could
 /// ask the owner's count not to change at all.
 #[test]
@@ -472,9 +472,9 @@ fn node_shutdown_ends_its_running_hand_off() {
         );
         let largest = landed.iter().copied().max().unwrap_or(0);
         assert!(
-            landed_bytes <= default_batch_bytes() + largest,
+            landed_bytes <= default_max_in_flight_bytes() + largest,
             "a stopped node's hand-off went on moving keys: {landed_bytes} value bytes landed \
-             on the owner after the stop, more than the batch in flight"
+             on the owner after the stop, more than the window in flight"
         );
     });
 }
