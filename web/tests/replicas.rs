@@ -285,7 +285,7 @@ async fn metrics_count_the_in_process_cache_and_its_budget_holds() {
         Objects::Local,
         CacheConfig {
             local_bytes: budget,
-            lease: Duration::from_secs(60),
+            lease: Duration::from_secs(10),
             ..site_cache_config()
         },
     )
