@@ -638,8 +638,10 @@ impl ImageCache {
     }
 
     /// Makes sure nobody reads the image now under `key` from the cache once this returns
-    /// (call it after committing the new image and before acknowledging the upload). See
-    /// the module documentation for how, and for what an error means.
+    /// (call it after committing the new image and before acknowledging the upload): from
+    /// the pool, and from any web server's in-process cache, for which it waits the lease
+    /// after the tombstone was written. See the module documentation for how, and for what
+    /// an error means.
     pub async fn invalidate(&self, key: &ImageKey) -> Result<(), CacheError> {
         bump(&self.counters.invalidations);
         if let Some(local) = &self.local {
@@ -677,9 +679,10 @@ impl ImageCache {
         }
     }
 
-    /// Empties the pool (every node, not only images) and detaches every running fill. For
-    /// "clear the cache" and "delete all data"; see the module documentation for the case
-    /// this does not cover across web servers.
+    /// Empties the pool (every node, not only images) and this process's in-process cache,
+    /// detaches every running fill, and waits the lease so that every other web server's
+    /// in-process copies have expired. For "clear the cache" and "delete all data"; see the
+    /// module documentation for the case this does not cover across web servers.
     pub async fn invalidate_all(&self) -> Result<(), CacheError> {
         bump(&self.counters.invalidations);
         for (_, flight) in lock(&self.flights).drain() {
