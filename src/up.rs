@@ -113,6 +113,8 @@ impl UpArgs {
             session_secret: credentials.session_secret.clone(),
             secure_cookies: false,
             trusted_proxies: Vec::new(),
+            local_cache_mib: cachepool_web::cache::DEFAULT_LOCAL_BYTES >> 20,
+            local_cache_lease_ms: cachepool_web::cache::DEFAULT_LEASE.as_millis() as u64,
         };
         let web = match Web::start(&web_args).await {
             Ok(web) => web,

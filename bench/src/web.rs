@@ -9,12 +9,17 @@
 //! can be timed against the very same database file, image directory and pool.
 //!
 //! Hit path: N images are uploaded through the site's API and read twice (the second read must
-//! say `X-Cache: hit`); the same bytes are written as files for nginx. Then wrk runs against
-//! nginx and the site alternately, `--rounds` times each, with one Lua script requesting the N
-//! paths round-robin. The site's `/metrics` pool counters are read before and after each of
-//! its runs, so the report says what share of the measured requests the pool served, and the
-//! CPU seconds of each side (`procs`) are read around every run: on a shared machine the CPU
-//! per request is a steadier comparison than requests per second.
+//! say `X-Cache: local`, or `hit` with `--local-cache-mib 0`); the same bytes are written as
+//! files for nginx. Then wrk runs against nginx and the site alternately, `--rounds` times
+//! each, with one Lua script requesting the N paths round-robin. With `--compare-pool-only` a
+//! second site (`site-pool`: another `Web` on the same pool, database and image directory, its
+//! in-process cache off, on a runtime of its own that idles while the others run) takes its
+//! turn after the site in every round, so the in-process cache's effect is measured in the
+//! same run. The site's `/metrics` cache counters (in-process and pool) are read before and
+//! after each of its runs, so the report says what share of the measured requests a cache
+//! served and how many of them the in-process one did, and the CPU seconds of each side
+//! (`procs`) are read around every run: on a shared machine the CPU per request is a steadier
+//! comparison than requests per second.
 //!
 //! Miss path: 3 x M fresh images are uploaded and never read before; for set A the whole miss
 //! is timed over HTTP (the answer must say `X-Cache: miss`), for set B the parts are timed by
@@ -85,6 +90,14 @@ pub struct WebBenchArgs {
     /// The nginx binary (default: `nginx` on PATH or in /usr/sbin).
     #[arg(long)]
     pub nginx: Option<PathBuf>,
+    /// MiB of the site's in-process cache of hot images (`cachepool web --local-cache-mib`;
+    /// 0: off, every hit a pool hit).
+    #[arg(long, default_value_t = cachepool_web::cache::DEFAULT_LOCAL_BYTES >> 20)]
+    pub local_cache_mib: usize,
+    /// Also run a second site over the same pool, database and images with the in-process
+    /// cache off (`site-pool`), after the site in every round: before and after side by side.
+    #[arg(long)]
+    pub compare_pool_only: bool,
 }
 
 const TOKEN: &str = "bench-web-token";
@@ -174,11 +187,51 @@ async fn with_operator(
         session_secret: None,
         secure_cookies: false,
         trusted_proxies: Vec::new(),
+        local_cache_mib: args.local_cache_mib,
+        local_cache_lease_ms: cachepool_web::cache::DEFAULT_LEASE.as_millis() as u64,
     };
     let site = SiteThread::start(web_args.clone(), args.threads).await?;
-    let result = with_site(args, wrk, nginx, dir, api, &web_args, &site.url).await;
+    let pool_only = if args.compare_pool_only {
+        let pool_args = WebArgs {
+            local_cache_mib: 0,
+            ..web_args.clone()
+        };
+        match SiteThread::start(pool_args, args.threads).await {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                site.stop().await;
+                return Err(e.context("starting the second site (in-process cache off)"));
+            }
+        }
+    } else {
+        None
+    };
+    let sites = Sites {
+        site: &site.url,
+        pool_only: pool_only.as_ref().map(|s| s.url.as_str()),
+    };
+    let result = with_site(args, wrk, nginx, dir, api, &web_args, &sites).await;
+    if let Some(pool_only) = pool_only {
+        pool_only.stop().await;
+    }
     site.stop().await;
     result
+}
+
+/// The sites measured: the site as configured, and the one with its in-process cache off.
+struct Sites<'a> {
+    site: &'a str,
+    pool_only: Option<&'a str>,
+}
+
+impl Sites<'_> {
+    fn url(&self, target: Target) -> Option<&str> {
+        match target {
+            Target::Nginx => None,
+            Target::Site => Some(self.site),
+            Target::SitePoolOnly => self.pool_only,
+        }
+    }
 }
 
 async fn with_site(
@@ -188,8 +241,9 @@ async fn with_site(
     dir: &TempDir,
     api: &str,
     web_args: &WebArgs,
-    site: &str,
+    sites: &Sites<'_>,
 ) -> anyhow::Result<String> {
+    let site = sites.site;
     let http = reqwest::Client::new();
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files)?;
@@ -208,11 +262,23 @@ async fn with_site(
         let started = Instant::now();
         let x_cache = get_image(&http, site, key).await?;
         hit_floor.push(ms(started.elapsed()));
+        let want = if args.local_cache_mib > 0 {
+            "local"
+        } else {
+            "hit"
+        };
         ensure!(
-            x_cache == "hit",
-            "the second read of {key} said X-Cache: {x_cache}, not hit; the pool does not keep \
-             the images (node capacity or item size too small?)"
+            x_cache == want,
+            "the second read of {key} said X-Cache: {x_cache}, not {want}; the cache does not \
+             keep the images (node capacity, item size or --local-cache-mib too small?)"
         );
+        if let Some(pool_only) = sites.pool_only {
+            let x_cache = get_image(&http, pool_only, key).await?;
+            ensure!(
+                x_cache == "hit",
+                "the pool-only site's read of {key} said X-Cache: {x_cache}, not hit"
+            );
+        }
     }
 
     let nginx = Nginx::start(
@@ -232,17 +298,21 @@ async fn with_site(
     let script = dir.path().join("images.lua");
     std::fs::write(&script, wrk::render_script(&paths)?)?;
 
+    let mut targets = vec![Target::Nginx, Target::Site];
+    if sites.pool_only.is_some() {
+        targets.push(Target::SitePoolOnly);
+    }
     let mut runs = Vec::new();
     for round in 1..=args.rounds {
-        for target in [Target::Nginx, Target::Site] {
+        for &target in &targets {
             super::check_interrupted()?;
-            let base = match target {
-                Target::Nginx => nginx.url(),
-                Target::Site => site.to_owned(),
+            let base = match sites.url(target) {
+                Some(url) => url.to_owned(),
+                None => nginx.url(),
             };
-            let before = match target {
-                Target::Site => Some(pool_counters(&http, site).await?),
-                Target::Nginx => None,
+            let before = match sites.url(target) {
+                Some(url) => Some(pool_counters(&http, url).await?),
+                None => None,
             };
             let cpu_before = CpuSplit::now(nginx.pid());
             let result = wrk::run(&WrkRun {
@@ -256,12 +326,12 @@ async fn with_site(
             .await
             .with_context(|| format!("wrk against {}", target.name()))?;
             let cpu = CpuSplit::now(nginx.pid()).since(&cpu_before, target);
-            let hits = match before {
-                Some(before) => {
-                    let after = pool_counters(&http, site).await?;
+            let hits = match (before, sites.url(target)) {
+                (Some(before), Some(url)) => {
+                    let after = pool_counters(&http, url).await?;
                     Some(after.since(before))
                 }
-                None => None,
+                _ => None,
             };
             runs.push(Run {
                 round,
@@ -281,7 +351,10 @@ async fn with_site(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     Nginx,
+    /// The site as configured (`--local-cache-mib`).
     Site,
+    /// The second site, its in-process cache off (`--compare-pool-only`).
+    SitePoolOnly,
 }
 
 impl Target {
@@ -289,6 +362,7 @@ impl Target {
         match self {
             Target::Nginx => "nginx",
             Target::Site => "site",
+            Target::SitePoolOnly => "site-pool",
         }
     }
 }
@@ -340,7 +414,7 @@ impl CpuSplit {
     fn since(&self, before: &CpuSplit, target: Target) -> CpuUse {
         CpuUse {
             server: match target {
-                Target::Site => self.site - before.site,
+                Target::Site | Target::SitePoolOnly => self.site - before.site,
                 Target::Nginx => self.nginx - before.nginx,
             },
             nodes: self.nodes - before.nodes,
@@ -349,11 +423,13 @@ impl CpuSplit {
     }
 }
 
-/// The site's pool hits and misses (`/metrics`).
+/// The site's cache counters (`/metrics`): pool hits and misses, and in-process hits (reads
+/// that never reached the pool).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct PoolCounters {
     hits: u64,
     misses: u64,
+    local_hits: u64,
 }
 
 impl PoolCounters {
@@ -361,11 +437,23 @@ impl PoolCounters {
         PoolCounters {
             hits: self.hits.saturating_sub(earlier.hits),
             misses: self.misses.saturating_sub(earlier.misses),
+            local_hits: self.local_hits.saturating_sub(earlier.local_hits),
         }
     }
 
+    /// Image reads: the in-process cache's hits and everything that asked the pool.
+    fn reads(self) -> u64 {
+        self.hits + self.misses + self.local_hits
+    }
+
+    /// The share of the reads a cache served (in-process or pool).
     fn hit_share(self) -> f64 {
-        self.hits as f64 / (self.hits + self.misses).max(1) as f64
+        (self.hits + self.local_hits) as f64 / self.reads().max(1) as f64
+    }
+
+    /// The share of the reads the in-process cache served.
+    fn local_share(self) -> f64 {
+        self.local_hits as f64 / self.reads().max(1) as f64
     }
 }
 
@@ -380,22 +468,23 @@ async fn pool_counters(http: &reqwest::Client, site: &str) -> anyhow::Result<Poo
     parse_pool_counters(&text)
 }
 
-/// The pool hit and miss counters in the site's metrics text.
+/// The cache counters in the site's metrics text. The in-process cache's are absent when it
+/// is off (0 then).
 fn parse_pool_counters(text: &str) -> anyhow::Result<PoolCounters> {
-    let value = |name: &str| {
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (metric, value) = l.rsplit_once(' ')?;
-                // With or without labels.
-                let bare = metric.split('{').next()?;
-                (bare == name).then(|| value.trim().parse::<f64>().ok())?
-            })
-            .with_context(|| format!("the site's /metrics has no {name}"))
+    let find = |name: &str| {
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (metric, value) = l.rsplit_once(' ')?;
+            // With or without labels.
+            let bare = metric.split('{').next()?;
+            (bare == name).then(|| value.trim().parse::<f64>().ok())?
+        })
     };
+    let value =
+        |name: &str| find(name).with_context(|| format!("the site's /metrics has no {name}"));
     Ok(PoolCounters {
         hits: value("cachepool_web_pool_hits_total")? as u64,
         misses: value("cachepool_web_pool_misses_total")? as u64,
+        local_hits: find("cachepool_web_local_hits_total").unwrap_or(0.0) as u64,
     })
 }
 
@@ -611,7 +700,7 @@ fn render_report(args: &WebBenchArgs, runs: &[Run], hit_floor: &[f64], misses: &
         "p50 (ms)",
         "p99 (ms)",
         "errors",
-        "X-Cache hit",
+        "cache hits (in-process)",
         "CPU s: server",
         "nodes",
         "wrk",
@@ -628,7 +717,14 @@ fn render_report(args: &WebBenchArgs, runs: &[Run], hit_floor: &[f64], misses: &
             r.errors.total().to_string(),
             run.hits.map_or_else(
                 || "-".to_owned(),
-                |h| format!("{:.2}% of {}", 100.0 * h.hit_share(), h.hits + h.misses),
+                |h| {
+                    format!(
+                        "{:.2}% of {} ({:.2}%)",
+                        100.0 * h.hit_share(),
+                        h.reads(),
+                        100.0 * h.local_share()
+                    )
+                },
             ),
             format!("{:.1}", run.cpu.server),
             format!("{:.1}", run.cpu.nodes),
@@ -644,40 +740,52 @@ fn render_report(args: &WebBenchArgs, runs: &[Run], hit_floor: &[f64], misses: &
         "(CPU seconds over the run, from /proc: the server measured (this process for the site, \
          nginx's master and workers), the pool's node processes, and wrk)\n",
     );
-    let rps = |t: Target| -> Vec<f64> {
-        runs.iter()
-            .filter(|r| r.target == t)
-            .map(|r| r.result.requests_per_sec())
-            .collect()
+    let median_of = |t: Target, f: &dyn Fn(&Run) -> f64| -> f64 {
+        let v: Vec<f64> = runs.iter().filter(|r| r.target == t).map(f).collect();
+        median(&v)
     };
-    let ratios: Vec<f64> = runs
-        .chunks(2)
-        .filter_map(|pair| match pair {
-            [n, s] => Some(s.result.requests_per_sec() / n.result.requests_per_sec()),
-            _ => None,
-        })
-        .collect();
-    let ratio = median(&rps(Target::Site)) / median(&rps(Target::Nginx));
-    let cpu_per_request = |t: Target| -> Vec<f64> {
-        runs.iter()
-            .filter(|r| r.target == t)
-            .map(|r| (r.cpu.server + r.cpu.nodes) / r.result.requests.max(1) as f64)
-            .collect()
-    };
+    let rps = |r: &Run| r.result.requests_per_sec();
+    let p99 = |r: &Run| r.result.latency_us.p99 / 1e3;
+    let cpu_us = |r: &Run| 1e6 * (r.cpu.server + r.cpu.nodes) / r.result.requests.max(1) as f64;
+    let nginx_rps = median_of(Target::Nginx, &rps);
+    let nginx_p99 = median_of(Target::Nginx, &p99);
+    let nginx_cpu = median_of(Target::Nginx, &cpu_us);
     out.push_str(&format!(
-        "\nCPU per request, site and nodes / nginx: {:.2}x (medians; steadier than throughput \
-         on a shared machine)",
-        median(&cpu_per_request(Target::Site)) / median(&cpu_per_request(Target::Nginx))
+        "\nnginx: {} req/s, p99 {nginx_p99:.2} ms, {nginx_cpu:.1} CPU us/req (medians)",
+        thousands(nginx_rps)
     ));
-    out.push_str(&format!(
-        "\nsite / nginx throughput: {ratio:.2}x (medians; per round: {}); target >= 0.50x: {}\n",
-        ratios
-            .iter()
-            .map(|r| format!("{r:.2}x"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        if ratio >= 0.5 { "met" } else { "MISSED" }
-    ));
+    for target in [Target::Site, Target::SitePoolOnly] {
+        if !runs.iter().any(|r| r.target == target) {
+            continue;
+        }
+        // Per round: this target's run against the same round's nginx run.
+        let ratios: Vec<String> = (1..=args.rounds)
+            .filter_map(|round| {
+                let of = |t: Target| runs.iter().find(|r| r.round == round && r.target == t);
+                Some(format!(
+                    "{:.2}x",
+                    rps(of(target)?) / rps(of(Target::Nginx)?)
+                ))
+            })
+            .collect();
+        let ratio = median_of(target, &rps) / nginx_rps;
+        let site_p99 = median_of(target, &p99);
+        let site_cpu = median_of(target, &cpu_us);
+        out.push_str(&format!(
+            "\n{} / nginx: throughput {ratio:.2}x (medians; per round: {}); p99 {site_p99:.2} \
+             ms against {nginx_p99:.2} ms; CPU per request (server and nodes) {site_cpu:.1} us, \
+             {:.2}x nginx's; target throughput >= 1.00x and p99 <= nginx's: {}",
+            target.name(),
+            ratios.join(", "),
+            site_cpu / nginx_cpu,
+            if ratio >= 1.0 && site_p99 <= nginx_p99 {
+                "met"
+            } else {
+                "MISSED"
+            }
+        ));
+    }
+    out.push('\n');
 
     if !misses.http.is_empty() {
         out.push_str(&format!(
@@ -950,21 +1058,29 @@ mod tests {
             c,
             PoolCounters {
                 hits: 1200,
-                misses: 34
+                misses: 34,
+                local_hits: 0,
             }
         );
         let d = c.since(PoolCounters {
             hits: 200,
             misses: 34,
+            local_hits: 0,
         });
         assert_eq!(
             d,
             PoolCounters {
                 hits: 1000,
-                misses: 0
+                misses: 0,
+                local_hits: 0,
             }
         );
         assert_eq!(d.hit_share(), 1.0);
+        let with_local = format!("{text}cachepool_web_local_hits_total 3000\n");
+        let l = parse_pool_counters(&with_local).unwrap();
+        assert_eq!(l.local_hits, 3000);
+        assert_eq!(l.reads(), 4234);
+        assert!((l.local_share() - 3000.0 / 4234.0).abs() < 1e-12);
         let err = parse_pool_counters("# EOF\n").unwrap_err();
         assert!(
             err.to_string().contains("cachepool_web_pool_hits_total"),

@@ -9,7 +9,7 @@ use cache_node::{Node, NodeConfig};
 use cachepool_crds::ring::Ring;
 use cachepool_web::api::AppState;
 use cachepool_web::app;
-use cachepool_web::cache::{CacheConfig, ImageCache};
+use cachepool_web::cache::{CacheConfig, DEFAULT_LEASE, DEFAULT_LOCAL_BYTES, ImageCache};
 use cachepool_web::listener::{ClientAddr, SiteListener};
 use cachepool_web::ui::Ui;
 use serde_json::Value;
@@ -20,6 +20,16 @@ use crate::store::{Db, Objects, TestStorage};
 /// The admin token of every test site.
 pub const ADMIN: &str = "site-admin-token";
 
+/// The image cache settings `cachepool web` starts with by default: the in-process cache of
+/// hot images on, with its default budget and lease.
+pub fn site_cache_config() -> CacheConfig {
+    CacheConfig {
+        local_bytes: DEFAULT_LOCAL_BYTES,
+        lease: DEFAULT_LEASE,
+        ..CacheConfig::default()
+    }
+}
+
 /// The site over a fresh database and object store, two cache nodes, and a loopback port.
 #[derive(Debug)]
 pub struct Site {
@@ -27,6 +37,8 @@ pub struct Site {
     pub http: reqwest::Client,
     /// The backend, to look behind the API's back (and the guards of its servers).
     pub store: TestStorage,
+    /// The image cache (the pool client and the in-process cache).
+    pub cache: Arc<ImageCache>,
     nodes: Vec<Node>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -34,16 +46,21 @@ pub struct Site {
 impl Site {
     /// The site's JSON API.
     pub async fn start(db: Db, objects: Objects) -> Site {
-        Site::serve(db, objects, None).await
+        Site::serve(db, objects, None, site_cache_config()).await
+    }
+
+    /// The site's JSON API with these image cache settings.
+    pub async fn start_with_cache(db: Db, objects: Objects, config: CacheConfig) -> Site {
+        Site::serve(db, objects, None, config).await
     }
 
     /// The site with its pages and manager (`ui`: the manager's password, its operator
     /// client, its trusted proxies).
     pub async fn start_with_pages(db: Db, objects: Objects, ui: Ui) -> Site {
-        Site::serve(db, objects, Some(ui)).await
+        Site::serve(db, objects, Some(ui), site_cache_config()).await
     }
 
-    async fn serve(db: Db, objects: Objects, ui: Option<Ui>) -> Site {
+    async fn serve(db: Db, objects: Objects, ui: Option<Ui>, config: CacheConfig) -> Site {
         let store = TestStorage::start(db, objects).await;
         let mut nodes = Vec::new();
         for _ in 0..2 {
@@ -53,45 +70,34 @@ impl Site {
                     .unwrap_or_else(|e| panic!("cache node: {e}")),
             );
         }
-        let ring = Ring::from_addresses(1, nodes.iter().map(|n| n.addr.to_string()))
-            .unwrap_or_else(|e| panic!("ring: {e}"));
-        let pool = Arc::new(
-            PoolClient::from_ring(ring, ClientOptions::default())
-                .unwrap_or_else(|e| panic!("pool client: {e}")),
-        );
-        let cache = Arc::new(
-            ImageCache::new(pool, CacheConfig::default())
-                .unwrap_or_else(|e| panic!("image cache: {e}")),
-        );
-        let state = AppState::new(store.storage.clone(), cache, ADMIN);
-        let router = match &ui {
-            Some(ui) => app::router_with_pages(state, ui),
-            None => app::router(state),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        // Served as `Web::start` serves it: client addresses and the lingering close.
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(
-                SiteListener::new(listener),
-                router.into_make_service_with_connect_info::<ClientAddr>(),
-            )
-            .await;
-        });
+        let cache = image_cache(&nodes, config);
+        let (url, server) = serve_api(store.storage.clone(), cache.clone(), ui.as_ref()).await;
         Site {
-            url: format!("http://{addr}"),
+            url,
             http: reqwest::Client::new(),
             store,
+            cache,
             nodes,
             server,
         }
     }
 
-    /// Stops the server and the nodes; the store's servers stop when `self.store` drops.
+    /// Another replica of the site: its own pool client, image cache (with `config`), router
+    /// and port, over the same database, object store and pool nodes, as a second
+    /// `cachepool web` process would be. It stops when dropped.
+    pub async fn replica(&self, config: CacheConfig) -> Replica {
+        let cache = image_cache(&self.nodes, config);
+        let (url, server) = serve_api(self.store.storage.clone(), cache.clone(), None).await;
+        Replica {
+            url,
+            http: self.http.clone(),
+            cache,
+            server,
+        }
+    }
+
+    /// Stops the server and the nodes; the store's servers stop when the last `self.store`
+    /// drops.
     pub async fn stop(mut self) {
         self.server.abort();
         for node in std::mem::take(&mut self.nodes) {
@@ -160,6 +166,98 @@ impl Site {
             .unwrap_or_else(|e| panic!("count: {e}"));
         (rows, self.store.object_keys().await.len())
     }
+}
+
+/// Another replica of a [`Site`] ([`Site::replica`]); the nodes and stores belong to the
+/// site.
+#[derive(Debug)]
+pub struct Replica {
+    pub url: String,
+    pub http: reqwest::Client,
+    /// Its image cache (its own pool client and in-process cache).
+    pub cache: Arc<ImageCache>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    /// `PUT /api/v1/images/{key}`: the status.
+    pub async fn put(&self, key: &str, body: Vec<u8>) -> u16 {
+        self.http
+            .put(format!("{}/api/v1/images/{key}", self.url))
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {key}: {e}"))
+            .status()
+            .as_u16()
+    }
+
+    /// `GET /api/v1/images/{key}`.
+    pub async fn get(&self, key: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}/api/v1/images/{key}", self.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+    }
+
+    /// `DELETE /api/v1/data` with the admin token: the status.
+    pub async fn delete_data(&self) -> u16 {
+        self.http
+            .delete(format!("{}/api/v1/data", self.url))
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DELETE /api/v1/data: {e}"))
+            .status()
+            .as_u16()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// An image cache over its own pool client of `nodes`.
+fn image_cache(nodes: &[Node], config: CacheConfig) -> Arc<ImageCache> {
+    let ring = Ring::from_addresses(1, nodes.iter().map(|n| n.addr.to_string()))
+        .unwrap_or_else(|e| panic!("ring: {e}"));
+    let pool = Arc::new(
+        PoolClient::from_ring(ring, ClientOptions::default())
+            .unwrap_or_else(|e| panic!("pool client: {e}")),
+    );
+    Arc::new(ImageCache::new(pool, config).unwrap_or_else(|e| panic!("image cache: {e}")))
+}
+
+/// The site's router over `storage` and `cache` (with the pages if `ui`), served on a loopback
+/// port the kernel picks: its URL and its task.
+async fn serve_api(
+    storage: cachepool_web::store::Storage,
+    cache: Arc<ImageCache>,
+    ui: Option<&Ui>,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let state = AppState::new(storage, cache, ADMIN);
+    let router = match ui {
+        Some(ui) => app::router_with_pages(state, ui),
+        None => app::router(state),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    // Served as `Web::start` serves it: client addresses and the lingering close.
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(
+            SiteListener::new(listener),
+            router.into_make_service_with_connect_info::<ClientAddr>(),
+        )
+        .await;
+    });
+    (format!("http://{addr}"), server)
 }
 
 /// The keys of a listing page.

@@ -1,10 +1,11 @@
 //! The site's JSON API (DESIGN.md, "Web JSON API"): upload, view and list images, delete all
 //! application data, and the probes and `/metrics`.
 //!
-//! Reads go to the pool first through [`ImageCache`]; a miss reads the database and the object
-//! store and fills the pool, one fill per key at a time. An upload validates the key and the
-//! bytes (by their content, never their name or declared type), writes the object and the row
-//! ([`Storage::put_image`]), then invalidates the pool's copy before answering, so nobody sees
+//! Reads go to the in-process cache of hot images and then the pool through [`ImageCache`]; a
+//! miss reads the database and the object store and fills the pool, one fill per key at a
+//! time. An upload validates the key and the bytes (by their content, never their name or
+//! declared type), writes the object and the row ([`Storage::put_image`]), then invalidates
+//! the cached copies (and waits out the in-process lease) before answering, so nobody sees
 //! the old image after the upload returned. Errors are `{"error", "message", "field"?}`
 //! ([`ErrorBody`]) with the status the contract fixes (400, 401, 404, 413, 415).
 //!
@@ -323,8 +324,9 @@ pub(crate) async fn upload_image(
     Ok((status, Json(ImageJson::from(&outcome.meta))).into_response())
 }
 
-/// The image's bytes, from the pool when it holds them (`X-Cache: hit`), else from the
-/// database and object store (`X-Cache: miss`, and the pool is filled).
+/// The image's bytes, from the site's in-process cache of hot images (`X-Cache: local`), else
+/// from the pool when it holds them (`X-Cache: hit`), else from the database and object store
+/// (`X-Cache: miss`, and the pool is filled).
 #[utoipa::path(
     get,
     path = "/api/v1/images/{key}",
@@ -337,7 +339,7 @@ pub(crate) async fn upload_image(
         (status = 200, description = "The image", content_type = "image/*", body = Vec<u8>,
             headers(
                 ("ETag" = String, description = "Strong ETag of the bytes"),
-                ("X-Cache" = String, description = "`hit` when the pool served the image, else `miss`"),
+                ("X-Cache" = String, description = "`local` when the site's in-process cache served the image, `hit` when the pool did, else `miss`"),
                 ("Cache-Control" = String, description = "`no-cache`: a re-upload replaces the image under the same URL"),
             )
         ),
@@ -376,7 +378,11 @@ pub(crate) async fn view_image(
     state.metrics.viewed();
     let image = fetched.image;
     let etag = quoted(&image.etag);
-    let x_cache = if fetched.hit { "hit" } else { "miss" };
+    let x_cache = match (fetched.local, fetched.hit) {
+        (true, _) => "local",
+        (false, true) => "hit",
+        (false, false) => "miss",
+    };
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())

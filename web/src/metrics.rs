@@ -18,7 +18,12 @@
 //!   (`cachepool_web_uploads_total`, `_views_total`, `_rejected_total`, and the pool's
 //!   `cachepool_web_pool_hits_total`, `_misses_total`, `_fills_total`…) under their old names.
 //!   The pool's come from [`ImageCache::stats`] at scrape time through a collector, so the
-//!   cache keeps its own plain atomics for them.
+//!   cache keeps its own plain atomics for them. Beside them, when the site's in-process
+//!   cache of hot images is on, its counters and sizes ([`ImageCache::local_stats`]):
+//!   `cachepool_web_local_hits_total`, `_misses_total`, `_expired_total`,
+//!   `_evictions_total`, and the gauges `cachepool_web_local_bytes`, `_entries` and
+//!   `_capacity_bytes`. A read the in-process cache serves never reaches the pool, so the
+//!   pool's hits and misses count only the reads it missed.
 //!
 //! Names carry the `cachepool_web_` prefix and their unit (`_seconds`; `_total` is added by
 //! the encoder to counters).
@@ -30,6 +35,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::cache::ImageCache;
@@ -204,6 +210,61 @@ impl Collector for PoolCollector {
             let name = format!("cachepool_web_{name}");
             let metric = encoder.encode_descriptor(&name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
+        }
+        let Some(l) = self.cache.local_stats() else {
+            return Ok(());
+        };
+        for (name, help, value) in [
+            (
+                "local_hits",
+                "Image reads the in-process cache served",
+                l.hits,
+            ),
+            (
+                "local_misses",
+                "Image reads the in-process cache did not serve (absent or lease run out)",
+                l.misses,
+            ),
+            (
+                "local_expired",
+                "In-process entries found with their lease run out",
+                l.expired,
+            ),
+            (
+                "local_evictions",
+                "In-process entries pushed out to keep within the byte budget",
+                l.evictions,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            let name = format!("cachepool_web_{name}");
+            let metric = encoder.encode_descriptor(&name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        for (name, help, unit, value) in [
+            (
+                "local",
+                "Bytes the in-process cache holds (images plus overhead)",
+                Some(&Unit::Bytes),
+                l.bytes,
+            ),
+            (
+                "local_capacity",
+                "The in-process cache's byte budget",
+                Some(&Unit::Bytes),
+                l.capacity_bytes,
+            ),
+            (
+                "local_entries",
+                "Images the in-process cache holds",
+                None,
+                l.entries,
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let name = format!("cachepool_web_{name}");
+            let metric = encoder.encode_descriptor(&name, help, unit, gauge.metric_type())?;
+            gauge.encode(metric)?;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::api::AppState;
 use crate::app;
-use crate::cache::{CacheConfig, ImageCache};
+use crate::cache::{CacheConfig, DEFAULT_LEASE, DEFAULT_LOCAL_BYTES, ImageCache};
 use crate::listener::{ClientAddr, SiteListener};
 use crate::ring::RingSource;
 use crate::store::{Database, ObjectStore, Storage};
@@ -141,6 +141,41 @@ pub struct WebArgs {
         value_parser = parse_net
     )]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// MiB of hot images kept in the site's memory in front of the pool (0: off, every read
+    /// asks the pool). Larger images than an eighth of it are not kept.
+    #[arg(long, env = "CACHEPOOL_WEB_LOCAL_CACHE_MIB", default_value_t = DEFAULT_LOCAL_BYTES >> 20)]
+    pub local_cache_mib: usize,
+
+    /// Milliseconds an image kept in memory is served before the pool is asked again; every
+    /// re-upload and delete-all waits this long before answering, so that no replica serves
+    /// the old image afterwards. Give every replica the same value (also one with
+    /// --local-cache-mib 0); at most 10000.
+    #[arg(
+        long,
+        env = "CACHEPOOL_WEB_LOCAL_CACHE_LEASE_MS",
+        default_value_t = DEFAULT_LEASE.as_millis() as u64
+    )]
+    pub local_cache_lease_ms: u64,
+}
+
+impl WebArgs {
+    /// The image cache's settings from the flags.
+    pub fn cache_config(&self) -> Result<CacheConfig, ServeError> {
+        let local_bytes = self
+            .local_cache_mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| ServeError::Config("--local-cache-mib is too large".to_owned()))?;
+        let config = CacheConfig {
+            local_bytes,
+            lease: Duration::from_millis(self.local_cache_lease_ms),
+            ..CacheConfig::default()
+        };
+        config.validate().map_err(|e| {
+            ServeError::Config(format!("--local-cache-mib/--local-cache-lease-ms: {e}"))
+        })?;
+        Ok(config)
+    }
 }
 
 /// An address block (`10.0.0.0/8`) or one address (`10.0.0.7`, a block of one).
@@ -165,6 +200,7 @@ pub struct Web {
 impl Web {
     /// Opens the stores, joins the pool and starts serving.
     pub async fn start(args: &WebArgs) -> Result<Web, ServeError> {
+        let cache_config = args.cache_config()?;
         std::fs::create_dir_all(&args.data_dir)
             .map_err(failed(format!("creating {}", args.data_dir.display())))?;
         let database_url = match &args.database_url {
@@ -199,7 +235,7 @@ impl Web {
             .map_err(failed("joining the pool"))?;
         let pool = Arc::new(pool);
         let cache = Arc::new(
-            ImageCache::new(pool.clone(), CacheConfig::default())
+            ImageCache::new(pool.clone(), cache_config)
                 .map_err(failed("configuring the image cache"))?,
         );
         let (stop, stopped) = watch::channel(false);

@@ -74,11 +74,41 @@
 //! - A failed invalidation is an error, not a shrug: the old image may be served from the
 //!   pool until it expires, and the caller decides what to tell the uploader.
 //!
+//! # The in-process cache: a lease, so replicas need not hear of writes
+//!
+//! With `local_bytes` above 0, a bounded in-process cache ([`local`]) sits in front of the
+//! pool: a hot image is served from this process's memory (`X-Cache: local`), the same
+//! `Bytes` every time, without the pool's round trip. Another web server's write cannot
+//! reach that memory, so each entry carries a lease instead: it is served only until
+//! `leased_from + lease`, where `leased_from` is read from the monotonic clock *before* the
+//! pool read (or, for a fill's leader, before the pool read that missed) that produced it;
+//! and every [`ImageCache::invalidate`] and [`ImageCache::invalidate_all`] waits the lease
+//! (plus 1 % and 1 ms) after the pool acknowledged the tombstone or the flush, before it
+//! returns. The argument: a copy of the old image was read from the pool before the node
+//! applied the tombstone, or from the store before the commit, which came before the
+//! tombstone; either way its `leased_from` precedes the invalidation, so the copy expired
+//! before the invalidation returned, and so before the write was acknowledged. This needs
+//! no message between web servers and holds for any number of them, provided that:
+//! - every web server sharing the pool is given the same lease (or a writer a longer one),
+//!   also one whose own in-process cache is off: the writer's wait is what expires the
+//!   readers' copies;
+//! - the monotonic clocks of the web servers' hosts run at the same rate to within 1 %
+//!   (NTP keeps them within 0.05 %); no agreement on the time of day is needed.
+//!
+//! The staleness bound: a read that *begins* after a write was acknowledged never returns
+//! the old bytes (under the pool's own assumptions above); while the write is in progress,
+//! from its commit until its acknowledgement (at least the lease), another web server may
+//! still serve the old bytes from memory. The price is that a re-upload or delete-all takes
+//! the lease longer to answer (200 ms by default), and a hot image costs one pool read per
+//! lease per web server. Within the process, an invalidation also drops the key (or
+//! everything) at once, and a fill detached by an invalidation does not enter the cache.
+//!
 //! During a pool migration the same holds: the pool client's `set` (the tombstone) deletes
 //! the key on the previous owner first, and its `add` (a fill) pulls the previous owner's
 //! copy forward before adding, so the tombstone on the current owner is what both meet.
 
 pub mod envelope;
+mod local;
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -96,6 +126,8 @@ use tracing::{debug, warn};
 use crate::image::{ImageKey, MAX_IMAGE_BYTES, MAX_KEY_LEN};
 use crate::latency::{Part, StoreMetrics};
 use envelope::Envelope;
+use local::LocalCache;
+pub use local::LocalStats;
 
 /// A node's item size limit under the CachePool defaults (`cache.maxItemSizeKiB` = 16384).
 pub const DEFAULT_NODE_ITEM_BYTES: usize = 16384 << 10;
@@ -115,6 +147,15 @@ const TOMBSTONE_MARGIN_SECS: u32 = 3;
 /// Longest exptime memcached reads as relative seconds (30 days).
 const MAX_RELATIVE_SECS: u32 = 30 * 24 * 60 * 60;
 
+/// The site's default budget of the in-process cache (`--local-cache-mib`).
+pub const DEFAULT_LOCAL_BYTES: usize = 64 << 20;
+
+/// The site's default lease of an in-process entry (`--local-cache-lease-ms`).
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(200);
+
+/// The longest lease: every re-upload and delete-all waits this long before answering.
+pub const MAX_LEASE: Duration = Duration::from_secs(10);
+
 /// An image as the site serves it: bytes and the headers that go with them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachedImage {
@@ -131,9 +172,12 @@ pub struct CachedImage {
 pub struct Fetched {
     /// The image.
     pub image: CachedImage,
-    /// True if the pool served it (`X-Cache: hit`); false if a fill did, this caller's or
-    /// the one it waited for.
+    /// True if a cache served it, this process's or the pool; false if a fill did, this
+    /// caller's or the one it waited for.
     pub hit: bool,
+    /// True if this process's in-process cache served it (`X-Cache: local`); `hit` is then
+    /// true too. False for a pool hit (`X-Cache: hit`) and a fill (`X-Cache: miss`).
+    pub local: bool,
 }
 
 /// Settings of an [`ImageCache`].
@@ -151,6 +195,15 @@ pub struct CacheConfig {
     /// Lifetime of the tombstone `invalidate` leaves, in seconds. At least the store
     /// deadline (rounded up) plus 3.
     pub tombstone_ttl_secs: u32,
+    /// Byte budget of the in-process cache of hot images in front of the pool; 0 turns it
+    /// off (every read asks the pool).
+    pub local_bytes: usize,
+    /// How long an in-process entry is served after the read that produced it began; every
+    /// invalidation waits this long before returning (see the module documentation). Give
+    /// every web server sharing the pool the same lease, also those whose in-process cache
+    /// is off: the writer's wait is what expires the readers' copies. At most
+    /// [`MAX_LEASE`]; zero only with the in-process cache off everywhere.
+    pub lease: Duration,
 }
 
 impl Default for CacheConfig {
@@ -160,6 +213,8 @@ impl Default for CacheConfig {
             ttl_secs: 60 * 60,
             store_deadline: Duration::from_secs(5),
             tombstone_ttl_secs: 5 + TOMBSTONE_MARGIN_SECS,
+            local_bytes: 0,
+            lease: Duration::ZERO,
         }
     }
 }
@@ -196,6 +251,20 @@ impl CacheConfig {
                  got {}",
                 self.store_deadline, self.tombstone_ttl_secs
             ));
+        }
+        if self.lease > MAX_LEASE {
+            return bad(format!(
+                "the in-process cache's lease must be at most {MAX_LEASE:?} (every re-upload \
+                 waits that long), got {:?}",
+                self.lease
+            ));
+        }
+        if self.local_bytes > 0 && self.lease.is_zero() {
+            return bad(
+                "the in-process cache needs a lease greater than zero (or a budget of 0 to \
+                 turn it off)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -408,6 +477,8 @@ pub struct ImageCache {
     /// Latency histograms of pool requests, once the site's metrics are attached
     /// ([`ImageCache::attach_metrics`]; the cache is shared before the metrics exist).
     metrics: OnceLock<StoreMetrics>,
+    /// Hot images in front of the pool; `None` when `config.local_bytes` is 0.
+    local: Option<LocalCache>,
 }
 
 /// Counts a caller in [`ImageCache::waiting`] for as long as it lives, however its wait
@@ -432,7 +503,10 @@ impl ImageCache {
     /// ring calls `set_ring` on it.
     pub fn new(pool: Arc<PoolClient>, config: CacheConfig) -> Result<ImageCache, CacheError> {
         config.validate()?;
+        let local =
+            (config.local_bytes > 0).then(|| LocalCache::new(config.local_bytes, config.lease));
         Ok(ImageCache {
+            local,
             pool,
             config,
             flights: Mutex::new(HashMap::new()),
@@ -493,11 +567,30 @@ impl ImageCache {
         Fut: Future<Output = Result<Option<CachedImage>, E>>,
         E: Error + Send + Sync + 'static,
     {
+        // The lease of whatever this call puts in the in-process cache counts from here,
+        // before the pool read or the fill that produces it.
+        let leased_from = Instant::now();
+        if let Some(local) = &self.local
+            && let Some(image) = local.get(key.as_str(), leased_from)
+        {
+            return Ok(Some(Fetched {
+                image,
+                hit: true,
+                local: true,
+            }));
+        }
         let pool_key = self.pool_key(key);
         let observed = match self.read(&pool_key).await {
             Lookup::Hit(image) => {
                 bump(&self.counters.hits);
-                return Ok(Some(Fetched { image, hit: true }));
+                if let Some(local) = &self.local {
+                    local.insert(key.as_str(), &image, leased_from);
+                }
+                return Ok(Some(Fetched {
+                    image,
+                    hit: true,
+                    local: false,
+                }));
             }
             Lookup::Miss(observed) => observed,
         };
@@ -531,6 +624,11 @@ impl ImageCache {
         // Waiters get the result now, not after the store's round trip.
         lead.publish(outcome.clone());
         if let Ok(Some(image)) = &outcome {
+            if let Some(local) = &self.local
+                && !lead.flight.stale.load(Ordering::Acquire)
+            {
+                local.insert(key.as_str(), image, leased_from);
+            }
             self.store(&pool_key, image, &lead.flight, started).await;
         }
         // Keeping the flight in the map until the store landed lets callers that missed
@@ -540,10 +638,15 @@ impl ImageCache {
     }
 
     /// Makes sure nobody reads the image now under `key` from the cache once this returns
-    /// (call it after committing the new image and before acknowledging the upload). See
-    /// the module documentation for how, and for what an error means.
+    /// (call it after committing the new image and before acknowledging the upload): from
+    /// the pool, and from any web server's in-process cache, for which it waits the lease
+    /// after the tombstone was written. See the module documentation for how, and for what
+    /// an error means.
     pub async fn invalidate(&self, key: &ImageKey) -> Result<(), CacheError> {
         bump(&self.counters.invalidations);
+        if let Some(local) = &self.local {
+            local.remove(key.as_str());
+        }
         let pool_key = self.pool_key(key);
         if let Some(flight) = lock(&self.flights).remove(&pool_key) {
             flight.stale.store(true, Ordering::Release);
@@ -563,23 +666,44 @@ impl ImageCache {
                 source,
                 ttl_secs: self.config.ttl_secs,
             }
-        })
+        })?;
+        self.outlive_leases().await;
+        Ok(())
     }
 
-    /// Empties the pool (every node, not only images) and detaches every running fill. For
-    /// "clear the cache" and "delete all data"; see the module documentation for the case
-    /// this does not cover across web servers.
+    /// Waits until every in-process copy any web server read before the invalidation that
+    /// just returned has expired (see the module documentation).
+    async fn outlive_leases(&self) {
+        if !self.config.lease.is_zero() {
+            tokio::time::sleep(lease_wait(self.config.lease)).await;
+        }
+    }
+
+    /// Empties the pool (every node, not only images) and this process's in-process cache,
+    /// detaches every running fill, and waits the lease so that every other web server's
+    /// in-process copies have expired. For "clear the cache" and "delete all data"; see the
+    /// module documentation for the case this does not cover across web servers.
     pub async fn invalidate_all(&self) -> Result<(), CacheError> {
         bump(&self.counters.invalidations);
         for (_, flight) in lock(&self.flights).drain() {
             flight.stale.store(true, Ordering::Release);
+        }
+        if let Some(local) = &self.local {
+            local.clear();
         }
         self.timed("flush_all", self.pool.flush_all())
             .await
             .map_err(|err| {
                 bump(&self.counters.pool_errors);
                 CacheError::Flush(err)
-            })
+            })?;
+        self.outlive_leases().await;
+        Ok(())
+    }
+
+    /// The in-process cache's counters and sizes; `None` when it is off.
+    pub fn local_stats(&self) -> Option<LocalStats> {
+        self.local.as_ref().map(LocalCache::stats)
     }
 
     /// A snapshot of the counters.
@@ -738,7 +862,20 @@ async fn wait(outcome: &mut Receiver) -> Option<Outcome> {
 }
 
 fn served(outcome: Outcome) -> Result<Option<Fetched>, FillError> {
-    outcome.map(|found| found.map(|image| Fetched { image, hit: false }))
+    outcome.map(|found| {
+        found.map(|image| Fetched {
+            image,
+            hit: false,
+            local: false,
+        })
+    })
+}
+
+/// How long a writer waits after invalidating: the lease, plus 1 % and a millisecond for
+/// monotonic clocks of different hosts running at slightly different rates (NTP slews them
+/// by at most 0.05 %) and for timer granularity.
+fn lease_wait(lease: Duration) -> Duration {
+    lease + lease / 100 + Duration::from_millis(1)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -5,6 +5,7 @@
 use cachepool_test_support::matrix;
 use cachepool_test_support::site::{Site, gif};
 use cachepool_test_support::store::{Db, Objects};
+use cachepool_web::cache::CacheConfig;
 
 matrix!(metrics_show_store_latency_and_pool_hits:
     metrics_show_store_latency_and_pool_hits_on_sqlite_and_local_dir => (Db::Sqlite, Objects::Local),
@@ -44,7 +45,9 @@ async fn scrape(site: &Site) -> String {
 }
 
 async fn metrics_show_store_latency_and_pool_hits(db: Db, objects: Objects) {
-    let site = Site::start(db, objects).await;
+    // The in-process cache off: every read asks the pool (web/tests/replicas.rs counts the
+    // in-process cache's reads).
+    let site = Site::start_with_cache(db, objects, CacheConfig::default()).await;
     let before = scrape(&site).await;
     let db_upsert = r#"cachepool_web_db_duration_seconds_count{operation="upsert"}"#;
     let db_get = r#"cachepool_web_db_duration_seconds_count{operation="get"}"#;
