@@ -337,6 +337,9 @@ async fn flush(State(state): State<AdminState>) -> Response {
     .into_response()
 }
 
+/// The largest `batchBytes` and `maxInFlightBytes` a hand-off request may ask for.
+const MAX_HANDOFF_BYTES: usize = 1 << 30;
+
 async fn start_handoff(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
     let request: HandoffRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -347,6 +350,21 @@ async fn start_handoff(State(state): State<AdminState>, body: Bytes) -> Result<R
             ),
         )
     })?;
+    // Both bound what the hand-off holds in memory besides the store (a batch copied out,
+    // the items in flight to each owner).
+    for (field, value) in [
+        ("batchBytes", request.batch_bytes),
+        ("maxInFlightBytes", request.max_in_flight_bytes),
+    ] {
+        if !(1..=MAX_HANDOFF_BYTES).contains(&value) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("{field} must be between 1 and {MAX_HANDOFF_BYTES} (1 GiB), got {value}"),
+            )
+            .field(field));
+        }
+    }
     let status = state.handoff.start(state.shared.store.clone(), request);
     Ok((StatusCode::ACCEPTED, axum::Json(status)).into_response())
 }

@@ -107,23 +107,13 @@ impl Site {
 
     /// `PUT /api/v1/images/{key}`: the status and the JSON body (`null` if none).
     pub async fn put(&self, key: &str, body: Vec<u8>) -> (u16, Value) {
-        let r = self
-            .http
-            .put(format!("{}/api/v1/images/{key}", self.url))
-            .body(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
+        let r = put_image(&self.http, &self.url, key, body).await;
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     /// `GET /api/v1/images/{key}`.
     pub async fn get(&self, key: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}/api/v1/images/{key}", self.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+        get_image(&self.http, &self.url, key).await
     }
 
     /// `GET` of a path and query: the status and the JSON body (`null` if none).
@@ -139,14 +129,7 @@ impl Site {
 
     /// `DELETE /api/v1/data` with an optional `Authorization` header value.
     pub async fn delete_data(&self, authorization: Option<&str>) -> reqwest::Response {
-        let mut request = self.http.delete(format!("{}/api/v1/data", self.url));
-        if let Some(value) = authorization {
-            request = request.header("authorization", value);
-        }
-        request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("DELETE /api/v1/data: {e}"))
+        delete_data(&self.http, &self.url, authorization).await
     }
 
     /// The keys of the first page of the listing, newest first.
@@ -182,36 +165,63 @@ pub struct Replica {
 impl Replica {
     /// `PUT /api/v1/images/{key}`: the status.
     pub async fn put(&self, key: &str, body: Vec<u8>) -> u16 {
-        self.http
-            .put(format!("{}/api/v1/images/{key}", self.url))
-            .body(body)
-            .send()
+        put_image(&self.http, &self.url, key, body)
             .await
-            .unwrap_or_else(|e| panic!("PUT {key}: {e}"))
             .status()
             .as_u16()
     }
 
     /// `GET /api/v1/images/{key}`.
     pub async fn get(&self, key: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}/api/v1/images/{key}", self.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+        get_image(&self.http, &self.url, key).await
     }
 
     /// `DELETE /api/v1/data` with the admin token: the status.
     pub async fn delete_data(&self) -> u16 {
-        self.http
-            .delete(format!("{}/api/v1/data", self.url))
-            .header("authorization", format!("Bearer {ADMIN}"))
-            .send()
+        let bearer = format!("Bearer {ADMIN}");
+        delete_data(&self.http, &self.url, Some(&bearer))
             .await
-            .unwrap_or_else(|e| panic!("DELETE /api/v1/data: {e}"))
             .status()
             .as_u16()
     }
+}
+
+/// `PUT /api/v1/images/{key}` on the site at `url`.
+async fn put_image(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: Vec<u8>,
+) -> reqwest::Response {
+    http.put(format!("{url}/api/v1/images/{key}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {key}: {e}"))
+}
+
+/// `GET /api/v1/images/{key}` on the site at `url`.
+async fn get_image(http: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
+    http.get(format!("{url}/api/v1/images/{key}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+}
+
+/// `DELETE /api/v1/data` on the site at `url`, with an optional `Authorization` header value.
+async fn delete_data(
+    http: &reqwest::Client,
+    url: &str,
+    authorization: Option<&str>,
+) -> reqwest::Response {
+    let mut request = http.delete(format!("{url}/api/v1/data"));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("DELETE /api/v1/data: {e}"))
 }
 
 impl Drop for Replica {

@@ -239,6 +239,39 @@ async fn put_config_rejects_invalid_values_with_400_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_handoff_rejects_batch_and_window_sizes_out_of_range_and_starts_nothing() {
+    let node = start_node(16).await;
+    let ring = json!({"epoch": 2, "members": [{"slot": 0, "address": "127.0.0.1:1"}]});
+    for (field, value) in [
+        ("batchBytes", json!(0)),
+        ("maxInFlightBytes", json!(0)),
+        ("maxInFlightBytes", json!(1u64 << 40)),
+        ("batchBytes", json!((1u64 << 30) + 1)),
+    ] {
+        let body = json!({"ring": ring, "selfAddress": "127.0.0.1:2", field: value}).to_string();
+        let answer = http(
+            node.admin_addr,
+            "POST",
+            "/handoff",
+            Some(TOKEN),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{body}: {}", answer.body);
+        assert_eq!(answer.json()["field"], field, "{body}: {}", answer.body);
+    }
+    let status = http(node.admin_addr, "GET", "/handoff", Some(TOKEN), None).await;
+    assert_eq!(status.status, 200, "{}", status.body);
+    assert_eq!(
+        status.json()["state"],
+        "idle",
+        "nothing started: {}",
+        status.body
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_flush_empties_the_node() {
     let node = start_node(16).await;
     let mut c = Client::connect(node.addr).await;
