@@ -937,6 +937,30 @@ mod tests {
             "invalid cache configuration: tombstone_ttl_secs must be at least the store \
              deadline (1.5s, rounded up) plus 3, so at least 5, and at most 2592000; got 4"
         );
+        assert_eq!(
+            message(CacheConfig {
+                local_bytes: 1 << 20,
+                lease: MAX_LEASE + Duration::from_millis(1),
+                ..base.clone()
+            }),
+            "invalid cache configuration: the in-process cache's lease must be at most 10s \
+             (every re-upload waits that long), got 10.001s"
+        );
+        assert!(
+            message(CacheConfig {
+                local_bytes: 1 << 20,
+                lease: Duration::ZERO,
+                ..base.clone()
+            })
+            .contains("needs a lease greater than zero")
+        );
+        CacheConfig {
+            local_bytes: 0,
+            lease: Duration::ZERO,
+            ..base.clone()
+        }
+        .validate()
+        .unwrap();
         CacheConfig {
             store_deadline: Duration::from_millis(1500),
             tombstone_ttl_secs: 5,
