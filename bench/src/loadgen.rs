@@ -46,6 +46,8 @@ pub struct Load {
 #[derive(Clone, Debug)]
 pub struct LoadResult {
     pub ops: u64,
+    /// Requests answered during the warm-up (not in `ops`, nor in the latency).
+    pub warmup_ops: u64,
     pub gets: u64,
     pub hits: u64,
     pub refused: u64,
@@ -99,6 +101,7 @@ pub async fn run(load: &Load) -> anyhow::Result<LoadResult> {
     }
     let mut total = LoadResult {
         ops: 0,
+        warmup_ops: 0,
         gets: 0,
         hits: 0,
         refused: 0,
@@ -108,6 +111,7 @@ pub async fn run(load: &Load) -> anyhow::Result<LoadResult> {
     while let Some(joined) = tasks.join_next().await {
         let part = joined.context("a load task panicked")??;
         total.ops += part.ops;
+        total.warmup_ops += part.warmup_ops;
         total.gets += part.gets;
         total.hits += part.hits;
         total.refused += part.refused;
@@ -146,6 +150,7 @@ async fn drive(
     let mut pos = 0;
     let mut r = LoadResult {
         ops: 0,
+        warmup_ops: 0,
         gets: 0,
         hits: 0,
         refused: 0,
@@ -178,7 +183,9 @@ async fn drive(
             match wire::parse_pipelined(&input[pos..])? {
                 Some((reply, used)) => {
                     pos += used;
-                    if measured {
+                    if !measured {
+                        r.warmup_ops += 1;
+                    } else {
                         r.ops += 1;
                         r.latency
                             .saturating_record(now.duration_since(sent).as_nanos() as u64);

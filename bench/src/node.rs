@@ -69,6 +69,14 @@ pub struct NodeArgs {
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also measure a node run from this binary (e.g. the previous commit's release build),
+    /// in the same rounds and with the same load: before and after side by side.
+    #[arg(long, value_name = "CACHEPOOL_BINARY")]
+    baseline_node: Option<PathBuf>,
+    /// The node's `--scheduling` (pinned or shared; default: the node's own default). Not
+    /// passed to the baseline node, which may predate the flag.
+    #[arg(long)]
+    scheduling: Option<String>,
 }
 
 /// One workload on one server, over all rounds.
@@ -79,6 +87,10 @@ struct Cell {
     gets: u64,
     hits: u64,
     refused: u64,
+    /// The server's CPU time over its runs (warm-up included), and the requests it answered
+    /// in that time (warm-up included).
+    cpu: Duration,
+    cpu_requests: u64,
 }
 
 impl Cell {
@@ -89,16 +101,29 @@ impl Cell {
             gets: 0,
             hits: 0,
             refused: 0,
+            cpu: Duration::ZERO,
+            cpu_requests: 0,
         })
     }
 
-    fn add(&mut self, r: &LoadResult) -> anyhow::Result<()> {
+    fn add(&mut self, r: &LoadResult, cpu: Duration) -> anyhow::Result<()> {
         self.throughputs.push(r.throughput());
         self.latency.add(&r.latency)?;
         self.gets += r.gets;
         self.hits += r.hits;
         self.refused += r.refused;
+        self.cpu += cpu;
+        self.cpu_requests += r.ops + r.warmup_ops;
         Ok(())
+    }
+
+    /// Server CPU microseconds per request.
+    fn cpu_per_request_us(&self) -> f64 {
+        if self.cpu_requests == 0 {
+            f64::NAN
+        } else {
+            self.cpu.as_secs_f64() * 1e6 / self.cpu_requests as f64
+        }
     }
 
     fn median_throughput(&self) -> f64 {
@@ -128,6 +153,7 @@ impl Cell {
             "requests": self.latency.len(),
             "hit_ratio": self.hit_ratio(),
             "refused": self.refused,
+            "cpu_us_per_request": self.cpu_per_request_us(),
         })
     }
 }
@@ -187,12 +213,23 @@ async fn measure(args: NodeArgs) -> anyhow::Result<()> {
         policy: args.policy.clone(),
         admin_token: None,
     };
-    let mut servers = [
+    let mut servers = vec![
         ServerProcess::memcached(&args.memcached, &spec).await?,
-        ServerProcess::node(&spec).await?,
+        ServerProcess::node_with(
+            "node",
+            None,
+            &spec,
+            args.scheduling
+                .iter()
+                .flat_map(|s| ["--scheduling", s.as_str()]),
+        )
+        .await?,
     ];
-    let mut rss_idle = [0; 2];
-    let mut rss_filled = [0; 2];
+    if let Some(bin) = &args.baseline_node {
+        servers.push(ServerProcess::node_with("baseline", Some(bin), &spec, []).await?);
+    }
+    let mut rss_idle = vec![0; servers.len()];
+    let mut rss_filled = vec![0; servers.len()];
     for (i, server) in servers.iter().enumerate() {
         rss_idle[i] = server.rss_bytes()?;
         eprintln!(
@@ -228,9 +265,14 @@ async fn measure(args: NodeArgs) -> anyhow::Result<()> {
                 .map(move |&depth| Workload { dist, depth })
         })
         .collect();
-    let mut cells: Vec<[Cell; 2]> = Vec::new();
+    let mut cells: Vec<Vec<Cell>> = Vec::new();
     for _ in &workloads {
-        cells.push([Cell::new()?, Cell::new()?]);
+        cells.push(
+            servers
+                .iter()
+                .map(|_| Cell::new())
+                .collect::<anyhow::Result<_>>()?,
+        );
     }
     for round in 0..args.rounds {
         for (w, workload) in workloads.iter().enumerate() {
@@ -250,7 +292,9 @@ async fn measure(args: NodeArgs) -> anyhow::Result<()> {
                     // Same load for both servers within a round, a fresh one each round.
                     seed: args.seed.wrapping_add(round as u64 * 1_000_003),
                 };
+                let cpu_before = server.cpu_time()?;
                 let r = loadgen::run(&load).await?;
+                let cpu = server.cpu_time()?.since(cpu_before);
                 eprintln!(
                     "round {}/{} {:<20} {:<9} {:>10} ops/s  p99 {:>8} us  hits {:.2}%",
                     round + 1,
@@ -261,7 +305,7 @@ async fn measure(args: NodeArgs) -> anyhow::Result<()> {
                     micros(r.latency.value_at_quantile(0.99)),
                     100.0 * r.hit_ratio(),
                 );
-                cells[w][s].add(&r)?;
+                cells[w][s].add(&r, cpu.user + cpu.sys)?;
             }
         }
     }
@@ -306,14 +350,15 @@ fn ratio(a: f64, b: f64) -> String {
 fn render(
     args: &NodeArgs,
     workloads: &[Workload],
-    cells: &[[Cell; 2]],
+    cells: &[Vec<Cell>],
     facts: &[ServerFacts],
 ) -> String {
     let mut out = format!(
         "bench node: {} rounds x {} s (+{} s warm-up), {} server threads, {} MiB, {} connections, \
          {} keys of {} B, values {} B, get ratio {}, client threads {}\n\
          latency: per request, from the write of its batch to the arrival of its reply; \
-         percentiles over all rounds\n\n",
+         percentiles over all rounds; CPU: the server process's user + system time per request, \
+         warm-up included\n\n",
         args.rounds,
         args.duration_secs,
         args.warmup_secs,
@@ -334,10 +379,11 @@ fn render(
         "p50 us",
         "p99 us",
         "p99.9 us",
+        "CPU us/req",
         "hit %",
     ]);
-    for (w, pair) in workloads.iter().zip(cells) {
-        for (f, c) in facts.iter().zip(pair) {
+    for (w, row) in workloads.iter().zip(cells) {
+        for (f, c) in facts.iter().zip(row) {
             let min = c.throughputs.iter().copied().fold(f64::INFINITY, f64::min);
             let max = c.throughputs.iter().copied().fold(0.0, f64::max);
             t.row([
@@ -348,20 +394,23 @@ fn render(
                 micros(c.quantile(0.5)),
                 micros(c.quantile(0.99)),
                 micros(c.quantile(0.999)),
+                format!("{:.2}", c.cpu_per_request_us()),
                 format!("{:.2}", 100.0 * c.hit_ratio()),
             ]);
         }
-        let [m, n] = pair;
-        t.row([
-            String::new(),
-            "node/memcached".into(),
-            ratio(n.median_throughput(), m.median_throughput()),
-            String::new(),
-            ratio(n.quantile(0.5) as f64, m.quantile(0.5) as f64),
-            ratio(n.quantile(0.99) as f64, m.quantile(0.99) as f64),
-            ratio(n.quantile(0.999) as f64, m.quantile(0.999) as f64),
-            String::new(),
-        ]);
+        for (label, a, b) in comparisons(facts, row) {
+            t.row([
+                String::new(),
+                label,
+                ratio(a.median_throughput(), b.median_throughput()),
+                String::new(),
+                ratio(a.quantile(0.5) as f64, b.quantile(0.5) as f64),
+                ratio(a.quantile(0.99) as f64, b.quantile(0.99) as f64),
+                ratio(a.quantile(0.999) as f64, b.quantile(0.999) as f64),
+                ratio(a.cpu_per_request_us(), b.cpu_per_request_us()),
+                String::new(),
+            ]);
+        }
     }
     out.push_str(&t.render());
     out.push('\n');
@@ -383,7 +432,7 @@ fn render(
             mib(f.rss_after),
         ]);
     }
-    if let [a, b] = facts {
+    if let [a, b, ..] = facts {
         m.row([
             "node/memcached".to_string(),
             String::new(),
@@ -397,10 +446,25 @@ fn render(
     out
 }
 
+/// The ratios a table shows under a workload: every node against memcached (the first
+/// server), and the node against the baseline node when there is one.
+fn comparisons<'c>(facts: &[ServerFacts], row: &'c [Cell]) -> Vec<(String, &'c Cell, &'c Cell)> {
+    let mut pairs: Vec<(String, &Cell, &Cell)> = facts
+        .iter()
+        .zip(row)
+        .skip(1)
+        .map(|(f, c)| (format!("{}/{}", f.name, facts[0].name), c, &row[0]))
+        .collect();
+    if let ([_, node, baseline], [_, n, b]) = (facts, row) {
+        pairs.push((format!("{}/{}", node.name, baseline.name), n, b));
+    }
+    pairs
+}
+
 fn to_json(
     args: &NodeArgs,
     workloads: &[Workload],
-    cells: &[[Cell; 2]],
+    cells: &[Vec<Cell>],
     facts: &[ServerFacts],
 ) -> serde_json::Value {
     json!({
@@ -409,19 +473,28 @@ fn to_json(
             "threads": args.threads, "memory_mib": args.memory_mib, "connections": args.connections,
             "keys": args.keys, "key_size": args.key_size, "value_size": args.value_size,
             "get_ratio": args.get_ratio, "client_threads": args.client_threads, "seed": args.seed,
+            "scheduling": args.scheduling, "baseline_node": args.baseline_node,
             "latency": "per request, from the write of its batch to the arrival of its reply",
         },
-        "workloads": workloads.iter().zip(cells).map(|(w, [m, n])| json!({
-            "workload": w.name(),
-            "key_distribution": w.dist.to_string(),
-            "depth": w.depth,
-            "memcached": m.json(),
-            "node": n.json(),
-            "node_over_memcached": {
-                "throughput": n.median_throughput() / m.median_throughput(),
-                "p99": n.quantile(0.99) as f64 / m.quantile(0.99) as f64,
-            },
-        })).collect::<Vec<_>>(),
+        "workloads": workloads.iter().zip(cells).map(|(w, row)| {
+            let mut entry = json!({
+                "workload": w.name(),
+                "key_distribution": w.dist.to_string(),
+                "depth": w.depth,
+            });
+            for (f, c) in facts.iter().zip(row) {
+                entry[f.name] = c.json();
+            }
+            for (label, a, b) in comparisons(facts, row) {
+                entry[label.replace('/', "_over_")] = json!({
+                    "throughput": a.median_throughput() / b.median_throughput(),
+                    "p50": a.quantile(0.5) as f64 / b.quantile(0.5) as f64,
+                    "p99": a.quantile(0.99) as f64 / b.quantile(0.99) as f64,
+                    "cpu_per_request": a.cpu_per_request_us() / b.cpu_per_request_us(),
+                });
+            }
+            entry
+        }).collect::<Vec<_>>(),
         "servers": facts.iter().map(|f| json!({
             "server": f.name, "version": f.version, "policy": f.policy,
             "rss_idle_bytes": f.rss_idle, "rss_filled_bytes": f.rss_filled, "rss_after_bytes": f.rss_after,

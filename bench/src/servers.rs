@@ -71,7 +71,22 @@ impl ServerProcess {
         name: &'static str,
         spec: &ServerSpec,
     ) -> anyhow::Result<ServerProcess> {
-        let exe = std::env::current_exe().context("locating the cachepool binary")?;
+        Self::node_with(name, None, spec, []).await
+    }
+
+    /// As `named_node`, from the cachepool binary `exe` (default: this one), with `extra`
+    /// flags after the ones `spec` sets.
+    pub async fn node_with<'a>(
+        name: &'static str,
+        exe: Option<&Path>,
+        spec: &ServerSpec,
+        extra: impl IntoIterator<Item = &'a str>,
+    ) -> anyhow::Result<ServerProcess> {
+        let exe = match exe {
+            Some(exe) => exe.to_path_buf(),
+            None => std::env::current_exe().context("locating the cachepool binary")?,
+        };
+        let extra: Vec<&str> = extra.into_iter().collect();
         start_with_retries(|| {
             let (port, admin) = (free_port()?, free_port()?);
             let mut cmd = Command::new(&exe);
@@ -86,6 +101,7 @@ impl ServerProcess {
             if let Some(token) = &spec.admin_token {
                 cmd.args(["--admin-token", token]);
             }
+            cmd.args(&extra);
             // Flags set everything measured; drop CACHEPOOL_* variables so the caller's
             // environment cannot change the node behind the flags' back.
             for (name, _) in std::env::vars_os() {

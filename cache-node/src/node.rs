@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::admin::{self, AdminState};
 use crate::metrics::unix_now;
-use crate::server::{self, ServerSettings, Shared};
+use crate::server::{self, Scheduling, ServerSettings, Shared};
 use crate::store::{Policy, Store};
 use crate::{Error, Result};
 
@@ -65,6 +65,12 @@ pub struct NodeConfig {
     #[arg(long, env = "CACHEPOOL_THREADS", default_value_t = 0)]
     pub threads: usize,
 
+    /// How connections are spread over the worker threads: `pinned` (each thread its own
+    /// event loop, a connection stays on one thread, as memcached) or `shared` (one
+    /// work-stealing runtime).
+    #[arg(long, env = "CACHEPOOL_SCHEDULING", default_value_t = Scheduling::Pinned)]
+    pub scheduling: Scheduling,
+
     /// Most simultaneous client connections; further ones get memcached's
     /// "ERROR Too many open connections" and are closed.
     #[arg(long, env = "CACHEPOOL_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -93,6 +99,7 @@ impl NodeConfig {
             max_item_size_kib: 16384,
             max_item_size: None,
             threads: 2,
+            scheduling: Scheduling::Pinned,
             max_connections: 4096,
             idle_timeout_secs: 0,
             addr_file: None,
@@ -180,6 +187,7 @@ impl Node {
             max_connections: config.max_connections,
             idle_timeout: Duration::from_secs(config.idle_timeout_secs),
             threads: config.worker_threads(),
+            scheduling: config.scheduling,
             listen: addr.to_string(),
         };
         let shared = Arc::new(Shared::new(store, settings, config.item_size_limit()));

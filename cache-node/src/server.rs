@@ -34,7 +34,88 @@ pub struct ServerSettings {
     /// Close connections idle this long (0: never, as memcached's default).
     pub idle_timeout: Duration,
     pub threads: usize,
+    /// How connections are spread over the `threads` worker threads.
+    pub scheduling: Scheduling,
     pub listen: String,
+}
+
+/// How the data port's connections are scheduled on the worker threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scheduling {
+    /// Each worker thread runs its own event loop; a connection is handed to one of them at
+    /// accept (round-robin) and stays there, as memcached's worker threads do. A request is
+    /// read, executed and answered on one thread, with no hand-over between threads.
+    #[default]
+    Pinned,
+    /// Connections are tasks on one work-stealing runtime shared by the worker threads: an
+    /// idle worker takes over a busy one's connections, at the cost of waking each other.
+    Shared,
+}
+
+impl std::fmt::Display for Scheduling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scheduling::Pinned => "pinned",
+            Scheduling::Shared => "shared",
+        })
+    }
+}
+
+/// The worker threads of [`Scheduling::Pinned`]: each runs a single-threaded runtime until
+/// the set is dropped.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: usize,
+    stop: watch::Sender<bool>,
+}
+
+impl Workers {
+    fn start(threads: usize, running: &Arc<AtomicUsize>) -> std::io::Result<Workers> {
+        let (stop, stopped) = watch::channel(false);
+        let mut workers = Workers {
+            handles: Vec::with_capacity(threads),
+            next: 0,
+            stop,
+        };
+        for i in 0..threads.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            workers.handles.push(runtime.handle().clone());
+            let mut stopped = stopped.clone();
+            running.fetch_add(1, Ordering::Relaxed);
+            let done = running.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("node-data-{i}"))
+                .spawn(move || {
+                    // Connection tasks run while this thread waits here; dropping the runtime
+                    // afterwards drops whatever is left of them.
+                    runtime.block_on(async {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    });
+                    drop(runtime);
+                    done.fetch_sub(1, Ordering::Relaxed);
+                });
+            if let Err(err) = spawned {
+                running.fetch_sub(1, Ordering::Relaxed);
+                return Err(err);
+            }
+        }
+        Ok(workers)
+    }
+
+    /// The next worker, round-robin.
+    fn next(&mut self) -> &tokio::runtime::Handle {
+        let handle = &self.handles[self.next % self.handles.len()];
+        self.next = self.next.wrapping_add(1);
+        handle
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 /// State shared by every connection and the admin API.
@@ -53,6 +134,8 @@ pub struct Shared {
     /// `stats detail on`: count gets, hits, sets and deletes per key prefix.
     detail_enabled: AtomicBool,
     detail: Mutex<HashMap<Vec<u8>, PrefixStats>>,
+    /// Worker threads of [`Scheduling::Pinned`] currently running.
+    data_threads: Arc<AtomicUsize>,
 }
 
 /// What `stats conns` shows of one connection.
@@ -92,7 +175,14 @@ impl Shared {
             sizes_enabled: AtomicBool::new(false),
             detail_enabled: AtomicBool::new(false),
             detail: Mutex::default(),
+            data_threads: Arc::default(),
         }
+    }
+
+    /// Worker threads of `--scheduling pinned` running now (0 with `shared`, and once the
+    /// data port has stopped).
+    pub fn data_threads(&self) -> usize {
+        self.data_threads.load(Ordering::Relaxed)
     }
 
     pub fn max_item_size(&self) -> usize {
@@ -138,11 +228,12 @@ impl Shared {
 /// Accepts connections until `shutdown` resolves, then closes the listener and waits (up to
 /// `drain`) for open connections to finish their current batch.
 ///
-/// Connections are tasks on the shared work-stealing runtime. Thread-per-core (a
-/// single-threaded runtime per worker, connections pinned round-robin, as memcached does) was
-/// tried: it lowered the median latency at pipeline depth 1 but raised the p99 above
-/// memcached's in three of four measurements on this shared machine, where a descheduled
-/// worker stalls every connection pinned to it (docs/benchmarks.md), so it was reverted.
+/// With [`Scheduling::Pinned`] (the default) connections are spread over worker threads of
+/// their own, each a single-threaded runtime, and the calling runtime only accepts. With
+/// [`Scheduling::Shared`] they are tasks on the calling runtime. Pinned answers a depth-1
+/// request with no wake-up of another thread, which is where the shared runtime's median
+/// latency went (docs/benchmarks.md §1); a descheduled worker delays the connections pinned
+/// to it, which is the price.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -151,11 +242,23 @@ pub async fn serve(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    let mut workers = match shared.settings.scheduling {
+        Scheduling::Shared => None,
+        Scheduling::Pinned => match Workers::start(shared.settings.threads, &shared.data_threads) {
+            Ok(workers) => Some(workers),
+            Err(err) => {
+                // Out of threads or memory for a runtime: serve, on the shared runtime,
+                // rather than not at all.
+                warn!(%err, "cannot start the data port's worker threads; connections run on the shared runtime");
+                None
+            }
+        },
+    };
     tokio::pin!(shutdown);
     shared
         .listener_fd
         .store(listener.as_raw_fd(), Ordering::Relaxed);
-    info!(addr = ?listener.local_addr().ok(), "memcached port listening");
+    info!(addr = ?listener.local_addr().ok(), scheduling = %shared.settings.scheduling, "memcached port listening");
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -180,24 +283,27 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 stats.curr_connections.fetch_add(1, Ordering::Relaxed);
                 stats.total_connections.fetch_add(1, Ordering::Relaxed);
-                let shared = shared.clone();
-                let stop = stop_rx.clone();
                 let fd = stream.as_raw_fd();
                 let info = Arc::new(ConnInfo { peer, last_cmd: AtomicU32::new(unix_now()) });
                 shared.conns().insert(fd, info.clone());
-                conns.spawn(async move {
-                    if let Err(err) = Connection::new(stream, &shared, info.clone()).run(stop).await {
-                        debug!(%peer, %err, "connection ended with an error");
+                let (shared, stop) = (shared.clone(), stop_rx.clone());
+                match workers.as_mut() {
+                    None => {
+                        conns.spawn(connection(Ok(stream), shared, info, fd, stop));
                     }
-                    // The socket is closed by now and its descriptor may already belong to a
-                    // newer connection: remove the entry only if it is still this one's.
-                    let mut open = shared.conns();
-                    if open.get(&fd).is_some_and(|c| Arc::ptr_eq(c, &info)) {
-                        open.remove(&fd);
+                    Some(workers) => {
+                        // The socket leaves this runtime's reactor and joins the worker's, so
+                        // that its readiness wakes the worker's own thread.
+                        let stream = stream.into_std();
+                        conns.spawn_on(
+                            async move {
+                                let stream = stream.and_then(TcpStream::from_std);
+                                connection(stream, shared, info, fd, stop).await;
+                            },
+                            workers.next(),
+                        );
                     }
-                    drop(open);
-                    shared.stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
-                });
+                }
             }
         }
     }
@@ -205,6 +311,41 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
     conns.abort_all();
+    while conns.join_next().await.is_some() {}
+    drop(workers);
+}
+
+/// Serves one accepted connection to its end, then forgets it.
+async fn connection(
+    stream: std::io::Result<TcpStream>,
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    fd: i32,
+    stop: watch::Receiver<bool>,
+) {
+    let peer = info.peer;
+    let served = match stream {
+        Ok(stream) => {
+            Connection::new(stream, &shared, info.clone())
+                .run(stop)
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = served {
+        debug!(%peer, %err, "connection ended with an error");
+    }
+    // The socket is closed by now and its descriptor may already belong to a newer
+    // connection: remove the entry only if it is still this one's.
+    let mut open = shared.conns();
+    if open.get(&fd).is_some_and(|c| Arc::ptr_eq(c, &info)) {
+        open.remove(&fd);
+    }
+    drop(open);
+    shared
+        .stats
+        .curr_connections
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 struct Connection<'a> {

@@ -262,3 +262,60 @@ async fn connections_beyond_max_connections_get_too_many_open_connections() {
     assert!(stat(&stats, "rejected_connections") >= 1);
     node.shutdown().await;
 }
+
+/// Both schedulings of the data port: connections spread over the worker threads see each
+/// other's writes, every one is served, and stopping the node closes them all and (pinned)
+/// ends its worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_and_shared_scheduling_serve_every_connection_and_stop_cleanly() {
+    use cache_node::server::Scheduling;
+    const CONNECTIONS: usize = 8;
+    for scheduling in [Scheduling::Pinned, Scheduling::Shared] {
+        let mut config = NodeConfig::ephemeral(16, Policy::Lru, None);
+        config.threads = 3;
+        config.scheduling = scheduling;
+        let node = start_with(config).await;
+        let shared = node.shared.clone();
+        let expected_threads = match scheduling {
+            Scheduling::Pinned => 3,
+            Scheduling::Shared => 0,
+        };
+        let mut clients = Vec::new();
+        for i in 0..CONNECTIONS {
+            let mut c = Client::connect(node.addr).await;
+            c.set(&format!("k{i}"), format!("value {i}").as_bytes())
+                .await;
+            clients.push(c);
+        }
+        // Round-robin puts neighbours on different threads: each reads the next one's key.
+        for (i, c) in clients.iter_mut().enumerate() {
+            let j = (i + 1) % CONNECTIONS;
+            assert_eq!(
+                c.get(&format!("k{j}")).await.as_deref(),
+                Some(format!("value {j}").as_bytes()),
+                "{scheduling}: connection {i} reading k{j}"
+            );
+        }
+        assert!(stat(&clients[0].stats().await, "curr_connections") >= CONNECTIONS as u64);
+        // The data port started its workers before it accepted the first connection.
+        assert_eq!(shared.data_threads(), expected_threads, "{scheduling}");
+        node.shutdown().await;
+        for (i, c) in clients.iter_mut().enumerate() {
+            let (_, closed) = c.read_to_close(Duration::from_secs(10)).await;
+            assert!(
+                closed,
+                "{scheduling}: connection {i} still open after shutdown"
+            );
+        }
+        eventually(Duration::from_secs(10), "worker threads to end", || {
+            let shared = shared.clone();
+            async move { shared.data_threads() == 0 }
+        })
+        .await;
+        assert_eq!(
+            shared.stats.curr_connections.load(Ordering::Relaxed),
+            0,
+            "{scheduling}"
+        );
+    }
+}
