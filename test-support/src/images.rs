@@ -10,3 +10,38 @@ pub fn gif(shade: u8) -> Vec<u8> {
     out.push(0x3B);
     out
 }
+
+/// A photograph-like PNG of `width`×`height` (gradients under per-pixel noise that `seed`
+/// varies, so it compresses like a photograph, not like a flat colour).
+#[cfg(feature = "web")]
+pub fn photo_png(width: u32, height: u32, seed: u32) -> Vec<u8> {
+    use image::ImageEncoder as _;
+    let pixels = photo(width, height, seed);
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(
+            pixels.as_raw(),
+            width,
+            height,
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap_or_else(|e| panic!("encoding a {width}x{height} PNG: {e}"));
+    out
+}
+
+/// The pixels of [`photo_png`].
+#[cfg(feature = "web")]
+pub fn photo(width: u32, height: u32, seed: u32) -> image::RgbImage {
+    let mut state = seed.wrapping_mul(0x9E37_79B9) | 1;
+    image::RgbImage::from_fn(width, height, |x, y| {
+        // xorshift32: cheap noise, the same for the same seed.
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let noise = (state % 32) as u8;
+        let r = (x * 200 / width.max(1)) as u8;
+        let g = (y * 200 / height.max(1)) as u8;
+        let b = ((x + y + seed * 37) % 200) as u8;
+        image::Rgb([r + noise, g + noise, b + noise / 2])
+    })
+}

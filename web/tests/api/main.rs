@@ -14,3 +14,5 @@ mod images;
 mod metrics;
 #[cfg(test)]
 mod rejections;
+#[cfg(test)]
+mod thumbnails;
