@@ -395,7 +395,10 @@ mod tests {
             <li><img class="thumb" src="/api/v1/images/b/thumbnail" alt="b"></li><img alt="no source"></ul>"#;
         assert_eq!(
             image_sources(html),
-            ["/api/v1/images/a.jpg/thumbnail", "/api/v1/images/b/thumbnail"]
+            [
+                "/api/v1/images/a.jpg/thumbnail",
+                "/api/v1/images/b/thumbnail"
+            ]
         );
     }
 }

@@ -204,9 +204,7 @@ impl WebMetrics {
     /// Counts a thumbnail made in `elapsed`.
     pub fn thumbnail_made(&self, elapsed: Duration) {
         self.inner.thumbnails_made.inc();
-        self.inner
-            .thumbnail_duration
-            .observe(elapsed.as_secs_f64());
+        self.inner.thumbnail_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts an image no thumbnail could be made of, after `elapsed`, for `reason`.
@@ -215,9 +213,7 @@ impl WebMetrics {
             .thumbnails_refused
             .get_or_create(&ReasonLabel { reason })
             .inc();
-        self.inner
-            .thumbnail_duration
-            .observe(elapsed.as_secs_f64());
+        self.inner.thumbnail_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Every series as OpenMetrics text ([`CONTENT_TYPE`]).

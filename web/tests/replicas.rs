@@ -286,7 +286,10 @@ async fn once_a_replicas_write_returned_no_replica_serves_the_old_thumbnail() {
         let at = Instant::now();
         // What every read from now on must serve: B's answer (made at the upload, stored).
         let now = b.thumbnail(key).await.bytes().await.unwrap().to_vec();
-        assert_ne!(now, previous, "the thumbnails of two images are the same bytes");
+        assert_ne!(
+            now, previous,
+            "the thumbnails of two images are the same bytes"
+        );
         previous.clone_from(&now);
         acks.push(Acked { at, now: Some(now) });
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -312,7 +315,11 @@ async fn once_a_replicas_write_returned_no_replica_serves_the_old_thumbnail() {
         reads.iter().any(|r| r.x_cache == "local"),
         "no thumbnail read was served from A's memory"
     );
-    assert!(reads.iter().any(|r| r.began >= acks[3].at && r.status == 404));
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.began >= acks[3].at && r.status == 404)
+    );
     drop(b);
     a.stop().await;
 }

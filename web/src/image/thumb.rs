@@ -145,7 +145,8 @@ pub fn thumbnail_size(width: u32, height: u32) -> (u32, u32) {
         return (width, height);
     }
     let scale = |side: u32| -> u32 {
-        let scaled = (u64::from(side) * u64::from(MAX_SIDE) + u64::from(long) / 2) / u64::from(long);
+        let scaled =
+            (u64::from(side) * u64::from(MAX_SIDE) + u64::from(long) / 2) / u64::from(long);
         u32::try_from(scaled).unwrap_or(MAX_SIDE).clamp(1, MAX_SIDE)
     };
     (scale(width), scale(height))

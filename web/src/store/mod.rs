@@ -448,7 +448,11 @@ impl Storage {
             Ok(_) => {
                 let both = [object.to_owned(), codec::thumbnail_name(object)];
                 if let Err(err) = self
-                    .timed(Part::Objects, "delete_many", self.objects.delete_many(&both))
+                    .timed(
+                        Part::Objects,
+                        "delete_many",
+                        self.objects.delete_many(&both),
+                    )
                     .await
                 {
                     tracing::warn!(key, object, error = %err, "cannot delete the object of a failed upload; the sweep will");

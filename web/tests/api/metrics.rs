@@ -70,10 +70,7 @@ async fn metrics_show_store_latency_and_pool_hits(db: Db, objects: Objects) {
         "{text}"
     );
     assert_eq!(
-        value(
-            &text,
-            "cachepool_web_thumbnail_make_duration_seconds_count"
-        ),
+        value(&text, "cachepool_web_thumbnail_make_duration_seconds_count"),
         1.0,
         "{text}"
     );

@@ -81,7 +81,10 @@ async fn thumbnails_follow_uploads_replacements_and_delete_all(db: Db, objects: 
     // The next read comes from the site's memory, the same bytes.
     let second = Read::of(&site, "photo.png").await;
     assert_eq!((second.status, second.x_cache.as_str()), (200, "local"));
-    assert_eq!((second.etag.as_str(), &second.bytes), (first.etag.as_str(), &first.bytes));
+    assert_eq!(
+        (second.etag.as_str(), &second.bytes),
+        (first.etag.as_str(), &first.bytes)
+    );
     // Revalidation.
     let revalidated = site
         .http

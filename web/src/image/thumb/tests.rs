@@ -152,7 +152,11 @@ fn a_large_photograph_becomes_a_small_jpeg_of_the_same_aspect() {
             thumb.bytes.len(),
             bytes.len()
         );
-        assert!(thumb.bytes.len() < 64 << 10, "{name}: {}", thumb.bytes.len());
+        assert!(
+            thumb.bytes.len() < 64 << 10,
+            "{name}: {}",
+            thumb.bytes.len()
+        );
     }
 }
 
@@ -160,7 +164,11 @@ fn a_large_photograph_becomes_a_small_jpeg_of_the_same_aspect() {
 fn the_thumbnail_shows_the_picture() {
     // Left half black, right half white: so must the thumbnail be.
     let image = RgbImage::from_fn(1000, 500, |x, _| {
-        if x < 500 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) }
+        if x < 500 {
+            Rgb([0, 0, 0])
+        } else {
+            Rgb([255, 255, 255])
+        }
     });
     let thumb = decoded(&make(&png_of(&image)).unwrap()).to_rgb8();
     assert_eq!(thumb.dimensions(), (320, 160));
@@ -185,7 +193,10 @@ fn an_animated_gif_gives_its_first_frame_still() {
     assert_eq!((thumb.width, thumb.height), (320, 160));
     assert_eq!(thumb.format, ThumbFormat::Jpeg);
     let pixel = decoded(&thumb).to_rgb8().get_pixel(160, 80).0;
-    assert!(pixel[0] > 200 && pixel[2] < 60, "not the red first frame: {pixel:?}");
+    assert!(
+        pixel[0] > 200 && pixel[2] < 60,
+        "not the red first frame: {pixel:?}"
+    );
 }
 
 #[test]
@@ -255,7 +266,10 @@ fn truncated_and_damaged_images_are_refused_as_corrupt() {
 #[test]
 fn reasons_cover_every_refusal() {
     assert_eq!(ThumbError::Memory.reason(), "memory");
-    assert_eq!(ThumbError::Unsupported(String::new()).reason(), "unsupported");
+    assert_eq!(
+        ThumbError::Unsupported(String::new()).reason(),
+        "unsupported"
+    );
     assert_eq!(ThumbError::Encode(String::new()).reason(), "encode");
     let limits = image::ImageError::Limits(image::error::LimitError::from_kind(
         image::error::LimitErrorKind::InsufficientMemory,
