@@ -1,7 +1,8 @@
 //! `cachepool bench`: measurements of the node against Debian's memcached, of the store's
 //! replacement policies against each other, of the hand-off between nodes and of the pool
-//! client's routing, of the operator's reaction times, and of the web site's image GET against
-//! nginx (results and commands in docs/benchmarks.md).
+//! client's routing, of the operator's reaction times, of the web site's image GET against
+//! nginx, and of its listing page with and without thumbnails (results and commands in
+//! docs/benchmarks.md).
 //!
 //! A crate of its own so that the production binary carries none of it: the `cachepool`
 //! binary links it only with its default `bench` feature (`cachepool bench …`), and an image
@@ -14,7 +15,8 @@
 //! processes; `loadgen` is the closed-loop client; `node`, `memory`, `policies`, `handoff`
 //! and `routing` each run one subcommand; `report` formats tables. `web` runs the site's
 //! benchmark with `wrk` (script and output parsing), `nginx` (configuration and process) and
-//! `procs` (CPU time per process group, from /proc) as its helpers. `resize` runs the resize
+//! `procs` (CPU time per process group, from /proc) as its helpers; `thumbnails` reuses its
+//! site and scratch directory to weigh the listing page with and without thumbnails. `resize` runs the resize
 //! and autoscaler experiments (open-loop traffic, three designs, figures).
 //!
 //! Servers under test are child processes, the node included (this same binary's `node`
@@ -35,6 +37,7 @@ mod report;
 pub mod resize;
 mod routing;
 mod servers;
+mod thumbnails;
 mod web;
 mod wrk;
 
@@ -70,6 +73,9 @@ enum BenchCommand {
     /// The site's cached image GET under wrk against nginx serving the same files, and the
     /// miss path broken down (pool, database, object store, fill).
     Web(web::WebBenchArgs),
+    /// Bytes and time of the listing's first page with the full images as thumbnails and
+    /// with real thumbnails (issue 17), in one run.
+    Thumbnails(thumbnails::ThumbnailBenchArgs),
 }
 
 /// A standalone operator over `dir` whose nodes are children of this executable (its `node`
@@ -99,6 +105,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Operator(a) => with_client_runtime(2, |rt| operator::run(rt, a)),
         // The control side (operator, uploads, miss path); the site gets its own runtime.
         BenchCommand::Web(a) => with_client_runtime(2, |rt| web::run(rt, a)),
+        BenchCommand::Thumbnails(a) => with_client_runtime(2, |rt| thumbnails::run(rt, a)),
         // CPU-bound and in-process: no runtime, no children, so the default Ctrl-C is right.
         BenchCommand::Policies(a) => policies::run(&a),
     }

@@ -918,14 +918,14 @@ fn parse_size(text: &str) -> Result<usize, String> {
 
 /// The site's runtime on a thread of its own: `threads` workers serve the site and nothing
 /// else. Dropping the guard (also on error or unwinding) stops the site and joins the thread.
-struct SiteThread {
-    url: String,
+pub(super) struct SiteThread {
+    pub(super) url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SiteThread {
-    async fn start(args: WebArgs, threads: usize) -> anyhow::Result<SiteThread> {
+    pub(super) async fn start(args: WebArgs, threads: usize) -> anyhow::Result<SiteThread> {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -971,7 +971,7 @@ impl SiteThread {
     }
 
     /// Stops the site and waits for its thread (off the async workers).
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -993,16 +993,16 @@ impl Drop for SiteThread {
 /// A scratch directory for the run (pool manifests, node state, the site's data, nginx's
 /// prefix, the wrk script), removed when dropped.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub(super) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
+    pub(super) fn new() -> anyhow::Result<TempDir> {
         let path = std::env::temp_dir().join(format!("cachepool-bench-web-{}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(TempDir(path))
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.0
     }
 }

@@ -116,6 +116,11 @@ impl Site {
         get_image(&self.http, &self.url, key).await
     }
 
+    /// `GET /api/v1/images/{key}/thumbnail`.
+    pub async fn thumbnail(&self, key: &str) -> reqwest::Response {
+        get_thumbnail(&self.http, &self.url, key).await
+    }
+
     /// `GET` of a path and query: the status and the JSON body (`null` if none).
     pub async fn get_json(&self, path_and_query: &str) -> (u16, Value) {
         let r = self
@@ -176,6 +181,11 @@ impl Replica {
         get_image(&self.http, &self.url, key).await
     }
 
+    /// `GET /api/v1/images/{key}/thumbnail`.
+    pub async fn thumbnail(&self, key: &str) -> reqwest::Response {
+        get_thumbnail(&self.http, &self.url, key).await
+    }
+
     /// `DELETE /api/v1/data` with the admin token: the status.
     pub async fn delete_data(&self) -> u16 {
         let bearer = format!("Bearer {ADMIN}");
@@ -184,6 +194,14 @@ impl Replica {
             .status()
             .as_u16()
     }
+}
+
+/// `GET /api/v1/images/{key}/thumbnail` on the site at `url`.
+async fn get_thumbnail(http: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
+    http.get(format!("{url}/api/v1/images/{key}/thumbnail"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {key}/thumbnail: {e}"))
 }
 
 /// `PUT /api/v1/images/{key}` on the site at `url`.

@@ -49,7 +49,7 @@ fn harness_opens_the_sites_json_pages() {
 }
 
 /// Uploads through the form, lands on the view page with the image loaded, and finds it in
-/// the listing with its thumbnail.
+/// the listing with its thumbnail: 320 pixels wide, made of the 480-pixel image.
 #[test]
 fn upload_through_the_form_then_view_and_list() {
     run(async {
@@ -57,7 +57,7 @@ fn upload_through_the_form_then_view_and_list() {
         let driver = Driver::start().await;
         let browser = driver.browser("upload", &stack.site).await;
         let files = stack.files();
-        let image = make_png(&browser, &files, "sunset.png", 96, 64).await;
+        let image = make_png(&browser, &files, "sunset.png", 480, 320).await;
 
         browser.goto("/").await;
         browser.id("empty", "the empty listing's message").await;
@@ -101,7 +101,7 @@ fn upload_through_the_form_then_view_and_list() {
             .await;
         assert_eq!(
             (width, height),
-            (96, 64),
+            (480, 320),
             "the image the view page shows is not the one uploaded"
         );
         assert_eq!(browser.text("image-key", "the key").await, "sunset-1");
@@ -134,7 +134,7 @@ fn upload_through_the_form_then_view_and_list() {
             }
         };
         let src = browser.attr(&thumb, "src", "the thumbnail").await;
-        assert_eq!(src.as_deref(), Some("/api/v1/images/sunset-1"));
+        assert_eq!(src.as_deref(), Some("/api/v1/images/sunset-1/thumbnail"));
         let thumb_value = serde_json::to_value(&thumb).unwrap_or_default();
         browser
             .until(
@@ -150,7 +150,8 @@ fn upload_through_the_form_then_view_and_list() {
                             vec![thumb_value.clone()],
                         )
                         .await;
-                    (width.as_u64() == Some(96)).then_some(())
+                    // The thumbnail's long side is 320, the original's 480.
+                    (width.as_u64() == Some(320)).then_some(())
                 },
             )
             .await;

@@ -9,6 +9,11 @@
 //! the old image after the upload returned. Errors are `{"error", "message", "field"?}`
 //! ([`ErrorBody`]) with the status the contract fixes (400, 401, 404, 413, 415).
 //!
+//! Thumbnails ([`crate::thumbnails`]): an upload makes the image's thumbnail (on a blocking
+//! thread) and stores it with the image; `GET /api/v1/images/{key}/thumbnail` reads it like
+//! the image (in-process cache, pool, store; one fill per key), making it on first request
+//! for an image stored without one. The image's invalidation covers its thumbnail.
+//!
 //! Each `/api/v1` route is registered from its handler's `#[utoipa::path]` (path and methods,
 //! by `documented`), which also feeds the OpenAPI document ([`crate::openapi`]), so the two
 //! cannot disagree. The routes are assembled with the document's and the pages' into the
@@ -31,10 +36,11 @@ use tracing::{error, info};
 use utoipa::openapi::path::HttpMethod;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::cache::{CachedImage, ImageCache};
+use crate::cache::{CachedImage, Fetched, ImageCache};
 use crate::image::{self, ImageKey, MAX_IMAGE_BYTES};
 use crate::metrics::{self, WebMetrics};
-use crate::store::{ImageMeta, Storage, StoreError};
+use crate::store::{ImageMeta, Object, Storage, StoreError};
+use crate::thumbnails::{self, Thumbnailer};
 
 /// Default and largest page of a listing.
 const DEFAULT_LIMIT: u32 = 50;
@@ -49,6 +55,8 @@ pub struct AppState {
     pub admin_token: Arc<str>,
     /// The site's Prometheus metrics (`/metrics`).
     pub metrics: WebMetrics,
+    /// Makes thumbnails, a few at a time, off the runtime's threads.
+    pub thumbnailer: Thumbnailer,
 }
 
 impl AppState {
@@ -61,6 +69,7 @@ impl AppState {
             storage: Arc::new(storage.with_metrics(metrics.store())),
             cache,
             admin_token: admin_token.into(),
+            thumbnailer: Thumbnailer::new(metrics.clone(), Thumbnailer::default_concurrency()),
             metrics,
         }
     }
@@ -109,6 +118,7 @@ fn v1() -> Router<AppState> {
     let router = Router::new();
     let router = documented::<__path_upload_image, _, _>(router, upload_image);
     let router = documented::<__path_view_image, _, _>(router, view_image);
+    let router = documented::<__path_view_thumbnail, _, _>(router, view_thumbnail);
     let router = documented::<__path_list_images, _, _>(router, list_images);
     let router = documented::<__path_delete_data, _, _>(router, delete_data);
     // Only uploads read a body; one byte over the limit lets `check_upload` say by how much.
@@ -295,14 +305,24 @@ pub(crate) async fn upload_image(
         .field("image")
     })?;
     let content_type = info.format.content_type();
+    // Made before the row is written, so that a reader of the new row finds it; an image it
+    // cannot be made of is stored without one (and served as its own thumbnail).
+    let thumbnail = state
+        .thumbnailer
+        .make(key.as_str(), body.clone())
+        .await
+        .map(|made| Object {
+            content_type: made.format.content_type().to_owned(),
+            bytes: Bytes::from(made.bytes),
+        });
     let outcome = state
         .storage
-        .put_image(key.as_str(), body, content_type)
+        .put_image_with_thumbnail(key.as_str(), body, content_type, thumbnail)
         .await
         .map_err(|e| internal("storing the image failed", &e))?;
-    // Before answering: nobody may see the old image once the upload returned. A new key
-    // has nothing cached (a missing image is never cached), so only a replacement pays for
-    // the invalidation and its short uncached spell.
+    // Before answering: nobody may see the old image, or its thumbnail, once the upload
+    // returned. A new key has nothing cached (a missing image, and so its thumbnail, is never
+    // cached), so only a replacement pays for the invalidation and its short uncached spell.
     if !outcome.created
         && let Err(e) = state.cache.invalidate(&key).await
     {
@@ -369,13 +389,15 @@ pub(crate) async fn view_image(
         .await
         .map_err(|e| internal("reading the image failed", &e))?;
     let Some(fetched) = fetched else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no image under the key {:?}", key.as_str()),
-        ));
+        return Err(no_image(&key));
     };
     state.metrics.viewed();
+    Ok(served(fetched, &headers))
+}
+
+/// An image (or thumbnail) as the caches or a fill gave it, with its headers; 304 when the
+/// client's `If-None-Match` names its ETag.
+fn served(fetched: Fetched, headers: &HeaderMap) -> Response {
     let image = fetched.image;
     let etag = quoted(&image.etag);
     let x_cache = match (fetched.local, fetched.hit) {
@@ -406,7 +428,61 @@ pub(crate) async fn view_image(
         HeaderValue::from_static("nosniff"),
     );
     h.insert("x-cache", HeaderValue::from_static(x_cache));
-    Ok(response)
+    response
+}
+
+fn no_image(key: &ImageKey) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no image under the key {:?}", key.as_str()),
+    )
+}
+
+/// The image's thumbnail: at most 320 pixels on its long side, never larger than the image,
+/// the first frame of an animation; JPEG, or PNG when the image has transparency. Read like
+/// the image (in-process cache, pool, store) and made on first request for an image stored
+/// without one. An image no thumbnail can be made of (over 8192 pixels a side or 24
+/// megapixels, or undecodable) is answered with its own bytes.
+#[utoipa::path(
+    get,
+    path = "/api/v1/images/{key}/thumbnail",
+    tag = "images",
+    params(
+        ("key" = String, Path, description = "The image key"),
+        ("If-None-Match" = Option<String>, Header, description = "ETags the client holds; a match answers 304"),
+    ),
+    responses(
+        (status = 200, description = "The thumbnail (`image/jpeg` or `image/png`), or the image itself when none can be made of it", content_type = "image/*", body = Vec<u8>,
+            headers(
+                ("ETag" = String, description = "Strong ETag of the bytes"),
+                ("X-Cache" = String, description = "`local` when the site's in-process cache served it, `hit` when the pool did, else `miss`"),
+                ("Cache-Control" = String, description = "`no-cache`: a re-upload replaces the thumbnail under the same URL"),
+            )
+        ),
+        (status = 304, description = "The client's copy is current"),
+        (status = 400, description = "Invalid key", body = ErrorBody),
+        (status = 404, description = "No image under the key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn view_thumbnail(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = parse_key(&state, &key)?;
+    let fetched = thumbnails::fetch(
+        &state.cache,
+        state.storage.clone(),
+        state.thumbnailer.clone(),
+        &key,
+    )
+    .await
+    .map_err(|e| internal("reading the thumbnail failed", &e))?;
+    let Some(fetched) = fetched else {
+        return Err(no_image(&key));
+    };
+    Ok(served(fetched, &headers))
 }
 
 /// A listing's query.

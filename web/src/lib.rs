@@ -27,4 +27,5 @@ pub mod openapi;
 pub mod ring;
 pub mod serve;
 pub mod store;
+pub mod thumbnails;
 pub mod ui;

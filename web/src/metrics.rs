@@ -25,6 +25,12 @@
 //!   `_capacity_bytes`. A read the in-process cache serves never reaches the pool, so the
 //!   pool's hits and misses count only the reads it missed.
 //!
+//! - **Thumbnails** ([`crate::thumbnails`]): `cachepool_web_thumbnails_made_total`, the
+//!   histogram `cachepool_web_thumbnail_make_duration_seconds` (decode, scale and encode, on
+//!   the blocking thread), and `cachepool_web_thumbnails_refused_total{reason}` with the
+//!   reasons of `image::thumb::ThumbError::reason` (`dimensions`, `memory`, `corrupt`,
+//!   `unsupported`, `encode`).
+//!
 //! Names carry the `cachepool_web_` prefix and their unit (`_seconds`; `_total` is added by
 //! the encoder to counters).
 
@@ -36,6 +42,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::cache::ImageCache;
@@ -65,6 +72,12 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// Label of refused thumbnails.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
@@ -74,6 +87,9 @@ struct Inner {
     views: Counter,
     rejected: Counter,
     store: StoreMetrics,
+    thumbnails_made: Counter,
+    thumbnail_duration: Histogram,
+    thumbnails_refused: Family<ReasonLabel, Counter>,
 }
 
 /// The site's metrics. Clones share the same series.
@@ -113,6 +129,24 @@ impl WebMetrics {
             "cachepool_web_rejected",
             "Uploads and requests refused for a bad key or image",
         );
+        let thumbnails_made = counter(
+            "cachepool_web_thumbnails_made",
+            "Thumbnails made, at upload or on first request",
+        );
+        // 1 ms to 8 s: a small GIF to a 24-megapixel photograph on a slow core.
+        let thumbnail_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register_with_unit(
+            "cachepool_web_thumbnail_make_duration",
+            "Time to decode, scale and encode one thumbnail (made or refused)",
+            Unit::Seconds,
+            thumbnail_duration.clone(),
+        );
+        let thumbnails_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "cachepool_web_thumbnails_refused",
+            "Images no thumbnail was made of (the original is served instead), by reason",
+            thumbnails_refused.clone(),
+        );
         registry.register_collector(Box::new(PoolCollector { cache }));
         WebMetrics {
             inner: Arc::new(Inner {
@@ -123,6 +157,9 @@ impl WebMetrics {
                 views,
                 rejected,
                 store,
+                thumbnails_made,
+                thumbnail_duration,
+                thumbnails_refused,
             }),
         }
     }
@@ -162,6 +199,21 @@ impl WebMetrics {
     /// Counts a request refused for a bad key or image.
     pub fn rejected(&self) {
         self.inner.rejected.inc();
+    }
+
+    /// Counts a thumbnail made in `elapsed`.
+    pub fn thumbnail_made(&self, elapsed: Duration) {
+        self.inner.thumbnails_made.inc();
+        self.inner.thumbnail_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an image no thumbnail could be made of, after `elapsed`, for `reason`.
+    pub fn thumbnail_refused(&self, reason: &'static str, elapsed: Duration) {
+        self.inner
+            .thumbnails_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        self.inner.thumbnail_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Every series as OpenMetrics text ([`CONTENT_TYPE`]).

@@ -67,6 +67,7 @@ impl Modify for AdminToken {
     paths(
         api::upload_image,
         api::view_image,
+        api::view_thumbnail,
         api::list_images,
         api::delete_data,
         openapi_json,

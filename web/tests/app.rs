@@ -93,6 +93,7 @@ async fn openapi_document_is_3_1_and_lists_exactly_the_served_api_routes() {
             "/api/v1/data",
             "/api/v1/images",
             "/api/v1/images/{key}",
+            "/api/v1/images/{key}/thumbnail",
             "/api/v1/openapi.json",
         ])
     );

@@ -1,8 +1,8 @@
 //! Two replicas of the site sharing the pool, the database and the object store, each with
 //! its in-process cache of hot images: once one replica acknowledged a re-upload or a
 //! delete-all, the other never serves the old bytes, although it held them in memory (the
-//! lease rule of `cachepool_web::cache`). Plus the in-process cache's metrics and its byte
-//! budget, as `/metrics` shows them.
+//! lease rule of `cachepool_web::cache`); the same for the image's thumbnail. Plus the
+//! in-process cache's metrics and its byte budget, as `/metrics` shows them.
 //!
 //! The replicas are two routers with their own pool clients and image caches on their own
 //! ports, over one SQLite file, one image directory and two in-process cache nodes: what two
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cachepool_test_support::images::photo_png;
 use cachepool_test_support::site::{Replica, Site, gif, header, site_cache_config};
 use cachepool_test_support::store::{Db, Objects};
 use cachepool_web::cache::CacheConfig;
@@ -39,8 +40,12 @@ struct Reader {
 
 impl Reader {
     fn start(http: reqwest::Client, url: &str, key: &str) -> Reader {
+        Reader::start_at(http, format!("{url}/api/v1/images/{key}"))
+    }
+
+    /// Reads `target` (a full URL) back to back until stopped.
+    fn start_at(http: reqwest::Client, target: String) -> Reader {
         let stop = Arc::new(AtomicBool::new(false));
-        let target = format!("{url}/api/v1/images/{key}");
         let flag = stop.clone();
         let task = tokio::spawn(async move {
             let mut reads = Vec::new();
@@ -237,6 +242,84 @@ async fn once_a_replicas_delete_all_returned_no_replica_serves_the_old_bytes() {
         );
         assert!(reads.iter().any(|r| r.began >= acks[0].at));
     }
+    drop(b);
+    a.stop().await;
+}
+
+/// Reads `key`'s thumbnail from A until A serves it from its memory; its bytes.
+async fn until_local_thumbnail(site: &Site, key: &str) -> Vec<u8> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let r = site.thumbnail(key).await;
+        let x_cache = header(&r, "x-cache");
+        let got = r.bytes().await.unwrap_or_else(|e| panic!("GET {key}: {e}"));
+        if x_cache == "local" {
+            return got.to_vec();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica A did not come to serve the thumbnail from memory"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_replicas_write_returned_no_replica_serves_the_old_thumbnail() {
+    let a = Site::start(Db::Sqlite, Objects::Local).await;
+    let b = a.replica(site_cache_config()).await;
+    let key = "hot.png";
+    assert_eq!(a.put(key, photo_png(64, 48, 1)).await.0, 201);
+    let first = until_local_thumbnail(&a, key).await;
+    let reader = Reader::start_at(
+        a.http.clone(),
+        format!("{}/api/v1/images/{key}/thumbnail", a.url),
+    );
+    let mut acks = Vec::new();
+    let mut began = Vec::new();
+    let mut previous = first;
+    for seed in 2..5 {
+        // A holds the current thumbnail in memory before each write.
+        until_local_thumbnail(&a, key).await;
+        began.push(Instant::now());
+        assert_eq!(b.put(key, photo_png(64, 48, seed)).await, 200);
+        let at = Instant::now();
+        // What every read from now on must serve: B's answer (made at the upload, stored).
+        let now = b.thumbnail(key).await.bytes().await.unwrap().to_vec();
+        assert_ne!(
+            now, previous,
+            "the thumbnails of two images are the same bytes"
+        );
+        previous.clone_from(&now);
+        acks.push(Acked { at, now: Some(now) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until_local_thumbnail(&a, key).await;
+    began.push(Instant::now());
+    assert_eq!(b.delete_data().await, 200);
+    acks.push(Acked {
+        at: Instant::now(),
+        now: None,
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reads = reader.stop().await;
+    let stale = stale_reads(&reads, &acks, &began[1..]);
+    assert!(
+        stale.is_empty(),
+        "{} of {} thumbnail reads of A served an old thumbnail after B's write returned: {:?}",
+        stale.len(),
+        reads.len(),
+        stale.first().map(|r| (&r.x_cache, r.status))
+    );
+    assert!(
+        reads.iter().any(|r| r.x_cache == "local"),
+        "no thumbnail read was served from A's memory"
+    );
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.began >= acks[3].at && r.status == 404)
+    );
     drop(b);
     a.stop().await;
 }

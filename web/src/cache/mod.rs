@@ -103,6 +103,17 @@
 //! lease per web server. Within the process, an invalidation also drops the key (or
 //! everything) at once, and a fill detached by an invalidation does not enter the cache.
 //!
+//! # Thumbnails
+//!
+//! An image's thumbnail is cached exactly as the image is, under its own entries: the pool key
+//! and the in-process key put [`THUMBNAIL_MARKER`] (`thumb/`) before the image key, a
+//! character no image key has, so no image's entry is ever a thumbnail's
+//! ([`ImageCache::get_or_fill_thumbnail`]). [`ImageCache::invalidate`] treats both entries
+//! alike (a tombstone on each, with the same id, local copies dropped, flights detached) and
+//! then waits the lease once; [`ImageCache::invalidate_all`] flushes both. So everything above
+//! holds for thumbnails word for word: no replica serves an old thumbnail once a re-upload or
+//! a delete-all was acknowledged.
+//!
 //! During a pool migration the same holds: the pool client's `set` (the tombstone) deletes
 //! the key on the previous owner first, and its `add` (a fill) pulls the previous owner's
 //! copy forward before adding, so the tombstone on the current owner is what both meet.
@@ -137,8 +148,14 @@ const _: () = assert!(
     "the largest image in its envelope must fit a node's default item size limit"
 );
 
-/// Memcached keys are at most 250 bytes; image keys take up to `MAX_KEY_LEN` of them.
-const MAX_PREFIX_LEN: usize = 250 - MAX_KEY_LEN;
+/// Put between the prefix and the image key to name the image's thumbnail, in the pool and
+/// in the in-process cache. An image key has no `/` (`crate::image::key`), so no image key
+/// names a thumbnail's entry, whatever the prefix.
+pub const THUMBNAIL_MARKER: &str = "thumb/";
+
+/// Memcached keys are at most 250 bytes; image keys take up to `MAX_KEY_LEN` of them, and a
+/// thumbnail's entry [`THUMBNAIL_MARKER`] more.
+const MAX_PREFIX_LEN: usize = 250 - MAX_KEY_LEN - THUMBNAIL_MARKER.len();
 
 /// Seconds a tombstone must outlive the store deadline: one for the node's whole-second
 /// expiry, two for an `add` in flight (see the module documentation).
@@ -167,6 +184,15 @@ pub struct CachedImage {
     pub body: Bytes,
 }
 
+/// Which of an image's entries a read or an invalidation is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// The image's own bytes.
+    Image,
+    /// Its thumbnail.
+    Thumbnail,
+}
+
 /// What [`ImageCache::get_or_fill`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fetched {
@@ -184,7 +210,7 @@ pub struct Fetched {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheConfig {
     /// Put before every image key to make its pool key, so that other users of the pool
-    /// cannot collide with images: 1 to 50 printable ASCII characters without spaces.
+    /// cannot collide with images: 1 to 44 printable ASCII characters without spaces.
     pub prefix: String,
     /// Lifetime of a cached image, in seconds (1 to 30 days). Bounds how long an entry the
     /// invalidation could not reach (see the module documentation) can be served.
@@ -550,6 +576,22 @@ impl ImageCache {
         format!("{}{}", self.config.prefix, key.as_str())
     }
 
+    /// The pool key of an image's thumbnail: the prefix, [`THUMBNAIL_MARKER`], then the key.
+    pub fn thumbnail_pool_key(&self, key: &ImageKey) -> String {
+        format!("{}{THUMBNAIL_MARKER}{}", self.config.prefix, key.as_str())
+    }
+
+    /// The in-process cache's key and the pool's key of `variant` of the image under `key`.
+    fn entry_keys(&self, key: &ImageKey, variant: Variant) -> (String, String) {
+        match variant {
+            Variant::Image => (key.as_str().to_owned(), self.pool_key(key)),
+            Variant::Thumbnail => (
+                format!("{THUMBNAIL_MARKER}{}", key.as_str()),
+                self.thumbnail_pool_key(key),
+            ),
+        }
+    }
+
     /// The image under `key`: from the pool if it holds it (`hit: true`), else from `fill`,
     /// whose result is then stored. Concurrent misses on one key run one `fill`; the others
     /// wait for its result. `fill` answers `Ok(None)` when the store has no such image
@@ -567,11 +609,44 @@ impl ImageCache {
         Fut: Future<Output = Result<Option<CachedImage>, E>>,
         E: Error + Send + Sync + 'static,
     {
+        self.fetch(key, Variant::Image, fill).await
+    }
+
+    /// The thumbnail of the image under `key`, as [`ImageCache::get_or_fill`] reads an
+    /// image: its own entries in the in-process cache and the pool (the image's keys with
+    /// [`THUMBNAIL_MARKER`]), its own fills; [`ImageCache::invalidate`] and
+    /// [`ImageCache::invalidate_all`] cover both the image and its thumbnail. `fill` answers
+    /// `Ok(None)` when there is no such image.
+    pub async fn get_or_fill_thumbnail<F, Fut, E>(
+        &self,
+        key: &ImageKey,
+        fill: F,
+    ) -> Result<Option<Fetched>, FillError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<CachedImage>, E>>,
+        E: Error + Send + Sync + 'static,
+    {
+        self.fetch(key, Variant::Thumbnail, fill).await
+    }
+
+    async fn fetch<F, Fut, E>(
+        &self,
+        key: &ImageKey,
+        variant: Variant,
+        fill: F,
+    ) -> Result<Option<Fetched>, FillError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<CachedImage>, E>>,
+        E: Error + Send + Sync + 'static,
+    {
+        let (local_key, pool_key) = self.entry_keys(key, variant);
         // The lease of whatever this call puts in the in-process cache counts from here,
         // before the pool read or the fill that produces it.
         let leased_from = Instant::now();
         if let Some(local) = &self.local
-            && let Some(image) = local.get(key.as_str(), leased_from)
+            && let Some(image) = local.get(&local_key, leased_from)
         {
             return Ok(Some(Fetched {
                 image,
@@ -579,12 +654,11 @@ impl ImageCache {
                 local: true,
             }));
         }
-        let pool_key = self.pool_key(key);
         let observed = match self.read(&pool_key).await {
             Lookup::Hit(image) => {
                 bump(&self.counters.hits);
                 if let Some(local) = &self.local {
-                    local.insert(key.as_str(), &image, leased_from);
+                    local.insert(&local_key, &image, leased_from);
                 }
                 return Ok(Some(Fetched {
                     image,
@@ -627,7 +701,7 @@ impl ImageCache {
             if let Some(local) = &self.local
                 && !lead.flight.stale.load(Ordering::Acquire)
             {
-                local.insert(key.as_str(), image, leased_from);
+                local.insert(&local_key, image, leased_from);
             }
             self.store(&pool_key, image, &lead.flight, started).await;
         }
@@ -637,36 +711,44 @@ impl ImageCache {
         served(outcome)
     }
 
-    /// Makes sure nobody reads the image now under `key` from the cache once this returns
-    /// (call it after committing the new image and before acknowledging the upload): from
-    /// the pool, and from any web server's in-process cache, for which it waits the lease
-    /// after the tombstone was written. See the module documentation for how, and for what
-    /// an error means.
+    /// Makes sure nobody reads the image now under `key`, or its thumbnail, from the cache
+    /// once this returns (call it after committing the new image and before acknowledging
+    /// the upload): from the pool, and from any web server's in-process cache, for which it
+    /// waits the lease after the tombstones were written. The image and its thumbnail each
+    /// get a tombstone, with one id; both are tried, and the first failure is the error. See
+    /// the module documentation for how, and for what an error means.
     pub async fn invalidate(&self, key: &ImageKey) -> Result<(), CacheError> {
         bump(&self.counters.invalidations);
-        if let Some(local) = &self.local {
-            local.remove(key.as_str());
-        }
-        let pool_key = self.pool_key(key);
-        if let Some(flight) = lock(&self.flights).remove(&pool_key) {
-            flight.stale.store(true, Ordering::Release);
-        }
         let seq = self.invalidations.fetch_add(1, Ordering::Relaxed);
         let tombstone = envelope::encode_tombstone(self.tombstone_ids.hash_one(seq));
-        self.timed(
-            "set",
-            self.pool
-                .set(&pool_key, &tombstone, 0, self.config.tombstone_ttl_secs),
-        )
-        .await
-        .map_err(|source| {
-            bump(&self.counters.pool_errors);
-            CacheError::Invalidate {
-                key: key.to_string(),
-                source,
-                ttl_secs: self.config.ttl_secs,
+        let mut failed = None;
+        for variant in [Variant::Image, Variant::Thumbnail] {
+            let (local_key, pool_key) = self.entry_keys(key, variant);
+            if let Some(local) = &self.local {
+                local.remove(&local_key);
             }
-        })?;
+            if let Some(flight) = lock(&self.flights).remove(&pool_key) {
+                flight.stale.store(true, Ordering::Release);
+            }
+            let written = self
+                .timed(
+                    "set",
+                    self.pool
+                        .set(&pool_key, &tombstone, 0, self.config.tombstone_ttl_secs),
+                )
+                .await;
+            if let Err(source) = written {
+                bump(&self.counters.pool_errors);
+                failed.get_or_insert(CacheError::Invalidate {
+                    key: key.to_string(),
+                    source,
+                    ttl_secs: self.config.ttl_secs,
+                });
+            }
+        }
+        if let Some(err) = failed {
+            return Err(err);
+        }
         self.outlive_leases().await;
         Ok(())
     }
@@ -911,15 +993,15 @@ mod tests {
                 prefix: "img :".into(),
                 ..base.clone()
             }),
-            "invalid cache configuration: prefix \"img :\" must be 1 to 50 printable ASCII \
+            "invalid cache configuration: prefix \"img :\" must be 1 to 44 printable ASCII \
              characters without spaces"
         );
         assert!(
             message(CacheConfig {
-                prefix: "p".repeat(51),
+                prefix: "p".repeat(45),
                 ..base.clone()
             })
-            .contains("1 to 50")
+            .contains("1 to 44")
         );
         assert_eq!(
             message(CacheConfig {

@@ -16,6 +16,7 @@
 
 pub mod format;
 pub mod key;
+pub mod thumb;
 
 pub use format::{ImageFormat, ImageInfo, detect};
 pub use key::{ImageKey, KeyError, MAX_KEY_LEN};

@@ -43,6 +43,22 @@ pub(crate) fn object_name(key: &str, token: u128) -> String {
     format!("{}.{token:032x}", hex(&Sha256::digest(key.as_bytes())))
 }
 
+/// Appended to an image version's object name to name its thumbnail's object. Image object
+/// names end in a hex token, so none ends with this.
+const THUMBNAIL_SUFFIX: &str = ".thumb";
+
+/// Object name of the thumbnail of the image version stored as `object`. Tied to the
+/// version, not the key: a re-upload's thumbnail has a new name, so an old thumbnail can
+/// never be read as the new image's, and it goes with its version's object.
+pub(crate) fn thumbnail_name(object: &str) -> String {
+    format!("{object}{THUMBNAIL_SUFFIX}")
+}
+
+/// The image object whose thumbnail `name` is, or `None` when `name` is not a thumbnail's.
+pub(crate) fn thumbnail_of(name: &str) -> Option<&str> {
+    name.strip_suffix(THUMBNAIL_SUFFIX)
+}
+
 /// Opaque list cursor naming the last item of a page: its upload time and key, hex-encoded
 /// so it is URL-safe as it stands.
 pub(crate) fn encode_cursor(uploaded_at_micros: i64, key: &str) -> String {
@@ -116,6 +132,16 @@ mod tests {
             etag_of(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn thumbnail_names_are_tied_to_their_version_and_never_an_image_name() {
+        let object = object_name(&"k".repeat(250), u128::MAX);
+        let thumb = thumbnail_name(&object);
+        assert!(thumb.len() <= super::super::MAX_OBJECT_KEY_BYTES, "{thumb}");
+        assert_eq!(thumbnail_of(&thumb), Some(object.as_str()));
+        assert_eq!(thumbnail_of(&object), None);
+        assert_ne!(thumb, thumbnail_name(&object_name("k", 1)));
     }
 
     #[test]

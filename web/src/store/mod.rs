@@ -18,6 +18,13 @@
 //! its object reads the row again and finds the newer object, so [`Storage::get_image`] never
 //! returns a row whose object is missing.
 //!
+//! An image version may have a thumbnail, an object of its own named after the version's
+//! object ([`Storage::put_image_with_thumbnail`], [`Storage::get_thumbnail`],
+//! [`Storage::put_thumbnail`]): no row of its own, so no migration, and it follows its
+//! version's object everywhere: written before the row, deleted with the replaced object
+//! and by [`Storage::delete_all`], kept by [`Storage::sweep`] exactly while its version's
+//! object is referenced.
+//!
 //! Nothing a caller passes reaches SQL text (every value is a bound parameter) or a file path
 //! (object names are written as hex).
 
@@ -219,6 +226,21 @@ pub struct Image {
     pub bytes: Bytes,
 }
 
+/// What [`Storage::get_thumbnail`] found for an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThumbnailLookup {
+    /// The current version's thumbnail, stored.
+    Stored {
+        /// The image's row.
+        meta: ImageMeta,
+        /// The thumbnail's bytes and content type.
+        thumbnail: Object,
+    },
+    /// The current version has no stored thumbnail (uploaded before thumbnails, or one could
+    /// not be made): here is the image, to make one of.
+    Missing(Image),
+}
+
 /// What [`Storage::put_image`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutOutcome {
@@ -337,6 +359,21 @@ impl Storage {
         bytes: Bytes,
         content_type: &str,
     ) -> Result<PutOutcome> {
+        self.put_image_with_thumbnail(key, bytes, content_type, None)
+            .await
+    }
+
+    /// Stores `bytes` under `key` like [`Storage::put_image`], with the version's thumbnail
+    /// (its bytes and content type) when there is one. The thumbnail's object is written
+    /// before the row, so a reader of the new row finds it; a failure to write it is logged
+    /// and leaves the version without one (it is made again on first request).
+    pub async fn put_image_with_thumbnail(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        content_type: &str,
+        thumbnail: Option<Object>,
+    ) -> Result<PutOutcome> {
         check_key(key)?;
         check_content_type(content_type)?;
         let etag = etag_of(&bytes);
@@ -349,6 +386,13 @@ impl Storage {
             self.objects.put(&object, bytes, content_type),
         )
         .await?;
+        if let Some(thumbnail) = thumbnail
+            && let Err(err) = self
+                .put_thumbnail_object(&object, thumbnail.bytes, &thumbnail.content_type)
+                .await
+        {
+            tracing::warn!(key, object, error = %err, "cannot store the thumbnail; it is made again when first asked for");
+        }
 
         let new = NewImage {
             key,
@@ -372,7 +416,12 @@ impl Storage {
         if let Some(replaced) = upserted.replaced_object.as_deref()
             && replaced != object
             && let Err(err) = self
-                .timed(Part::Objects, "delete", self.objects.delete(replaced))
+                .timed(
+                    Part::Objects,
+                    "delete_many",
+                    self.objects
+                        .delete_many(&[replaced.to_owned(), codec::thumbnail_name(replaced)]),
+                )
                 .await
         {
             // Unreferenced already: the next sweep removes it.
@@ -397,8 +446,13 @@ impl Storage {
                 );
             }
             Ok(_) => {
+                let both = [object.to_owned(), codec::thumbnail_name(object)];
                 if let Err(err) = self
-                    .timed(Part::Objects, "delete", self.objects.delete(object))
+                    .timed(
+                        Part::Objects,
+                        "delete_many",
+                        self.objects.delete_many(&both),
+                    )
                     .await
                 {
                     tracing::warn!(key, object, error = %err, "cannot delete the object of a failed upload; the sweep will");
@@ -440,6 +494,78 @@ impl Storage {
         })
     }
 
+    /// The thumbnail of the current version of the image under `key` if it is stored, else
+    /// the image to make one of; `None` when there is no image. Like [`Storage::get_image`],
+    /// it reads the row again when a concurrent re-upload deleted the objects it was after.
+    pub async fn get_thumbnail(&self, key: &str) -> Result<Option<ThumbnailLookup>> {
+        let mut last_missing = None;
+        for _ in 0..READ_ATTEMPTS {
+            let Some(meta) = self.timed(Part::Database, "get", self.db.get(key)).await? else {
+                return Ok(None);
+            };
+            let name = codec::thumbnail_name(&meta.object);
+            if let Some(thumbnail) = self
+                .timed(Part::Objects, "get", self.objects.get(&name))
+                .await?
+            {
+                return Ok(Some(ThumbnailLookup::Stored { meta, thumbnail }));
+            }
+            if let Some(object) = self
+                .timed(Part::Objects, "get", self.objects.get(&meta.object))
+                .await?
+            {
+                return Ok(Some(ThumbnailLookup::Missing(Image {
+                    meta,
+                    bytes: object.bytes,
+                })));
+            }
+            if last_missing.as_deref() == Some(meta.object.as_str()) {
+                break;
+            }
+            last_missing = Some(meta.object);
+        }
+        Err(StoreError::MissingObject {
+            key: key.to_owned(),
+            object: last_missing.unwrap_or_default(),
+        })
+    }
+
+    /// Stores the thumbnail of the image version `meta` names. If a re-upload replaced that
+    /// version meanwhile, the thumbnail is an orphan (no row names its version) and
+    /// [`Storage::sweep`] removes it after the grace period.
+    pub async fn put_thumbnail(
+        &self,
+        meta: &ImageMeta,
+        bytes: Bytes,
+        content_type: &str,
+    ) -> Result<()> {
+        self.put_thumbnail_object(&meta.object, bytes, content_type)
+            .await
+    }
+
+    /// Deletes the stored thumbnail of the image version `meta` names, if any (the next
+    /// request makes it again).
+    pub async fn delete_thumbnail(&self, meta: &ImageMeta) -> Result<()> {
+        let name = codec::thumbnail_name(&meta.object);
+        self.timed(Part::Objects, "delete", self.objects.delete(&name))
+            .await
+    }
+
+    async fn put_thumbnail_object(
+        &self,
+        object: &str,
+        bytes: Bytes,
+        content_type: &str,
+    ) -> Result<()> {
+        let name = codec::thumbnail_name(object);
+        self.timed(
+            Part::Objects,
+            "put",
+            self.objects.put(&name, bytes, content_type),
+        )
+        .await
+    }
+
     /// The metadata of the image under `key`, without its bytes.
     pub async fn get_meta(&self, key: &str) -> Result<Option<ImageMeta>> {
         self.timed(Part::Database, "get", self.db.get(key)).await
@@ -475,6 +601,18 @@ impl Storage {
             self.objects.delete_many(&named.replaced),
         )
         .await?;
+        let thumbnails: Vec<String> = named
+            .objects
+            .iter()
+            .chain(&named.replaced)
+            .map(|object| codec::thumbnail_name(object))
+            .collect();
+        self.timed(
+            Part::Objects,
+            "delete_many",
+            self.objects.delete_many(&thumbnails),
+        )
+        .await?;
         let swept = self.sweep().await?;
         Ok(Deleted {
             rows: named.rows,
@@ -483,8 +621,9 @@ impl Storage {
     }
 
     /// Removes objects that no row names and that are older than the grace period: those of
-    /// uploads that crashed between their object write and their row write, and those a
-    /// re-upload replaced but could not delete. Returns how many it removed.
+    /// uploads that crashed between their object write and their row write, those a
+    /// re-upload replaced but could not delete, and thumbnails of such versions. Returns how
+    /// many it removed.
     pub async fn sweep(&self) -> Result<u64> {
         // List before reading the references: an object written after the listing is not a
         // candidate, and a row written after the reference read names an object younger than
@@ -508,10 +647,14 @@ impl Storage {
                 self.db.referenced_objects(),
             )
             .await?;
+        // A thumbnail lives as long as its version's object is referenced.
         let orphans: Vec<String> = candidates
             .into_iter()
             .map(|info| info.key)
-            .filter(|key| !referenced.contains(key))
+            .filter(|key| {
+                let version = codec::thumbnail_of(key).unwrap_or(key);
+                !referenced.contains(version)
+            })
             .collect();
         self.timed(
             Part::Objects,

@@ -26,7 +26,8 @@ async fn upload_view_replace_list_and_delete_all(db: Db, objects: Objects) {
     );
     let uploaded_at = created["uploadedAt"].as_str().unwrap_or_default();
     assert!(uploaded_at.parse::<jiff::Timestamp>().is_ok(), "{created}");
-    assert_eq!(site.stored().await, (1, 1));
+    // The image and its thumbnail.
+    assert_eq!(site.stored().await, (1, 2));
 
     // View: a miss fills the pool (and the in-process cache), the next read is served from
     // the site's memory; both serve the bytes.
@@ -77,8 +78,8 @@ async fn upload_view_replace_list_and_delete_all(db: Db, objects: Objects) {
         .unwrap();
     assert_eq!(stale.status(), 200);
     assert_eq!(stale.bytes().await.unwrap().to_vec(), gif(2));
-    // The replaced object is gone from the object store.
-    assert_eq!(site.stored().await, (1, 1));
+    // The replaced object is gone from the object store, and its thumbnail with it.
+    assert_eq!(site.stored().await, (1, 2));
 
     // List: newest first, in pages joined by the cursor.
     assert_eq!(site.put("dog.gif", gif(3)).await.0, 201);

@@ -11,6 +11,10 @@
 #[cfg(test)]
 mod images;
 #[cfg(test)]
+mod listing;
+#[cfg(test)]
 mod metrics;
 #[cfg(test)]
 mod rejections;
+#[cfg(test)]
+mod thumbnails;

@@ -62,7 +62,18 @@ async fn metrics_show_store_latency_and_pool_hits(db: Db, objects: Objects) {
     assert_eq!(site.get("cat.gif").await.status(), 200); // hit: neither
     let text = scrape(&site).await;
     assert_eq!(value(&text, db_upsert), 1.0, "{text}");
-    assert_eq!(value(&text, obj_put), 1.0, "{text}");
+    // The image and its thumbnail.
+    assert_eq!(value(&text, obj_put), 2.0, "{text}");
+    assert_eq!(
+        value(&text, "cachepool_web_thumbnails_made_total"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "cachepool_web_thumbnail_make_duration_seconds_count"),
+        1.0,
+        "{text}"
+    );
     assert_eq!(value(&text, db_get), 1.0, "{text}");
     assert_eq!(value(&text, obj_get), 1.0, "{text}");
     assert!(

@@ -150,9 +150,9 @@ async fn every_rejection_has_its_status_and_message(db: Db, objects: Objects) {
         assert_error(&refused, 401, "unauthorized", None, says);
     }
 
-    // None of it stored, replaced or deleted anything.
+    // None of it stored, replaced or deleted anything (one image and its thumbnail).
     assert_eq!(site.listed_keys().await, ["kept.gif"]);
-    assert_eq!(site.stored().await, (1, 1));
+    assert_eq!(site.stored().await, (1, 2));
     assert_eq!(
         site.get("kept.gif").await.bytes().await.unwrap().to_vec(),
         gif(1)

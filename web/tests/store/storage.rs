@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cachepool_web::store::{Database, ObjectStore, Storage, StoreError, etag_of};
+use cachepool_web::store::{
+    Database, Object, ObjectStore, Storage, StoreError, ThumbnailLookup, etag_of,
+};
 
 use cachepool_test_support::matrix;
 use cachepool_test_support::store::{Db, Objects, TestStorage, image_bytes, s3_config};
@@ -322,6 +324,92 @@ async fn concurrent_reuploads_end_with_one_consistent_row_and_object(db: Db, obj
     assert_eq!(test.object_keys().await, [row.object]);
 }
 
+fn thumbnail(n: u8) -> Object {
+    Object {
+        bytes: vec![0xFF, 0xD8, n, 0xFF, 0xD9].into(),
+        content_type: "image/jpeg".into(),
+    }
+}
+
+async fn thumbnails_live_and_die_with_their_version(db: Db, objects: Objects) {
+    let test = TestStorage::start(db, objects).await;
+    let storage = test.storage.clone().with_orphan_grace(Duration::ZERO);
+    assert_eq!(storage.get_thumbnail("cat").await.unwrap(), None);
+
+    // Stored with the image: found as stored.
+    let first = storage
+        .put_image_with_thumbnail("cat", image_bytes(1), "image/png", Some(thumbnail(1)))
+        .await
+        .unwrap();
+    assert_eq!(test.object_keys().await.len(), 2);
+    let Some(ThumbnailLookup::Stored { meta, thumbnail: t }) =
+        storage.get_thumbnail("cat").await.unwrap()
+    else {
+        panic!("the thumbnail stored with the image is not found");
+    };
+    assert_eq!((meta, t), (first.meta.clone(), thumbnail(1)));
+    // A sweep keeps it: its version is referenced.
+    assert_eq!(storage.sweep().await.unwrap(), 0);
+    assert_eq!(test.object_keys().await.len(), 2);
+
+    // A re-upload without one: the old thumbnail goes with the old object; the lookup
+    // answers the new image to make one of.
+    let second = storage
+        .put_image("cat", image_bytes(2), "image/png")
+        .await
+        .unwrap();
+    assert_eq!(
+        test.object_keys().await,
+        std::slice::from_ref(&second.meta.object)
+    );
+    let Some(ThumbnailLookup::Missing(image)) = storage.get_thumbnail("cat").await.unwrap() else {
+        panic!("a version without a thumbnail is not reported as missing one");
+    };
+    assert_eq!(image.bytes, image_bytes(2));
+    storage
+        .put_thumbnail(&second.meta, thumbnail(2).bytes, "image/jpeg")
+        .await
+        .unwrap();
+    assert!(matches!(
+        storage.get_thumbnail("cat").await.unwrap(),
+        Some(ThumbnailLookup::Stored { thumbnail: t, .. }) if t == thumbnail(2)
+    ));
+
+    // A thumbnail made for a version replaced meanwhile is an orphan: swept.
+    storage
+        .put_thumbnail(&first.meta, thumbnail(3).bytes, "image/jpeg")
+        .await
+        .unwrap();
+    assert_eq!(test.object_keys().await.len(), 3);
+    assert_eq!(storage.sweep().await.unwrap(), 1);
+    assert_eq!(test.object_keys().await.len(), 2);
+
+    // Deleting it makes the lookup report it missing again.
+    storage.delete_thumbnail(&second.meta).await.unwrap();
+    assert!(matches!(
+        storage.get_thumbnail("cat").await.unwrap(),
+        Some(ThumbnailLookup::Missing(_))
+    ));
+
+    // Delete all: images and thumbnails, counted as images.
+    storage
+        .put_thumbnail(&second.meta, thumbnail(4).bytes, "image/jpeg")
+        .await
+        .unwrap();
+    storage
+        .put_image_with_thumbnail("dog", image_bytes(5), "image/png", Some(thumbnail(5)))
+        .await
+        .unwrap();
+    assert_eq!(test.object_keys().await.len(), 4);
+    let deleted = storage.delete_all().await.unwrap();
+    assert_eq!((deleted.rows, deleted.objects), (2, 2));
+    assert!(test.object_keys().await.is_empty());
+    assert_eq!(storage.get_thumbnail("dog").await.unwrap(), None);
+}
+
+matrix!(thumbnails_live_and_die_with_their_version:
+    thumbnails_sqlite_local => (Db::Sqlite, Objects::Local),
+    thumbnails_postgres_s3 => (Db::Postgres, Objects::S3));
 matrix!(upload_then_reupload_replaces_row_and_object:
     reupload_sqlite_local => (Db::Sqlite, Objects::Local),
     reupload_postgres_s3 => (Db::Postgres, Objects::S3));
