@@ -456,9 +456,16 @@ impl Ec2Provider {
             if self.lock().forgotten.contains(id) {
                 continue;
             }
+            let newly = !self.lock().known.contains_key(id);
             let token = self.know(&clients, region, instance).await?;
-            if let Some(node) = self.node_of(instance, &token) {
-                nodes.push(node);
+            match self.node_of(instance, &token) {
+                Some(node) => nodes.push(node),
+                // Not handed to the driver (no address yet): forgotten again, so that a launch
+                // for its slot adopts it instead of starting a second instance.
+                None if newly => {
+                    self.lock().known.remove(id);
+                }
+                None => {}
             }
         }
         nodes.sort_by(|a, b| (a.slot, a.launched_at, &a.id).cmp(&(b.slot, b.launched_at, &b.id)));
