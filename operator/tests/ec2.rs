@@ -64,7 +64,7 @@ use cachepool_operator::provider::{AdminToken, LaunchSpec, PoolRef, Provider as 
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
 use cachepool_test_support::load::{self, Checker, Keys, Load, LoadConfig};
-use cachepool_test_support::placement::{items, misplaced};
+use cachepool_test_support::placement::{Items, items, misplaced};
 use cachepool_test_support::servers::{Moto, TempDir};
 
 const REGION: &str = "us-east-1";
@@ -288,7 +288,7 @@ impl Instances {
     }
 
     /// What the node of each member of `ring` holds, by slot.
-    fn holdings(&self, ring: &Ring) -> Vec<(u32, HashMap<Vec<u8>, Vec<u8>>)> {
+    fn holdings(&self, ring: &Ring) -> Vec<(u32, Items)> {
         let booted = self.booted.lock().unwrap_or_else(PoisonError::into_inner);
         ring.members()
             .iter()

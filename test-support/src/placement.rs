@@ -10,8 +10,11 @@ use std::collections::HashMap;
 
 use cache_node::server::Shared;
 
-/// Every item a node's store holds: key -> value.
-pub fn items(shared: &Shared) -> HashMap<Vec<u8>, Vec<u8>> {
+/// What one node holds: key -> value.
+pub type Items = HashMap<Vec<u8>, Vec<u8>>;
+
+/// Every item a node's store holds.
+pub fn items(shared: &Shared) -> Items {
     let mut out = HashMap::new();
     shared.store.for_each(|item| {
         out.insert(item.key().to_vec(), item.value().to_vec());
@@ -22,7 +25,7 @@ pub fn items(shared: &Shared) -> HashMap<Vec<u8>, Vec<u8>> {
 /// The keys held by a slot other than their owner's, each described as `key on slot S, owner
 /// O`; empty when every key is on its owner. `slots` pairs each slot with what it holds.
 pub fn misplaced<'a>(
-    slots: impl IntoIterator<Item = (u32, &'a HashMap<Vec<u8>, Vec<u8>>)>,
+    slots: impl IntoIterator<Item = (u32, &'a Items)>,
     owner: impl Fn(&[u8]) -> Option<u32>,
 ) -> Vec<String> {
     let mut out = Vec::new();
