@@ -24,8 +24,9 @@ pub struct AwsArgs {
     #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
     pub aws_endpoint_url: Option<String>,
 
-    /// Region of CloudWatch (EC2 pools name their own in spec.provider.ec2.region); default:
-    /// the credential chain's (profile, instance metadata).
+    /// Region of CloudWatch (EC2 pools name their own in spec.provider.ec2.region), also swept
+    /// for instances no pool knows; default: the credential chain's (profile, instance
+    /// metadata).
     #[arg(long, env = "AWS_REGION", value_name = "REGION")]
     pub aws_region: Option<String>,
 
@@ -80,6 +81,7 @@ impl AwsArgs {
             endpoint: self.aws_endpoint_url.clone(),
             calls: config.aws_calls.clone(),
             gc_grace: Duration::from_secs(self.ec2_gc_grace_secs),
+            gc_regions: self.aws_region.iter().cloned().collect(),
             node_binary: self.ec2_node_binary.clone(),
             parameter_prefix: self.ec2_parameter_prefix.clone(),
             ..Ec2Options::default()

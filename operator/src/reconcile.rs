@@ -716,12 +716,12 @@ impl<'a> Planner<'a> {
             && self.degraded.is_none();
         status.phase = Some(if invalid.is_some() {
             PoolPhase::Invalid
-        } else if self.halted {
+        } else if self.halted || self.degraded.is_some() {
+            // Also before the first ring: a pool whose first launches are refused or never
+            // become ready is not merely pending.
             PoolPhase::Degraded
         } else if self.ring.is_none() {
             PoolPhase::Pending
-        } else if self.degraded.is_some() {
-            PoolPhase::Degraded
         } else if !settled || self.progressing.is_some() {
             PoolPhase::Scaling
         } else {

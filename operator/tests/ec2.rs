@@ -9,6 +9,17 @@
 //! instance id to that node's loopback addresses through the resolver the harness supplies;
 //! production resolves to the instance's IP.
 //!
+//! The resize test runs grow 1→3 and shrink 3→1 under load through a pool client that follows
+//! the operator's ring (the resize suite's load generator and stale-read checker, from
+//! `cachepool-test-support`), and checks afterwards that every key the nodes hold is on its
+//! ring owner and only there.
+//!
+//! A crash between `RunInstances` and recording the instance is played with an SDK
+//! interceptor that, once moto has answered, drops the runtime of the operator that made the
+//! call before the answer reaches it; the next operator, with its own periodic garbage
+//! collection, adopts the instance, or collects it after the grace period when the pool was
+//! deleted meanwhile.
+//!
 //! The resize test also measures, for grow 1→3 and shrink 3→1, the time from the decision (the
 //! driver holding the new spec) to the new ring epoch, and how much of it was spent inside the
 //! provider's AWS calls (timed by an SDK interceptor) and waiting for the harness to boot
@@ -38,11 +49,13 @@ use aws_sdk_ec2::config::{
 use aws_sdk_ec2::error::{BoxError, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{Filter, HttpTokensState, Instance, InstanceStateName};
 use base64::Engine as _;
+use cache_node::client::{ClientOptions, PoolClient};
 use cache_node::store::Policy;
 use cache_node::{Node, NodeConfig};
 use cachepool_crds::pool::{CachePool, PoolPhase, ProviderSpec};
-use cachepool_crds::ring::RingState;
+use cachepool_crds::ring::{Ring, RingState};
 use cachepool_operator::driver::DriverOptions;
+use cachepool_operator::events::{EventType, RecordedEvents, reason};
 use cachepool_operator::provider::ec2::{
     ATTEMPT_TAG, Ec2Options, Ec2Pool, Ec2Provider, InstanceAddresses, client_token,
 };
@@ -50,6 +63,8 @@ use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::provider::{AdminToken, LaunchSpec, PoolRef, Provider as _, tags};
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
+use cachepool_test_support::load::{self, Checker, Keys, Load, LoadConfig};
+use cachepool_test_support::placement::{Items, items, misplaced};
 use cachepool_test_support::servers::{Moto, TempDir};
 
 const REGION: &str = "us-east-1";
@@ -272,6 +287,22 @@ impl Instances {
             .map(|b| (b.user_data.clone(), b.token.clone()))
     }
 
+    /// What the node of each member of `ring` holds, by slot.
+    fn holdings(&self, ring: &Ring) -> Vec<(u32, Items)> {
+        let booted = self.booted.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.members()
+            .iter()
+            .map(|member| {
+                let node = booted
+                    .values()
+                    .find(|b| b.data == member.address)
+                    .and_then(|b| b.node.as_ref())
+                    .unwrap_or_else(|| panic!("no running node at {}", member.address));
+                (member.slot, items(&node.shared))
+            })
+            .collect()
+    }
+
     async fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
         let nodes: Vec<Node> = self
@@ -410,6 +441,13 @@ async fn start_operator_with(
     ec2: Arc<Ec2Provider>,
     driver: DriverOptions,
 ) -> Operator {
+    Operator::start(operator_config(dir, ec2, driver))
+        .await
+        .unwrap_or_else(|e| panic!("starting the operator: {e}"))
+}
+
+/// A standalone operator over `dir` serving EC2 pools through `ec2`.
+fn operator_config(dir: &TempDir, ec2: Arc<Ec2Provider>, driver: DriverOptions) -> Config {
     let mut config = Config::standalone(
         dir.path(),
         NodeBackend::Embedded(Arc::new(EmbeddedProvider::new())),
@@ -422,9 +460,7 @@ async fn start_operator_with(
     };
     config.operator_id = OPERATOR_ID.to_owned();
     config.ec2 = Some(ec2);
-    Operator::start(config)
-        .await
-        .unwrap_or_else(|e| panic!("starting the operator: {e}"))
+    config
 }
 
 /// Polls `check` (async) until it yields `Some`.
@@ -659,10 +695,12 @@ struct Timeline {
     specs: Vec<(Instant, u32)>,
 }
 
-/// Records the pool's rings and spec sizes as the driver publishes them, until `stop`.
+/// Hands every ring the driver publishes to `client` (as an application following the API's
+/// ring does) and records the rings and spec sizes with when, until `stop`.
 fn follow(
     operator: &Operator,
     pool: &PoolRef,
+    client: Arc<PoolClient>,
     timeline: Arc<Mutex<Timeline>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -675,6 +713,7 @@ fn follow(
     tokio::spawn(async move {
         let record_ring = |ring: &Option<RingState>, timeline: &Mutex<Timeline>| {
             if let Some(ring) = ring {
+                client.set_ring(ring.clone());
                 timeline
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -807,6 +846,93 @@ async fn measure_resize(
     (resize, settled)
 }
 
+/// Keys of the traffic a resize runs under: room for all of them on one node's 8 MiB, so
+/// every miss is the resize's doing.
+const LOAD_KEYS: usize = 4_000;
+
+/// Readers and writers through the pool client while a resize runs; fewer readers than the
+/// resize suite's, as moto and the harness share the machine's cores with them.
+fn load_config() -> LoadConfig {
+    LoadConfig {
+        readers: 4,
+        writers: 2,
+        ..LoadConfig::default()
+    }
+}
+
+/// Prefills every key of a fresh checker through `client` and starts the load.
+async fn start_load(client: &Arc<PoolClient>) -> (Arc<Checker>, Load) {
+    let checker = Arc::new(Checker::new(Keys::new(LOAD_KEYS, 64, 384)));
+    assert_eq!(
+        load::prefill(client.clone(), checker.clone(), 8).await,
+        0,
+        "prefill writes failed"
+    );
+    let load = Load::start(client.clone(), checker.clone(), load_config());
+    (checker, load)
+}
+
+/// Stops the load at the next window boundary and asserts what the resize suite asserts of
+/// a resize under load: no stale or corrupt read, no read error, and no acknowledged write
+/// lost (no unexplained miss: a key written, acknowledged and untouched that a read missed).
+async fn stop_load(step: &str, checker: &Checker, load: Load) {
+    let end = load.window_now() + 1;
+    let windows = load.stop_at(end).await;
+    let v = checker.verdict();
+    eprintln!(
+        "EC2 {step} under load: {} windows, reads {} (hit ratio {:.2} %), writes acked {}, \
+         deletes acked {}, stale {}, corrupt {}, in doubt {}, unexplained misses {}, write \
+         errors {}, read errors {}",
+        windows.len(),
+        v.reads,
+        load::hit_pct(&windows),
+        v.writes_acked,
+        v.deletes_acked,
+        v.stale,
+        v.corrupt,
+        v.in_doubt,
+        v.unexplained_misses,
+        v.write_errors,
+        v.read_errors
+    );
+    assert!(v.reads > 0, "{step}: the load read nothing");
+    assert_eq!(v.stale, 0, "{step}: stale reads: {:?}", v.samples);
+    assert_eq!(v.corrupt, 0, "{step}: corrupt reads: {:?}", v.samples);
+    assert_eq!(v.read_errors, 0, "{step}: read errors");
+    assert_eq!(
+        v.unexplained_misses, 0,
+        "{step}: acknowledged writes lost: {:?}",
+        v.samples
+    );
+}
+
+/// Every key the pool's nodes hold is on its owner in the pool's (settled) ring, and only
+/// there; returns how many keys the nodes hold.
+fn assert_every_key_on_its_owner(
+    operator: &Operator,
+    pool: &PoolRef,
+    instances: &Instances,
+) -> usize {
+    let state = operator
+        .registry()
+        .get(pool)
+        .and_then(|h| h.ring().borrow().clone())
+        .unwrap_or_else(|| panic!("{pool} has no ring"));
+    assert!(!state.is_migrating(), "a migration is still pending");
+    let ring = state.current();
+    let held = instances.holdings(ring);
+    let wrong = misplaced(held.iter().map(|(slot, items)| (*slot, items)), |key| {
+        ring.owner_slot(key)
+    });
+    assert!(
+        wrong.is_empty(),
+        "{} keys are held by nodes that do not own them, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    held.iter().map(|(_, items)| items.len()).sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_deleted() {
     let cloud = Arc::new(Cloud::start().await);
@@ -865,15 +991,34 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
         "the instance's volumes carry the pool tag"
     );
 
-    // Grow 1 → 3, measured.
+    // Grow 1 → 3 under load, measured.
+    let first_ring = operator
+        .registry()
+        .get(&pool)
+        .and_then(|h| h.ring().borrow().clone())
+        .unwrap_or_else(|| panic!("{pool} has no ring"));
+    let client = Arc::new(
+        PoolClient::new(first_ring, ClientOptions::default())
+            .unwrap_or_else(|e| panic!("the pool client: {e}")),
+    );
     let timeline = Arc::new(Mutex::new(Timeline::default()));
     let (stop_following, following) = tokio::sync::watch::channel(false);
-    let follower = follow(&operator, &pool, timeline.clone(), following);
+    let follower = follow(
+        &operator,
+        &pool,
+        client.clone(),
+        timeline.clone(),
+        following,
+    );
+    let (checker, load) = start_load(&client).await;
     let (grow, three) = measure_resize(
         &operator, &cloud, &provider, &instances, &clock, &timeline, &dir, &settings, &pool, 3,
     )
     .await;
     grow.print("grow 1→3");
+    stop_load("grow 1→3", &checker, load).await;
+    let held = assert_every_key_on_its_owner(&operator, &pool, &instances);
+    assert!(held > 0, "the nodes hold none of the load's keys");
     assert_eq!(three.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
     // One new ring for the grow (both new nodes at once), two launches, each with its token
     // parameter written first.
@@ -928,13 +1073,18 @@ async fn an_ec2_pool_grows_shrinks_replaces_lost_instances_and_leaves_none_when_
     })
     .await;
 
-    // Shrink 3 → 1, measured: the leaving instances are terminated after their hand-off,
-    // their token parameters deleted.
+    // Shrink 3 → 1 under load (fresh traffic: the lost instance took its keys with it),
+    // measured: the leaving instances are terminated after their hand-off, their token
+    // parameters deleted.
+    let (checker, load) = start_load(&client).await;
     let (shrink, one) = measure_resize(
         &operator, &cloud, &provider, &instances, &clock, &timeline, &dir, &settings, &pool, 1,
     )
     .await;
     shrink.print("shrink 3→1");
+    stop_load("shrink 3→1", &checker, load).await;
+    let held = assert_every_key_on_its_owner(&operator, &pool, &instances);
+    assert!(held > 0, "the nodes hold none of the load's keys");
     assert!(shrink.epochs.0 > shrink.epochs.1, "{shrink:?}");
     for (api, n) in [("TerminateInstances", 2), ("DeleteParameter", 2)] {
         assert_eq!(shrink.calls.get(api), Some(&n), "{api}: {shrink:?}");
@@ -1265,7 +1415,8 @@ async fn a_launch_that_never_becomes_ready_is_terminated_and_retried_with_back_o
     let dir = TempDir::new("ec2-never-ready");
     dir.write("pool.yaml", &manifest(1, &settings));
     let backoff = Duration::from_secs(1);
-    let operator = start_operator_with(
+    let events = Arc::new(RecordedEvents::new());
+    let mut config = operator_config(
         &dir,
         provider.clone(),
         DriverOptions {
@@ -1273,8 +1424,11 @@ async fn a_launch_that_never_becomes_ready_is_terminated_and_retried_with_back_o
             launch_backoff: backoff,
             ..driver_options()
         },
-    )
-    .await;
+    );
+    config.events.push(events.clone());
+    let operator = Operator::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("starting the operator: {e}"));
     let pool = PoolRef::new("default", "cloud");
 
     // Follows moto: when each instance was first seen alive and first seen gone, and whether
@@ -1349,7 +1503,366 @@ async fn a_launch_that_never_becomes_ready_is_terminated_and_retried_with_back_o
     );
     let told = told.unwrap_or_else(|| panic!("the status never said why the slot waited"));
     assert!(told.contains("not ready within"), "{told}");
+    // Each dud was told as a Warning Event, naming the instance it terminated.
+    let not_ready = warnings(&events, &pool, reason::NODE_NOT_READY);
+    assert_eq!(not_ready.len(), 2, "NodeNotReady events: {not_ready:?}");
+    for (dud, message) in ids[..2].iter().zip(&not_ready) {
+        assert!(
+            message.contains(dud.as_str()) && message.contains("not ready within"),
+            "{message}"
+        );
+    }
 
+    operator.stop().await.unwrap();
+    instances.shutdown().await;
+    watcher.await.unwrap();
+}
+
+/// The messages of the Warning Events with `reason` told about `pool`, oldest first.
+fn warnings(events: &RecordedEvents, pool: &PoolRef, reason: &str) -> Vec<String> {
+    events
+        .all()
+        .into_iter()
+        .filter(|(p, e)| p == pool && e.kind == EventType::Warning && e.reason == reason)
+        .map(|(_, e)| e.message)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_launch_ec2_refuses_leaves_the_pool_degraded_with_the_reason_and_is_retried_with_back_off()
+ {
+    let cloud = Cloud::start().await;
+    let provider = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
+            credentials: Some(static_credentials()),
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    // moto 5.2 starts an instance from any image id, but refuses a subnet it does not have.
+    let (image, _, group) = cloud.ec2_settings().await;
+    let settings = (image, "subnet-0123456789abcdef0".to_owned(), group);
+    let dir = TempDir::new("ec2-refused");
+    dir.write("pool.yaml", &manifest(1, &settings));
+    let backoff = Duration::from_secs(1);
+    let events = Arc::new(RecordedEvents::new());
+    let mut config = operator_config(
+        &dir,
+        provider.clone(),
+        DriverOptions {
+            launch_backoff: backoff,
+            ..driver_options()
+        },
+    );
+    config.events.push(events.clone());
+    let started = Instant::now();
+    let operator = Operator::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("starting the operator: {e}"));
+    let pool = PoolRef::new("default", "cloud");
+
+    let degraded = until("Degraded with EC2's reason", || async {
+        let status = resource(&operator, &pool)?.status?;
+        (status.phase == Some(PoolPhase::Degraded)).then_some(())?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Degraded" && c.status == "True")
+    })
+    .await;
+    assert_eq!(degraded.reason, reason::PROVIDER_ERROR, "{degraded:?}");
+    for part in [
+        "InvalidSubnetID.NotFound",
+        "subnet-0123456789abcdef0",
+        "launched again in",
+    ] {
+        assert!(
+            degraded.message.contains(part),
+            "{part}: {}",
+            degraded.message
+        );
+    }
+    let told = warnings(&events, &pool, reason::PROVIDER_ERROR);
+    assert!(
+        told.iter().any(|m| m.contains("InvalidSubnetID.NotFound")),
+        "no ProviderError Event names EC2's refusal: {told:?}"
+    );
+
+    // No hot loop: over the next seconds the slot is launched again once per back-off (1 s,
+    // then 2 s, 4 s: at t = 0, 1, 3 and 7 s), where a round every 10 ms would call
+    // RunInstances hundreds of times.
+    let window = Duration::from_secs(6);
+    tokio::time::sleep_until((started + window).into()).await;
+    let runs = provider
+        .api_calls()
+        .get("RunInstances")
+        .copied()
+        .unwrap_or(0);
+    let elapsed = started.elapsed();
+    println!("RunInstances refused {runs} times in {elapsed:?} (back-off {backoff:?}, doubling)");
+    assert!(
+        (2..=4).contains(&runs),
+        "RunInstances called {runs} times in {elapsed:?}: retried with back-off, not in a loop"
+    );
+    assert!(
+        cloud.instances(Vec::new()).await.is_empty(),
+        "no instance may start"
+    );
+    operator.stop().await.unwrap();
+}
+
+/// Kills the operator whose provider made the `RunInstances` call once moto has answered it
+/// (the instance exists) and before the provider sees the answer: what a crash between
+/// launching an instance and recording it leaves behind. The interceptor tells the thread
+/// running that operator (see [`run_until_killed`]), waits until it has dropped the operator's
+/// runtime, and only then lets the call fail, so no task of that operator learns of the
+/// instance.
+#[derive(Debug)]
+struct KillAfterRunInstances {
+    running: AtomicBool,
+    armed: AtomicBool,
+    answered: std::sync::mpsc::SyncSender<Instant>,
+    killed: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Intercept for KillAfterRunInstances {
+    fn name(&self) -> &'static str {
+        "KillAfterRunInstances"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let body = context.request().body().bytes().unwrap_or_default();
+        let run = String::from_utf8_lossy(body).contains("Action=RunInstances");
+        self.running.store(run, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn read_after_deserialization(
+        &self,
+        _context: &AfterDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if self.running.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::SeqCst) {
+            let _ = self.answered.send(Instant::now());
+            // Blocks this worker of the doomed runtime until the runtime is gone.
+            let _ = self
+                .killed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .recv_timeout(TIMEOUT);
+            return Err("the operator was killed".into());
+        }
+        Ok(())
+    }
+}
+
+/// Starts an operator with `config` on a runtime of its own and kills it when its first
+/// `RunInstances` is answered (see [`KillAfterRunInstances`]): the runtime is shut down without
+/// any of the operator's stop paths running, as a crash would end it. The handle yields when
+/// the answer came, once the operator is dead.
+fn run_until_killed(
+    config: Config,
+    answered: std::sync::mpsc::Receiver<Instant>,
+    killed: std::sync::mpsc::SyncSender<()>,
+) -> std::thread::JoinHandle<Instant> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("the doomed operator's runtime: {e}"));
+        let operator = runtime
+            .block_on(Operator::start(config))
+            .unwrap_or_else(|e| panic!("starting the doomed operator: {e}"));
+        let at = answered
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|e| panic!("the operator never launched: {e}"));
+        runtime.shutdown_background();
+        drop(operator);
+        let _ = killed.send(());
+        at
+    })
+}
+
+/// Starts an operator over `dir` whose provider is killed right after its first
+/// `RunInstances` (see [`run_until_killed`]); returns the instance that launch left in moto,
+/// unrecorded, and when moto answered.
+async fn launch_and_kill(
+    cloud: &Cloud,
+    instances: &Instances,
+    dir: &TempDir,
+    pool: &PoolRef,
+) -> (String, Instant) {
+    let (answered_tx, answered) = std::sync::mpsc::sync_channel(1);
+    let (killed, killed_rx) = std::sync::mpsc::sync_channel(1);
+    let doomed = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            interceptors: vec![SharedInterceptor::new(KillAfterRunInstances {
+                running: AtomicBool::new(false),
+                armed: AtomicBool::new(true),
+                answered: answered_tx,
+                killed: Mutex::new(killed_rx),
+            })],
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    let thread = run_until_killed(
+        operator_config(dir, doomed, driver_options()),
+        answered,
+        killed,
+    );
+    let launched = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap_or_else(|e| panic!("joining the doomed operator: {e}"))
+        .unwrap_or_else(|_| panic!("the doomed operator's thread panicked"));
+    // (The doomed provider's own call count is not read: the call may still be unwinding on
+    // the dead runtime's last worker.)
+    let live = cloud.live(pool).await;
+    assert_eq!(
+        live.len(),
+        1,
+        "the killed operator's launch left one instance"
+    );
+    let id = live[0].instance_id().unwrap_or_default().to_owned();
+    // The operator's record of the pool names no node: the launch was never recorded.
+    let record = std::fs::read_to_string(
+        dir.path()
+            .join(".cachepool/pools")
+            .join(&pool.namespace)
+            .join(format!("{}.json", pool.name)),
+    )
+    .unwrap_or_default();
+    assert!(!record.contains(&id), "the killed operator recorded {id}");
+    (id, launched)
+}
+
+/// An EC2 provider for the operator started after a crash: a short garbage-collection grace
+/// and interval, and the test's region swept whether or not a pool names it.
+async fn provider_after_crash(
+    cloud: &Cloud,
+    instances: &Instances,
+    grace: Duration,
+) -> Arc<Ec2Provider> {
+    Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            gc_interval: Duration::from_millis(100),
+            gc_grace: grace,
+            gc_regions: vec![REGION.to_owned()],
+            ..Ec2Options::default()
+        })
+        .await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_launched_by_an_operator_killed_before_recording_it_is_adopted_by_the_next() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cloud = Arc::new(Cloud::start().await);
+    let instances = Instances::new();
+    let watcher = instances.watch(cloud.clone());
+    let settings = cloud.ec2_settings().await;
+    let dir = TempDir::new("ec2-killed");
+    dir.write("pool.yaml", &manifest(1, &settings));
+    let pool = PoolRef::new("default", "cloud");
+    let (orphan, launched) = launch_and_kill(&cloud, &instances, &dir, &pool).await;
+
+    // The next operator, with its own garbage collection running, adopts the instance.
+    let grace = Duration::from_secs(2);
+    let gc_interval = Duration::from_millis(100);
+    let provider = provider_after_crash(&cloud, &instances, grace).await;
+    let operator = start_operator(&dir, provider.clone()).await;
+    let one = settled(&operator, &cloud, &pool, 1).await;
+    assert_eq!(one[&0].instance_id(), Some(orphan.as_str()), "not adopted");
+    assert_eq!(
+        provider.api_calls().get("RunInstances"),
+        None,
+        "the next operator launched instead of adopting"
+    );
+    // Past the grace period, with the collector running every 100 ms: moto holds exactly the
+    // pool's instance, adopted, neither duplicated nor collected.
+    tokio::time::sleep_until((launched + grace + gc_interval * 10).into()).await;
+    let all = cloud.instances(Vec::new()).await;
+    assert_eq!(
+        all.iter().map(|i| i.instance_id()).collect::<Vec<_>>(),
+        vec![Some(orphan.as_str())],
+        "moto holds exactly the pool's instance"
+    );
+    assert!(
+        ready_with(
+            &resource(&operator, &pool).unwrap_or_else(|| panic!("no pool")),
+            1
+        ),
+        "the pool is still Ready on the adopted instance"
+    );
+    operator.stop().await.unwrap();
+    instances.shutdown().await;
+    watcher.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_of_a_pool_deleted_while_its_operator_was_down_is_collected_after_the_grace_period()
+ {
+    let cloud = Arc::new(Cloud::start().await);
+    let instances = Instances::new();
+    let watcher = instances.watch(cloud.clone());
+    let settings = cloud.ec2_settings().await;
+    let dir = TempDir::new("ec2-killed-deleted");
+    dir.write("pool.yaml", &manifest(1, &settings));
+    let pool = PoolRef::new("default", "cloud");
+    let (orphan, launched) = launch_and_kill(&cloud, &instances, &dir, &pool).await;
+
+    // The pool is deleted while no operator runs; the next one knows no pool at all, and its
+    // own periodic collector terminates the instance once the grace period is over.
+    dir.remove("pool.yaml");
+    let grace = Duration::from_secs(3);
+    let provider = provider_after_crash(&cloud, &instances, grace).await;
+    let operator = start_operator(&dir, provider.clone()).await;
+    until("the instance collected", || async {
+        cloud.live(&pool).await.is_empty().then_some(())
+    })
+    .await;
+    let after = launched.elapsed();
+    println!("collected {after:?} after its launch (grace {grace:?})");
+    // moto's launch times have whole seconds: the instance can look up to 1 s older.
+    assert!(
+        after + Duration::from_secs(1) >= grace,
+        "collected {after:?} after its launch, within the grace period {grace:?}"
+    );
+    let gone = cloud
+        .instances(vec![
+            Filter::builder()
+                .name("instance-id")
+                .values(&orphan)
+                .build(),
+        ])
+        .await;
+    assert!(
+        matches!(
+            gone[0].state().and_then(|s| s.name()),
+            Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown)
+        ),
+        "{orphan}: {:?}",
+        gone[0].state()
+    );
+    assert!(operator.registry().list().is_empty(), "no pool is served");
+    assert_eq!(provider.api_calls().get("RunInstances"), None);
     operator.stop().await.unwrap();
     instances.shutdown().await;
     watcher.await.unwrap();

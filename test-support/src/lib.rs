@@ -8,6 +8,7 @@
 //! - [`images`]: a one-pixel GIF per shade, for uploads.
 //! - [`load`]: the load generator and stale-read checker of the resize suite
 //!   (`operator/tests/resize`) and `tests/e2e`.
+//! - [`placement`]: what each in-process node holds, and the keys not on their owner.
 //! - [`servers`]: throwaway PostgreSQL clusters and moto servers (S3 for the web's tests;
 //!   EC2, SSM and CloudWatch for the operator's), with nothing but std and libc.
 //! - With the `web` feature, the fixtures of cachepool-web's tests: [`store`] (databases,
@@ -18,6 +19,7 @@
 
 pub mod images;
 pub mod load;
+pub mod placement;
 pub mod serial;
 pub mod servers;
 #[cfg(feature = "web")]

@@ -141,7 +141,11 @@ impl Driver {
                     },
                 );
             }
-            Err(e) => self.provider_error(&format!("launching a node for slot {slot}"), &e),
+            Err(e) => {
+                let action = format!("launching a node for slot {slot}");
+                self.provider_error(&action, &e);
+                self.launch_refused(slot, &format!("{action} failed ({}): {e}", e.kind()));
+            }
         }
     }
 
@@ -156,16 +160,41 @@ impl Driver {
         }
     }
 
+    /// The pause before the next launch of `slot` after `count` failures in a row.
+    fn launch_pause(&self, count: u32) -> Duration {
+        self.options()
+            .launch_backoff
+            .saturating_mul(2u32.saturating_pow(count.saturating_sub(1)))
+            .min(MAX_LAUNCH_BACKOFF)
+    }
+
+    /// The provider refused to launch a node for `slot` (its error already counted and told
+    /// by [`Self::provider_error`]): the slot's next launch waits as after a node that never
+    /// became ready, so a refusal that repeats (a subnet that does not exist, a quota
+    /// reached) costs one call per back-off, not one per round, and the status says why.
+    fn launch_refused(&mut self, slot: u32, message: &str) {
+        let count = self.start_failures.get(&slot).map_or(1, |f| f.count + 1);
+        let pause = self.launch_pause(count);
+        warn!(pool = %self.handle.pool, slot, failures = count, retry_in = ?pause,
+              "a launch was refused; backing off");
+        self.start_failures.insert(
+            slot,
+            StartFailures {
+                count,
+                retry_at: Instant::now() + pause,
+                reason: reason::PROVIDER_ERROR,
+                message: format!("{message}; the slot is launched again in {pause:?}"),
+            },
+        );
+    }
+
     /// Node `id` of `slot` never became ready and was terminated: the slot's next launch waits
     /// `launch_backoff`, doubled for each such node in a row (at most [`MAX_LAUNCH_BACKOFF`]),
     /// and the status and an event say why.
     pub(super) fn start_failed(&mut self, slot: u32, id: &str) {
         let options = self.options();
         let count = self.start_failures.get(&slot).map_or(1, |f| f.count + 1);
-        let pause = options
-            .launch_backoff
-            .saturating_mul(2u32.saturating_pow(count - 1))
-            .min(MAX_LAUNCH_BACKOFF);
+        let pause = self.launch_pause(count);
         let message = format!(
             "the node launched for slot {slot} ({id}) was not ready within {:?} and was \
              terminated ({count} in a row); the slot is launched again in {pause:?}",
@@ -181,6 +210,7 @@ impl Driver {
             StartFailures {
                 count,
                 retry_at: Instant::now() + pause,
+                reason: reason::NODE_NOT_READY,
                 message,
             },
         );

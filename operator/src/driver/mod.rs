@@ -68,9 +68,10 @@ pub struct DriverOptions {
     pub node_timeout: Duration,
     /// A new node that is not ready within this long is replaced.
     pub start_timeout: Duration,
-    /// After a node that never became ready is terminated, its slot is launched again only
-    /// after this pause, doubled for each further such node in a row (at most
-    /// [`MAX_LAUNCH_BACKOFF`]): an AMI that does not boot, or a node that cannot start, must not
+    /// After a node that never became ready is terminated, or a launch the provider refused
+    /// (a subnet that does not exist, a quota reached), its slot is launched again only after
+    /// this pause, doubled for each further failure in a row (at most [`MAX_LAUNCH_BACKOFF`]):
+    /// an AMI that does not boot, a node that cannot start or a cloud that says no must not
     /// become a launch loop.
     pub launch_backoff: Duration,
     /// Timeout of one probe request.
@@ -80,16 +81,19 @@ pub struct DriverOptions {
     pub status_counter_interval: Duration,
 }
 
-/// The longest pause between launches of a slot whose nodes never become ready.
+/// The longest pause between launches of a slot whose nodes never become ready or whose
+/// launches are refused.
 pub const MAX_LAUNCH_BACKOFF: Duration = Duration::from_secs(300);
 
-/// A slot whose launched nodes did not become ready, in a row.
+/// A slot whose launches failed in a row: nodes that did not become ready, or launches the
+/// provider refused.
 #[derive(Clone, Debug)]
 struct StartFailures {
     count: u32,
     /// No launch for the slot before this.
     retry_at: Instant,
-    /// For the status (`Degraded`, reason `NodeNotReady`) and the event.
+    /// For the status (`Degraded`) and the event: `NodeNotReady` or `ProviderError`.
+    reason: &'static str,
     message: String,
 }
 
@@ -600,7 +604,7 @@ impl Driver {
                 })
                 .or_else(|| {
                     self.start_failures.values().next().map(|f| Unavailable {
-                        reason: reason::NODE_NOT_READY,
+                        reason: f.reason,
                         message: &f.message,
                         halt: false,
                     })

@@ -125,6 +125,11 @@ pub struct Ec2Options {
     pub gc_interval: Duration,
     /// How old such an instance must be before it is terminated ([`GC_GRACE`]).
     pub gc_grace: Duration,
+    /// Regions swept for such instances even when no pool names them and no call went there
+    /// yet: a restarted operator whose last EC2 pool was deleted while it was down still
+    /// collects that pool's instances. The credential chain's region (`AWS_REGION`, profile)
+    /// is swept as well.
+    pub gc_regions: Vec<String>,
 }
 
 impl Default for Ec2Options {
@@ -141,6 +146,7 @@ impl Default for Ec2Options {
             calls: AwsCalls::new(),
             gc_interval: GC_INTERVAL,
             gc_grace: GC_GRACE,
+            gc_regions: Vec::new(),
         }
     }
 }
@@ -160,6 +166,7 @@ impl fmt::Debug for Ec2Options {
             .field("list_interval", &self.list_interval)
             .field("gc_interval", &self.gc_interval)
             .field("gc_grace", &self.gc_grace)
+            .field("gc_regions", &self.gc_regions)
             .finish_non_exhaustive()
     }
 }
@@ -449,9 +456,16 @@ impl Ec2Provider {
             if self.lock().forgotten.contains(id) {
                 continue;
             }
+            let newly = !self.lock().known.contains_key(id);
             let token = self.know(&clients, region, instance).await?;
-            if let Some(node) = self.node_of(instance, &token) {
-                nodes.push(node);
+            match self.node_of(instance, &token) {
+                Some(node) => nodes.push(node),
+                // Not handed to the driver (no address yet): forgotten again, so that a launch
+                // for its slot adopts it instead of starting a second instance.
+                None if newly => {
+                    self.lock().known.remove(id);
+                }
+                None => {}
             }
         }
         nodes.sort_by(|a, b| (a.slot, a.launched_at, &a.id).cmp(&(b.slot, b.launched_at, &b.id)));
@@ -849,8 +863,8 @@ pub const GC_INTERVAL: Duration = Duration::from_secs(300);
 pub const GC_GRACE: Duration = Duration::from_secs(600);
 
 /// Runs [`Ec2Provider::collect_garbage`] every `interval` until `stopped` turns true, over every
-/// region the provider has talked to or a pool names, with the registry's pools as the known
-/// ones. It waits until the front end has read every pool once, so a pool not loaded yet is
+/// region the provider has talked to, a pool names, [`Ec2Options::gc_regions`] lists or the
+/// credential chain gives, with the registry's pools as the known ones. It waits until the front end has read every pool once, so a pool not loaded yet is
 /// never taken for a deleted one.
 pub async fn collect_periodically(
     provider: Arc<Ec2Provider>,
@@ -883,6 +897,8 @@ pub async fn collect_periodically(
                 .filter_map(|h| h.resource().spec.provider.ec2.map(|e| e.region))
                 .filter(|r| !r.is_empty()),
         );
+        regions.extend(provider.options.gc_regions.iter().cloned());
+        regions.extend(provider.base.region().map(ToString::to_string));
         for region in regions {
             match provider
                 .collect_garbage(&region, &operator_id, &pools, grace)

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use cache_node::handoff::{HandoffStatus, State, default_max_in_flight_bytes};
 use cachepool_crds::ring::{RingError, moves, slot_for};
+use cachepool_test_support::placement::items;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
-use crate::harness::{Pool, items, run};
+use crate::harness::{Pool, run};
 use crate::load::{self, Checker, Keys, Load, LoadConfig, Window};
 use crate::scenario::{CAPACITY_MIB, HIT_RATIO_POINTS};
 

@@ -45,6 +45,7 @@ use cachepool_operator::provider::PoolRef;
 use cachepool_operator::provider::embedded::EmbeddedProvider;
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
+use cachepool_test_support::placement::{items, misplaced};
 use cachepool_test_support::servers::TempDir;
 use futures_util::future::join_all;
 use tokio::task::JoinHandle;
@@ -258,15 +259,6 @@ impl Snapshot {
 pub struct Clean {
     pub items: u64,
     pub bytes: u64,
-}
-
-/// Every item a node's store holds: key -> value.
-pub fn items(shared: &Shared) -> HashMap<Vec<u8>, Vec<u8>> {
-    let mut out = HashMap::new();
-    shared.store.for_each(|item| {
-        out.insert(item.key().to_vec(), item.value().to_vec());
-    });
-    out
 }
 
 /// A node of the operator's pool, as the embedded provider holds it.
@@ -763,18 +755,7 @@ impl Pool {
         );
         let snapshot = self.snapshot();
         let ring = state.current();
-        let mut misplaced = Vec::new();
-        for (slot, held) in (0u32..).zip(&snapshot.slots) {
-            for key in held.keys() {
-                let owner = ring.owner_slot(key);
-                if owner != Some(slot) {
-                    misplaced.push(format!(
-                        "{} on slot {slot}, owner {owner:?}",
-                        String::from_utf8_lossy(key)
-                    ));
-                }
-            }
-        }
+        let misplaced = misplaced((0u32..).zip(&snapshot.slots), |key| ring.owner_slot(key));
         assert!(
             misplaced.is_empty(),
             "{} keys are held by nodes that do not own them, e.g. {:?}",
