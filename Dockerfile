@@ -20,12 +20,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/cachepool /out/cachepool
 
 FROM gcr.io/distroless/cc-debian12:nonroot
+# docker build --build-arg REVISION=$(git rev-parse HEAD) --build-arg CREATED=$(date -u +%FT%TZ)
 ARG VERSION=0.1.0
 ARG REVISION=unknown
+ARG CREATED=unknown
+ARG SOURCE=https://example.invalid/cachepool
 LABEL org.opencontainers.image.title="cachepool" \
       org.opencontainers.image.description="Elastic memcached-compatible cache pool: operator, cache node and web app in one binary" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/cachepool /usr/local/bin/cachepool
 USER 65532:65532
