@@ -24,7 +24,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
-ARG SOURCE=https://example.invalid/cachepool
+# --build-arg SOURCE=<the repository URL> (empty by default: this repository has none yet)
+ARG SOURCE=""
 LABEL org.opencontainers.image.title="cachepool" \
       org.opencontainers.image.description="Elastic memcached-compatible cache pool: operator, cache node and web app in one binary" \
       org.opencontainers.image.version="${VERSION}" \
