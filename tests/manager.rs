@@ -544,10 +544,16 @@ async fn upload_form_listing_and_delete_all() {
         "{}",
         listing.body
     );
-    assert!(listing.has("src=\"/api/v1/images/cat.gif\""));
+    // The listing shows the thumbnail; the image's own page shows the image.
+    assert!(
+        listing.has("src=\"/api/v1/images/cat.gif/thumbnail\""),
+        "{}",
+        listing.body
+    );
     let view = browser.get("/images/cat.gif").await;
     view.expect(200, "image page");
     assert!(view.has("<span id=\"image-type\">image/gif</span>"));
+    assert!(view.has("src=\"/api/v1/images/cat.gif\""), "{}", view.body);
     browser
         .get("/images/nothing-here")
         .await
