@@ -261,10 +261,12 @@ fn spawn(name: &'static str, mut cmd: Command, port: u16) -> anyhow::Result<Serv
         });
     }
     let child = cmd.spawn().with_context(|| {
-        format!(
-            "starting {name} ({:?}); for memcached, install Debian's package or pass --memcached PATH",
-            cmd.get_program()
-        )
+        let hint = if name == "memcached" {
+            "install Debian's package or pass --memcached PATH"
+        } else {
+            "check the cachepool binary's path (--baseline-node names another build)"
+        };
+        format!("starting {name} ({:?}); {hint}", cmd.get_program())
     })?;
     Ok(ServerProcess {
         name,
