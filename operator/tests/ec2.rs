@@ -1782,6 +1782,13 @@ async fn an_instance_launched_by_an_operator_killed_before_recording_it_is_adopt
     dir.write("pool.yaml", &manifest(1, &settings));
     let pool = PoolRef::new("default", "cloud");
     let (orphan, launched) = launch_and_kill(&cloud, &instances, &dir, &pool).await;
+    // Its node is up before the next operator starts: that operator lists a live node that no
+    // ring names, and must take it as slot 0's new node (it never stored an item) rather than
+    // launch another and stop it. (A node still booting is adopted by the launch itself.)
+    until("the orphan's node booted", || async {
+        instances.booted_at().contains_key(&orphan).then_some(())
+    })
+    .await;
 
     // The next operator, with its own garbage collection running, adopts the instance.
     let grace = Duration::from_secs(2);

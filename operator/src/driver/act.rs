@@ -133,6 +133,7 @@ impl Driver {
                         admin,
                         probe,
                         fresh: true,
+                        vetted: true,
                         settings: Some(settings),
                         first_seen: Instant::now(),
                         last_ok: None,

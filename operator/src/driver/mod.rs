@@ -251,7 +251,12 @@ struct NodeMemory {
     address: String,
     admin: AdminClient,
     probe: AdminClient,
+    /// Launched to join the ring and never a member since (see [`NodeView::fresh`]).
     fresh: bool,
+    /// Whether `fresh` is settled. A node adopted outside the rings is not known to be fresh
+    /// until it answers: one that never stored an item (an instance launched just before a
+    /// crash) is as good as a new one; one that did was a member once and is never reused.
+    vetted: bool,
     settings: Option<NodeSettings>,
     first_seen: Instant,
     last_ok: Option<Instant>,

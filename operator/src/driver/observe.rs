@@ -41,8 +41,10 @@ impl Driver {
                     address: node.address.clone(),
                     admin,
                     probe,
-                    // Not launched by this driver: adopted after a restart.
+                    // Not launched by this driver: adopted after a restart, fresh only
+                    // once it shows it never held an item.
                     fresh: false,
+                    vetted: false,
                     settings: None,
                     first_seen: now,
                     last_ok: None,
@@ -85,6 +87,7 @@ impl Driver {
                 memory.handoff = handoff;
             }
         }
+        let provisional = self.vet_adopted(listed).await;
         listed
             .iter()
             .map(|node| {
@@ -110,11 +113,80 @@ impl Driver {
                     admin_address: node.admin_address.clone(),
                     health,
                     settings: memory.and_then(|m| m.settings.clone()),
-                    fresh: memory.is_some_and(|m| m.fresh),
+                    fresh: memory.is_some_and(|m| m.fresh) || provisional.contains(&node.id),
                     handoff: memory.and_then(|m| m.handoff.clone()),
                 }
             })
             .collect()
+    }
+
+    /// Settles whether adopted nodes outside the rings are fresh, and returns the ones taken as
+    /// fresh until they can tell: those still starting.
+    ///
+    /// An operator killed between a launch and its record leaves a live node that no ring
+    /// names; the next operator must take it as its slot's new node, not launch a second one
+    /// and stop the first. A node that left a ring before a crash is not fresh: it may hold
+    /// values written before it left, stale once the ring moved on. The node's own counter
+    /// tells them apart: `total_items` counts every item ever stored (by clients or a
+    /// hand-off), so a node at 0 holds nothing that could be stale. A starting node counts as
+    /// fresh (the slot waits for it, up to the start timeout, instead of launching another);
+    /// a ready node is asked once, and is not fresh while its answer is missing.
+    async fn vet_adopted(&mut self, listed: &[ProviderNode]) -> std::collections::HashSet<String> {
+        let members: Vec<String> = self
+            .handle
+            .ring
+            .borrow()
+            .as_ref()
+            .map(|state| {
+                state
+                    .current()
+                    .members()
+                    .iter()
+                    .chain(state.previous().map_or(&[][..], |r| r.members()))
+                    .map(|m| m.address.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut provisional = std::collections::HashSet::new();
+        let mut asks = Vec::new();
+        for node in listed.iter().filter(|n| n.alive) {
+            let Some(memory) = self.nodes.get_mut(&node.id) else {
+                continue;
+            };
+            if memory.vetted {
+                continue;
+            }
+            if members.contains(&memory.address) {
+                // A member: never fresh.
+                memory.vetted = true;
+            } else if memory.last_ok.is_none() {
+                provisional.insert(node.id.clone());
+            } else {
+                let probe = memory.probe.clone();
+                let id = node.id.clone();
+                asks.push(async move { (id, probe.stats().await) });
+            }
+        }
+        for (id, stats) in join_all(asks).await {
+            let Some(memory) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            match stats {
+                Ok(stats) => {
+                    let stored = stats.get("total_items").and_then(serde_json::Value::as_u64);
+                    memory.vetted = true;
+                    memory.fresh = stored == Some(0);
+                    info!(pool = %self.handle.pool, node = %id, total_items = ?stored,
+                          fresh = memory.fresh,
+                          "adopted a node outside the rings{}",
+                          if memory.fresh { ": it never stored an item and joins as a new node" }
+                          else { ": it held items and is not reused" });
+                }
+                Err(e) => warn!(pool = %self.handle.pool, node = %id, error = %e,
+                                "asking an adopted node whether it ever stored an item"),
+            }
+        }
+        provisional
     }
 
     /// Samples every live node's stats into the history, every sampling interval.
