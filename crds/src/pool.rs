@@ -312,19 +312,26 @@ pub struct PodProvider {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = ec2_required)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.launchTemplate) || (has(self.imageId) && size(self.imageId) > 0 && has(self.instanceType) && size(self.instanceType) > 0)", "message": "ec2 needs imageId and instanceType, or a launchTemplate that supplies them"}
+]))]
 pub struct Ec2Provider {
     /// AWS region, e.g. `eu-west-1`.
     #[serde(default)]
     #[schemars(length(min = 1))]
     pub region: String,
-    /// AMI the nodes boot.
-    #[serde(default)]
+    /// AMI the nodes boot; may be left out when `launchTemplate` supplies it (when both are
+    /// given, this one wins, as in `RunInstances`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1))]
     pub image_id: String,
-    /// Instance type, e.g. `r7g.large`.
-    #[serde(default)]
+    /// Instance type, e.g. `r7g.large`; may be left out when `launchTemplate` supplies it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1))]
     pub instance_type: String,
+    /// Launch template the instances start from; the fields above override it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_template: Option<Ec2LaunchTemplate>,
     /// Subnet the nodes are launched in.
     #[serde(default)]
     #[schemars(length(min = 1))]
@@ -347,11 +354,35 @@ pub struct Ec2Provider {
     pub use_public_ip: Option<bool>,
 }
 
+/// An EC2 launch template, by id or by name (exactly one), at a version.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.id) ? 1 : 0) + (has(self.name) ? 1 : 0) == 1", "message": "launchTemplate must set exactly one of id or name"}
+]))]
+pub struct Ec2LaunchTemplate {
+    /// Launch template id, e.g. `lt-0123456789abcdef0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub id: Option<String>,
+    /// Launch template name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub name: Option<String>,
+    /// Version: a number, `$Latest` or `$Default` (default: the template's default version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub version: Option<String>,
+}
+
 /// The EC2 fields that serde defaults to empty (so that [`validate`] can name a missing one) are
 /// required in the schema, and carry no schema default: an empty default would break the
 /// schema's own `minLength`.
 fn ec2_required(schema: &mut Schema) {
-    const REQUIRED: [&str; 5] = [
+    // imageId and instanceType may come from a launch template: a CEL rule requires them
+    // otherwise.
+    const REQUIRED: [&str; 3] = ["region", "subnetId", "securityGroupIds"];
+    const NO_DEFAULT: [&str; 5] = [
         "region",
         "imageId",
         "instanceType",
@@ -362,7 +393,7 @@ fn ec2_required(schema: &mut Schema) {
         .get_mut("properties")
         .and_then(serde_json::Value::as_object_mut)
     {
-        for name in REQUIRED {
+        for name in NO_DEFAULT {
             if let Some(property) = properties
                 .get_mut(name)
                 .and_then(serde_json::Value::as_object_mut)
@@ -830,14 +861,44 @@ fn validate_provider(provider: &ProviderSpec, errors: &mut Vec<SpecError>) {
         )),
     }
     if let Some(ec2) = &provider.ec2 {
-        for (field, value) in [
-            ("provider.ec2.region", &ec2.region),
-            ("provider.ec2.imageId", &ec2.image_id),
-            ("provider.ec2.instanceType", &ec2.instance_type),
-            ("provider.ec2.subnetId", &ec2.subnet_id),
+        // The template, when given, supplies the image and the instance type.
+        let templated = ec2.launch_template.is_some();
+        for (field, value, from_template) in [
+            ("provider.ec2.region", &ec2.region, false),
+            ("provider.ec2.imageId", &ec2.image_id, templated),
+            ("provider.ec2.instanceType", &ec2.instance_type, templated),
+            ("provider.ec2.subnetId", &ec2.subnet_id, false),
         ] {
-            if value.trim().is_empty() {
-                errors.push(SpecError::new(field, "is required by the ec2 provider"));
+            if value.trim().is_empty() && !from_template {
+                errors.push(SpecError::new(
+                    field,
+                    "is required by the ec2 provider (imageId and instanceType may come from \
+                     a launchTemplate instead)",
+                ));
+            }
+        }
+        if let Some(template) = &ec2.launch_template {
+            let named = [&template.id, &template.name]
+                .into_iter()
+                .filter(|v| v.is_some())
+                .count();
+            if named != 1 {
+                errors.push(SpecError::new(
+                    "provider.ec2.launchTemplate",
+                    "set exactly one of `id` or `name`",
+                ));
+            }
+            for (field, value) in [
+                ("provider.ec2.launchTemplate.id", &template.id),
+                ("provider.ec2.launchTemplate.name", &template.name),
+                ("provider.ec2.launchTemplate.version", &template.version),
+            ] {
+                if value.as_deref().is_some_and(str::is_empty) {
+                    errors.push(SpecError::new(
+                        field,
+                        "must not be empty; leave it out instead",
+                    ));
+                }
             }
         }
         if ec2.security_group_ids.iter().all(|id| id.trim().is_empty()) {

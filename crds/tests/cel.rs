@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 
 use cachepool_crds::pool::{
-    CachePool, CachePoolSpec, PodProvider, ProviderSpec, ScalingMode, validate,
+    CachePool, CachePoolSpec, Ec2LaunchTemplate, Ec2Provider, PodProvider, ProviderSpec,
+    ScalingMode, validate,
 };
 use cel::{Context, Program, Value};
 use kube::CustomResourceExt;
@@ -163,7 +164,51 @@ fn cases() -> Vec<(&'static str, CachePoolSpec)> {
     add("two providers", |s| {
         s.provider.pod = Some(PodProvider::default());
     });
+    add("ec2 with image and type", |s| s.provider = ec2(None, true));
+    add("ec2 without image or type or template", |s| {
+        s.provider = ec2(None, false)
+    });
+    add("ec2 from a launch template by name", |s| {
+        s.provider = ec2(
+            Some(Ec2LaunchTemplate {
+                name: Some("cachepool-node".into()),
+                version: Some("$Latest".into()),
+                ..Ec2LaunchTemplate::default()
+            }),
+            false,
+        )
+    });
+    add("ec2 launch template with both id and name", |s| {
+        s.provider = ec2(
+            Some(Ec2LaunchTemplate {
+                id: Some("lt-0123456789abcdef0".into()),
+                name: Some("cachepool-node".into()),
+                version: None,
+            }),
+            false,
+        )
+    });
+    add("ec2 launch template with neither id nor name", |s| {
+        s.provider = ec2(Some(Ec2LaunchTemplate::default()), true)
+    });
     cases
+}
+
+/// An ec2 provider with its always-required fields, and an image and instance type if `typed`.
+fn ec2(launch_template: Option<Ec2LaunchTemplate>, typed: bool) -> ProviderSpec {
+    let text = |v: &str| if typed { v.to_owned() } else { String::new() };
+    ProviderSpec {
+        ec2: Some(Ec2Provider {
+            region: "eu-west-1".into(),
+            image_id: text("ami-0123456789abcdef0"),
+            instance_type: text("t3.micro"),
+            subnet_id: "subnet-1".into(),
+            security_group_ids: vec!["sg-1".into()],
+            launch_template,
+            ..Ec2Provider::default()
+        }),
+        ..ProviderSpec::default()
+    }
 }
 
 #[test]

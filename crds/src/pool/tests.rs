@@ -355,6 +355,40 @@ fn ec2_without_its_required_fields_names_each_one() {
 }
 
 #[test]
+fn ec2_launch_template_stands_in_for_image_and_instance_type() {
+    let without = |template: serde_json::Value| {
+        parse(json!({ "provider": { "ec2": {
+            "region": "eu-west-1",
+            "subnetId": "subnet-1",
+            "securityGroupIds": ["sg-1"],
+            "launchTemplate": template,
+        } } }))
+    };
+    let neither = without(json!(null));
+    assert_eq!(
+        broken_fields(&neither),
+        vec!["provider.ec2.imageId", "provider.ec2.instanceType"]
+    );
+    let by_name = without(json!({ "name": "cachepool-node", "version": "$Latest" }));
+    assert!(broken_fields(&by_name).is_empty());
+    let template = by_name
+        .provider
+        .ec2
+        .as_ref()
+        .and_then(|e| e.launch_template.as_ref());
+    assert_eq!(template.and_then(|t| t.version.as_deref()), Some("$Latest"));
+    assert!(broken_fields(&without(json!({ "id": "lt-0123456789abcdef0" }))).is_empty());
+    assert_eq!(
+        broken_fields(&without(json!({ "id": "lt-1", "name": "cachepool-node" }))),
+        vec!["provider.ec2.launchTemplate"]
+    );
+    assert_eq!(
+        broken_fields(&without(json!({ "version": "3" }))),
+        vec!["provider.ec2.launchTemplate"]
+    );
+}
+
+#[test]
 fn ec2_optional_fields_parse() {
     let spec = parse(json!({ "provider": { "ec2": {
         "region": "eu-west-1",
@@ -723,17 +757,8 @@ fn the_crd_bounds_numbers_and_requires_ec2_fields() {
         .filter_map(|v| v.as_str())
         .collect::<Vec<_>>();
     required.sort_unstable();
-    assert_eq!(
-        required,
-        [
-            "imageId",
-            "instanceType",
-            "region",
-            "securityGroupIds",
-            "subnetId"
-        ]
-    );
-    for name in required {
+    assert_eq!(required, ["region", "securityGroupIds", "subnetId"]);
+    for name in ["imageId", "instanceType"].into_iter().chain(required) {
         assert!(
             ec2["properties"][name].get("default").is_none(),
             "ec2.{name} must have no schema default"
