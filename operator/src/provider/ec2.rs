@@ -39,8 +39,8 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, Instance,
     InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, ResourceType, Tag,
-    TagSpecification,
+    InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType,
+    LaunchTemplateSpecification, ResourceType, Tag, TagSpecification,
 };
 use aws_sdk_ssm::types::ParameterType;
 use base64::Engine as _;
@@ -637,8 +637,6 @@ impl Ec2Provider {
         let mut request = clients
             .ec2
             .run_instances()
-            .image_id(&settings.image_id)
-            .instance_type(InstanceType::from(settings.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
             .client_token(client_token(&spec.uid, spec.slot, attempt))
@@ -652,6 +650,23 @@ impl Ec2Provider {
             )
             .tag_specifications(tag_spec(ResourceType::Instance))
             .tag_specifications(tag_spec(ResourceType::Volume));
+        // Explicit fields override the launch template's, as RunInstances itself does; an
+        // empty one (allowed only with a template) leaves the template's value.
+        if !settings.image_id.trim().is_empty() {
+            request = request.image_id(&settings.image_id);
+        }
+        if !settings.instance_type.trim().is_empty() {
+            request = request.instance_type(InstanceType::from(settings.instance_type.as_str()));
+        }
+        if let Some(template) = &settings.launch_template {
+            request = request.launch_template(
+                LaunchTemplateSpecification::builder()
+                    .set_launch_template_id(template.id.clone())
+                    .set_launch_template_name(template.name.clone())
+                    .set_version(template.version.clone())
+                    .build(),
+            );
+        }
         if use_public_ip {
             request = request.network_interfaces(
                 InstanceNetworkInterfaceSpecification::builder()
