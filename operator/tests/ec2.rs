@@ -47,12 +47,14 @@ use aws_sdk_ec2::config::{
     SharedCredentialsProvider, SharedInterceptor,
 };
 use aws_sdk_ec2::error::{BoxError, ProvideErrorMetadata};
-use aws_sdk_ec2::types::{Filter, HttpTokensState, Instance, InstanceStateName};
+use aws_sdk_ec2::types::{
+    Filter, HttpTokensState, Instance, InstanceStateName, InstanceType, RequestLaunchTemplateData,
+};
 use base64::Engine as _;
 use cache_node::client::{ClientOptions, PoolClient};
 use cache_node::store::Policy;
 use cache_node::{Node, NodeConfig};
-use cachepool_crds::pool::{CachePool, PoolPhase, ProviderSpec};
+use cachepool_crds::pool::{CachePool, Ec2LaunchTemplate, PoolPhase, ProviderSpec};
 use cachepool_crds::ring::{Ring, RingState};
 use cachepool_operator::driver::DriverOptions;
 use cachepool_operator::events::{EventType, RecordedEvents, reason};
@@ -1270,6 +1272,165 @@ async fn a_launch_repeated_after_a_lost_answer_creates_one_instance() {
         .terminate(&pool, "i-00000000000000000")
         .await
         .unwrap();
+    assert!(cloud.live(&pool).await.is_empty());
+    instances.shutdown().await;
+    watcher.await.unwrap();
+}
+
+/// `spec` launching from `template` instead of its own image (and instance type, unless
+/// `keep_type`).
+fn from_template(mut spec: LaunchSpec, template: Ec2LaunchTemplate, keep_type: bool) -> LaunchSpec {
+    let ec2 = spec
+        .provider
+        .ec2
+        .as_mut()
+        .unwrap_or_else(|| panic!("the test spec has no ec2 provider"));
+    ec2.image_id.clear();
+    if !keep_type {
+        ec2.instance_type.clear();
+    }
+    ec2.launch_template = Some(template);
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_launches_from_a_launch_template_its_own_fields_win_and_a_missing_one_is_refused() {
+    let cloud = Arc::new(Cloud::start().await);
+    let instances = Instances::new();
+    let watcher = instances.watch(cloud.clone());
+    let provider = Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            ..Ec2Options::default()
+        })
+        .await,
+    );
+    let settings = cloud.ec2_settings().await;
+    let image = settings.0.clone();
+    // The template names the AMI and a type other than the test manifest's t3.micro.
+    let created = cloud
+        .ec2
+        .create_launch_template()
+        .launch_template_name("cachepool-nodes")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(&image)
+                .instance_type(InstanceType::T3Small)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateLaunchTemplate: {e:?}"));
+    let template_id = created
+        .launch_template()
+        .and_then(|t| t.launch_template_id())
+        .unwrap_or_else(|| panic!("moto named no template id"))
+        .to_owned();
+    let pool = PoolRef::new("default", "templated");
+    let uid = "3c9d2a41-5555-4666-8777-888899990000";
+
+    // By name at `$Latest`, with neither imageId nor instanceType in the spec: both come from
+    // the template; tags, IMDSv2, the token and the user data are still the operator's.
+    let by_name = from_template(
+        launch_spec(&pool, uid, 0, &settings),
+        Ec2LaunchTemplate {
+            name: Some("cachepool-nodes".to_owned()),
+            version: Some("$Latest".to_owned()),
+            ..Ec2LaunchTemplate::default()
+        },
+        false,
+    );
+    let mut pool_spec: CachePool = serde_norway::from_str(&manifest(1, &settings))
+        .unwrap_or_else(|e| panic!("the test manifest: {e}"));
+    pool_spec.spec.provider = by_name.provider.clone();
+    assert_eq!(
+        cachepool_crds::pool::validate(&pool_spec.spec),
+        Ok(()),
+        "a spec with a launch template and no imageId or instanceType is valid"
+    );
+    let handle = bind(&provider, &by_name.provider);
+    let first = handle
+        .launch(&by_name)
+        .await
+        .unwrap_or_else(|e| panic!("launching from the template by name: {e}"));
+    // By id at its default version, with the spec's own instanceType: the spec's wins.
+    let by_id = from_template(
+        launch_spec(&pool, uid, 1, &settings),
+        Ec2LaunchTemplate {
+            id: Some(template_id.clone()),
+            ..Ec2LaunchTemplate::default()
+        },
+        true,
+    );
+    let second = handle
+        .launch(&by_id)
+        .await
+        .unwrap_or_else(|e| panic!("launching from the template by id: {e}"));
+    let live: BTreeMap<String, Instance> = cloud
+        .live(&pool)
+        .await
+        .into_iter()
+        .map(|i| (i.instance_id().unwrap_or_default().to_owned(), i))
+        .collect();
+    assert_eq!(live.len(), 2, "one instance per launch");
+    for (node, slot, instance_type) in [
+        (&first, 0, InstanceType::T3Small),
+        (&second, 1, InstanceType::T3Micro),
+    ] {
+        let instance = live
+            .get(&node.id)
+            .unwrap_or_else(|| panic!("{} is not live", node.id));
+        check_instance(instance, &pool, uid, slot);
+        assert_eq!(instance.image_id(), Some(image.as_str()), "{}", node.id);
+        assert_eq!(
+            instance.instance_type(),
+            Some(&instance_type),
+            "{}: slot {slot}'s instance type",
+            node.id
+        );
+    }
+    until(
+        "both template-launched nodes booted from the operator's user data",
+        || async {
+            (instances.user_data(&first.id).is_some() && instances.user_data(&second.id).is_some())
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A template that does not exist is a configuration error naming it, and starts nothing.
+    let missing = from_template(
+        launch_spec(&pool, uid, 2, &settings),
+        Ec2LaunchTemplate {
+            name: Some("no-such-template".to_owned()),
+            ..Ec2LaunchTemplate::default()
+        },
+        false,
+    );
+    let refused = handle
+        .launch(&missing)
+        .await
+        .map(|node| node.id)
+        .expect_err("a launch from a template that does not exist");
+    assert!(
+        matches!(refused, cachepool_operator::provider::Error::Config { .. }),
+        "a missing template needs a human, not a retry: {refused:?}"
+    );
+    assert!(
+        refused.to_string().contains("LaunchTemplate"),
+        "the error names the template: {refused}"
+    );
+    assert_eq!(
+        cloud.live(&pool).await.len(),
+        2,
+        "the refused launch started nothing"
+    );
+
+    for node in [&first, &second] {
+        handle.terminate(&pool, &node.id).await.unwrap();
+    }
     assert!(cloud.live(&pool).await.is_empty());
     instances.shutdown().await;
     watcher.await.unwrap();

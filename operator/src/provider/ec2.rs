@@ -1107,8 +1107,12 @@ fn is_alive(instance: &Instance) -> bool {
 
 /// AWS error codes that no retry fixes until someone changes the settings or the account.
 fn is_config_code(code: &str) -> bool {
-    const PREFIXES: [&str; 12] = [
+    const PREFIXES: [&str; 14] = [
         "InvalidAMIID",
+        // `InvalidLaunchTemplateId.NotFound`, `.VersionNotFound`, `.Malformed`, and
+        // `InvalidLaunchTemplateName.NotFoundException`.
+        "InvalidLaunchTemplateId",
+        "InvalidLaunchTemplateName",
         "InvalidSubnetID",
         "InvalidSubnet",
         "InvalidGroup",
@@ -1214,6 +1218,8 @@ mod tests {
             "UnauthorizedOperation",
             "VcpuLimitExceeded",
             "InvalidSubnetID.NotFound",
+            "InvalidLaunchTemplateId.VersionNotFound",
+            "InvalidLaunchTemplateName.NotFoundException",
         ] {
             assert!(is_config_code(code), "{code}");
         }
