@@ -1,6 +1,8 @@
 //! The operator as a library, started in-process with nodes embedded in the test: a pool
 //! whose provider this operator does not serve starts nothing and says why; a served pool's
-//! resizes are told as events; the store sees status writes only on meaningful change.
+//! resizes are told as events; the store sees status writes only on meaningful change; a
+//! restarted operator takes a node no ring names as its slot's new node only if it never stored
+//! an item.
 //!
 //! Each test starts its own operator over its own state directory on port 0, and stops it
 //! (which stops every embedded node) before it ends.
@@ -9,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_node::client::PoolClient;
-use cachepool_crds::pool::{CachePool, PoolPhase, ScalingMode};
+use cachepool_crds::pool::{CachePool, PoolPhase, ProviderSpec, ScalingMode};
 use cachepool_operator::driver::DriverOptions;
 use cachepool_operator::events::{RecordedEvents, reason};
-use cachepool_operator::provider::PoolRef;
 use cachepool_operator::provider::embedded::EmbeddedProvider;
+use cachepool_operator::provider::{AdminToken, LaunchSpec, PoolRef, Provider as _};
 use cachepool_operator::run::{Config, NodeBackend, Operator};
 use cachepool_operator::standalone::StandaloneOptions;
 use cachepool_test_support::servers::TempDir;
@@ -45,7 +47,21 @@ async fn start_with(name: &str, manifest: &str, status_counter_interval: Duratio
 
 /// An operator over `dir` as it is: a restart when an earlier operator used it.
 async fn start_in(dir: TempDir, status_counter_interval: Duration) -> Harness {
-    let nodes = Arc::new(EmbeddedProvider::new());
+    start_on(
+        dir,
+        Arc::new(EmbeddedProvider::new()),
+        status_counter_interval,
+    )
+    .await
+}
+
+/// An operator over `dir` whose nodes come from `nodes` (which may hold nodes an earlier
+/// operator left, when they outlive operators).
+async fn start_on(
+    dir: TempDir,
+    nodes: Arc<EmbeddedProvider>,
+    status_counter_interval: Duration,
+) -> Harness {
     let events = RecordedEvents::new();
     let mut config = Config::standalone(
         dir.path(),
@@ -545,4 +561,143 @@ async fn what_the_autoscaler_learned_survives_an_operator_restart() {
         start.elapsed()
     );
     h.stop().await;
+}
+
+fn vetted_pool(replicas: u32) -> String {
+    format!(
+        "\
+apiVersion: cachepool.io/v1alpha1
+kind: CachePool
+metadata: {{name: vetted}}
+spec:
+  cache: {{capacityMiB: 8, maxItemSizeKiB: 1024}}
+  scaling: {{mode: manual, replicas: {replicas}}}
+  provider: {{process: {{}}}}
+"
+    )
+}
+
+/// Stores `key` on the node at `address` over the memcached protocol.
+async fn store_on(address: &str, key: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(address)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {address}: {e}"));
+    conn.write_all(format!("set {key} 0 0 5\r\nstale\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("writing to {address}: {e}"));
+    let mut answer = [0u8; 8];
+    conn.read_exact(&mut answer)
+        .await
+        .unwrap_or_else(|e| panic!("reading from {address}: {e}"));
+    assert_eq!(&answer, b"STORED\r\n", "set {key} on {address}");
+}
+
+/// Nodes left outside the rings by an operator that stopped (as pods and instances outlive it)
+/// are told apart by what they hold: one that never stored an item (launched just before a
+/// crash) becomes its slot's node, with no second launch; one that did (it was a member once, its
+/// values may be stale) is stopped, and its slot gets a new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_operator_takes_an_unrecorded_node_only_if_it_never_stored_an_item() {
+    let nodes = Arc::new(EmbeddedProvider::outliving_the_operator());
+    let dir = TempDir::new("seams-vetted");
+    dir.write("pool.yaml", &vetted_pool(1));
+    let pool = PoolRef::new("default", "vetted");
+    let h = start_on(
+        dir,
+        nodes.clone(),
+        DriverOptions::default().status_counter_interval,
+    )
+    .await;
+    h.until(&pool, "Ready with one node", |r| {
+        phase(r) == Some(PoolPhase::Ready)
+    })
+    .await;
+    let Harness { operator, dir, .. } = h;
+    operator
+        .stop()
+        .await
+        .unwrap_or_else(|e| panic!("stopping the operator: {e}"));
+    assert_eq!(nodes.running(), 1, "the node outlives the operator");
+
+    // While no operator runs: two nodes the record does not know, for slots 1 and 2 of the
+    // pool about to grow to 3. Slot 1's stored an item, slot 2's never did.
+    let spec = |slot| LaunchSpec {
+        pool: pool.clone(),
+        uid: String::new(),
+        slot,
+        tags: LaunchSpec::standard_tags(&pool, slot, "test"),
+        provider: ProviderSpec::default(),
+        capacity_mib: 8,
+        policy: "sieve".to_owned(),
+        max_item_size_kib: 1024,
+        admin_token: AdminToken::generate(),
+    };
+    let held = nodes
+        .launch(&spec(1))
+        .await
+        .unwrap_or_else(|e| panic!("launching slot 1's node: {e}"));
+    let unused = nodes
+        .launch(&spec(2))
+        .await
+        .unwrap_or_else(|e| panic!("launching slot 2's node: {e}"));
+    store_on(&held.address, "left-behind").await;
+    let launches_before = nodes.launches();
+    dir.write("pool.yaml", &vetted_pool(3));
+
+    let h = start_on(
+        dir,
+        nodes.clone(),
+        DriverOptions::default().status_counter_interval,
+    )
+    .await;
+    let grown = h
+        .until(&pool, "Ready with three members", |r| {
+            phase(r) == Some(PoolPhase::Ready)
+                && r.status.as_ref().is_some_and(|s| {
+                    s.migration.is_none()
+                        && s.ring.as_ref().is_some_and(|ring| ring.members.len() == 3)
+                })
+        })
+        .await;
+    let ring = grown
+        .status
+        .and_then(|s| s.ring)
+        .unwrap_or_else(|| panic!("no ring"));
+    let at = |slot: u32| {
+        ring.members
+            .iter()
+            .find(|m| m.slot == slot)
+            .map(|m| m.address.clone())
+            .unwrap_or_else(|| panic!("no member for slot {slot}: {ring:?}"))
+    };
+    assert_eq!(
+        at(2),
+        unused.address,
+        "the node that never stored an item is slot 2's member"
+    );
+    assert_ne!(
+        at(1),
+        held.address,
+        "the node that held an item joined the ring"
+    );
+    assert_eq!(
+        nodes.launches() - launches_before,
+        1,
+        "one launch (slot 1's new node), none for slot 2"
+    );
+    let stores = nodes.stores(&pool);
+    assert!(
+        !stores.contains_key(&held.id),
+        "the node that held an item was not stopped"
+    );
+    h.operator
+        .stop()
+        .await
+        .unwrap_or_else(|e| panic!("stopping the operator: {e}"));
+    nodes
+        .stop_all()
+        .await
+        .unwrap_or_else(|e| panic!("stopping the nodes: {e}"));
+    assert_eq!(nodes.running(), 0, "every embedded node is stopped");
 }
