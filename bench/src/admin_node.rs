@@ -30,13 +30,23 @@ impl AdminNode {
         capacity_mib: u64,
         threads: usize,
     ) -> anyhow::Result<AdminNode> {
+        Self::start_from(name, None, capacity_mib, threads).await
+    }
+
+    /// As `start`, from the cachepool binary `exe` (default: this one).
+    pub async fn start_from(
+        name: &'static str,
+        exe: Option<&std::path::Path>,
+        capacity_mib: u64,
+        threads: usize,
+    ) -> anyhow::Result<AdminNode> {
         let spec = ServerSpec {
             threads,
             memory_mib: capacity_mib,
             policy: None,
             admin_token: Some(TOKEN.to_string()),
         };
-        let process = ServerProcess::named_node(name, &spec).await?;
+        let process = ServerProcess::node_with(name, exe, &spec, []).await?;
         let admin_addr = process.admin_addr.context("a node has an admin address")?;
         Ok(AdminNode {
             name,

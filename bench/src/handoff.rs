@@ -58,6 +58,10 @@ pub struct HandoffArgs {
     /// Worker threads of the bench's own runtime (fill and polling).
     #[arg(long, default_value_t = 2)]
     pub client_threads: usize,
+    /// Run both nodes from this cachepool binary (another build, for a before/after) instead
+    /// of this one. Leave out `--in-flight-kib` for a build older than the hand-off window.
+    #[arg(long, value_name = "BIN")]
+    node_binary: Option<std::path::PathBuf>,
 }
 
 /// Per-item bytes assumed on top of key and value when sizing the nodes; generous, since
@@ -120,14 +124,16 @@ async fn measure(args: HandoffArgs) -> anyhow::Result<()> {
     let item_bytes = key_size as u64 + args.value_size as u64 + ITEM_OVERHEAD;
     let capacity_mib = (3 * keys * item_bytes).div_ceil(1 << 20).max(64);
 
-    let a = AdminNode::start("node-a", capacity_mib, args.threads).await?;
-    let b = AdminNode::start("node-b", capacity_mib, args.threads).await?;
+    let exe = args.node_binary.as_deref();
+    let a = AdminNode::start_from("node-a", exe, capacity_mib, args.threads).await?;
+    let b = AdminNode::start_from("node-b", exe, capacity_mib, args.threads).await?;
     eprintln!(
-        "node A: pid {} on {}, node B: pid {} on {}, {capacity_mib} MiB each; storing {keys} keys on A",
+        "node A: pid {} on {}, node B: pid {} on {}, {capacity_mib} MiB each, run from {}; storing {keys} keys on A",
         a.pid(),
         a.addr,
         b.pid(),
-        b.addr
+        b.addr,
+        exe.map_or_else(|| "this binary".to_owned(), |p| p.display().to_string()),
     );
 
     let batch = (FILL_BATCH_BYTES / args.value_size).clamp(16, 1024);
