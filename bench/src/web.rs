@@ -844,34 +844,39 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
-/// A PNG of exactly `size` bytes (at least 57) that the site accepts: signature, a 1x1 RGB
-/// header, one image-data chunk of pseudo-random (incompressible, like real image data)
-/// bytes, and the end chunk. CRCs are left zero: nothing on the measured path checks them.
+/// A valid PNG of exactly `size` bytes (at least 100) that the site accepts and makes a
+/// thumbnail of: a 1x1 RGB image of the seed's colour, encoded by the `image` crate, and a
+/// private ancillary chunk (`cpRd`, which decoders skip) of pseudo-random bytes
+/// (incompressible, like real image data) that brings it to `size`. Every CRC is right, so the
+/// upload's thumbnail is made as for a real image, not refused as corrupt.
 fn png_of_size(size: usize, seed: u64) -> Bytes {
-    const FIXED: usize = 8 + (12 + 13) + 12 + 12;
-    let data_len = size.saturating_sub(FIXED);
-    let mut out = Vec::with_capacity(FIXED + data_len);
-    out.extend_from_slice(b"\x89PNG\r\n\x1a\n");
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        out.extend_from_slice(&[0; 4]);
-    };
-    chunk(b"IHDR", &[0, 0, 0, 1, 0, 0, 0, 1, 8, 2, 0, 0, 0]);
     let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let data: Vec<u8> = (0..data_len)
-        .map(|_| {
-            // xorshift64: fast, and distinct per seed.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect();
-    chunk(b"IDAT", &data);
-    chunk(b"IEND", &[]);
-    out.into()
+    let mut next = move || {
+        // xorshift64: fast, and distinct per seed.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 24) as u8
+    };
+    let pixel = image::RgbImage::from_pixel(1, 1, image::Rgb([next(), next(), next()]));
+    let mut png = Vec::new();
+    pixel
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap_or_else(|e| panic!("encoding a 1x1 PNG in memory: {e}"));
+    // The padding chunk goes before IEND (the last 12 bytes).
+    const CHUNK_OVERHEAD: usize = 12;
+    let data_len = size.saturating_sub(png.len() + CHUNK_OVERHEAD);
+    let iend = png.split_off(png.len() - 12);
+    let data: Vec<u8> = (0..data_len).map(|_| next()).collect();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(b"cpRd");
+    crc.update(&data);
+    png.extend_from_slice(&(data_len as u32).to_be_bytes());
+    png.extend_from_slice(b"cpRd");
+    png.extend_from_slice(&data);
+    png.extend_from_slice(&crc.finalize().to_be_bytes());
+    png.extend_from_slice(&iend);
+    png.into()
 }
 
 /// `10s`, `500ms`, `1m` or a number of seconds.
@@ -1024,6 +1029,10 @@ mod tests {
             assert_eq!(png.len(), size);
             let info = cachepool_web::image::check_upload(&png).unwrap();
             assert_eq!(info.format.content_type(), CONTENT_TYPE);
+            // Decodable, CRCs and all: the upload's thumbnail is made, not refused.
+            let thumb = cachepool_web::image::thumb::make(&png)
+                .unwrap_or_else(|e| panic!("{size} B: no thumbnail: {e}"));
+            assert!(!thumb.bytes.is_empty());
         }
         assert_ne!(png_of_size(4096, 1), png_of_size(4096, 2));
     }
