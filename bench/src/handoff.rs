@@ -412,6 +412,14 @@ fn render(args: &HandoffArgs, o: &Outcome) -> String {
     t.row(["CPU s sender".to_string(), o.cpu_a.render()]);
     t.row(["CPU s receiver".to_string(), o.cpu_b.render()]);
     t.row([
+        "minor page faults sender / receiver".to_string(),
+        format!(
+            "{} / {}",
+            thousands(o.cpu_a.minor_faults as f64),
+            thousands(o.cpu_b.minor_faults as f64)
+        ),
+    ]);
+    t.row([
         "curr_items sender after".to_string(),
         thousands(o.items_a as f64),
     ]);
@@ -445,6 +453,7 @@ fn render_summary(outcomes: &[Outcome]) -> String {
         "keys/s",
         "CPU s sender",
         "CPU s receiver",
+        "minor faults sender / receiver",
     ]);
     for (i, o) in outcomes.iter().enumerate() {
         t.row([
@@ -459,6 +468,11 @@ fn render_summary(outcomes: &[Outcome]) -> String {
             thousands(per_sec(o.status.keys_moved as f64, o.elapsed)),
             o.cpu_a.render(),
             o.cpu_b.render(),
+            format!(
+                "{} / {}",
+                thousands(o.cpu_a.minor_faults as f64),
+                thousands(o.cpu_b.minor_faults as f64)
+            ),
         ]);
     }
     let mut out = format!("\nside by side\n{}", t.render());
