@@ -267,7 +267,7 @@ fn spawn(name: &'static str, mut cmd: Command, port: u16) -> anyhow::Result<Serv
         let hint = if name == "memcached" {
             "install Debian's package or pass --memcached PATH"
         } else {
-            "check the cachepool binary's path (--baseline-node names another build)"
+            "check the cachepool binary's path (--baseline-node or --node-binary names another build)"
         };
         format!("starting {name} ({:?}); {hint}", cmd.get_program())
     })?;

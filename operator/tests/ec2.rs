@@ -1298,15 +1298,7 @@ async fn a_pool_launches_from_a_launch_template_its_own_fields_win_and_a_missing
     let cloud = Arc::new(Cloud::start().await);
     let instances = Instances::new();
     let watcher = instances.watch(cloud.clone());
-    let provider = Arc::new(
-        Ec2Provider::new(Ec2Options {
-            endpoint: Some(cloud.moto.endpoint().to_owned()),
-            credentials: Some(static_credentials()),
-            resolver: instances.resolver(),
-            ..Ec2Options::default()
-        })
-        .await,
-    );
+    let provider = provider(&cloud, &instances).await;
     let settings = cloud.ec2_settings().await;
     let image = settings.0.clone();
     // The template names the AMI and a type other than the test manifest's t3.micro.
@@ -1441,15 +1433,7 @@ async fn instances_no_pool_knows_are_collected_after_the_grace_period() {
     let cloud = Arc::new(Cloud::start().await);
     let instances = Instances::new();
     let watcher = instances.watch(cloud.clone());
-    let provider = Arc::new(
-        Ec2Provider::new(Ec2Options {
-            endpoint: Some(cloud.moto.endpoint().to_owned()),
-            credentials: Some(static_credentials()),
-            resolver: instances.resolver(),
-            ..Ec2Options::default()
-        })
-        .await,
-    );
+    let provider = provider(&cloud, &instances).await;
     let settings = cloud.ec2_settings().await;
     let kept = PoolRef::new("default", "kept");
     let gone = PoolRef::new("default", "gone");
@@ -1563,15 +1547,7 @@ async fn a_launch_that_never_becomes_ready_is_terminated_and_retried_with_back_o
     // The first two instances never start their node; the third does.
     instances.duds.store(2, Ordering::SeqCst);
     let watcher = instances.watch(cloud.clone());
-    let provider = Arc::new(
-        Ec2Provider::new(Ec2Options {
-            endpoint: Some(cloud.moto.endpoint().to_owned()),
-            credentials: Some(static_credentials()),
-            resolver: instances.resolver(),
-            ..Ec2Options::default()
-        })
-        .await,
-    );
+    let provider = provider(&cloud, &instances).await;
     let settings = cloud.ec2_settings().await;
     let dir = TempDir::new("ec2-never-ready");
     dir.write("pool.yaml", &manifest(1, &settings));
@@ -1906,6 +1882,19 @@ async fn launch_and_kill(
     .unwrap_or_default();
     assert!(!record.contains(&id), "the killed operator recorded {id}");
     (id, launched)
+}
+
+/// An EC2 provider on moto with the harness's resolver and every other option at its default.
+async fn provider(cloud: &Cloud, instances: &Instances) -> Arc<Ec2Provider> {
+    Arc::new(
+        Ec2Provider::new(Ec2Options {
+            endpoint: Some(cloud.moto.endpoint().to_owned()),
+            credentials: Some(static_credentials()),
+            resolver: instances.resolver(),
+            ..Ec2Options::default()
+        })
+        .await,
+    )
 }
 
 /// An EC2 provider for the operator started after a crash: a short garbage-collection grace

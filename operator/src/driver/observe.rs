@@ -132,6 +132,11 @@ impl Driver {
     /// fresh (the slot waits for it, up to the start timeout, instead of launching another);
     /// a ready node is asked once, and is not fresh while its answer is missing.
     async fn vet_adopted(&mut self, listed: &[ProviderNode]) -> std::collections::HashSet<String> {
+        let mut provisional = std::collections::HashSet::new();
+        // Settled for good once each node has answered: the usual round stops here.
+        if self.nodes.values().all(|m| m.vetted) {
+            return provisional;
+        }
         let members: Vec<String> = self
             .handle
             .ring
@@ -147,7 +152,6 @@ impl Driver {
                     .collect()
             })
             .unwrap_or_default();
-        let mut provisional = std::collections::HashSet::new();
         let mut asks = Vec::new();
         for node in listed.iter().filter(|n| n.alive) {
             let Some(memory) = self.nodes.get_mut(&node.id) else {
