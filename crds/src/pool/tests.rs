@@ -386,6 +386,13 @@ fn ec2_launch_template_stands_in_for_image_and_instance_type() {
         broken_fields(&without(json!({ "version": "3" }))),
         vec!["provider.ec2.launchTemplate"]
     );
+    assert_eq!(
+        broken_fields(&without(json!({ "name": "", "version": "" }))),
+        vec![
+            "provider.ec2.launchTemplate.name",
+            "provider.ec2.launchTemplate.version"
+        ]
+    );
 }
 
 #[test]
